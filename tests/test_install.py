@@ -42,6 +42,7 @@ MODULES = {
     "open3d": "open3d-cpu",
     "pydensecrf.densecrf": "pydensecrf2",
     "faiss": "faiss-cpu",
+    "numba": "numba",
 }
 
 

@@ -1,0 +1,164 @@
+"""Local hidden positives (LHP): propagate each location's code to its neighbours in 3D or in attention.
+
+The DepthG project page says the method "propagates the learning signal to neighbouring regions of the
+sampled patches"; the released code has a module for it (``LocalHiddenPositiveProjection``), switched
+off in every released training command (method.md §8, released_code.md §3). Here it is a small module:
+
+1. weights W (B, hw, hw) between every pair of feature cells (:meth:`propagation_weights`):
+   * ``strategy="depth"``: pool the depth to the feature grid, unproject it
+     (:func:`depthg.sampling.depth_to_points`), take all pairwise 3D distances, min-max normalise each
+     row to [0, 1] and keep the entries at or below the row's ``quantile`` (0.01 keeps about the 8
+     nearest cells of 784, self included); w = 1 - normalised distance.
+   * ``strategy="attention"``: the backbone's last-layer patch->patch attention (mean over heads),
+     min-max normalised per row. ``paper`` mode keeps the *most* attended ``quantile`` of each row
+     (hidden positives = the patches a patch attends to most). ``released`` mode reproduces the
+     released code, which zeroes the top 1% and keeps the weakest 99% -- the opposite of hidden
+     positives, most likely a bug (released_code.md §3).
+2. propagated code at p = sum_q W_pq code_q / norm, as one batched matrix product (``torch.bmm``;
+   the released code built a 784 x 784 x dim broadcast per image in a Python loop). ``paper`` mode
+   normalises by sum_q W_pq (a weighted mean); ``released`` divides by hw = 784, which shrinks the
+   code ~100x so the projection's bias dominates (released_code.md §3, step 6).
+3. a 2-layer 1x1-conv MLP projection dim -> dim -> dim (ReLU in between).
+
+The trainer recomputes the correlation losses on the propagated code with fresh coordinates and adds
+them with ``lhp_weight`` (method.md §8); the positive image gets the projection only
+(:meth:`LocalHiddenPositives.project`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from depthg.sampling import depth_to_points
+from depthg.utils import DepthGError
+
+_EPS = 1e-10
+
+
+class LHPError(DepthGError, ValueError):
+    """Bad input to :class:`LocalHiddenPositives`."""
+
+
+def row_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """The ``q`` quantile of every row of ``x`` (..., n) with linear interpolation, shape (..., 1).
+
+    Same definition as ``torch.quantile`` / ``numpy.quantile`` (default 'linear'), computed with two
+    ``kthvalue`` calls because ``torch.quantile`` refuses inputs above 2**24 elements (B * 784**2
+    exceeds that at B = 32).
+    """
+    n = x.shape[-1]
+    pos = q * (n - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, n - 1)
+    v_lo = x.kthvalue(lo + 1, dim=-1, keepdim=True).values
+    if hi == lo or pos == lo:
+        return v_lo
+    v_hi = x.kthvalue(hi + 1, dim=-1, keepdim=True).values
+    return v_lo + (pos - lo) * (v_hi - v_lo)
+
+
+def _row_minmax(x: torch.Tensor) -> torch.Tensor:
+    lo = x.amin(dim=-1, keepdim=True)
+    hi = x.amax(dim=-1, keepdim=True)
+    return (x - lo) / (hi - lo).clamp_min(_EPS)
+
+
+class LocalHiddenPositives(nn.Module):
+    """Depth- or attention-guided propagation of the code, then a 1x1 MLP projection (method.md §8).
+
+    Args:
+        dim: code dimension D.
+        strategy: ``"depth"`` (the released default) or ``"attention"``.
+        quantile: fraction of each row kept (depth: the nearest; attention: see the module docstring).
+        mode: ``"paper"`` (sum-of-weights normalisation, pinhole unprojection, most attended kept) or
+            ``"released"`` (1/hw normalisation, released unprojection, top-1% attention zeroed).
+        fov_deg: field of view for the depth unprojection.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        strategy: Literal["depth", "attention"] = "depth",
+        quantile: float = 0.01,
+        mode: Literal["paper", "released"] = "paper",
+        fov_deg: float = 90.0,
+    ) -> None:
+        super().__init__()
+        if strategy not in ("depth", "attention"):
+            raise LHPError(f"strategy must be 'depth' or 'attention', got {strategy!r}")
+        if mode not in ("paper", "released"):
+            raise LHPError(f"mode must be 'paper' or 'released', got {mode!r}")
+        if not 0.0 < quantile < 1.0:
+            raise LHPError(f"quantile must be in (0, 1), got {quantile}")
+        self.dim, self.strategy, self.quantile, self.mode, self.fov_deg = dim, strategy, quantile, mode, fov_deg
+        self.projection = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.ReLU(), nn.Conv2d(dim, dim, 1))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, strategy={self.strategy}, quantile={self.quantile}, mode={self.mode}"
+
+    @torch.no_grad()
+    def propagation_weights(
+        self,
+        grid_hw: tuple[int, int],
+        depth: torch.Tensor | None = None,
+        attention: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The (B, hw, hw) weights W: row p holds how much of every cell q's code flows into p.
+
+        Args:
+            grid_hw: (h, w) of the code's grid.
+            depth: (B, 1, H, W) depth for ``strategy="depth"`` (pooled to (h, w) by adaptive average).
+            attention: (B, hw, hw) patch->patch attention (e.g. ``Backbone.patch_attention``) for
+                ``strategy="attention"``.
+        """
+        h, w = grid_hw
+        if self.strategy == "depth":
+            if depth is None or depth.dim() != 4 or depth.shape[1] != 1:
+                raise LHPError(f"strategy='depth' needs depth (B, 1, H, W), got "
+                               f"{None if depth is None else tuple(depth.shape)}")
+            pooled = F.adaptive_avg_pool2d(depth if depth.is_floating_point() else depth.float(), (h, w))
+            pts = depth_to_points(pooled, fov_deg=self.fov_deg, mode=self.mode)
+            dist = torch.cdist(pts, pts, compute_mode="donot_use_mm_for_euclid_dist")
+            dist = _row_minmax(dist)
+            keep = dist <= row_quantile(dist, self.quantile)
+            return (1.0 - dist) * keep
+        if attention is None or attention.dim() != 3 or attention.shape[1:] != (h * w, h * w):
+            raise LHPError(f"strategy='attention' needs attention (B, {h * w}, {h * w}), got "
+                           f"{None if attention is None else tuple(attention.shape)}")
+        att = _row_minmax(attention if attention.is_floating_point() else attention.float())
+        threshold = row_quantile(att, 1.0 - self.quantile)
+        keep = att >= threshold if self.mode == "paper" else att <= threshold
+        return att * keep
+
+    def propagate(self, code: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted mean (paper) or 1/hw-scaled sum (released) of the code under ``weights``."""
+        b, d, h, w = code.shape
+        flat = code.flatten(2)  # (B, D, hw)
+        weights = weights.to(code.dtype)
+        mixed = torch.bmm(flat, weights.transpose(1, 2))  # (B, D, hw): sum_q W[p, q] code[:, q]
+        if self.mode == "paper":
+            mixed = mixed / weights.sum(-1).clamp_min(_EPS).unsqueeze(1)
+        else:
+            mixed = mixed / (h * w)
+        return mixed.view(b, d, h, w)
+
+    def project(self, code: torch.Tensor) -> torch.Tensor:
+        """The MLP projection alone (what the positive image gets, released_code.md §3)."""
+        return self.projection(code)
+
+    def forward(
+        self,
+        code: torch.Tensor,
+        depth: torch.Tensor | None = None,
+        attention: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Propagate ``code`` (B, D, h, w) with the strategy's weights and project it -> (B, D, h, w)."""
+        if code.dim() != 4 or code.shape[1] != self.dim:
+            raise LHPError(f"code must be (B, {self.dim}, h, w), got {tuple(code.shape)}")
+        weights = self.propagation_weights(tuple(code.shape[-2:]), depth=depth, attention=attention)
+        return self.project(self.propagate(code, weights))

@@ -1,0 +1,438 @@
+"""STEGO's correlation losses and DepthG's depth-feature correlation loss.
+
+Equations (our numbering, method.md §15):
+
+* S1/S2  F = <f^_hw, g^_ij>, S = <s^_hw, t^_ij>: cosine similarity of every location pair
+  (:func:`tensor_correlation`).
+* S3     spatial centring of F over the other image's locations (``centering``).
+* S4     L_corr(x, y, b) = -mean (F^SC - b) * max(S, 0) (:func:`correlation_loss`).
+* S5     L_STEGO = l_self L(x, x) + l_knn L(x, x_knn) + l_rand L(x, x_rand) (:class:`DepthGLoss`).
+* R1-R3  L_depth = -mean max(S_intra, 0) * (D - b_depth) (:func:`depth_feature_loss`), with the depth
+  similarity D chosen by :func:`depth_similarity`.
+* R5     the depth weight/shift decay (:class:`DepthDecaySchedule`).
+
+Fidelity modes (design.md): ``paper`` (default) follows the stated intent -- D depends on depth and is
+read at the same locations as the codes, negatives are a true derangement read at their own
+coordinates, schedules count optimizer steps. ``released`` reproduces leonsick/depthg@c284180: the
+depth similarity is a channel-normalised product of a one-channel map and therefore constant
+(method.md §3.2), negatives use ``super_perm`` and the positive's coordinates, schedules count three
+global steps per batch (method.md §5.3).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from depthg.sampling import depth_to_points, sample
+from depthg.utils import DepthGError
+
+Centering = Literal["paper", "released", "none"]
+SimilarityKind = Literal["released", "product", "distance"]
+_EPS = 1e-10
+
+
+class LossError(DepthGError, ValueError):
+    """Bad input to a loss (shape, option or mode)."""
+
+
+def _check_4d(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != 4:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise LossError(f"{name} must be a (B, C, h, w) tensor, got {shape}")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ("paper", "released"):
+        raise LossError(f"mode must be 'paper' or 'released', got {mode!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Correlations and the STEGO loss
+# ----------------------------------------------------------------------------------------------------
+
+
+def tensor_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every location pair: (B, C, h, w) x (B, C, i, j) -> (B, h, w, i, j).
+
+    Both inputs are L2-normalised over channels with eps 1e-10 (x / max(|x|, eps)), as STEGO's ``norm``
+    (method.md §2 S1/S2). With a single channel this normalisation is sign(x) -- the root of the
+    released depth term's degeneracy (method.md §3.2).
+    """
+    _check_4d("a", a)
+    _check_4d("b", b)
+    if a.shape[:2] != b.shape[:2]:
+        raise LossError(f"tensor_correlation needs the same (B, C), got {tuple(a.shape)} and {tuple(b.shape)}")
+    return torch.einsum("nchw,ncij->nhwij", F.normalize(a, dim=1, eps=_EPS), F.normalize(b, dim=1, eps=_EPS))
+
+
+def correlation_loss(
+    f1: torch.Tensor,
+    f2: torch.Tensor,
+    c1: torch.Tensor,
+    c2: torch.Tensor,
+    shift: float,
+    centering: Centering = "paper",
+    zero_clamp: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """STEGO's correlation loss for one pair of (sampled) feature and code maps (method.md §2 S3-S4).
+
+    Args:
+        f1, f2: backbone features (B, C, h, w), (B, C, i, j); F is computed without gradient (the
+            backbone is frozen), so no gradient ever reaches them.
+        c1, c2: codes (B, D, h, w), (B, D, i, j) at the same locations.
+        shift: b, the attraction/repulsion threshold.
+        centering: S3 spatial centring of F. ``"paper"``: subtract, for every query location (h, w),
+            the mean of F over (i, j). ``"released"``: the same, then add back the global mean of F
+            (so the overall mean is unchanged; released_code.md §1.5 step 3). ``"none"``: no centring
+            (Cityscapes was trained with ``pointwise=False``).
+        zero_clamp: clamp S at 0 (released default True); False uses the released lower bound -9999.
+
+    Returns:
+        (loss, code_corr): loss = -mean (F^SC - shift) * clamp(S, min=0) as a scalar (the released code
+        returns the elementwise tensor and its caller takes ``.mean()``), and S (B, h, w, i, j).
+    """
+    if centering not in ("paper", "released", "none"):
+        raise LossError(f"centering must be 'paper', 'released' or 'none', got {centering!r}")
+    with torch.no_grad():
+        fd = tensor_correlation(f1, f2)
+        if centering == "paper":
+            fd = fd - fd.mean(dim=(3, 4), keepdim=True)
+        elif centering == "released":
+            old_mean = fd.mean()
+            fd = fd - fd.mean(dim=(3, 4), keepdim=True)
+            fd = fd - fd.mean() + old_mean
+    cd = tensor_correlation(c1, c2)
+    clamped = cd.clamp(min=0.0) if zero_clamp else cd.clamp(min=-9999.0)
+    loss = -(clamped * (fd - shift)).mean()
+    return loss, cd
+
+
+# ----------------------------------------------------------------------------------------------------
+# Depth similarity and the depth-feature loss
+# ----------------------------------------------------------------------------------------------------
+
+
+def depth_similarity(
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    kind: SimilarityKind = "distance",
+    size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Pairwise depth similarity D (B, h, w, i, j) for the depth-feature loss (method.md §3).
+
+    What ``p1`` / ``p2`` hold depends on ``kind``:
+
+    * ``"released"`` (method.md §3.2 R1/R2): full depth maps (B, 1, H, W). Each is resized to ``size``
+      (bilinear, ``align_corners=True``) -- a regular grid, *not* the sampled locations -- and D is
+      the channel-normalised product. One channel normalises to sign(d), so **D is exactly 1 wherever
+      both depths are positive and 0 where one is 0**: the term carries no depth information. Kept to
+      reproduce the released optimisation (it equals a shift of the self term, method.md §3.2).
+    * ``"product"`` (method.md §3.4): depths sampled at the code locations (B, 1, h, w), (B, 1, i, j).
+      Each image's samples are standardised (zero mean, unit std over its own samples; eps 1e-6) and
+      D = z1_hw * z2_ij: positive for two points on the same side of the image's mean depth. Unbounded;
+      not a 3D notion.
+    * ``"distance"`` (default in paper mode, method.md §3.4): camera-space 3D points sampled at the code
+      locations (B, 3, h, w), (B, 3, i, j). D = 1 - |P_hw - P_ij| / max over the image's pairs, in
+      [0, 1]: 1 for the same 3D point, 0 for the image's farthest pair -- high for points close in 3D,
+      low for points far apart (the Fig. 1 intuition). Normalising per image makes it independent of
+      the depth unit (0..255 in the released loaders, metres elsewhere).
+
+    The similarity never needs gradients (depth is an input), so it is computed under ``no_grad``.
+    """
+    _check_4d("p1", p1)
+    _check_4d("p2", p2)
+    with torch.no_grad():
+        if kind == "released":
+            if size is None:
+                raise LossError("depth_similarity(kind='released') needs size=(S, S) to resize the depth to")
+            if p1.shape[1] != 1 or p2.shape[1] != 1:
+                raise LossError("depth_similarity(kind='released') expects depth maps (B, 1, H, W)")
+            d1 = F.interpolate(p1, size=size, mode="bilinear", align_corners=True)
+            d2 = F.interpolate(p2, size=size, mode="bilinear", align_corners=True)
+            return tensor_correlation(d1, d2)
+        if kind == "product":
+            if p1.shape[1] != 1 or p2.shape[1] != 1:
+                raise LossError("depth_similarity(kind='product') expects sampled depths (B, 1, h, w)")
+
+            def standardise(d: torch.Tensor) -> torch.Tensor:
+                flat = d.flatten(1)
+                return ((flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True).clamp_min(1e-6)).view_as(d)
+
+            z1, z2 = standardise(p1), standardise(p2)
+            return torch.einsum("nhw,nij->nhwij", z1[:, 0], z2[:, 0])
+        if kind == "distance":
+            if p1.shape[1] != 3 or p2.shape[1] != 3:
+                raise LossError("depth_similarity(kind='distance') expects sampled 3D points (B, 3, h, w)")
+            b, _, h, w = p1.shape
+            i, j = p2.shape[-2:]
+            a = p1.flatten(2).transpose(1, 2)  # (B, hw, 3)
+            c = p2.flatten(2).transpose(1, 2)  # (B, ij, 3)
+            dist = (a.unsqueeze(2) - c.unsqueeze(1)).square().sum(-1).sqrt()  # exact, no matmul trick
+            scale = dist.flatten(1).amax(1).clamp_min(_EPS).view(b, 1, 1)
+            return (1.0 - dist / scale).view(b, h, w, i, j)
+        raise LossError(f"kind must be 'released', 'product' or 'distance', got {kind!r}")
+
+
+def depth_feature_loss(code_s: torch.Tensor, depth_sim: torch.Tensor, shift: float) -> torch.Tensor:
+    """Depth-feature correlation loss (method.md §3 R3): -mean clamp(S_intra, 0) * (D - shift).
+
+    Args:
+        code_s: the anchor's sampled code (B, D, S, S); S_intra is its correlation with itself.
+        depth_sim: D (B, S, S, S, S) from :func:`depth_similarity` at the same locations.
+        shift: b_depth.
+
+    Pairs whose depth similarity exceeds the shift are pulled together in code space, the others
+    pushed apart while their code similarity is positive.
+    """
+    cd = tensor_correlation(code_s, code_s)
+    if depth_sim.shape != cd.shape:
+        raise LossError(f"depth_sim must have the code correlation's shape {tuple(cd.shape)}, got "
+                        f"{tuple(depth_sim.shape)}")
+    return -(cd.clamp(min=0.0) * (depth_sim - shift)).mean()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Permutations for the negatives
+# ----------------------------------------------------------------------------------------------------
+
+
+def super_perm(size: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """The released negative permutation (released_code.md §1.5 step 4): a randperm whose fixed points
+    are bumped by one (mod B). No image is its own negative, but indices can repeat."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    perm = torch.randperm(size, generator=generator, device=gen_device)
+    perm = torch.where(perm == torch.arange(size, device=gen_device), (perm + 1) % size, perm)
+    return perm.to(device) if device is not None else perm
+
+
+def derangement(size: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """A uniformly random permutation without fixed points (rejection sampling; ~e draws expected).
+
+    Paper-mode negatives: every image gets a different negative and every image is used once.
+    """
+    if size < 2:
+        raise LossError(f"negatives need a batch of at least 2 images, got {size}")
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    arange = torch.arange(size, device=gen_device)
+    while True:
+        perm = torch.randperm(size, generator=generator, device=gen_device)
+        if not bool((perm == arange).any()):
+            return perm.to(device) if device is not None else perm
+
+
+# ----------------------------------------------------------------------------------------------------
+# The full objective
+# ----------------------------------------------------------------------------------------------------
+
+
+class DepthGLoss(nn.Module):
+    """STEGO's three correlation terms plus DepthG's depth-feature term (method.md §2 S5, §4 R4).
+
+    total = w_intra * pos_intra + w_inter * pos_inter + w_neg * neg_inter + depth_weight * depth
+    (``correspondence_weight`` = 1; the probe losses are the trainer's business).
+
+    Constructor values are the fixed weights/shifts (method.md §4.1). The depth weight and shift decay,
+    so they are passed to :meth:`forward` at every step (see :class:`DepthDecaySchedule`).
+
+    Args:
+        pos_intra_weight, pos_intra_shift: lambda_self, b_self.
+        pos_inter_weight, pos_inter_shift: lambda_knn, b_knn.
+        neg_inter_weight, neg_inter_shift: lambda_rand, b_rand.
+        neg_samples: number of random negative pairings (5).
+        centering: S3 spatial centring (``"paper"``, ``"released"`` or ``"none"``); defaults to the mode.
+        zero_clamp: clamp code correlations at 0 (True in every config).
+        depth_similarity: ``"released"``, ``"product"`` or ``"distance"``; defaults to ``"distance"``
+            in paper mode and ``"released"`` in released mode.
+        fov_deg: field of view used to unproject depth for the ``distance`` similarity (paper pinhole).
+        mode: ``"paper"`` or ``"released"``.
+    """
+
+    def __init__(
+        self,
+        pos_intra_weight: float = 0.58,
+        pos_intra_shift: float = 0.07,
+        pos_inter_weight: float = 0.36,
+        pos_inter_shift: float = 0.025,
+        neg_inter_weight: float = 0.70,
+        neg_inter_shift: float = 0.761,
+        neg_samples: int = 5,
+        centering: Centering | None = None,
+        zero_clamp: bool = True,
+        depth_similarity: SimilarityKind | None = None,
+        fov_deg: float = 90.0,
+        mode: Literal["paper", "released"] = "paper",
+    ) -> None:
+        super().__init__()
+        _check_mode(mode)
+        if neg_samples < 0:
+            raise LossError(f"neg_samples must be >= 0, got {neg_samples}")
+        self.mode = mode
+        self.pos_intra_weight, self.pos_intra_shift = float(pos_intra_weight), float(pos_intra_shift)
+        self.pos_inter_weight, self.pos_inter_shift = float(pos_inter_weight), float(pos_inter_shift)
+        self.neg_inter_weight, self.neg_inter_shift = float(neg_inter_weight), float(neg_inter_shift)
+        self.neg_samples = int(neg_samples)
+        self.centering: Centering = centering if centering is not None else mode
+        if self.centering not in ("paper", "released", "none"):
+            raise LossError(f"centering must be 'paper', 'released' or 'none', got {centering!r}")
+        self.zero_clamp = bool(zero_clamp)
+        self.depth_similarity: SimilarityKind = depth_similarity or ("distance" if mode == "paper" else "released")
+        if self.depth_similarity not in ("released", "product", "distance"):
+            raise LossError(f"depth_similarity must be 'released', 'product' or 'distance', got {depth_similarity!r}")
+        self.fov_deg = float(fov_deg)
+
+    def extra_repr(self) -> str:
+        return (f"mode={self.mode}, centering={self.centering}, depth_similarity={self.depth_similarity}, "
+                f"neg_samples={self.neg_samples}")
+
+    def depth_term(self, code_s: torch.Tensor, depth: torch.Tensor, grid: torch.Tensor,
+                   grid_hw: tuple[int, int], shift: float) -> torch.Tensor:
+        """The depth-feature loss of the anchor's sampled code ``code_s`` (B, D, S, S).
+
+        ``released``: D from the whole depth map resized to S x S (ignores ``grid``).
+        ``product`` / ``distance``: the depth is average-pooled to the feature grid ``grid_hw`` (as FPS
+        does), unprojected with the paper pinhole (``distance``), and read at ``grid`` -- the very
+        coordinates the code was read at.
+        """
+        n_h, n_w = code_s.shape[-2:]
+        if self.depth_similarity == "released":
+            sim = depth_similarity(depth, depth, "released", size=(n_h, n_w))
+        else:
+            pooled = F.adaptive_avg_pool2d(depth, grid_hw)
+            if self.depth_similarity == "product":
+                values = sample(pooled, grid)
+            else:
+                b = depth.shape[0]
+                pts = depth_to_points(pooled, fov_deg=self.fov_deg, mode="paper")
+                values = sample(pts.transpose(1, 2).reshape(b, 3, *grid_hw), grid)
+            sim = depth_similarity(values, values, self.depth_similarity)
+        return depth_feature_loss(code_s, sim.to(code_s.dtype), shift)
+
+    def forward(
+        self,
+        feats: torch.Tensor,
+        feats_pos: torch.Tensor,
+        code: torch.Tensor,
+        code_pos: torch.Tensor,
+        depth: torch.Tensor | None,
+        depth_pos: torch.Tensor | None,
+        grid1: torch.Tensor,
+        grid2: torch.Tensor,
+        depth_weight: float = 0.0,
+        depth_shift: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """All loss terms of one step.
+
+        Args:
+            feats, feats_pos: backbone features of the anchor and its kNN positive, (B, C, h, w)
+                (during training the dropout-perturbed ones, method.md §2 S4).
+            code, code_pos: head outputs (B, D, h, w) on the same grid.
+            depth, depth_pos: (B, 1, H, W) depth (larger = farther) or None when ``depth_weight`` is 0.
+                Only the anchor's depth enters the depth term (as released); ``depth_pos`` is accepted
+                for symmetry and for the trainer's FPS of ``grid2``.
+            grid1, grid2: (B, S, S, 2) (x, y) coordinates, ``align_corners=True``, for the anchor and the
+                positive (random, or :func:`depthg.sampling.fps_grid` of ``depth`` / ``depth_pos``).
+            depth_weight, depth_shift: w_depth(t), b_depth(t) at this step (:class:`DepthDecaySchedule`).
+            generator: draws the negative permutations.
+
+        Returns:
+            dict with the unweighted terms ``pos_intra``, ``pos_inter``, ``neg_inter`` (mean over the
+            ``neg_samples`` pairings), ``depth`` (0 when ``depth_weight`` is 0) and the weighted ``total``.
+
+        Negatives: ``paper`` pairs image k with image perm[k] of a true derangement and reads the
+        negative at *its own* coordinates, grid1[perm] (for FPS: the cells chosen on the negative's
+        own depth), i.e. the anchor's sampled maps permuted. ``released`` uses ``super_perm`` and reads
+        the permuted full maps at the positive's coordinates ``grid2`` (released_code.md §1.5 step 4).
+        """
+        for name, t in (("feats", feats), ("feats_pos", feats_pos), ("code", code), ("code_pos", code_pos)):
+            _check_4d(name, t)
+        if grid1.shape != grid2.shape:
+            raise LossError(f"grid1 and grid2 must have the same shape, got {tuple(grid1.shape)} and "
+                            f"{tuple(grid2.shape)}")
+        batch = feats.shape[0]
+        f1, c1 = sample(feats, grid1), sample(code, grid1)
+        f2, c2 = sample(feats_pos, grid2), sample(code_pos, grid2)
+        kw = dict(centering=self.centering, zero_clamp=self.zero_clamp)
+
+        pos_intra, _ = correlation_loss(f1, f1, c1, c1, self.pos_intra_shift, **kw)
+        pos_inter, _ = correlation_loss(f1, f2, c1, c2, self.pos_inter_shift, **kw)
+
+        neg_terms = []
+        for _ in range(self.neg_samples):
+            if self.mode == "paper":
+                perm = derangement(batch, generator, device=feats.device)
+                fn, cn = f1[perm], c1[perm]
+            else:
+                perm = super_perm(batch, generator, device=feats.device)
+                fn, cn = sample(feats[perm], grid2), sample(code[perm], grid2)
+            neg_terms.append(correlation_loss(f1, fn, c1, cn, self.neg_inter_shift, **kw)[0])
+        neg_inter = torch.stack(neg_terms).mean() if neg_terms else code.new_zeros(())
+
+        if depth_weight != 0.0:
+            if depth is None:
+                raise LossError("depth_weight is non-zero but depth is None")
+            depth_loss = self.depth_term(c1, depth, grid1, tuple(code.shape[-2:]), depth_shift)
+        else:
+            depth_loss = code.new_zeros(())
+
+        total = (self.pos_intra_weight * pos_intra + self.pos_inter_weight * pos_inter
+                 + self.neg_inter_weight * neg_inter + depth_weight * depth_loss)
+        return {"pos_intra": pos_intra, "pos_inter": pos_inter, "neg_inter": neg_inter,
+                "depth": depth_loss, "total": total}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Depth weight / shift decay
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DepthDecaySchedule:
+    """Depth weight and shift decay w <- factor*w, b <- factor*b (method.md §5.1 R5), a pure function.
+
+    ``.at(iteration)`` returns (w_depth, b_depth) used at that (0-based) training iteration.
+
+    * ``paper``: counted in optimizer steps, one per iteration: k = iteration // every decays
+      (never at iteration 0), value w0 * factor**k.
+    * ``released``: the rule runs after the loss with ``global_step = 3 * iteration`` and fires when
+      ``global_step % every == 0 and global_step > 0``, acting from the next iteration (method.md §5.3):
+      it fires every every/gcd(3, every) iterations -- every 100 iterations for every=300. COCO ViT-S
+      (0.19, x0.6 every 250) has decayed 9 times by its last iteration (2333): 0.19*0.6**9 = 0.0019.
+
+    ``decay_shift=False`` keeps the shift fixed (the released ``fix_depth_feat_shift``). ``every=0``
+    disables the decay.
+    """
+
+    weight0: float
+    shift0: float
+    factor: float = 1.0
+    every: int = 0
+    mode: Literal["paper", "released"] = "paper"
+    decay_shift: bool = True
+
+    def __post_init__(self) -> None:
+        _check_mode(self.mode)
+        if self.every < 0 or self.factor < 0:
+            raise LossError(f"DepthDecaySchedule needs every >= 0 and factor >= 0, got every={self.every}, "
+                            f"factor={self.factor}")
+
+    def events(self, iteration: int) -> int:
+        """Number of decays applied before ``iteration``."""
+        if iteration < 0:
+            raise LossError(f"iteration must be >= 0, got {iteration}")
+        if self.every <= 0:
+            return 0
+        if self.mode == "paper":
+            return iteration // self.every
+        period = self.every // math.gcd(3, self.every)
+        return max(iteration - 1, 0) // period  # events after iterations period, 2*period, ... < iteration
+
+    def at(self, iteration: int) -> tuple[float, float]:
+        scale = self.factor ** self.events(iteration)
+        return self.weight0 * scale, self.shift0 * (scale if self.decay_shift else 1.0)

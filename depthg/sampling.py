@@ -1,0 +1,420 @@
+"""Where the losses look: depth -> 3D points, batched farthest point sampling, grid coordinates.
+
+DepthG replaces STEGO's uniformly random feature locations by depth-guided farthest point sampling
+(FPS): the depth map is pooled to the feature grid, unprojected to a 3D point cloud, FPS picks S*S
+points that are spread "equally in 3D", and the picks are turned into ``grid_sample`` coordinates
+(method.md §6, released_code.md §2).
+
+Every function has two fidelity modes (design.md, "Two fidelity modes"):
+
+* ``mode="paper"`` (default) implements the stated intent: a pinhole camera with the field of view in
+  degrees, grid coordinates that read back *exactly* the chosen feature cells, schedules counted in
+  optimizer steps.
+* ``mode="released"`` reproduces leonsick/depthg@c284180 bug for bug: the field of view is fed to a
+  tangent in radians, Z is stretched by 5, the picks come back in raster order and are written as
+  (row, col) where ``grid_sample`` reads (x, y) -- i.e. transposed and shrunk by (W-1)/W
+  (released_code.md §2.2, §2.4) -- and schedules count three global steps per batch (method.md §5.3).
+
+Grid coordinates are always (x, y) in [-1, 1] for ``torch.nn.functional.grid_sample`` with
+``align_corners=True``: x = -1 is the centre of the first column, x = +1 the centre of the last.
+
+FPS has two interchangeable kernels that return identical indices: a batched torch loop (used on CUDA
+and whenever numba is missing) and a numba kernel parallel over the batch (used for CPU tensors when
+numba is installed): on a 2-core CPU a plain batched torch loop is only a few times faster than the
+released per-image NumPy loop, the compiled kernel well over 15x (benchmarks/fps.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from depthg.utils import DepthGError
+
+Mode = Literal["paper", "released"]
+_MODES = ("paper", "released")
+
+
+class SamplingError(DepthGError, ValueError):
+    """Bad input to a sampling function (wrong shape, range or mode)."""
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in _MODES:
+        raise SamplingError(f"mode must be one of {_MODES}, got {mode!r}")
+
+
+def _check_depth(depth: torch.Tensor, name: str = "depth") -> None:
+    if not isinstance(depth, torch.Tensor) or depth.dim() != 4 or depth.shape[1] != 1:
+        shape = tuple(depth.shape) if isinstance(depth, torch.Tensor) else type(depth).__name__
+        raise SamplingError(f"{name} must be a (B, 1, H, W) tensor, got {shape}")
+    if not depth.is_floating_point():
+        raise SamplingError(f"{name} must be a floating point tensor, got {depth.dtype}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Unprojection
+# ----------------------------------------------------------------------------------------------------
+
+
+def depth_to_points(depth: torch.Tensor, fov_deg: float = 90.0, mode: Mode = "paper") -> torch.Tensor:
+    """Unproject a depth map to camera-space 3D points, one per cell, in row-major order.
+
+    Args:
+        depth: (B, 1, h, w) depth, larger = farther (any unit; the released loaders give 0..255).
+        fov_deg: horizontal field of view. In ``paper`` mode it is in degrees. In ``released`` mode the
+            number is passed, as in the released ``depth2points``, to a tangent that takes radians,
+            so 90 gives kappa = 2*tan(45 rad) = 3.2396 instead of 2.0 (released_code.md §2.2).
+        mode: ``"paper"`` or ``"released"``.
+
+    Returns:
+        (B, h*w, 3) points (X, Y, Z); point ``r*w + c`` belongs to row r, column c.
+
+    ``paper``: a pinhole camera with focal length f = (w/2)/tan(fov/2) pixels (same f for rows, square
+    cells) and the principal point at the centre of the cell grid, ((w-1)/2, (h-1)/2), so
+    X = (c - cx) d / f, Y = (r - cy) d / f, Z = d.
+
+    ``released`` (method.md §6 R7): X = kappa d (c - w/2)/w, Y = kappa d (r - h/2)/h, Z = -5 d with
+    kappa = 2 tan(fov/2) evaluated in radians; the principal point sits half a cell off centre and
+    only Z is scaled by ``far = 5``, so FPS is driven mostly by depth differences.
+    """
+    _check_depth(depth)
+    _check_mode(mode)
+    b, _, h, w = depth.shape
+    d = depth[:, 0]
+    rows = torch.arange(h, device=depth.device, dtype=depth.dtype).view(1, h, 1)
+    cols = torch.arange(w, device=depth.device, dtype=depth.dtype).view(1, 1, w)
+    if mode == "paper":
+        if not 0.0 < fov_deg < 180.0:
+            raise SamplingError(f"fov_deg must be in (0, 180) degrees, got {fov_deg}")
+        focal = (w / 2.0) / math.tan(math.radians(fov_deg) / 2.0)
+        x = (cols - (w - 1) / 2.0) * d / focal
+        y = (rows - (h - 1) / 2.0) * d / focal
+        z = d
+    else:
+        kappa = 2.0 * math.tan(fov_deg / 2.0)  # radians on purpose: the released bug
+        x = kappa * d * (cols - w / 2.0) / w
+        y = kappa * d * (rows - h / 2.0) / h
+        z = -5.0 * d
+    return torch.stack([x.expand(b, h, w), y.expand(b, h, w), z], dim=-1).reshape(b, h * w, 3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Farthest point sampling
+# ----------------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _numba_kernel() -> Callable | None:
+    """Compile (once per process) the numba FPS kernel; ``None`` when numba is not installed.
+
+    A compiled loop over the batch; per image the classic O(n*N) greedy loop. The
+    arithmetic is written exactly like the torch path (dx*dx + dy*dy + dz*dz in the input dtype,
+    running minimum, chosen points masked with -inf, first index of the maximum), so both kernels
+    return identical indices.
+    """
+    try:
+        import numba
+    except ImportError:
+        return None
+
+    @numba.njit(cache=False, nogil=True)
+    def fps_one(xs, ys, zs, n_samples, start, out):  # pragma: no cover - compiled
+        n_points = xs.shape[0]
+        dist = np.empty(n_points, dtype=xs.dtype)
+        dist[:] = np.inf
+        idx = start
+        for i in range(n_samples):
+            out[i] = idx
+            px, py, pz = xs[idx], ys[idx], zs[idx]
+            dist[idx] = -np.inf
+            for j in range(n_points):  # running minimum (vectorises)
+                dx = xs[j] - px
+                dy = ys[j] - py
+                dz = zs[j] - pz
+                dist[j] = min(dist[j], dx * dx + dy * dy + dz * dz)
+            best = 0
+            best_val = dist[0]
+            for j in range(1, n_points):  # first index of the maximum
+                if dist[j] > best_val:
+                    best_val = dist[j]
+                    best = j
+            idx = best
+
+    @numba.njit(cache=False, nogil=True)
+    def fps_kernel(xs, ys, zs, n_samples, start, out):  # pragma: no cover - compiled
+        # A serial loop over the batch: on a 2-core CPU numba's parallel=True (prange) measured ~4x
+        # slower than this (thread start-up dominates a ~60 us per-image job).
+        for b in range(xs.shape[0]):
+            fps_one(xs[b], ys[b], zs[b], n_samples, start[b], out[b])
+
+    return fps_kernel
+
+
+def numba_available() -> bool:
+    """True when the compiled CPU FPS kernel can be used (numba importable)."""
+    return _numba_kernel() is not None
+
+
+def _fps_torch(points: torch.Tensor, n_samples: int, start: torch.Tensor) -> torch.Tensor:
+    """Batched greedy FPS with torch ops only: one (B, N) distance buffer, no host syncs in the loop.
+
+    Chosen points are masked with -inf instead of being deleted (released_code.md §8 item 23), which
+    selects the same point as the released "argmax over the remaining indices" including ties: the
+    first remaining index of the maximum.
+    """
+    b, n, _ = points.shape
+    xs, ys, zs = (points[..., k].contiguous() for k in range(3))
+    out = torch.empty(b, n_samples, dtype=torch.long, device=points.device)
+    dist = torch.full((b, n), math.inf, dtype=points.dtype, device=points.device)
+    idx = start.view(b, 1)
+    for i in range(n_samples):
+        out[:, i : i + 1] = idx
+        dx = xs - xs.gather(1, idx)
+        dy = ys - ys.gather(1, idx)
+        dz = zs - zs.gather(1, idx)
+        dist = torch.minimum(dist, dx * dx + dy * dy + dz * dz)
+        dist.scatter_(1, idx, -math.inf)
+        idx = dist.argmax(dim=1, keepdim=True)  # first index of the maximum on CPU and CUDA
+    return out
+
+
+def farthest_point_sample(
+    points: torch.Tensor,
+    n_samples: int,
+    start: int | torch.Tensor = 0,
+    backend: Literal["auto", "torch", "numba"] = "auto",
+) -> torch.Tensor:
+    """Greedy farthest point sampling of every point cloud in a batch.
+
+    Args:
+        points: (B, N, 3) float points (e.g. from :func:`depth_to_points`).
+        n_samples: how many points to pick per cloud (1 <= n_samples <= N).
+        start: index of the first pick, an int for all clouds or a LongTensor (B,). The released code
+            always starts at 0, the top-left cell (released_code.md §2.3); in ``paper`` mode the
+            trainer may pass a random start per image.
+        backend: ``"auto"`` uses the numba kernel for CPU tensors when numba is installed and the
+            torch loop otherwise (always on CUDA); ``"torch"`` / ``"numba"`` force one.
+
+    Returns:
+        (B, n_samples) int64 indices into N, in selection order, unique per row.
+
+    Each step adds the point whose squared Euclidean distance to the already chosen set is largest;
+    ties go to the lowest index (the released NumPy argmax over the order-preserving remaining-index
+    array does the same). Both backends give identical indices. The loop is batched: no Python loop
+    over images and no device->host synchronisation inside the loop.
+    """
+    if not isinstance(points, torch.Tensor) or points.dim() != 3 or points.shape[-1] != 3:
+        shape = tuple(points.shape) if isinstance(points, torch.Tensor) else type(points).__name__
+        raise SamplingError(f"points must be a (B, N, 3) tensor, got {shape}")
+    b, n, _ = points.shape
+    if not 1 <= int(n_samples) <= n:
+        raise SamplingError(f"n_samples must be in [1, N={n}], got {n_samples}")
+    n_samples = int(n_samples)
+    if points.dtype not in (torch.float32, torch.float64):
+        points = points.float()
+    points = points.detach()
+    if isinstance(start, torch.Tensor):
+        if start.shape != (b,) or start.dtype not in (torch.int64, torch.int32):
+            raise SamplingError(f"start must be an int or a LongTensor of shape ({b},), got "
+                                f"{start.dtype} {tuple(start.shape)}")
+        start_t = start.to(device=points.device, dtype=torch.long)
+        if bool((start_t < 0).any()) or bool((start_t >= n).any()):
+            raise SamplingError(f"start indices must be in [0, {n}), got {start.tolist()}")
+    else:
+        if not 0 <= int(start) < n:
+            raise SamplingError(f"start must be in [0, {n}), got {start}")
+        start_t = torch.full((b,), int(start), dtype=torch.long, device=points.device)
+
+    if backend not in ("auto", "torch", "numba"):
+        raise SamplingError(f"backend must be 'auto', 'torch' or 'numba', got {backend!r}")
+    kernel = _numba_kernel() if backend != "torch" and points.device.type == "cpu" else None
+    if backend == "numba" and kernel is None:
+        raise SamplingError("backend='numba' needs numba installed (pip install numba==0.68.1) and a "
+                            "CPU tensor")
+    nonfinite = "points contain NaN or inf; check the depth map (NaN/inf depth?)"
+    if kernel is None:
+        if not bool(torch.isfinite(points).all()):  # one sync, before the loop
+            raise SamplingError(nonfinite)
+        return _fps_torch(points, n_samples, start_t)
+    # CPU + numba: stay in NumPy (no torch intra-op thread wake-ups on a busy 2-core machine).
+    pts = points.numpy()
+    xs, ys, zs = (np.ascontiguousarray(pts[..., k]) for k in range(3))
+    if not (np.isfinite(xs).all() and np.isfinite(ys).all() and np.isfinite(zs).all()):
+        raise SamplingError(nonfinite)
+    out = np.empty((b, n_samples), dtype=np.int64)
+    kernel(xs, ys, zs, n_samples, start_t.numpy(), out)
+    return torch.from_numpy(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Indices <-> grid coordinates, sampling
+# ----------------------------------------------------------------------------------------------------
+
+
+def indices_to_grid(indices: torch.Tensor, h: int, w: int, n_side: int, mode: Mode = "paper") -> torch.Tensor:
+    """Turn flat cell indices on an h x w grid into ``grid_sample`` coordinates.
+
+    Args:
+        indices: (B, n_side**2) int64 flat indices ``r*w + c``.
+        h, w: the feature grid the indices refer to.
+        n_side: the returned grid is n_side x n_side.
+        mode: ``"paper"`` or ``"released"``.
+
+    Returns:
+        (B, n_side, n_side, 2) coordinates (x, y) in [-1, 1] for ``grid_sample(align_corners=True)``.
+
+    ``paper``: x = 2c/(w-1) - 1, y = 2r/(h-1) - 1 in selection order, so :func:`sample` on an h x w map
+    returns exactly the features of the chosen cells.
+
+    ``released`` (released_code.md §2.4): the indices are first put in raster order (the released code
+    reads them back as the nonzero entries of a mask) and stored as (row/h*2-1, col/w*2-1). Because
+    ``grid_sample`` reads (x, y), the cell (r, c) is read at (row c*(h-1)/w, col r*(w-1)/h), i.e.
+    transposed and shrunk: on 28x28 pick (5, 20) is read at (row 19.29, col 4.82), pick (0, 27) at
+    (row 26.04, col 0). Features, codes and depth read at these coordinates stay consistent with each
+    other, but FPS spreads the samples over the *transposed* depth map.
+    """
+    _check_mode(mode)
+    if indices.dim() != 2 or indices.shape[1] != n_side * n_side:
+        raise SamplingError(f"indices must have shape (B, n_side**2 = {n_side * n_side}), got "
+                            f"{tuple(indices.shape)}")
+    indices = indices.long()
+    if mode == "released":
+        indices = indices.sort(dim=1).values
+    rows = torch.div(indices, w, rounding_mode="floor").to(torch.float32)
+    cols = (indices % w).to(torch.float32)
+    if mode == "paper":
+        grid = torch.stack([2.0 * cols / max(w - 1, 1) - 1.0, 2.0 * rows / max(h - 1, 1) - 1.0], dim=-1)
+    else:
+        grid = torch.stack([rows / h * 2.0 - 1.0, cols / w * 2.0 - 1.0], dim=-1)
+    return grid.view(indices.shape[0], n_side, n_side, 2)
+
+
+def random_grid(
+    batch: int,
+    n_side: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """STEGO's random locations: (B, n_side, n_side, 2) uniform in [-1, 1]^2 (method.md §2, "Sampling").
+
+    The numbers are drawn on the generator's device (CPU by default) and moved to ``device``, so the
+    same seed gives the same grid whichever device trains.
+    """
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    grid = torch.rand(batch, n_side, n_side, 2, generator=generator, device=gen_device) * 2.0 - 1.0
+    return grid.to(device) if device is not None else grid
+
+
+def sample(t: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Read a (B, C, h, w) map at (B, S, S, 2) (x, y) coordinates -> (B, C, S, S).
+
+    Bilinear ``grid_sample`` with ``align_corners=True`` and border padding, as STEGO
+    (released_code.md §1.5 step 2).
+    """
+    if t.dim() != 4 or grid.dim() != 4 or grid.shape[-1] != 2 or grid.shape[0] != t.shape[0]:
+        raise SamplingError(f"sample expects t (B, C, h, w) and grid (B, S, S, 2) with the same B, got "
+                            f"{tuple(t.shape)} and {tuple(grid.shape)}")
+    return F.grid_sample(t, grid.to(dtype=t.dtype, device=t.device), mode="bilinear",
+                         padding_mode="border", align_corners=True)
+
+
+def fps_grid(
+    depth: torch.Tensor,
+    grid_hw: tuple[int, int],
+    n_side: int,
+    fov_deg: float = 90.0,
+    mode: Mode = "paper",
+    start: int | torch.Tensor = 0,
+) -> torch.Tensor:
+    """Depth-guided FPS coordinates (method.md §6): pool, unproject, FPS n_side**2 cells, to grid.
+
+    Args:
+        depth: (B, 1, H, W) depth, larger = farther.
+        grid_hw: (h, w) of the feature grid (28 x 28 for patch 8 at 224 px).
+        n_side: n_side**2 points are sampled.
+        fov_deg, mode: see :func:`depth_to_points` and :func:`indices_to_grid`.
+        start: first FPS pick (int or LongTensor (B,)); the released code always uses 0.
+
+    Returns:
+        (B, n_side, n_side, 2) (x, y) coordinates for ``grid_sample(align_corners=True)``.
+
+    The depth is adaptive-average pooled to the feature grid, as released (released_code.md §2.1).
+    """
+    _check_depth(depth)
+    h, w = int(grid_hw[0]), int(grid_hw[1])
+    if n_side * n_side > h * w:
+        raise SamplingError(f"cannot sample n_side**2 = {n_side * n_side} cells from a {h}x{w} grid")
+    pooled = F.adaptive_avg_pool2d(depth, (h, w))
+    points = depth_to_points(pooled, fov_deg=fov_deg, mode=mode)
+    indices = farthest_point_sample(points, n_side * n_side, start=start)
+    return indices_to_grid(indices.to(depth.device), h, w, n_side, mode=mode)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sample-count schedule
+# ----------------------------------------------------------------------------------------------------
+
+
+def _events_before(iteration: int, every: int, steps_per_iteration: int, fire_at_zero: bool) -> int:
+    """How many decay events fired in the iterations 0 .. iteration-1 (they act from the next one).
+
+    An event fires after iteration k when ``steps_per_iteration*k % every == 0`` (and k > 0 unless
+    ``fire_at_zero``). With s steps per iteration this happens every ``every / gcd(s, every)``
+    iterations (method.md §5.3).
+    """
+    if every <= 0 or iteration <= 0:
+        return 0
+    period = every // math.gcd(steps_per_iteration, every)
+    last = iteration - 1  # events fired after iterations 0 .. iteration-1
+    return last // period + (1 if fire_at_zero else 0)
+
+
+@dataclass(frozen=True)
+class SampleCountSchedule:
+    """The FPS sample-count decay S <- floor(factor * S) (method.md §5.2, R6), a pure function.
+
+    ``.at(iteration)`` returns the n_side used at that (0-based) training iteration.
+
+    * ``paper``: counted in optimizer steps (one per iteration); S decays at iterations ``every``,
+      ``2*every``, ... (never at 0).
+    * ``released``: the released rule runs after the loss with ``global_step = 3 * iteration`` and has
+      no step-0 guard, so it fires after iteration 0 too (the authors' "started at 9" comment): COCO
+      ViT-S (11, x0.9 every 1000) uses 11 at iteration 0, 9 from 1, 8 from 1001, 7 from 2001.
+
+    ``min_side`` floors the count (the released ``fps_min_samples`` is 0; a value < 1 would make the
+    loss empty, so the default floor here is 1).
+    """
+
+    n_side0: int
+    factor: float = 1.0
+    every: int = 0
+    min_side: int = 1
+    mode: Mode = "paper"
+
+    def __post_init__(self) -> None:
+        _check_mode(self.mode)
+        if self.n_side0 < 1 or self.every < 0 or not 0.0 < self.factor <= 1.0:
+            raise SamplingError(f"SampleCountSchedule needs n_side0 >= 1, every >= 0 and 0 < factor <= 1; "
+                                f"got n_side0={self.n_side0}, every={self.every}, factor={self.factor}")
+
+    def at(self, iteration: int) -> int:
+        if iteration < 0:
+            raise SamplingError(f"iteration must be >= 0, got {iteration}")
+        if self.mode == "paper":
+            events = iteration // self.every if self.every > 0 else 0
+        else:
+            events = _events_before(iteration, self.every, 3, fire_at_zero=True)
+        n = self.n_side0
+        for _ in range(events):
+            new = max(int(n * self.factor), self.min_side)
+            if new == n:
+                break
+            n = new
+        return n
