@@ -1,0 +1,137 @@
+"""Dense-CRF refinement of per-pixel class scores with the released evaluation's parameters.
+
+The released evaluation (released_code.md §5 "Dense CRF", STEGO/DepthG ``crf.py``) refines both the
+cluster and the linear output with a fully connected CRF (Krähenbühl & Koltun, pydensecrf):
+
+* unary = -log softmax(logits), the logits bilinearly resized (``align_corners=False``) to the image;
+* Gaussian pairwise term: sxy = 1, compat = 3;
+* bilateral pairwise term: sxy = 67, srgb = 3, compat = 4, on the 8-bit RGB image;
+* 10 mean-field iterations; the argmax is taken by the caller.
+
+pydensecrf is an optional dependency (the ``crf`` extra, package ``pydensecrf2``, a source build,
+ecosystem.md §6). Notes on fidelity:
+
+* The released code converts the image RGB → BGR first. The bilateral kernel uses the same ``srgb`` for
+  all three channels, so the channel order does not change the result; this module keeps RGB.
+* A float image is turned into 8 bits as the released code does (``to_pil_image``: ``x * 255``
+  truncated), after checking it lies in [0, 1].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from depthg.utils import DepthGError
+
+__all__ = ["CRF_PARAMS", "CRFInputError", "crf_available", "dense_crf"]
+
+#: The released evaluation's settings (``crf.py:13-18``).
+CRF_PARAMS = {
+    "iterations": 10,
+    "gaussian_sxy": 1,
+    "gaussian_compat": 3,
+    "bilateral_sxy": 67,
+    "bilateral_srgb": 3,
+    "bilateral_compat": 4,
+}
+
+_INSTALL_HINT = (
+    "dense CRF refinement needs the optional 'pydensecrf' module: install it with "
+    "`pip install -e '.[crf]'` (or `pip install .[crf]`, i.e. pydensecrf2==1.1, a source build that "
+    "needs gcc/g++), or evaluate with CRF turned off"
+)
+
+
+class CRFInputError(DepthGError, ValueError):
+    """An image or logits array that dense_crf cannot use."""
+
+
+def _import_pydensecrf() -> tuple[Any, Any]:
+    """Import pydensecrf lazily, with an install hint instead of a bare ModuleNotFoundError."""
+    try:
+        import pydensecrf.densecrf as dcrf
+        from pydensecrf.utils import unary_from_softmax
+    except ImportError as err:
+        raise ImportError(f"{_INSTALL_HINT} ({err})") from err
+    return dcrf, unary_from_softmax
+
+
+def crf_available() -> bool:
+    """True when the optional pydensecrf module can be imported."""
+    try:
+        _import_pydensecrf()
+    except ImportError:
+        return False
+    return True
+
+
+def _image_to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) or float (3, H, W) in [0, 1] → C-contiguous uint8 (H, W, 3)."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise CRFInputError(f"image: a uint8 image must be (H, W, 3), got {image.shape}")
+        return np.ascontiguousarray(image)
+    if not np.issubdtype(image.dtype, np.floating) or image.ndim != 3 or image.shape[0] != 3:
+        raise CRFInputError(
+            f"image: expected uint8 (H, W, 3) or float (3, H, W) in [0, 1], got {image.dtype} {image.shape}"
+        )
+    if not np.isfinite(image).all() or image.min() < 0 or image.max() > 1:
+        raise CRFInputError(
+            f"image: float values must lie in [0, 1] (not ImageNet-normalised), got range "
+            f"[{np.nanmin(image):.3f}, {np.nanmax(image):.3f}]"
+        )
+    return np.ascontiguousarray((image.transpose(1, 2, 0) * 255).astype(np.uint8))
+
+
+def dense_crf(
+    image: torch.Tensor | np.ndarray, logits: torch.Tensor | np.ndarray
+) -> torch.Tensor | np.ndarray:
+    """Refine ``logits`` (C, h, w) with a dense CRF on ``image``; return probabilities (C, H, W).
+
+    Args:
+        image: uint8 (H, W, 3) RGB, or float (3, H, W) in [0, 1] (the workbench's image convention).
+        logits: unnormalised scores or log-probabilities (softmax is taken), (C, h, w); resized to
+            (H, W) bilinearly (``align_corners=False``) when the sizes differ, as released.
+
+    Returns:
+        float32 probabilities (C, H, W), summing to 1 over C at every pixel; a torch tensor on the
+        logits' device if ``logits`` is a tensor, else a NumPy array.
+
+    Raises:
+        ImportError naming ``pip install -e '.[crf]'`` when pydensecrf is missing; CRFInputError for
+        malformed inputs.
+    """
+    dcrf, unary_from_softmax = _import_pydensecrf()
+    rgb = _image_to_uint8(image)
+    height, width = rgb.shape[:2]
+    as_tensor = isinstance(logits, torch.Tensor)
+    scores = logits.detach() if as_tensor else torch.as_tensor(np.asarray(logits))
+    device = scores.device
+    if scores.ndim != 3 or not scores.is_floating_point():
+        raise CRFInputError(
+            f"logits: expected a float (C, H, W) array, got {scores.dtype} {tuple(scores.shape)}"
+        )
+    n_classes = scores.shape[0]
+    scores = scores.float().cpu()
+    if tuple(scores.shape[1:]) != (height, width):
+        scores = F.interpolate(scores[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    probs = torch.softmax(scores, dim=0).numpy()
+
+    crf = dcrf.DenseCRF2D(width, height, n_classes)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
+    crf.addPairwiseGaussian(sxy=CRF_PARAMS["gaussian_sxy"], compat=CRF_PARAMS["gaussian_compat"])
+    crf.addPairwiseBilateral(
+        sxy=CRF_PARAMS["bilateral_sxy"],
+        srgb=CRF_PARAMS["bilateral_srgb"],
+        rgbim=rgb,
+        compat=CRF_PARAMS["bilateral_compat"],
+    )
+    q = np.array(crf.inference(CRF_PARAMS["iterations"]), dtype=np.float32).reshape(n_classes, height, width)
+    return torch.from_numpy(q).to(device) if as_tensor else q

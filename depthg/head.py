@@ -1,0 +1,206 @@
+"""STEGO segmentation head, cluster probe and linear probe (the only trainable parts of DepthG).
+
+* :class:`SegmentationHead` projects frozen DINO features to the segmentation code (method.md §12,
+  released_code.md §1.4).
+* :class:`ClusterProbe` is spherical k-means with learnable centroids trained by gradient; it gives the
+  unsupervised segmentation (released_code.md §1.9, §5).
+* :class:`LinearProbe` is a 1×1 convolution trained with labels on the detached code; it is only an
+  evaluation instrument (method.md §4).
+
+Both probes are trained on *detached* codes by the trainer, so nothing flows back into the head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from depthg.utils import DepthGError
+
+__all__ = ["ClusterProbe", "LinearProbe", "SegmentationHead"]
+
+
+class HeadInputError(DepthGError, ValueError):
+    """A tensor handed to a head or probe has the wrong shape or type."""
+
+
+def _as_generator(generator: torch.Generator | int | None) -> torch.Generator | None:
+    """An int seed becomes a CPU generator; None means the global RNG (PyTorch's default init)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    return torch.Generator().manual_seed(int(generator))
+
+
+def _reset_conv_(conv: nn.Conv2d, generator: torch.Generator | None) -> None:
+    """PyTorch's default Conv2d initialisation, drawn from ``generator``.
+
+    Same distributions as ``nn.Conv2d.reset_parameters`` (kaiming-uniform with a=√5 for the weight,
+    U(±1/√fan_in) for the bias), so a head built with a generator matches the released code's
+    initialisation in distribution while being reproducible from an explicit seed.
+    """
+    nn.init.kaiming_uniform_(conv.weight, a=math.sqrt(5), generator=generator)
+    if conv.bias is not None:
+        fan_in = conv.weight.shape[1] * conv.weight[0, 0].numel()
+        bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        nn.init.uniform_(conv.bias, -bound, bound, generator=generator)
+
+
+def _check_map(name: str, x: torch.Tensor, channels: int) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != channels:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise HeadInputError(f"{name}: expected a (B, {channels}, h, w) tensor, got {shape}")
+
+
+class SegmentationHead(nn.Module):
+    """STEGO's projection head: ``code = L(drop1(f)) + N(drop2(f))``.
+
+    * L: 1×1 conv ``in_dim → dim`` (the linear path);
+    * N: 1×1 conv ``in_dim → in_dim``, ReLU, 1×1 conv ``in_dim → dim`` (the nonlinear path; hidden width
+      equals the feature width);
+    * drop1, drop2: channel dropout (``Dropout2d``, p = ``dropout`` = 0.1), drawn independently for the
+      two paths and active only in ``train()`` mode (released_code.md §1.3-§1.4).
+
+    The released code uses one ``Dropout2d`` module called twice, which is the same thing: each call
+    draws its own mask. The code stays on the feature grid (28×28 at 224 px).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        dropout: float = 0.1,
+        *,
+        generator: torch.Generator | int | None = None,
+    ) -> None:
+        super().__init__()
+        if in_dim <= 0 or dim <= 0:
+            raise HeadInputError(f"in_dim and dim must be positive, got in_dim={in_dim}, dim={dim}")
+        if not 0.0 <= dropout < 1.0:
+            raise HeadInputError(f"dropout must be in [0, 1), got {dropout}")
+        self.in_dim, self.dim = in_dim, dim
+        self.drop1 = nn.Dropout2d(dropout)
+        self.drop2 = nn.Dropout2d(dropout)
+        self.linear = nn.Conv2d(in_dim, dim, kernel_size=1)
+        self.nonlinear = nn.Sequential(
+            nn.Conv2d(in_dim, in_dim, kernel_size=1),
+            nn.ReLU(),
+            nn.Conv2d(in_dim, dim, kernel_size=1),
+        )
+        gen = _as_generator(generator)
+        if gen is not None:
+            for conv in (self.linear, self.nonlinear[0], self.nonlinear[2]):
+                _reset_conv_(conv, gen)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """``(B, in_dim, h, w)`` features → ``(B, dim, h, w)`` code."""
+        _check_map("feats", feats, self.in_dim)
+        return self.linear(self.drop1(feats)) + self.nonlinear(self.drop2(feats))
+
+
+class ClusterProbe(nn.Module):
+    """Cosine k-means with learnable centroids (released ``ClusterLookup``, released_code.md §1.9).
+
+    ``n_clusters = n_classes + extra_clusters`` centroids of width ``dim``, initialised from a standard
+    normal (``randn``, as released), drawn from ``generator`` (a ``torch.Generator`` or an int seed;
+    None = the global RNG). Codes and centroids are L2-normalised, so scores are cosine similarities.
+
+    Training (``alpha=None``): hard assignment, loss = ``-mean over pixels of max_k cos(code, μ_k)``;
+    minimising it by gradient is mini-batch spherical k-means (only the argmax centroid gets gradient).
+    Evaluation uses ``alpha=2`` and takes ``log_softmax(2 · cos)`` (released_code.md §5 "Inference").
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_classes: int,
+        extra_clusters: int = 0,
+        *,
+        generator: torch.Generator | int | None = None,
+    ) -> None:
+        super().__init__()
+        if dim <= 0 or n_classes <= 0 or extra_clusters < 0:
+            raise HeadInputError(
+                f"need dim > 0, n_classes > 0, extra_clusters >= 0; got {dim}, {n_classes}, {extra_clusters}"
+            )
+        self.dim, self.n_classes, self.extra_clusters = dim, n_classes, extra_clusters
+        self.n_clusters = n_classes + extra_clusters
+        self.clusters = nn.Parameter(torch.randn(self.n_clusters, dim, generator=_as_generator(generator)))
+
+    def cosine(self, code: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of every code vector with every centroid: ``(B, n_clusters, h, w)``."""
+        _check_map("code", code, self.dim)
+        centroids = F.normalize(self.clusters, dim=1)
+        return torch.einsum("bchw,kc->bkhw", F.normalize(code, dim=1), centroids)
+
+    def forward(self, code: torch.Tensor, alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(loss, probs)``.
+
+        * ``alpha=None`` (training): ``probs`` is the one-hot hard assignment ``(B, K, h, w)`` and
+          ``loss = -mean_pixels max_k cos``.
+        * ``alpha`` given (evaluation, alpha=2): ``probs`` is ``log_softmax(alpha · cos)`` over clusters
+          — *log*-probabilities, as the released evaluation requests them (``log_probs=True``) — and
+          ``loss`` is the soft version ``-mean_pixels Σ_k softmax(alpha · cos)_k · cos_k``.
+        """
+        cos = self.cosine(code)
+        if alpha is None:
+            best, idx = cos.max(dim=1)
+            probs = F.one_hot(idx, self.n_clusters).permute(0, 3, 1, 2).to(cos.dtype)
+            return -best.mean(), probs
+        logits = alpha * cos
+        loss = -(logits.softmax(dim=1) * cos).sum(dim=1).mean()
+        return loss, logits.log_softmax(dim=1)
+
+    def predict(self, code: torch.Tensor) -> torch.Tensor:
+        """Hard cluster index per pixel, ``(B, h, w)`` int64."""
+        return self.cosine(code).argmax(dim=1)
+
+
+class LinearProbe(nn.Module):
+    """A 1×1 convolution ``dim → n_classes`` on the detached code (released_code.md §1.9).
+
+    Trained with cross-entropy on labels in ``[0, n_classes)``; other labels (-1 = ignore, and any
+    id outside the class range) are left out. The logits are bilinearly upsampled
+    (``align_corners=False``) to the label size before the loss, as released.
+    """
+
+    def __init__(self, dim: int, n_classes: int, *, generator: torch.Generator | int | None = None) -> None:
+        super().__init__()
+        if dim <= 0 or n_classes <= 0:
+            raise HeadInputError(f"need dim > 0 and n_classes > 0, got {dim}, {n_classes}")
+        self.dim, self.n_classes = dim, n_classes
+        self.conv = nn.Conv2d(dim, n_classes, kernel_size=1)
+        gen = _as_generator(generator)
+        if gen is not None:
+            _reset_conv_(self.conv, gen)
+
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, n_classes, h, w)`` on the code's grid."""
+        _check_map("code", code, self.dim)
+        return self.conv(code)
+
+    def loss(self, code: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over pixels whose label is in ``[0, n_classes)``.
+
+        ``label`` is ``(B, H, W)`` int64. With no valid pixel the loss is an exact 0 that still depends
+        on the parameters (so ``backward`` works); the released code would produce NaN there.
+        """
+        if label.ndim != 3 or label.shape[0] != code.shape[0] or label.is_floating_point():
+            raise HeadInputError(
+                f"label: expected an integer (B, H, W) tensor with B={code.shape[0]}, got "
+                f"{tuple(label.shape)} {label.dtype}"
+            )
+        logits = self(code)
+        logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+        label = label.long()
+        valid = (label >= 0) & (label < self.n_classes)
+        if not bool(valid.any()):
+            return logits.sum() * 0.0
+        flat_logits = logits.permute(0, 2, 3, 1)[valid]
+        return F.cross_entropy(flat_logits, label[valid])
+
+    def predict(self, code: torch.Tensor) -> torch.Tensor:
+        """Class index per code cell, ``(B, h, w)`` int64."""
+        return self(code).argmax(dim=1)
