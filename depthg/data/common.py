@@ -1,0 +1,252 @@
+"""Shared machinery of the dataset loaders: the item format, file reading, and the bad-input errors.
+
+Every dataset in ``depthg.data`` returns dict items (contract, ``depthg/data/``)::
+
+    {"img": (3, H, W) float in [0, 1], "label": (H, W) int64 with -1 = ignore,
+     "depth": (1, H, W) float (only with depth_dir), "path": str, "key": str}
+
+``key`` is a stable relative id (``"{split}/{city}/{stem}"`` for Cityscapes, ``"{split}/{id}"`` for the
+others) that names the item's files in every cache (depth, crops, kNN).
+
+The released loaders differ in ways that silently corrupt data (released_code.md §4.1, §8): truncated
+images are loaded anyway (``ImageFile.LOAD_TRUNCATED_IMAGES = True``), the directory dataset pairs
+images and labels by sort order, unknown Potsdam values become class 0. Here every such case raises a
+:class:`~depthg.utils.DepthGError` subclass naming the file and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from ..depth import DepthCache
+from ..utils import DepthGError
+
+__all__ = [
+    "DatasetNotFoundError",
+    "EmptySplitError",
+    "UnpairedFilesError",
+    "CorruptFileError",
+    "DepthSizeMismatchError",
+    "UnknownDatasetError",
+    "IMAGE_EXTENSIONS",
+    "Sample",
+    "SegmentationDataset",
+    "read_image",
+    "read_label",
+    "image_to_tensor",
+    "check_pairs",
+    "describe_dir",
+    "lut_map",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class DatasetNotFoundError(DepthGError, FileNotFoundError):
+    """A dataset root (or a folder of its layout) does not exist."""
+
+
+class EmptySplitError(DepthGError, FileNotFoundError):
+    """A split folder exists but holds no images."""
+
+
+class UnpairedFilesError(DepthGError, ValueError):
+    """Images without labels, or labels without images."""
+
+
+class CorruptFileError(DepthGError, OSError):
+    """An image or label file cannot be decoded (unreadable, truncated, wrong format)."""
+
+
+class DepthSizeMismatchError(DepthGError, ValueError):
+    """A depth map (or label) does not have its image's size."""
+
+
+class UnknownDatasetError(DepthGError, ValueError):
+    """``build_dataset`` got a name it does not know."""
+
+
+def describe_dir(path: Path, limit: int = 10) -> str:
+    """A short listing of ``path`` for error messages ("found instead: ...")."""
+    if not path.is_dir():
+        return f"{path} does not exist"
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return f"{path} contains: {', '.join(names[:limit]) or '(nothing)'}{more}"
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    """Open and fully decode ``path``; wrap PIL's errors with the path (truncation included)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        im = Image.open(path)
+        im.load()  # decodes everything: truncated files raise here, not later in a worker
+        return im
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise CorruptFileError(f"cannot read {what} {path}: {type(err).__name__}: {err}") from None
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """RGB image as uint8 (H, W, 3)."""
+    with _open(Path(path), "image") as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def read_label(path: str | os.PathLike) -> np.ndarray:
+    """Single-channel label PNG as its raw integer values (H, W), int64."""
+    path = Path(path)
+    with _open(path, "label") as im:
+        arr = np.asarray(im)
+    if arr.ndim != 2:
+        raise CorruptFileError(f"label {path} must be a single-channel image of class ids, got shape {arr.shape}")
+    return arr.astype(np.int64)
+
+
+def image_to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) → float32 (3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255.0)
+
+
+def check_pairs(images: dict[str, Path], labels: dict[str, Path], what: str, image_dir: Path, label_dir: Path) -> None:
+    """Raise :class:`UnpairedFilesError` when the two stem sets differ, listing the unmatched stems."""
+    no_label = sorted(set(images) - set(labels))
+    no_image = sorted(set(labels) - set(images))
+    if not no_label and not no_image:
+        return
+
+    def show(xs: list[str]) -> str:
+        return ", ".join(xs[:10]) + (f", ... ({len(xs) - 10} more)" if len(xs) > 10 else "")
+
+    parts = []
+    if no_label:
+        parts.append(f"{len(no_label)} image(s) in {image_dir} have no label in {label_dir}: {show(no_label)}")
+    if no_image:
+        parts.append(f"{len(no_image)} label(s) in {label_dir} have no image in {image_dir}: {show(no_image)}")
+    raise UnpairedFilesError(f"{what}: images and labels are paired by file stem; " + "; ".join(parts))
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One item on disk: its cache key, image file and (optional) label file."""
+
+    key: str
+    image: Path
+    label: Path | None
+
+
+class SegmentationDataset(Dataset):
+    """Base class: subclasses fill ``self.samples`` and define the label mapping.
+
+    Subclasses implement :meth:`_find_samples` and :meth:`map_label` (raw label file values → class
+    ids with -1 = ignore), and may override :meth:`load_image_array` / :meth:`load_raw_label` for other
+    file formats (Potsdam's ``.mat``). ``transform`` is a callable on the item dict, e.g.
+    ``functools.partial(depthg.data.transforms.resize_center_crop, res=224)``.
+    """
+
+    name: ClassVar[str] = "dataset"
+    n_classes: int
+    class_names: list[str]
+    palette: np.ndarray
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        depth_dir: str | os.PathLike | None = None,
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
+        if depth_dir is not None and not isinstance(depth_dir, (str, os.PathLike)):
+            raise TypeError(f"depth_dir must be a path, got {depth_dir!r} (pass classes / n_classes by keyword)")
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be a callable on item dicts, got {transform!r}")
+        self.root = Path(root)
+        self.split = split
+        self.transform = transform
+        self.samples: list[Sample] = self._find_samples()
+        if not self.samples:
+            raise EmptySplitError(f"{self.name}: no images for split {split!r} under {self.root}")
+        self.depth_dir = Path(depth_dir) if depth_dir is not None else None
+        self.depth_cache = DepthCache(self.depth_dir) if self.depth_dir is not None else None
+
+    # -- to implement -----------------------------------------------------------------------------
+    def _find_samples(self) -> list[Sample]:
+        raise NotImplementedError
+
+    def map_label(self, raw: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    # -- overridable readers ----------------------------------------------------------------------
+    def load_image_array(self, sample: Sample) -> np.ndarray:
+        return read_image(sample.image)
+
+    def load_raw_label(self, sample: Sample) -> np.ndarray | None:
+        return read_label(sample.label) if sample.label is not None else None
+
+    def load_depth(self, sample: Sample) -> torch.Tensor | None:
+        return self.depth_cache.read(sample.key) if self.depth_cache is not None else None
+
+    def depth_path(self, sample: Sample) -> Path | None:
+        """The file :meth:`load_depth` reads (for error messages)."""
+        return self.depth_cache.path(sample.key) if self.depth_cache is not None else None
+
+    # -- public -----------------------------------------------------------------------------------
+    @property
+    def keys(self) -> list[str]:
+        return [s.key for s in self.samples]
+
+    @property
+    def source_dirs(self) -> list[Path]:
+        """Folders holding the source images and labels (caches must stay out of them)."""
+        dirs = {s.image.parent for s in self.samples} | {s.label.parent for s in self.samples if s.label}
+        return sorted(dirs)
+
+    def load_image_tensor(self, index: int) -> torch.Tensor:
+        """Just the full-resolution image (3, H, W); used by depth estimation."""
+        return image_to_tensor(self.load_image_array(self.samples[index]))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        img = image_to_tensor(self.load_image_array(sample))
+        h, w = img.shape[1:]
+        raw = self.load_raw_label(sample)
+        if raw is None:
+            label = torch.full((h, w), -1, dtype=torch.int64)
+        else:
+            if raw.shape != (h, w):
+                raise DepthSizeMismatchError(f"label {sample.label} is {raw.shape[1]}x{raw.shape[0]} but image {sample.image} is {w}x{h}")
+            label = torch.from_numpy(self.map_label(raw).astype(np.int64))
+        item: dict[str, Any] = {"img": img, "label": label, "path": str(sample.image), "key": sample.key}
+        depth = self.load_depth(sample)
+        if depth is not None:
+            if tuple(depth.shape) != (1, h, w):
+                where = self.depth_path(sample) or sample.key
+                raise DepthSizeMismatchError(
+                    f"depth map {where} has shape {tuple(depth.shape)[1:]} (HxW) but image {sample.image} is {h}x{w}"
+                )
+            item["depth"] = depth
+        if self.transform is not None:
+            item = self.transform(item)
+        return item
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, n={len(self)}, n_classes={self.n_classes})"
+
+
+def lut_map(raw: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """Map raw integer labels through a lookup table; values outside the table become -1."""
+    out = np.full(raw.shape, -1, dtype=np.int64)
+    inside = (raw >= 0) & (raw < len(lut))
+    out[inside] = lut[raw[inside]]
+    return out

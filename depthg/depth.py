@@ -1,0 +1,552 @@
+"""Depth for DepthG: an on-disk depth cache, monocular estimators from ``transformers``, stereo depth.
+
+DepthG (method.md) needs one depth map per training image. The released code produced them once with
+ZoeDepth and stored them as 8-bit PNGs, min-max normalised per image (released_code.md §4.6). This
+module keeps the "compute once, cache on disk" idea but fixes what went wrong there:
+
+* **Cache format** (:class:`DepthCache`): 16-bit PNGs, ``value = offset + scale * pixel``, with the
+  scale, units and source written once in ``depth_meta.json``. 8-bit per-image min-max (256 levels,
+  per-image scale lost) is not used; the released normalisation can be reproduced from the cache
+  (``depthg.data.prepare.CroppedDataset(depth_normalization="minmax255")``).
+* **Never next to the source images.** The released script overwrote Cityscapes' ``*_leftImg8bit.png``
+  files because its output-path line was commented out (released_code.md §4.6, "File naming (bug)").
+  :func:`estimate_depth_for_dataset` refuses cache folders inside the image or label trees.
+* **Estimators** come from ``transformers`` (Depth Anything v1/v2, ZoeDepth, DPT; ecosystem.md §4)
+  instead of the torch.hub ZoeDepth whose inference ran the network twice per call (released_code.md
+  §4.6, "Operator-precedence bug"). Metric models are stored in metres; relative models predict a
+  disparity-like quantity (larger = closer), which is converted to ``1 - minmax(disparity)`` so that,
+  as everywhere in the workbench, larger = farther (design.md, Conventions).
+* **Stereo**: Cityscapes ships disparity and camera files; :func:`disparity_to_depth` turns them into
+  metric depth (an alternative source with no model at all).
+
+All depth tensors are (1, H, W) or (B, 1, H, W) float32, larger = farther.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Literal, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .utils import DepthGError, atomic_write, get_device
+
+__all__ = [
+    "DepthCache",
+    "DepthCacheError",
+    "InvalidDepthError",
+    "DepthModelNotFoundError",
+    "DepthModel",
+    "DEPTH_MODEL_ALIASES",
+    "load_depth_model",
+    "estimate_depth",
+    "estimate_depth_for_dataset",
+    "disparity_to_depth",
+    "read_camera",
+    "validate_depth",
+    "META_NAME",
+]
+
+META_NAME = "depth_meta.json"
+UINT16_MAX = 65535
+
+# Default quantisation per unit: 1/256 m (4 mm steps, up to 256 m) covers ZoeDepth-KITTI (80 m), Depth
+# Anything metric-outdoor (80 m) and Cityscapes stereo up to ~1.8 px disparity; relative depth in [0, 1]
+# uses the full 16-bit range.
+DEFAULT_SCALE = {"m": 1.0 / 256.0, "relative": 1.0 / UINT16_MAX, "unknown": 1.0 / 256.0}
+
+
+class DepthCacheError(DepthGError, ValueError):
+    """A depth cache is missing its metadata, was made by another source, or a value does not fit it."""
+
+
+class InvalidDepthError(DepthGError, ValueError):
+    """A depth map holds NaN, inf or negative values, or has the wrong shape."""
+
+
+class DepthModelNotFoundError(DepthGError, FileNotFoundError):
+    """A depth model could be found neither as a local folder nor in the Hugging Face cache."""
+
+
+def validate_depth(depth: np.ndarray | torch.Tensor, where: str) -> None:
+    """Raise :class:`InvalidDepthError` naming ``where`` when ``depth`` holds NaN, inf or negatives.
+
+    Zero is allowed: it is the nearest point of a relative map, and stereo caches use it for "no depth
+    here" (flagged by ``"invalid_value": 0`` in their metadata).
+    """
+    arr = depth.detach().cpu().numpy() if isinstance(depth, torch.Tensor) else np.asarray(depth)
+    if arr.size == 0:
+        raise InvalidDepthError(f"{where}: empty depth map (shape {arr.shape})")
+    n_nan = int(np.isnan(arr).sum())
+    n_inf = int(np.isinf(arr).sum())
+    if n_nan or n_inf:
+        raise InvalidDepthError(
+            f"{where}: depth has {n_nan} NaN and {n_inf} inf values out of {arr.size}; expected finite "
+            "depths >= 0"
+        )
+    lo = float(arr.min())
+    if lo < 0:
+        raise InvalidDepthError(
+            f"{where}: depth has {int((arr < 0).sum())} negative values (min {lo:g}); expected depths "
+            ">= 0 with larger = farther"
+        )
+
+
+def _check_key(key: str) -> PurePosixPath:
+    """Keys are relative POSIX ids such as ``train/aachen/aachen_000000_000019``; refuse escapes."""
+    p = PurePosixPath(key)
+    if not key or p.is_absolute() or ".." in p.parts or "\\" in key:
+        raise DepthCacheError(f"invalid depth-cache key {key!r}: expected a relative id like 'train/city/stem'")
+    return p
+
+
+class DepthCache:
+    """A folder of 16-bit PNG depth maps plus ``depth_meta.json`` (contract, ``depthg.depth``).
+
+    Layout: ``root/{key}.png`` (uint16) with ``root/depth_meta.json`` =
+    ``{"source", "encoding": "uint16", "scale", "offset", "units": "m"|"relative"|"unknown",
+    "normalisation"}`` (plus optional extras, e.g. ``"invalid_value": 0`` for stereo caches, where 0
+    marks pixels without depth); the stored depth is ``offset + scale * pixel``.
+
+    Open an existing cache with ``DepthCache(root)``. Create (or reopen for writing) one by passing
+    ``source`` and ``units``: the metadata is written at once if absent; if present it must agree, so
+    that two different estimators can never be mixed in one folder.
+
+    The synthetic world writes its exact depth in this format at ``root/depth_gt`` (contract,
+    ``depthg/data/synthetic.py``), so it is read by the same class.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        source: str | None = None,
+        units: Literal["m", "relative", "unknown"] | None = None,
+        scale: float | None = None,
+        offset: float = 0.0,
+        normalisation: str = "none",
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.meta_path = self.root / META_NAME
+        if self.meta_path.is_file():
+            self.meta = self._read_meta()
+            wanted: dict[str, Any] = {"source": source, "units": units, "scale": scale}
+            clashes = {}
+            for k, v in wanted.items():
+                have = self.meta.get(k)
+                if v is None:
+                    continue
+                same = math.isclose(float(have), float(v), rel_tol=1e-9) if k == "scale" else have == v
+                if not same:
+                    clashes[k] = (have, v)
+            if clashes:
+                detail = ", ".join(f"{k}: cache has {a!r}, asked for {b!r}" for k, (a, b) in clashes.items())
+                raise DepthCacheError(
+                    f"depth cache {self.root} was made with different settings ({detail}). Use another "
+                    "cache folder for another depth source, or delete this one to rebuild it."
+                )
+        elif source is not None or units is not None:
+            if source is None or units is None:
+                raise DepthCacheError(f"creating depth cache {self.root}: pass both source= and units=")
+            if units not in DEFAULT_SCALE:
+                raise DepthCacheError(f"units must be one of {sorted(DEFAULT_SCALE)}, got {units!r}")
+            self.meta = {
+                "source": source,
+                "encoding": "uint16",
+                "scale": float(scale if scale is not None else DEFAULT_SCALE[units]),
+                "offset": float(offset),
+                "units": units,
+                "normalisation": normalisation,
+                **(extra or {}),
+            }
+            with atomic_write(self.meta_path, "w") as f:
+                json.dump(self.meta, f, indent=2)
+        else:
+            raise FileNotFoundError(
+                f"no depth cache at {self.root}: {self.meta_path} does not exist. Create the cache first, "
+                "e.g. `python -m depthg depth` (depthg.depth.estimate_depth_for_dataset), or use "
+                "depth_source='disparity' for Cityscapes stereo / 'gt' for the synthetic world."
+            )
+
+    def _read_meta(self) -> dict[str, Any]:
+        try:
+            meta = json.loads(self.meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise DepthCacheError(f"cannot read {self.meta_path}: {err}") from None
+        missing = {"encoding", "scale", "units"} - set(meta)
+        if missing:
+            raise DepthCacheError(f"{self.meta_path} lacks the keys {sorted(missing)}")
+        if meta["encoding"] != "uint16":
+            raise DepthCacheError(f"{self.meta_path}: encoding {meta['encoding']!r} unsupported (expected 'uint16')")
+        meta.setdefault("offset", 0.0)
+        meta.setdefault("normalisation", "none")
+        meta.setdefault("source", "unknown")
+        return meta
+
+    # -- properties -------------------------------------------------------------------------------
+    @property
+    def scale(self) -> float:
+        return float(self.meta["scale"])
+
+    @property
+    def offset(self) -> float:
+        return float(self.meta["offset"])
+
+    @property
+    def units(self) -> str:
+        return str(self.meta["units"])
+
+    @property
+    def max_value(self) -> float:
+        """The largest depth one PNG of this cache can hold."""
+        return self.offset + self.scale * UINT16_MAX
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{_check_key(key)}.png"
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    # -- io ---------------------------------------------------------------------------------------
+    def read(self, key: str) -> torch.Tensor:
+        """Depth for ``key`` as a (1, H, W) float32 tensor (units as in the metadata)."""
+        path = self.path(key)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"depth map for {key!r} not found: {path} (cache source {self.meta.get('source')!r}). "
+                "Run the depth preparation (`python -m depthg depth`) for this dataset and split."
+            )
+        try:
+            with Image.open(path) as im:
+                im.load()
+                arr = np.array(im)
+        except (OSError, SyntaxError, ValueError) as err:
+            raise DepthCacheError(f"cannot read depth map {path}: {err}") from None
+        if arr.ndim != 2 or arr.dtype not in (np.uint16, np.int32, np.uint8):
+            raise DepthCacheError(f"{path}: expected a single-channel 16-bit PNG, got shape {arr.shape} dtype {arr.dtype}")
+        depth = self.offset + self.scale * arr.astype(np.float64)
+        depth = torch.from_numpy(depth.astype(np.float32))[None]
+        validate_depth(depth, str(path))
+        return depth
+
+    def write(self, key: str, depth: np.ndarray | torch.Tensor) -> Path:
+        """Quantise ``depth`` ((H, W) or (1, H, W)) to 16 bits and write it atomically.
+
+        Values are validated first (NaN/inf/negative → :class:`InvalidDepthError`); values beyond
+        :attr:`max_value` raise instead of being clipped (design.md: nothing silently clamped).
+        """
+        path = self.path(key)
+        arr = depth.detach().cpu().numpy() if isinstance(depth, torch.Tensor) else np.asarray(depth)
+        arr = arr.astype(np.float64)
+        if arr.ndim == 3 and arr.shape[0] == 1:
+            arr = arr[0]
+        if arr.ndim != 2:
+            raise InvalidDepthError(f"depth for {path} must be (H, W) or (1, H, W), got shape {arr.shape}")
+        validate_depth(arr, f"depth for {path}")
+        q = np.rint((arr - self.offset) / self.scale)
+        if q.min() < 0 or q.max() > UINT16_MAX:
+            raise DepthCacheError(
+                f"depth for {path} spans [{arr.min():g}, {arr.max():g}] {self.units}, outside what this "
+                f"cache stores ([{self.offset:g}, {self.max_value:g}] with scale {self.scale:g}); create the "
+                "cache with a larger scale="
+            )
+        with atomic_write(path, "wb") as f:
+            Image.fromarray(q.astype(np.uint16)).save(f, format="PNG")
+        return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Stereo depth (Cityscapes)
+# ------------------------------------------------------------------------------------------------
+def read_camera(camera_json: str | os.PathLike) -> dict[str, float]:
+    """Read a Cityscapes ``*_camera.json``: returns baseline (m), fx, fy, u0, v0 (pixels)."""
+    path = Path(camera_json)
+    try:
+        cam = json.loads(path.read_text())
+        out = {"baseline": float(cam["extrinsic"]["baseline"])}
+        out.update({k: float(cam["intrinsic"][k]) for k in ("fx", "fy", "u0", "v0")})
+    except FileNotFoundError:
+        raise FileNotFoundError(f"camera file not found: {path}") from None
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise DepthCacheError(
+            f"{path}: not a Cityscapes camera file ({type(err).__name__}: {err}); expected "
+            '{"extrinsic": {"baseline": ...}, "intrinsic": {"fx", "fy", "u0", "v0"}}'
+        ) from None
+    if out["baseline"] <= 0 or out["fx"] <= 0:
+        raise DepthCacheError(f"{path}: baseline and fx must be positive, got {out}")
+    return out
+
+
+def disparity_to_depth(
+    disparity_png: str | os.PathLike,
+    camera_json: str | os.PathLike,
+    max_depth: float | None = None,
+) -> torch.Tensor:
+    """Metric depth (1, H, W) from a Cityscapes disparity PNG and camera file.
+
+    Cityscapes stores ``p = d * 256 + 1`` as uint16 with ``p = 0`` meaning "no disparity"
+    (cityscapesScripts README; ecosystem.md §7), so ``d = (p - 1) / 256`` for ``p > 0`` and
+    ``depth = baseline * fx / d``. Pixels with no disparity (``p = 0``), zero disparity (``p = 1``,
+    infinitely far) or, when ``max_depth`` is given, a depth beyond it are **invalid and set to 0**
+    (the caches' invalid flag) — never clipped to a made-up value.
+    """
+    path = Path(disparity_png)
+    if not path.is_file():
+        raise FileNotFoundError(f"disparity file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            p = np.array(im).astype(np.float64)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DepthCacheError(f"cannot read disparity PNG {path}: {err}") from None
+    if p.ndim != 2:
+        raise DepthCacheError(f"{path}: expected a single-channel 16-bit disparity PNG, got shape {p.shape}")
+    cam = read_camera(camera_json)
+    d = np.where(p > 0, (p - 1.0) / 256.0, 0.0)
+    valid = d > 0
+    depth = np.zeros_like(d)
+    depth[valid] = cam["baseline"] * cam["fx"] / d[valid]
+    if max_depth is not None:
+        depth[depth > max_depth] = 0.0
+    return torch.from_numpy(depth.astype(np.float32))[None]
+
+
+# ------------------------------------------------------------------------------------------------
+# Monocular estimators from transformers (ecosystem.md §4)
+# ------------------------------------------------------------------------------------------------
+DEPTH_MODEL_ALIASES: dict[str, str] = {
+    "depth-anything-v2-small": "depth-anything/Depth-Anything-V2-Small-hf",
+    "depth-anything-v2-base": "depth-anything/Depth-Anything-V2-Base-hf",
+    "depth-anything-v2-large": "depth-anything/Depth-Anything-V2-Large-hf",
+    "depth-anything-small": "LiheYoung/depth-anything-small-hf",
+    "depth-anything-base": "LiheYoung/depth-anything-base-hf",
+    "depth-anything-large": "LiheYoung/depth-anything-large-hf",
+    "zoedepth": "Intel/zoedepth-nyu",  # the released ZoeD_N (NYU) model, released_code.md §4.6
+    "zoedepth-nyu": "Intel/zoedepth-nyu",
+    "zoedepth-kitti": "Intel/zoedepth-kitti",
+    "zoedepth-nyu-kitti": "Intel/zoedepth-nyu-kitti",
+    "dpt-large": "Intel/dpt-large",
+    "dpt-hybrid": "Intel/dpt-hybrid-midas",
+}
+
+# model_type -> what predicted_depth holds. Depth Anything reads ``config.depth_estimation_type``.
+_METRIC_TYPES = {"zoedepth", "glpn", "depth_pro", "prompt_depth_anything"}
+_RELATIVE_TYPES = {"dpt"}
+
+
+@dataclass
+class DepthModel:
+    """A loaded ``transformers`` depth estimator with its image processor.
+
+    ``kind`` is "metric" (``predicted_depth`` in metres) or "relative" (disparity-like, larger =
+    closer; converted by :func:`estimate_depth`). ``name`` is what was asked for (alias or path) and
+    is recorded as the cache's ``source``.
+    """
+
+    model: torch.nn.Module
+    processor: Any
+    name: str
+    kind: Literal["metric", "relative"]
+    device: torch.device
+
+    @property
+    def units(self) -> str:
+        return "m" if self.kind == "metric" else "relative"
+
+    @property
+    def normalisation(self) -> str:
+        return "none" if self.kind == "metric" else "1-minmax(disparity) per image"
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _depth_kind(config: Any) -> Literal["metric", "relative"]:
+    mtype = getattr(config, "model_type", "")
+    if mtype == "depth_anything":
+        return "metric" if getattr(config, "depth_estimation_type", "relative") == "metric" else "relative"
+    if mtype in _METRIC_TYPES:
+        return "metric"
+    if mtype not in _RELATIVE_TYPES:
+        warnings.warn(f"unknown depth model type {mtype!r}; treating its output as relative (disparity-like)")
+    return "relative"
+
+
+def load_depth_model(
+    name_or_path: str | os.PathLike,
+    device: str | torch.device = "auto",
+    kind: Literal["metric", "relative"] | None = None,
+) -> DepthModel:
+    """Load a ``transformers`` depth estimator and its image processor (eval mode, on ``device``).
+
+    ``name_or_path`` is a local folder written by ``save_pretrained`` (config.json, weights and
+    preprocessor_config.json), a hub id such as ``depth-anything/Depth-Anything-V2-Small-hf``, or an
+    alias from :data:`DEPTH_MODEL_ALIASES`. Hub ids are read from the local Hugging Face cache only
+    when ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` is set. ``kind`` overrides the metric/relative
+    decision taken from the config (ecosystem.md §4: v1 and v2 Depth Anything share one class and
+    differ in ``depth_estimation_type``).
+    """
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+    name = str(name_or_path)
+    target = DEPTH_MODEL_ALIASES.get(name, name)
+    local = Path(target).expanduser()
+    is_local = local.exists()
+    if is_local and not (local / "config.json").is_file():
+        raise DepthModelNotFoundError(
+            f"depth model folder {local.resolve()} has no config.json; expected a folder written by "
+            "save_pretrained (config.json, model.safetensors, preprocessor_config.json)"
+        )
+    source = str(local) if is_local else target
+    local_only = is_local or _offline()
+    try:
+        model = AutoModelForDepthEstimation.from_pretrained(source, local_files_only=local_only)
+        processor = AutoImageProcessor.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError) as err:
+        where = (
+            f"the local folder {local.resolve()}"
+            if is_local
+            else f"a local folder {local.resolve()} (does not exist) and the Hugging Face cache "
+            f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}; offline={_offline()})"
+        )
+        hub_id = target if not is_local else "<hub id>"
+        raise DepthModelNotFoundError(
+            f"could not load depth model {name!r}: looked in {where}. "
+            f"To get it, run on a machine with network: `huggingface-cli download {hub_id}` "
+            f"(or `huggingface-cli download {hub_id} --local-dir DIR` and pass DIR). "
+            f"Aliases: {', '.join(sorted(DEPTH_MODEL_ALIASES))}. ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
+    dev = get_device(device)
+    model = model.eval().to(dev)
+    return DepthModel(model, processor, name, kind or _depth_kind(model.config), dev)
+
+
+def _post_process(depth_model: DepthModel, outputs: Any, size: tuple[int, int], batch: int) -> torch.Tensor:
+    """Predicted depth back at the input size, via the processor when it knows how (ZoeDepth removes
+    its padding there), else bicubic interpolation like the processors do."""
+    proc = depth_model.processor
+    fn = getattr(proc, "post_process_depth_estimation", None)
+    if fn is not None:
+        params = inspect.signature(fn).parameters
+        kwargs: dict[str, Any] = {"target_sizes": [size] * batch}
+        if "source_sizes" in params:
+            kwargs["source_sizes"] = [size] * batch
+        res = fn(outputs, **kwargs)
+        return torch.stack([r["predicted_depth"] for r in res])[:, None].float()
+    pred = outputs.predicted_depth
+    pred = pred[:, None] if pred.ndim == 3 else pred
+    return torch.nn.functional.interpolate(pred.float(), size=size, mode="bicubic", align_corners=False)
+
+
+def _predict(depth_model: DepthModel, images: torch.Tensor) -> torch.Tensor:
+    """Raw post-processed prediction (B, 1, H, W) at the input size (metres or disparity-like)."""
+    b, _, h, w = images.shape
+    inputs = depth_model.processor(images=list(images.detach().float().cpu()), return_tensors="pt", do_rescale=False)
+    inputs = {k: v.to(depth_model.device) for k, v in inputs.items()}
+    outputs = depth_model.model(**inputs)
+    return _post_process(depth_model, outputs, (h, w), b).float()
+
+
+@torch.inference_mode()
+def estimate_depth(depth_model: DepthModel, images: torch.Tensor, flip_tta: bool = False) -> torch.Tensor:
+    """Depth (B, 1, H, W), larger = farther, for images (B, 3, H, W) in [0, 1].
+
+    Metric models return metres. Relative models (Depth Anything relative, DPT/MiDaS) return a
+    disparity-like map; each image is converted to ``1 - (disp - min) / (max - min)`` in [0, 1]
+    (the inversion the released MiDaS path intended, released_code.md §4.6). The processor does the
+    model's own resizing and normalisation on the CPU; the network runs on ``depth_model.device``.
+    The result is on the device of ``images``.
+
+    ``flip_tta=True`` averages the prediction with that of the horizontally flipped image (flipped
+    back), as the released ZoeDepth inference did (released_code.md §4.6); off by default (half the cost).
+    The released reflect-padding augmentation is not reproduced.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
+    depth = _predict(depth_model, images)
+    if flip_tta:
+        depth = 0.5 * (depth + _predict(depth_model, images.flip(-1)).flip(-1))
+    if depth_model.kind == "relative":
+        flat = depth.flatten(1)
+        lo = flat.min(1).values[:, None, None, None]
+        hi = flat.max(1).values[:, None, None, None]
+        depth = 1.0 - (depth - lo) / (hi - lo).clamp_min(1e-12)
+        depth = depth.clamp(0.0, 1.0)  # only float round-off; the range is [0, 1] by construction
+    validate_depth(depth, f"output of depth model {depth_model.name!r}")
+    return depth.to(images.device)
+
+
+def _check_not_in_sources(cache_root: Path, dataset: Any) -> None:
+    """Caches never go next to the source images (design.md; released_code.md §4.6)."""
+    root = cache_root.resolve()
+    for src in getattr(dataset, "source_dirs", []):
+        src = Path(src).resolve()
+        if root == src or root.is_relative_to(src):
+            raise DepthCacheError(
+                f"refusing to write depth into {cache_root}: it is inside the dataset's source folder {src}. "
+                "Pick a cache folder outside the image and label trees."
+            )
+
+
+def _batches(items: Iterable[tuple[str, torch.Tensor]], batch_size: int) -> Iterable[list[tuple[str, torch.Tensor]]]:
+    """Group consecutive images of the same size (COCO sizes vary; Cityscapes' do not)."""
+    batch: list[tuple[str, torch.Tensor]] = []
+    for key, img in items:
+        if batch and (len(batch) == batch_size or batch[0][1].shape != img.shape):
+            yield batch
+            batch = []
+        batch.append((key, img))
+    if batch:
+        yield batch
+
+
+def estimate_depth_for_dataset(
+    dataset: Any,
+    depth_model: DepthModel,
+    cache_root: str | os.PathLike,
+    batch_size: int = 4,
+    progress: bool = True,
+    flip_tta: bool = False,
+) -> Path:
+    """Estimate and cache depth for every item of ``dataset`` that is not cached yet (idempotent).
+
+    ``dataset`` must return full-resolution items (no transform): its items' ``key`` names the cache
+    file ``cache_root/{key}.png``. Finished files are skipped, so an interrupted run resumes; each
+    file is written atomically. Returns ``cache_root``.
+    """
+    if getattr(dataset, "transform", None) is not None:
+        raise ValueError("estimate_depth_for_dataset needs full-resolution items: pass a dataset with transform=None")
+    cache_root = Path(cache_root)
+    _check_not_in_sources(cache_root, dataset)
+    cache = DepthCache(
+        cache_root, source=depth_model.name, units=depth_model.units,  # type: ignore[arg-type]
+        normalisation=depth_model.normalisation, extra={"flip_tta": flip_tta},
+    )
+    keys: Sequence[str] = getattr(dataset, "keys", None) or [dataset[i]["key"] for i in range(len(dataset))]
+    todo = [i for i, k in enumerate(keys) if not cache.exists(k)]
+    load = getattr(dataset, "load_image_tensor", None)
+
+    def items() -> Iterable[tuple[str, torch.Tensor]]:
+        for i in todo:
+            yield (keys[i], load(i) if load is not None else dataset[i]["img"])
+
+    bar = tqdm(total=len(todo), desc=f"depth ({depth_model.name})", disable=not progress or not todo)
+    for batch in _batches(items(), batch_size):
+        images = torch.stack([img for _, img in batch])
+        depth = estimate_depth(depth_model, images, flip_tta=flip_tta)
+        for (key, _), d in zip(batch, depth):
+            cache.write(key, d)
+        bar.update(len(batch))
+    bar.close()
+    return cache_root

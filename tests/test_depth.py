@@ -1,0 +1,188 @@
+"""Depth cache, stereo depth, and the real transformers loading path with tiny random models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from depthg.data import Cityscapes
+from depthg.depth import (
+    DepthCache,
+    DepthCacheError,
+    DepthModelNotFoundError,
+    InvalidDepthError,
+    disparity_to_depth,
+    estimate_depth,
+    estimate_depth_for_dataset,
+    load_depth_model,
+)
+
+H, W = 30, 40
+
+
+# ------------------------------------------------------------------------------------------------
+# cache
+# ------------------------------------------------------------------------------------------------
+def test_cache_roundtrip_and_meta(tmp_path):
+    cache = DepthCache(tmp_path / "c", source="unit", units="m")
+    depth = torch.rand(1, H, W) * 100
+    path = cache.write("train/city/img0", depth)
+    assert path == tmp_path / "c" / "train" / "city" / "img0.png"
+    with Image.open(path) as im:
+        assert im.mode == "I;16"
+    meta = json.loads((tmp_path / "c" / "depth_meta.json").read_text())
+    assert meta == {"source": "unit", "encoding": "uint16", "scale": 1 / 256, "offset": 0.0, "units": "m", "normalisation": "none"}
+    back = DepthCache(tmp_path / "c").read("train/city/img0")
+    assert back.shape == (1, H, W) and back.dtype == torch.float32
+    assert float((back - depth).abs().max()) <= 0.5 / 256 + 1e-6  # half a quantisation step
+
+    with pytest.raises(DepthCacheError, match="source: cache has 'unit', asked for 'other'"):
+        DepthCache(tmp_path / "c", source="other", units="m")
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "empty" / "depth_meta.json")):
+        DepthCache(tmp_path / "empty")
+    with pytest.raises(DepthCacheError, match="invalid depth-cache key"):
+        cache.path("../escape")
+
+
+def test_cache_rejects_bad_values(tmp_path):
+    cache = DepthCache(tmp_path, source="unit", units="relative")
+    for bad, what in ((float("nan"), "NaN"), (float("inf"), "inf"), (-0.5, "negative")):
+        d = torch.ones(H, W)
+        d[3, 4] = bad
+        with pytest.raises(InvalidDepthError, match=what) as err:
+            cache.write("k", d)
+        assert str(tmp_path / "k.png") in str(err.value)
+    with pytest.raises(DepthCacheError, match="outside what this cache stores"):
+        cache.write("k", torch.full((H, W), 2.0))  # relative depth lives in [0, 1]
+    assert not (tmp_path / "k.png").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# stereo
+# ------------------------------------------------------------------------------------------------
+def write_camera(path: Path, baseline: float = 0.2, fx: float = 1000.0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"extrinsic": {"baseline": baseline, "pitch": 0.0}, "intrinsic": {"fx": fx, "fy": fx, "u0": 20.0, "v0": 15.0}}))
+    return path
+
+
+def test_disparity_to_depth(tmp_path):
+    p = np.array([[0, 1, 257, 513, 2561]], dtype=np.uint16)  # d = (p-1)/256 = -, 0, 1, 2, 10 px
+    Image.fromarray(p).save(tmp_path / "d.png")
+    cam = write_camera(tmp_path / "cam.json")
+    depth = disparity_to_depth(tmp_path / "d.png", cam)
+    # depth = baseline * fx / d = 200 / d; p = 0 (no disparity) and p = 1 (zero disparity) are invalid -> 0
+    assert depth.shape == (1, 1, 5)
+    np.testing.assert_allclose(depth[0, 0].numpy(), [0, 0, 200, 100, 20], rtol=1e-6)
+    np.testing.assert_allclose(disparity_to_depth(tmp_path / "d.png", cam, max_depth=150)[0, 0].numpy(), [0, 0, 0, 100, 20])
+    (tmp_path / "bad.json").write_text(json.dumps({"intrinsic": {"fx": 1.0}}))
+    with pytest.raises(DepthCacheError, match="bad.json"):
+        disparity_to_depth(tmp_path / "d.png", tmp_path / "bad.json")
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        disparity_to_depth(tmp_path / "nope.png", cam)
+
+
+# ------------------------------------------------------------------------------------------------
+# transformers models
+# ------------------------------------------------------------------------------------------------
+def tiny_depth_anything(folder: Path, kind: str = "relative") -> Path:
+    """Tiny random Depth Anything (ecosystem.md §4) + processor, saved with save_pretrained."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    torch.manual_seed(0)
+    backbone = Dinov2Config(image_size=56, patch_size=14, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                            intermediate_size=64, out_features=["stage1", "stage2", "stage3", "stage4"],
+                            reshape_hidden_states=False)
+    config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, patch_size=14,
+                                 neck_hidden_sizes=[8, 16, 32, 32], reassemble_factors=[4, 2, 1, 0.5],
+                                 fusion_hidden_size=16, head_hidden_size=8, depth_estimation_type=kind,
+                                 max_depth=1 if kind == "relative" else 80)
+    DepthAnythingForDepthEstimation(config).save_pretrained(folder)
+    DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14,
+                      do_pad=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def relative_model(tmp_path_factory):
+    return tiny_depth_anything(tmp_path_factory.mktemp("da_rel"))
+
+
+def test_estimate_depth_relative_and_metric(relative_model, tmp_path):
+    model = load_depth_model(relative_model, device="cpu")
+    assert model.kind == "relative" and not model.model.training and model.units == "relative"
+    images = torch.rand(2, 3, H, W)
+    depth = estimate_depth(model, images)
+    assert depth.shape == (2, 1, H, W)
+    for d in depth:  # relative: 1 - minmax(disparity) per image -> exactly spans [0, 1]
+        assert float(d.min()) == pytest.approx(0.0, abs=1e-6) and float(d.max()) == pytest.approx(1.0, abs=1e-6)
+    # larger = farther: the converted map is a decreasing function of the raw disparity
+    inputs = model.processor(images=list(images), return_tensors="pt", do_rescale=False)
+    with torch.no_grad():
+        raw = model.processor.post_process_depth_estimation(model.model(**inputs), target_sizes=[(H, W)] * 2)
+    disp = raw[0]["predicted_depth"].flatten()
+    order = disp.argsort()
+    assert (depth[0].flatten()[order].diff() <= 1e-6).all()
+
+    metric = load_depth_model(tiny_depth_anything(tmp_path / "da_metric", "metric"), device="cpu")
+    assert metric.kind == "metric" and metric.units == "m"
+    md = estimate_depth(metric, images)
+    assert md.shape == (2, 1, H, W) and float(md.min()) >= 0 and float(md.max()) <= 80
+    tta = estimate_depth(metric, images, flip_tta=True)  # released ZoeDepth inference's flip averaging
+    assert torch.allclose(tta, 0.5 * (md + estimate_depth(metric, images.flip(-1)).flip(-1)), atol=1e-5)
+
+
+def write_tiny_cityscapes(root: Path, n: int = 3) -> None:
+    for i in range(n):
+        stem = f"ulm_{i:06d}_000019"
+        for sub, suffix, arr in (("leftImg8bit", "_leftImg8bit.png", np.random.default_rng(i).integers(0, 256, (H, W, 3), dtype=np.uint8)),
+                                 ("gtFine", "_gtFine_labelIds.png", np.full((H, W), 7 + i, np.uint8))):
+            path = root / sub / "train" / "ulm" / f"{stem}{suffix}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(path)
+
+
+def test_estimate_depth_for_dataset_writes_a_cache_the_dataset_reads(relative_model, tmp_path):
+    root, cache_root = tmp_path / "cs", tmp_path / "cache" / "da"
+    write_tiny_cityscapes(root)
+    model = load_depth_model(str(relative_model), device="cpu")
+    ds = Cityscapes(root, "train")
+    assert estimate_depth_for_dataset(ds, model, cache_root, batch_size=2, progress=False) == cache_root
+    meta = json.loads((cache_root / "depth_meta.json").read_text())
+    assert meta["units"] == "relative" and meta["source"] == str(relative_model) and "minmax" in meta["normalisation"]
+
+    with_depth = Cityscapes(root, "train", depth_dir=cache_root)
+    direct = estimate_depth(model, torch.stack([ds[i]["img"] for i in range(len(ds))]))
+    for i in range(len(ds)):
+        item = with_depth[i]
+        assert item["depth"].shape == (1, H, W) and item["img"].shape == (3, H, W)
+        assert float((item["depth"] - direct[i]).abs().max()) <= 1 / 65535  # quantisation only
+
+    mtimes = {p: p.stat().st_mtime_ns for p in cache_root.rglob("*.png")}
+    (cache_root / "train" / "ulm" / "ulm_000001_000019.png").unlink()
+    estimate_depth_for_dataset(ds, model, cache_root, progress=False)  # resumes: only the missing file
+    after = {p: p.stat().st_mtime_ns for p in cache_root.rglob("*.png")}
+    assert set(after) == set(mtimes)
+    assert all(after[p] == t for p, t in mtimes.items() if "000001" not in p.name)
+
+    with pytest.raises(DepthCacheError, match="inside the dataset's source folder"):
+        estimate_depth_for_dataset(ds, model, root / "leftImg8bit" / "train" / "ulm" / "depth", progress=False)
+
+
+def test_missing_model_error_says_where_and_how(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DepthModelNotFoundError) as err:
+        load_depth_model("depth-anything-v2-small", device="cpu")
+    msg = str(err.value)
+    assert "huggingface-cli download depth-anything/Depth-Anything-V2-Small-hf" in msg
+    assert str(tmp_path / "depth-anything" / "Depth-Anything-V2-Small-hf") in msg  # the local folder looked at
+    (tmp_path / "empty_model").mkdir()
+    with pytest.raises(DepthModelNotFoundError, match="has no config.json"):
+        load_depth_model(tmp_path / "empty_model", device="cpu")
