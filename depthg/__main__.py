@@ -1,0 +1,251 @@
+"""Command line: ``python -m depthg <command> [options] [key=value ...]``.
+
+Commands (each a thin wrapper around one library function, so notebooks and the CLI run the same code):
+
+* ``synthesize`` -- render the synthetic street world in the Cityscapes layout (``depthg.data.make_world``);
+* ``prepare``    -- the whole idempotent preparation chain of a config: depth -> five-crop -> kNN
+  (``depthg.data.prepare_training_data``; ``train`` runs it too);
+* ``depth``      -- estimate (or convert from stereo) depth for one split into a depth cache;
+* ``crop``       -- five-crop one split (images, labels and depth together) into a folder;
+* ``knn``        -- kNN positives of a (cropped) split from backbone features;
+* ``train``      -- train a head (``depthg.train.train``); ``torchrun --nproc_per_node=N -m depthg train``
+  runs DDP;
+* ``eval``       -- evaluate a checkpoint with the paper's protocol (``depthg.evaluate.evaluate_checkpoint``);
+* ``ablate``     -- the miniature reproduction (``depthg.ablation.run_ablation``);
+* ``pretrain``   -- self-supervised pretraining of the embedded backbone (``depthg.pretrain``), listed only
+  when that module is present.
+
+Configuration for prepare/depth/crop/knn/train: ``--preset NAME`` (+ ``--mode paper|released``) or
+``--config FILE`` (YAML/JSON), then positional ``key=value`` overrides (values parsed as YAML), e.g.
+``python -m depthg train --preset synthetic steps=100 seed=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from typing import Any, Callable
+
+from depthg.config import MODES, PRESETS, Config, apply_overrides, load_config
+
+
+def _config_from_args(args: argparse.Namespace) -> Config:
+    if args.config and args.preset:
+        raise SystemExit("give either --config or --preset, not both")
+    if args.config:
+        cfg = load_config(args.config)
+        if args.mode:
+            cfg = apply_overrides(cfg, [f"mode={args.mode}"])
+    else:
+        cfg = Config.preset(args.preset or "synthetic", args.mode or "paper")
+    return apply_overrides(cfg, args.overrides)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML or JSON config file")
+    p.add_argument("--preset", choices=PRESETS, help="start from a preset (default: synthetic)")
+    p.add_argument("--mode", choices=MODES, help="fidelity mode of the preset (default: paper)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (values parsed as YAML)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _print(result: Any) -> None:
+    print(json.dumps(result, indent=2, default=str))
+
+
+# ----------------------------------------------------------------------------------------------------
+# commands
+# ----------------------------------------------------------------------------------------------------
+
+
+def cmd_synthesize(args: argparse.Namespace) -> Any:
+    from depthg.data import make_world
+
+    root = make_world(args.root, args.n_train, args.n_val, size=(args.height, args.width), seed=args.seed,
+                      n_cities=args.n_cities, progress=not args.no_progress)
+    _print({"root": str(root)})
+    return root
+
+
+def cmd_prepare(args: argparse.Namespace) -> Any:
+    from depthg.data.prepare import prepare_training_data
+
+    paths = prepare_training_data(_config_from_args(args), progress=not args.no_progress)
+    _print(paths)
+    return paths
+
+
+def _dataset(cfg: Config, split: str, depth_dir: str | None = None) -> Any:
+    from depthg.data import build_dataset
+    from depthg.train import _dataset_kwargs
+
+    if cfg.data_dir is None:
+        raise SystemExit("this command needs data_dir=... (the dataset root); `prepare` handles the synthetic world")
+    return build_dataset(cfg.dataset, cfg.data_dir, split, depth_dir=depth_dir, **_dataset_kwargs(cfg))
+
+
+def cmd_depth(args: argparse.Namespace) -> Any:
+    cfg = _config_from_args(args)
+    dataset = _dataset(cfg, args.split)
+    if cfg.depth_source == "disparity":
+        from depthg.data.prepare import stereo_depth_for_dataset
+
+        out = stereo_depth_for_dataset(dataset, args.out, progress=not args.no_progress)
+    elif cfg.depth_source == "gt":
+        raise SystemExit("depth_source=gt: the synthetic world already holds exact depth in <root>/depth_gt")
+    else:
+        from depthg.depth import estimate_depth_for_dataset, load_depth_model
+
+        model = load_depth_model(cfg.depth_model or cfg.depth_source, cfg.device)
+        out = estimate_depth_for_dataset(dataset, model, args.out, batch_size=args.batch_size,
+                                         progress=not args.no_progress)
+    _print({"depth_dir": str(out)})
+    return out
+
+
+def cmd_crop(args: argparse.Namespace) -> Any:
+    from depthg.data.prepare import five_crop
+
+    cfg = _config_from_args(args)
+    out = five_crop(_dataset(cfg, args.split, args.depth_dir), args.out, cfg.crop_ratio, progress=not args.no_progress)
+    _print({"crop_dir": str(out)})
+    return out
+
+
+def cmd_knn(args: argparse.Namespace) -> Any:
+    from depthg.backbone import load_backbone
+    from depthg.data.prepare import CroppedDataset, compute_knn
+
+    cfg = _config_from_args(args)
+    dataset = CroppedDataset(args.crops, args.split, with_depth=False) if args.crops else _dataset(cfg, args.split)
+    backbone = load_backbone(cfg.backbone, cfg.weights, **cfg.backbone_kwargs)
+    out = compute_knn(dataset, backbone, args.out, k=cfg.knn_k, res=cfg.res, batch_size=cfg.batch_size,
+                      device=cfg.device, num_workers=cfg.num_workers, progress=not args.no_progress)
+    _print({"knn_path": str(out)})
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> Any:
+    from depthg.train import train
+
+    result = train(_config_from_args(args), resume=args.resume, progress=not args.no_progress)
+    if result:  # rank 0 only
+        _print({k: result[k] for k in ("name", "steps", "wall_time_s", "final", "best_on_val", "paths")})
+    return result
+
+
+def cmd_eval(args: argparse.Namespace) -> Any:
+    from depthg.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.overrides, data_root=args.data_root, output=args.output,
+                                 n_predictions=args.predictions, progress=not args.no_progress)
+    _print({k: result[k] for k in ("checkpoint", "checkpoint_sha256", "output", "n_images", "protocol")}
+           | {g: {m: result[g][m] for m in ("accuracy", "miou")} for g in ("cluster", "linear")})
+    return result
+
+
+def cmd_ablate(args: argparse.Namespace) -> Any:
+    from depthg.ablation import DEFAULT_VARIANTS, run_ablation
+
+    result = run_ablation(
+        variants=args.variants or list(DEFAULT_VARIANTS), seeds=args.seeds, base_preset=args.preset or "synthetic",
+        steps=args.steps, out_dir=args.out_dir, overrides=args.overrides, progress=not args.no_progress,
+    )
+    print(result["markdown"])
+    return result
+
+
+def _pretrain_available() -> bool:
+    return importlib.util.find_spec("depthg.pretrain") is not None
+
+
+# ----------------------------------------------------------------------------------------------------
+# parser
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m depthg", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="command", required=True)
+    handlers: dict[str, Callable[[argparse.Namespace], Any]] = {}
+
+    p = sub.add_parser("synthesize", help="render the synthetic street world (Cityscapes layout)")
+    p.add_argument("root", help="output folder")
+    p.add_argument("--n-train", type=int, default=48)
+    p.add_argument("--n-val", type=int, default=16)
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--n-cities", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("prepare", help="depth -> five-crop -> kNN for a config's training split (idempotent)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("depth", help="estimate depth (or convert stereo) for one split into a depth cache")
+    _add_config_args(p)
+    p.add_argument("--split", default="train")
+    p.add_argument("--out", required=True, help="depth cache folder (never inside the dataset)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.set_defaults(func=cmd_depth)
+
+    p = sub.add_parser("crop", help="five-crop one split (image, label, depth) into a folder")
+    _add_config_args(p)
+    p.add_argument("--split", default="train")
+    p.add_argument("--depth-dir", default=None, help="depth cache of the split (optional)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_crop)
+
+    p = sub.add_parser("knn", help="kNN positives from backbone features")
+    _add_config_args(p)
+    p.add_argument("--split", default="train")
+    p.add_argument("--crops", default=None, help="five-crop folder (default: the dataset itself)")
+    p.add_argument("--out", required=True, help="output .npz")
+    p.set_defaults(func=cmd_knn)
+
+    p = sub.add_parser("train", help="train a segmentation head (torchrun for multi-GPU)")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint_last.pt")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint (resize, flip, CRF, Hungarian) -> JSON")
+    p.add_argument("checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval_crf=false")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--output", default=None, help="results JSON (default: <checkpoint>_eval.json)")
+    p.add_argument("--predictions", type=int, default=0, help="write N prediction PNGs")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("ablate", help="miniature reproduction: STEGO vs DepthG paper/released, random vs FPS")
+    p.add_argument("--preset", choices=PRESETS, default="synthetic")
+    p.add_argument("--variants", nargs="*", default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=None, help="steps per run (default: the preset's)")
+    p.add_argument("--out-dir", default="runs/ablation")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every run")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_ablate)
+
+    if _pretrain_available():
+        try:  # imported only to add its options; a broken optional module must not break the CLI
+            from depthg import pretrain as P
+        except ImportError:  # pragma: no cover
+            return parser
+        p = sub.add_parser("pretrain", help="DINO pretraining of the embedded backbone on the synthetic world")
+        P.add_pretrain_arguments(p)
+        p.set_defaults(func=lambda a: P.run_pretrain_from_args(a))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> Any:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,136 @@
+"""Config: presets carry the released values, both modes share schedule timing, bad input is a clear error."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from depthg.config import (
+    MODES,
+    PRESETS,
+    Config,
+    ConfigError,
+    apply_overrides,
+    global_steps_to_iterations,
+    load_config,
+    save_config,
+)
+from depthg.utils import DepthGError
+
+
+def test_every_preset_builds_in_both_modes():
+    for name in PRESETS:
+        for mode in MODES:
+            cfg = Config.preset(name, mode)
+            assert cfg.mode == mode
+            assert cfg.name == f"{name}_{mode}"
+
+
+def test_paper_run_values_match_released_script():
+    # released_code.md §6 table, checked against the numbers written there by hand.
+    c = Config.preset("cocostuff_vits8", "released")
+    assert (c.dim, c.batch_size, c.feature_samples, c.depth_sampling) == (70, 32, 11, "fps")
+    assert (c.pos_intra_weight, c.pos_intra_shift, c.neg_inter_shift) == (0.58, 0.07, 0.761)
+    assert (c.depth_weight, c.depth_shift, c.depth_decay_factor, c.depth_decay_every) == (0.19, 0.03, 0.6, 250)
+    assert c.steps == math.ceil(7000 / 3) == 2334
+    b = Config.preset("cocostuff_vitb8", "released")
+    assert b.depth_shift == 0.035909146298813595 and b.depth_weight == 0.16026274975444096
+    assert (b.dim, b.feature_samples, b.eval_every, b.depth_decay_every) == (90, 12, 50, 300)
+    cs = Config.preset("cityscapes_vitb8", "released")
+    assert (cs.depth_sampling, cs.centering, cs.dim) == ("random", "none", 100)
+    p = Config.preset("potsdam_vits8", "released")
+    assert (p.batch_size, p.classes, p.depth_decay_factor, p.five_crop) == (16, 3, 1.0, False)
+
+
+def test_modes_differ_in_fixes_not_in_timing():
+    for name in ("cocostuff_vits8", "cocostuff_vitb8", "cityscapes_vitb8", "potsdam_vits8"):
+        rel, pap = Config.preset(name, "released"), Config.preset(name, "paper")
+        assert rel.steps == pap.steps
+        # released counts global steps = 3 * iteration: an event fires at iteration k when 3k % N == 0.
+        rel_events = [k for k in range(1, rel.steps) if rel.depth_decay_every and (3 * k) % rel.depth_decay_every == 0]
+        pap_events = [k for k in range(1, pap.steps) if pap.depth_decay_every and k % pap.depth_decay_every == 0]
+        assert rel_events == pap_events
+        assert (rel.depth_similarity, pap.depth_similarity) == ("released", "distance")
+        assert rel.pos_intra_shift == pap.pos_intra_shift and rel.dim == pap.dim
+    assert global_steps_to_iterations(300) == 100 and global_steps_to_iterations(250) == 250
+
+
+def test_stego_and_synthetic_presets():
+    s = Config.preset("stego")
+    assert not s.use_depth and s.depth_sampling == "random" and s.depth_weight == 0.0
+    syn = Config.preset("synthetic")
+    assert syn.data_dir is None and syn.backbone == "embedded" and syn.feature_cache and not syn.eval_crf
+    assert syn.res % 8 == 0 and syn.steps <= 1000
+
+
+def test_unknown_key_lists_valid_keys_and_suggestion():
+    with pytest.raises(ConfigError) as err:
+        Config.from_dict({"batchsize": 4})
+    msg = str(err.value)
+    assert "batchsize" in msg and "batch_size" in msg and "did you mean" in msg and "feature_samples" in msg
+    assert isinstance(err.value, DepthGError) and isinstance(err.value, ValueError)
+    with pytest.raises(ConfigError, match="lr"):
+        apply_overrides(Config(), ["lrr=0.1"])
+
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"mode": "exact"}, "mode"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"depth_sampling": "grid"}, "depth_sampling"),
+        ({"lr": -1.0}, "lr"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"fov_deg": 200.0}, "fov_deg"),
+        ({"classes": 1}, "classes"),
+        ({"steps": 1.5}, "steps"),
+        ({"num_neighbors": 40}, "num_neighbors"),
+        ({"use_depth": False, "depth_sampling": "fps"}, "depth_sampling"),
+        ({"amp": "fp8"}, "amp"),
+    ],
+)
+def test_impossible_values_name_the_key(changes, key):
+    with pytest.raises(ConfigError, match=key):
+        Config(**changes)
+
+
+def test_yaml_json_roundtrip_and_overrides(tmp_path):
+    cfg = Config.preset("synthetic")
+    for suffix in (".yaml", ".json"):
+        path = save_config(cfg, tmp_path / f"c{suffix}")
+        assert load_config(path) == cfg
+    with pytest.raises(ConfigError, match="suffix"):
+        save_config(cfg, tmp_path / "c.txt")
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.yaml")
+    out = apply_overrides(cfg, ["steps=7", "weights=null", "backbone_kwargs={embed_dim: 32}", "name=123", "lr=1e-3"])
+    assert out.steps == 7 and out.weights is None and out.backbone_kwargs == {"embed_dim": 32}
+    assert out.name == "123" and out.lr == 1e-3 and cfg.steps != 7
+    with pytest.raises(ConfigError, match="batch_size"):
+        apply_overrides(cfg, ["batch_size=-3"])
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides(cfg, ["steps"])
+
+
+def test_mode_switch_converts_dependent_keys():
+    """Switching mode (override or --mode) must not leave a hybrid of the two modes."""
+    from depthg.config import apply_overrides
+
+    released = Config.preset("cocostuff_vits8", "released")
+    switched = apply_overrides(Config.preset("cocostuff_vits8", "paper"), ["mode=released"])
+    assert switched.depth_similarity == released.depth_similarity == "released"
+    assert switched.amp == released.amp == "off"  # the released code trains in fp32
+    # decay intervals are in different units but fire at the same iterations (every 250)
+    from depthg.losses import DepthDecaySchedule
+
+    def events(cfg):
+        sched = DepthDecaySchedule(cfg.depth_weight, cfg.depth_shift, cfg.depth_decay_factor,
+                                   cfg.depth_decay_every, mode=cfg.mode)
+        return [round(sched.at(t)[0], 8) for t in range(0, 2334, 50)]
+
+    assert events(switched) == events(released)
+    back = apply_overrides(switched, ["mode=paper"])
+    assert back.depth_similarity == "distance" and back.depth_decay_every == 250
+    assert Config(mode="released").depth_similarity == "released"
+    assert Config(mode="paper").depth_similarity == "distance"
