@@ -1,0 +1,221 @@
+"""Are the embedded backbone's features meaningful? Linear and kNN probes on synthetic-world labels.
+
+Issue 7 asks for evidence that the workbench's own DINO-pretrained ViT (``load_backbone("embedded")``,
+trained by ``depthg/pretrain.py``) gives features that mean something. This script renders a fresh
+small synthetic world (``make_world`` with a seed the pretraining stream never used), extracts frozen
+patch features for every image, and scores two standard probes at the patch level:
+
+* **linear probe**: multinomial logistic regression on the (standardised) patch features, trained on
+  the train split, scored on the val split;
+* **kNN probe**: each val patch takes the majority label of its k=20 most cosine-similar train
+  patches (DINO's k-NN evaluation, at patch level).
+
+The target of a patch is the majority label of its 8x8 pixels (Cityscapes label ids mapped to
+0..K-1 through ``world.json``; pixels of other ids are ignored, as is a patch with none labelled).
+Accuracy = fraction of val patches correct, mIoU = mean over the classes present in the val
+targets of TP / (TP + FP + FN), both in percent.
+
+The same probes run on the same architecture at random initialisation (``load_backbone(timm_name,
+weights=None, **timm_kwargs)``, timm's init with seed 0) and on raw pixels (each patch's 8x8x3
+RGB values, the same 192 numbers a ViT-S/8 patch embedding sees), so the gain of pretraining is read
+against both.
+
+Usage (numbers in depthg/weights/MODEL_CARD.md come from this exact command)::
+
+    .venv/bin/python benchmarks/probe_backbone.py --world-dir ~/.cache/depthg/probe_world \\
+        --out benchmarks/results/probe_backbone.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from depthg import backbone as backbone_mod  # noqa: E402
+from depthg.data.synthetic import GENERATOR_VERSION, make_world  # noqa: E402
+from depthg.utils import atomic_write, sha256_file  # noqa: E402
+
+PATCH = 8
+
+
+def load_split(root: Path, split: str, label_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N,3,H,W) in [0,1] and label maps (N,H,W) in 0..K-1 (-1 = ignore) of one split,
+    read straight from the Cityscapes layout ``make_world`` wrote (sorted by file name)."""
+    lut = np.full(256, -1, dtype=np.int64)
+    lut[label_ids] = np.arange(len(label_ids))
+    paths = sorted((root / "leftImg8bit" / split).rglob("*_leftImg8bit.png"))
+    if not paths:
+        raise FileNotFoundError(f"no images under {root / 'leftImg8bit' / split}")
+    imgs, labels = [], []
+    for p in paths:
+        city, stem = p.parent.name, p.name[: -len("_leftImg8bit.png")]
+        lab = root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png"
+        imgs.append(torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1))
+        labels.append(torch.from_numpy(lut[np.asarray(Image.open(lab))]))
+    return torch.stack(imgs).float() / 255.0, torch.stack(labels)
+
+
+def patch_targets(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Majority label of each 8x8 patch -> (N, h*w); -1 where a patch has no labelled pixel."""
+    n, h, w = labels.shape
+    onehot = F.one_hot(labels.clamp(min=0), n_classes).float() * (labels >= 0)[..., None].float()
+    counts = F.avg_pool2d(onehot.permute(0, 3, 1, 2), PATCH, PATCH) * PATCH * PATCH  # (N,K,h',w')
+    target = counts.argmax(1)
+    target[counts.sum(1) == 0] = -1
+    return target.flatten(1)
+
+
+@torch.inference_mode()
+def extract(feature_fn, images: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    """Patch features (N, h*w, C) for all images, in batches."""
+    out = [feature_fn(images[i:i + batch]).flatten(2).transpose(1, 2) for i in range(0, len(images), batch)]
+    return torch.cat(out)
+
+
+def pixel_patches(images: torch.Tensor) -> torch.Tensor:
+    """Raw-pixel baseline: the 8x8x3 values of each patch, (N,3*64,h,w)."""
+    n, c, h, w = images.shape
+    cols = F.unfold(images, PATCH, stride=PATCH)  # (N, 3*64, h'*w')
+    return cols.reshape(n, c * PATCH * PATCH, h // PATCH, w // PATCH)
+
+
+def scores(pred: torch.Tensor, target: torch.Tensor, n_classes: int) -> dict[str, float]:
+    """Accuracy and mIoU (percent) over valid targets; mIoU over classes present in the targets."""
+    valid = target >= 0
+    p, t = pred[valid], target[valid]
+    conf = torch.bincount(t * n_classes + p, minlength=n_classes**2).reshape(n_classes, n_classes).double()
+    tp = conf.diag()
+    present = conf.sum(1) > 0
+    iou = tp / (conf.sum(0) + conf.sum(1) - tp).clamp(min=1)
+    return {"accuracy": round(100 * tp.sum().item() / conf.sum().item(), 2),
+            "miou": round(100 * iou[present].mean().item(), 2)}
+
+
+def linear_probe(xtr: torch.Tensor, ytr: torch.Tensor, xva: torch.Tensor, n_classes: int,
+                 epochs: int = 100, seed: int = 0) -> torch.Tensor:
+    """Multinomial logistic regression (a 1x1 conv on the frozen features) trained full-batch with
+    L-BFGS on standardised features, small L2 penalty; returns val predictions."""
+    mean, std = xtr.mean(0), xtr.std(0) + 1e-6
+    xtr, xva = (xtr - mean) / std, (xva - mean) / std
+    g = torch.Generator().manual_seed(seed)
+    weight = (0.01 * torch.randn(xtr.shape[1], n_classes, generator=g)).requires_grad_()
+    bias = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=epochs, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(xtr @ weight + bias, ytr) + 1e-4 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return (xva @ weight + bias).argmax(1)
+
+
+@torch.inference_mode()
+def knn_probe(xtr: torch.Tensor, ytr: torch.Tensor, xva: torch.Tensor, n_classes: int,
+              k: int = 20, chunk: int = 2048) -> torch.Tensor:
+    """k-NN (cosine) majority vote; ties go to the lowest class id."""
+    xtr, xva = F.normalize(xtr, dim=1), F.normalize(xva, dim=1)
+    preds = []
+    for i in range(0, len(xva), chunk):
+        idx = (xva[i:i + chunk] @ xtr.t()).topk(k, dim=1).indices
+        votes = F.one_hot(ytr[idx], n_classes).sum(1)
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
+
+
+def probe(name: str, feats_tr: torch.Tensor, feats_va: torch.Tensor, ytr: torch.Tensor,
+          yva: torch.Tensor, n_classes: int, k: int) -> dict:
+    """Both probes on flattened patch features; patches without a target are dropped."""
+    xtr, xva = feats_tr.reshape(-1, feats_tr.shape[-1]), feats_va.reshape(-1, feats_va.shape[-1])
+    ytr, yva = ytr.reshape(-1), yva.reshape(-1)
+    keep = ytr >= 0
+    xtr, ytr = xtr[keep].float(), ytr[keep]
+    t0 = time.time()
+    lin = scores(linear_probe(xtr, ytr, xva.float(), n_classes), yva, n_classes)
+    knn = scores(knn_probe(xtr, ytr, xva.float(), n_classes, k), yva, n_classes)
+    result = {"linear": lin, "knn": knn, "feature_dim": int(xtr.shape[1]), "seconds": round(time.time() - t0, 1)}
+    print(f"{name:>14}: linear acc {lin['accuracy']:6.2f}  mIoU {lin['miou']:6.2f} | "
+          f"kNN acc {knn['accuracy']:6.2f}  mIoU {knn['miou']:6.2f}", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world-dir", default=str(Path.home() / ".cache" / "depthg" / "probe_world"),
+                        help="where the probe world is rendered (reused if it exists with these arguments)")
+    parser.add_argument("--world-seed", type=int, default=1234)
+    parser.add_argument("--n-train", type=int, default=120)
+    parser.add_argument("--n-val", type=int, default=40)
+    parser.add_argument("--size", type=int, nargs=2, default=(128, 256), metavar=("H", "W"))
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--weights-dir", default=None,
+                        help="folder with embedded_vit.json/.pth (default: depthg/weights)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "probe_backbone.json"))
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+
+    root = make_world(args.world_dir, args.n_train, args.n_val, size=tuple(args.size),
+                      seed=args.world_seed, progress=True)
+    world = json.loads((Path(root) / "world.json").read_text())
+    label_ids = list(world["label_ids"])
+    n_classes = len(label_ids)
+    img_tr, lab_tr = load_split(Path(root), "train", label_ids)
+    img_va, lab_va = load_split(Path(root), "val", label_ids)
+    ytr, yva = patch_targets(lab_tr, n_classes), patch_targets(lab_va, n_classes)
+
+    if args.weights_dir:
+        backbone_mod.EMBEDDED_DIR = Path(args.weights_dir)
+    meta_path = Path(backbone_mod.EMBEDDED_DIR) / backbone_mod.EMBEDDED_JSON
+    meta = json.loads(meta_path.read_text())
+    embedded = backbone_mod.load_backbone("embedded")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the random-weights warning is the point here
+        random_init = backbone_mod.load_backbone(meta["timm_name"], weights=None, **meta["timm_kwargs"])
+
+    results: dict = {}
+    for name, fn in (("embedded", embedded), ("random_init", random_init), ("pixels", pixel_patches)):
+        results[name] = probe(name, extract(fn, img_tr), extract(fn, img_va), ytr, yva, n_classes, args.k)
+
+    report = {
+        "command": "python benchmarks/probe_backbone.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "world": {"seed": args.world_seed, "n_train": args.n_train, "n_val": args.n_val,
+                  "size": list(args.size), "generator_version": GENERATOR_VERSION,
+                  "n_classes": n_classes, "label_ids": label_ids},
+        "patch_grid": [args.size[0] // PATCH, args.size[1] // PATCH],
+        "protocol": {"target": "majority label of each 8x8 patch", "knn_k": args.k,
+                     "knn_metric": "cosine", "linear": "logistic regression, L-BFGS, standardised features",
+                     "units": "percent"},
+        "backbone": {"timm_name": meta["timm_name"], "timm_kwargs": meta["timm_kwargs"],
+                     "weights_sha256": sha256_file(meta_path.parent / meta["weights"])},
+        "results": results,
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    out = Path(args.out)
+    with atomic_write(out, "w") as handle:
+        json.dump(report, handle, indent=2)
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
