@@ -247,5 +247,16 @@ def main(argv: list[str] | None = None) -> Any:
     return args.func(args)
 
 
+def _cli() -> None:
+    """Entry point of ``python -m depthg`` / ``depthg``: bad input ends with its message, not a traceback."""
+    from depthg.utils import DepthGError
+
+    try:
+        main(sys.argv[1:])
+    except (DepthGError, FileNotFoundError) as err:
+        print(f"depthg: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    _cli()
