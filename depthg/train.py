@@ -2,7 +2,8 @@
 
 Read it top to bottom (nanoGPT style): ``train(cfg)`` does
 
-1. seed everything, set up (optional) DDP;
+1. set up (optional) DDP; seed everything *after* the data/cache preparation below (building a cache
+   draws from the global RNG, reusing one does not);
 2. prepare the data once: depth cache -> five-crops -> kNN (``depthg.data.prepare_training_data``);
 3. load the frozen backbone; optionally precompute its features of all training crops
    (``depthg.features``: the backbone is frozen and the crops are fixed, so this is exact);
@@ -450,16 +451,6 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
     if dinfo.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    # 1. seeds: global RNGs (head dropout) per rank, explicit generators for everything else.
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed + dinfo.rank)
-    gens = {
-        "sample": torch.Generator().manual_seed(cfg.seed + 1),  # grids, FPS starts (global batch, shared)
-        "dropout": torch.Generator().manual_seed(cfg.seed + 2),  # target dropout masks (global, shared)
-        "loss": torch.Generator().manual_seed(cfg.seed + 3 + 1000 * dinfo.rank),  # negatives (per rank)
-    }
-
     # 2. frozen backbone, then the data (rank 0 prepares; the others wait, then read the same files).
     backbone = load_backbone(cfg.backbone, cfg.weights, **cfg.backbone_kwargs).to(device)
     amp, scaler = _amp_context(cfg, device)
@@ -498,6 +489,19 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
         source = CropSource(crops, backbone, cfg.res, cfg.mode, device, amp)
     if cfg.lhp and cfg.lhp_strategy == "attention" and cfg.feature_cache:
         raise TrainError("lhp_strategy='attention' needs the backbone's attention each step: set feature_cache=false")
+
+    # 1. seeds: global RNGs (head dropout) per rank, explicit generators for everything else. Seeded
+    # here, *after* the data and cache preparation: those steps draw from the global torch RNG only when
+    # they actually build something (e.g. the kNN DataLoader's base seed), so seeding before them made
+    # the head-dropout stream depend on whether the caches already existed (first run vs later runs).
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed + dinfo.rank)
+    gens = {
+        "sample": torch.Generator().manual_seed(cfg.seed + 1),  # grids, FPS starts (global batch, shared)
+        "dropout": torch.Generator().manual_seed(cfg.seed + 2),  # target dropout masks (global, shared)
+        "loss": torch.Generator().manual_seed(cfg.seed + 3 + 1000 * dinfo.rank),  # negatives (per rank)
+    }
 
     # 4. head + probes + optimisers.
     model = build_models(cfg, backbone.embed_dim, n_classes).to(device)
@@ -557,9 +561,12 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
 
     def evaluate_now(flip: bool, crf: bool) -> dict[str, Any]:
         model.eval()
-        metrics = evaluate_model(backbone, model.head, model.cluster, model.linear, val_set, res=cfg.eval_res,
-                                 mode=cfg.mode, flip=flip, crf=crf, batch_size=cfg.eval_batch_size, device=device,
-                                 max_images=cfg.eval_max_images, progress=False, amp=amp)
+        # Evaluation must not move the training RNG streams (its DataLoader draws a base seed from the
+        # global torch RNG), so eval_every stays result-neutral (RESUMABLE_CHANGES).
+        with torch.random.fork_rng(devices=[]):
+            metrics = evaluate_model(backbone, model.head, model.cluster, model.linear, val_set, res=cfg.eval_res,
+                                     mode=cfg.mode, flip=flip, crf=crf, batch_size=cfg.eval_batch_size,
+                                     device=device, max_images=cfg.eval_max_images, progress=False, amp=amp)
         model.train()
         return metrics
 

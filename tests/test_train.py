@@ -178,3 +178,30 @@ def test_fps_random_start_and_lhp_options_run(prepared):
     assert fixed["last_train_losses"]["pos_intra"] != moved["last_train_losses"]["pos_intra"]
     lhp = _quiet_train(tiny_config(prepared / "cache", prepared / "lhp", steps=1, lhp=True, lhp_quantile=0.2))
     assert "lhp_total" in lhp["last_train_losses"]
+
+
+def test_same_config_and_seed_give_the_same_weights_whether_or_not_the_caches_exist(tmp_path):
+    # As in `depthg ablate`: in one process a STEGO run (no-depth crops) first, then a DepthG run whose
+    # depth crops / kNN / feature cache it builds itself; that run must equal the same config rerun on
+    # the now existing caches. Building the kNN draws from the global torch RNG (its DataLoader's base
+    # seed) and reusing it does not, so seeding before the data preparation broke this.
+    cache = tmp_path / "cache"
+    _quiet_train(tiny_config(cache, tmp_path / "stego", steps=2, use_depth=False, depth_sampling="random",
+                             depth_weight=0.0))
+    _quiet_train(tiny_config(cache, tmp_path / "first", steps=3))
+    _quiet_train(tiny_config(cache, tmp_path / "again", steps=3))
+    a = load_checkpoint(tmp_path / "first" / "checkpoint_last.pt")["model"]
+    b = load_checkpoint(tmp_path / "again" / "checkpoint_last.pt")["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_validation_does_not_change_the_training_run(prepared):
+    # eval_every is a RESUMABLE_CHANGES key: evaluating must not move the training RNG streams.
+    quiet = _quiet_train(tiny_config(prepared / "cache", prepared / "noeval", steps=3, eval_every=0))
+    evald = _quiet_train(tiny_config(prepared / "cache", prepared / "eval1", steps=3, eval_every=1))
+    assert quiet["last_train_losses"] == evald["last_train_losses"]
+    a = load_checkpoint(prepared / "noeval" / "checkpoint_last.pt")["model"]
+    b = load_checkpoint(prepared / "eval1" / "checkpoint_last.pt")["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
