@@ -92,6 +92,7 @@ def test_notebook_runs_in_smoke_mode(name, tmp_path, shared, monkeypatch):
     papermill.execute_notebook(
         str(NB_DIR / name), str(out), parameters=params, kernel_name="python3", cwd=str(NB_DIR),
         progress_bar=False, log_output=False,
+        execution_timeout=600,  # a hung cell fails the test (and CI) instead of blocking it
     )
     executed = json.loads(out.read_text())
     errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
