@@ -32,6 +32,9 @@ def test_atomic_write_replaces_only_on_success(tmp_path):
     with atomic_write(target, "w") as handle:
         handle.write("new")
     assert target.read_text() == "new"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (target.stat().st_mode & 0o777) == 0o666 & ~umask, "written files get the usual permissions"
 
 
 def test_torch_round_trip_and_hash(tmp_path):
