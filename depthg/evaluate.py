@@ -247,8 +247,6 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *, data
 
 def _data_root(cfg: Any) -> Path:
     """Dataset root: ``cfg.data_dir`` or the synthetic world that the data preparation renders."""
-    if cfg.data_dir is not None:
-        return Path(cfg.data_dir)
-    from depthg.data.prepare import prepare_training_data
+    from depthg.data.prepare import dataset_root
 
-    return Path(prepare_training_data(cfg, progress=False)["data_dir"])
+    return dataset_root(cfg, progress=False)

@@ -481,6 +481,28 @@ def _short_hash(*parts: Any) -> str:
     return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:8]
 
 
+def dataset_root(cfg: Any, progress: bool = True) -> Path:
+    """The dataset root of a config: ``cfg.data_dir``, or -- when it is None -- the embedded synthetic world
+    in ``cfg.cache_dir/synthetic_world``, rendered there first if missing (:func:`depthg.data.make_world`
+    resumes, so an existing world costs nothing). Reads ``dataset, data_dir, cache_dir, world_n_train,
+    world_n_val, world_size, world_seed``.
+    """
+    from . import make_world  # late: __init__ imports this module
+
+    get = lambda name, default: getattr(cfg, name, default)  # noqa: E731
+    data_dir = get("data_dir", None)
+    if data_dir is not None:
+        return Path(data_dir)
+    name = get("dataset", "cityscapes")
+    if name != "cityscapes":
+        raise ValueError(f"data_dir is required for dataset {name!r} (only 'cityscapes' falls back to the synthetic world)")
+    root = Path(get("cache_dir", "cache")) / "synthetic_world"
+    print(f"data_dir is not set: using the embedded synthetic world at {root}")
+    make_world(root, int(get("world_n_train", 48)), int(get("world_n_val", 16)),
+               size=tuple(get("world_size", (256, 512))), seed=int(get("world_seed", 0)), progress=progress)
+    return root
+
+
 def prepare_training_data(
     cfg: Any,
     backbone: torch.nn.Module | None = None,
@@ -510,23 +532,14 @@ def prepare_training_data(
     Returns ``{"data_dir", "dataset", "dataset_kwargs", "train_split", "depth_dir", "crop_dir",
     "knn_path", "synthetic"}``; :func:`load_prepared` turns it into the training dataset.
     """
-    from . import build_dataset, make_world  # late: __init__ imports this module
+    from . import build_dataset  # late: __init__ imports this module
 
     get = lambda name, default: getattr(cfg, name, default)  # noqa: E731
     name: str = get("dataset", "cityscapes")
     cache_dir = Path(get("cache_dir", "cache"))
-    data_dir = get("data_dir", None)
     split: str = get("train_split", "train")
-    synthetic = data_dir is None
-    if synthetic:
-        if name != "cityscapes":
-            raise ValueError(f"data_dir is required for dataset {name!r} (only 'cityscapes' falls back to the synthetic world)")
-        root = cache_dir / "synthetic_world"
-        print(f"data_dir is not set: using the embedded synthetic world at {root}")
-        make_world(root, int(get("world_n_train", 48)), int(get("world_n_val", 16)),
-                   size=tuple(get("world_size", (256, 512))), seed=int(get("world_seed", 0)), progress=progress)
-    else:
-        root = Path(data_dir)
+    synthetic = get("data_dir", None) is None
+    root = dataset_root(cfg, progress=progress)
 
     classes = get("classes", 27)
     kwargs: dict[str, Any] = {}
