@@ -670,12 +670,15 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
         step = it + 1
 
         # -- logging, evaluation, checkpoints
-        last_losses = {k: float(v.detach()) for k, v in terms.items()}
-        last_losses.update(cluster=float(out["cluster_loss"].detach()), linear=float(out["linear_loss"].detach()),
-                           n_side=n_side, depth_weight=float(depth_weight))
-        if dinfo.is_main:
-            bar.set_postfix({k: f"{v:.3f}" for k, v in last_losses.items() if k in ("total", "pos_intra", "pos_inter", "neg_inter", "depth")})
-            if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            # Reading the losses is a device sync: do it once (one tolist) and only on logging steps.
+            named = {**terms, "cluster": out["cluster_loss"], "linear": out["linear_loss"]}
+            values = torch.stack([v.detach().float().reshape(()) for v in named.values()]).tolist()
+            last_losses = dict(zip(named, values))
+            last_losses.update(n_side=n_side, depth_weight=float(depth_weight))
+            if dinfo.is_main:
+                bar.set_postfix({k: f"{v:.3f}" for k, v in last_losses.items()
+                                 if k in ("total", "pos_intra", "pos_inter", "neg_inter", "depth")})
                 _write_jsonl(out_dir / "log.jsonl", {"step": step, "time": time.time() - t_start, "train": last_losses})
                 if writer is not None:
                     for k, v in last_losses.items():
