@@ -294,7 +294,10 @@ class DepthGLoss(nn.Module):
                    grid_hw: tuple[int, int], shift: float) -> torch.Tensor:
         """The depth-feature loss of the anchor's sampled code ``code_s`` (B, D, S, S).
 
-        ``released``: D from the whole depth map resized to S x S (ignores ``grid``).
+        ``released``: D from the whole depth map resized to S x S (ignores ``grid``). In released mode D
+        is transposed over the S x S grid, because the released sampler transposes the grid the codes
+        are read at (code[h, w] meets depth[w, h]); this matters only where the resized depth has exact
+        zeros (otherwise D is all ones). See docs/released_golden.md.
         ``product`` / ``distance``: the depth is average-pooled to the feature grid ``grid_hw`` (as FPS
         does), unprojected with the paper pinhole (``distance``), and read at ``grid`` -- the very
         coordinates the code was read at.
@@ -302,6 +305,11 @@ class DepthGLoss(nn.Module):
         n_h, n_w = code_s.shape[-2:]
         if self.depth_similarity == "released":
             sim = depth_similarity(depth, depth, "released", size=(n_h, n_w))
+            if self.mode == "released":
+                # The released sampler swaps the two S axes of the grid before reading, so its code[h, w]
+                # sits where ours has code[w, h] while D stays on the regular grid: pair code[h, w]
+                # with depth[w, h] by transposing D over both (h, w) and (i, j).
+                sim = sim.permute(0, 2, 1, 4, 3)
         else:
             pooled = F.adaptive_avg_pool2d(depth, grid_hw)
             if self.depth_similarity == "product":
