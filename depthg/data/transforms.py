@@ -1,7 +1,7 @@
 """Resize-and-centre-crop of dataset items (image, label and depth together).
 
 STEGO/DepthG train on crops resized so the short side is ``res`` and centre-cropped to ``res × res``;
-evaluation does the same at 320 (docs/method.md). The released code resizes **everything with
+evaluation does the same at 320 (docs/released_golden.md). The released code resizes **everything with
 nearest neighbour**, the RGB image included (torchvision ``Resize(res, NEAREST)`` on PIL images),
 which aliases the image. Two modes:
 
@@ -14,9 +14,9 @@ which aliases the image. Two modes:
 The two nearest rules are *not* the same. Both pick the source pixel under the centre of each output
 pixel, but PIL walks the output row by adding the scale in double precision, and where a centre falls
 exactly on a source-pixel border the accumulated rounding decides the side, while ``nearest-exact``
-computes every position afresh in float32. For a Cityscapes frame (2048 x 1024 -> 448 x 224) they pick
-different source pixels in 1 of every 16 columns and rows (docs/released_golden.md has the measured
-share of differing pixels).
+computes every position afresh in float32. On a Cityscapes frame (2048 x 1024, or its 1024 x 512
+five-crop) resized to a 224 px crop, 18.7 % of the pixels come from a different source pixel (10.2 % at
+320 px; docs/released_golden.md).
 
 The new size follows torchvision's ``Resize(int)``: short side = ``res``, long side =
 ``int(res * long / short)``; the crop offset is ``int(round((size - res) / 2))`` as in torchvision's
