@@ -48,6 +48,9 @@ __all__ = [
     "DepthModel",
     "DEPTH_MODEL_ALIASES",
     "load_depth_model",
+    "build_tiny_random_depth_model",
+    "hub_reachable",
+    "repo_root",
     "estimate_depth",
     "estimate_depth_for_dataset",
     "disparity_to_depth",
@@ -369,7 +372,15 @@ class DepthModel:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    """True when Hugging Face offline mode is on: the environment *now* (``HF_HUB_OFFLINE`` /
+    ``TRANSFORMERS_OFFLINE``), or ``huggingface_hub``'s own flag, which it reads once at import."""
+    if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - a pinned dependency
+        return False
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
 
 
 def _depth_kind(config: Any) -> Literal["metric", "relative"]:
@@ -383,53 +394,149 @@ def _depth_kind(config: Any) -> Literal["metric", "relative"]:
     return "relative"
 
 
+def repo_root() -> Path:
+    """The workbench's repository root (the folder holding ``depthg/`` and ``pyproject.toml``); the
+    current directory when the package is installed elsewhere. Relative model paths are resolved here,
+    so a notebook (run in ``notebooks/``) and the command line (run in the root) find the same folder."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() else Path.cwd()
+
+
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return str(getattr(constants, "ENDPOINT", "https://huggingface.co"))
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face endpoint (or the HTTPS proxy, when one is set) opens
+    within ``timeout`` seconds. One quick probe instead of the hub client's retries with back-off."""
+    import socket
+    from urllib.parse import urlsplit
+
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urlsplit(proxy if proxy else _hub_endpoint())
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if not host:
+        return False
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hf_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    """Whether ``repo_id``'s config.json is in the local Hugging Face cache (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an id the hub client rejects (e.g. a path with three parts) is not cached
+        return False
+    return isinstance(found, str)
+
+
 def load_depth_model(
     name_or_path: str | os.PathLike,
     device: str | torch.device = "auto",
     kind: Literal["metric", "relative"] | None = None,
+    probe_timeout: float = 3.0,
 ) -> DepthModel:
     """Load a ``transformers`` depth estimator and its image processor (eval mode, on ``device``).
 
-    ``name_or_path`` is a local folder written by ``save_pretrained`` (config.json, weights and
-    preprocessor_config.json), a hub id such as ``depth-anything/Depth-Anything-V2-Small-hf``, or an
-    alias from :data:`DEPTH_MODEL_ALIASES`. Hub ids are read from the local Hugging Face cache only
-    when ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` is set. ``kind`` overrides the metric/relative
-    decision taken from the config (ecosystem.md §4: v1 and v2 Depth Anything share one class and
-    differ in ``depth_estimation_type``).
+    ``name_or_path`` is an alias from :data:`DEPTH_MODEL_ALIASES`, a Hugging Face hub id such as
+    ``depth-anything/Depth-Anything-V2-Small-hf``, or a folder written by ``save_pretrained``
+    (config.json, weights, preprocessor_config.json). A relative folder is looked up under the
+    repository root (:func:`repo_root`), whatever the current directory. A hub id is loaded from the
+    local Hugging Face cache when it is there; otherwise it is downloaded, but only when offline mode
+    is off (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``) and the hub answers a quick connection probe
+    (``probe_timeout`` seconds), so a machine without network is told at once instead of after the
+    hub client's retries. ``kind`` overrides the metric/relative decision taken from the config
+    (Depth Anything v1 and v2 share one class and differ in ``depth_estimation_type``).
+
+    Raises :class:`DepthModelNotFoundError` (printed by the CLI as ``depthg: error: ...``) naming the
+    folder and cache it looked in and the command that fetches the weights.
     """
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
     name = str(name_or_path)
     target = DEPTH_MODEL_ALIASES.get(name, name)
     local = Path(target).expanduser()
-    is_local = local.exists()
-    if is_local and not (local / "config.json").is_file():
-        raise DepthModelNotFoundError(
-            f"depth model folder {local.resolve()} has no config.json; expected a folder written by "
-            "save_pretrained (config.json, model.safetensors, preprocessor_config.json)"
+    if not local.is_absolute():
+        local = repo_root() / local
+    how = (f"on a machine with network run `hf download {target} --local-dir DIR` (huggingface_hub's CLI) and "
+           f"pass DIR (absolute, or relative to {repo_root()}), or copy the Hugging Face cache into HF_HOME")
+    aliases = f"Aliases: {', '.join(sorted(DEPTH_MODEL_ALIASES))}."
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise DepthModelNotFoundError(
+                f"depth model folder {local} has no config.json; expected a folder written by save_pretrained "
+                "(config.json, model.safetensors, preprocessor_config.json)"
+            )
+        source, local_only = str(local), True
+    elif Path(target).expanduser().is_absolute() or target.startswith(".") or target.count("/") > 1:
+        raise DepthModelNotFoundError(  # clearly a path, not a hub id ("org/name")
+            f"depth model folder {local} does not exist. To get weights, {how}. {aliases}"
         )
-    source = str(local) if is_local else target
-    local_only = is_local or _offline()
+    else:
+        source = target
+        looked = f"looked for a local folder {local} (does not exist) and in the Hugging Face cache {_hf_cache_dir()}"
+        local_only = _in_hf_cache(target)
+        if not local_only and _offline():
+            raise DepthModelNotFoundError(
+                f"no weights for depth model {name!r}: {looked} (not there), and Hugging Face offline mode is on "
+                f"(HF_HUB_OFFLINE), so nothing is downloaded. To get them, {how}. {aliases}"
+            )
+        if not local_only and not hub_reachable(probe_timeout):
+            raise DepthModelNotFoundError(
+                f"no weights for depth model {name!r}: {looked} (not there), and {_hub_endpoint()} cannot be "
+                f"reached from this machine (no network), so nothing can be downloaded. To get them, {how}. {aliases}"
+            )
     try:
         model = AutoModelForDepthEstimation.from_pretrained(source, local_files_only=local_only)
         processor = AutoImageProcessor.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError) as err:
-        where = (
-            f"the local folder {local.resolve()}"
-            if is_local
-            else f"a local folder {local.resolve()} (does not exist) and the Hugging Face cache "
-            f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}; offline={_offline()})"
-        )
-        hub_id = target if not is_local else "<hub id>"
+        where = f"the local folder {local}" if source == str(local) else (
+            f"the Hugging Face cache {_hf_cache_dir()}" if local_only else f"the hub {_hub_endpoint()}")
+        first = str(err).splitlines()[0] if str(err) else ""
         raise DepthModelNotFoundError(
-            f"could not load depth model {name!r}: looked in {where}. "
-            f"To get it, run on a machine with network: `huggingface-cli download {hub_id}` "
-            f"(or `huggingface-cli download {hub_id} --local-dir DIR` and pass DIR). "
-            f"Aliases: {', '.join(sorted(DEPTH_MODEL_ALIASES))}. ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+            f"could not load depth model {name!r} from {where} ({type(err).__name__}: {first}). "
+            f"To get complete weights, {how}. {aliases}"
         ) from None
     dev = get_device(device)
     model = model.eval().to(dev)
     return DepthModel(model, processor, name, kind or _depth_kind(model.config), dev)
+
+
+def build_tiny_random_depth_model(folder: str | os.PathLike) -> Path:
+    """Write a tiny **randomly initialised** Depth Anything (about 140k parameters) with its processor
+    into ``folder`` and return the folder, for :func:`load_depth_model`.
+
+    For smoke tests only: it exercises the real ``transformers`` loading and inference path on machines
+    without weights; its depth is noise and must never be reported as a result.
+    """
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    folder = Path(folder)
+    with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG stream
+        torch.manual_seed(0)
+        backbone = Dinov2Config(image_size=56, patch_size=14, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                intermediate_size=64, out_features=["stage1", "stage2", "stage3", "stage4"],
+                                reshape_hidden_states=False)
+        config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, patch_size=14,
+                                     neck_hidden_sizes=[8, 16, 32, 32], reassemble_factors=[4, 2, 1, 0.5],
+                                     fusion_hidden_size=16, head_hidden_size=8, depth_estimation_type="relative")
+        DepthAnythingForDepthEstimation(config).save_pretrained(folder)
+    DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14,
+                      do_pad=False).save_pretrained(folder)
+    return folder
 
 
 def _post_process(depth_model: DepthModel, outputs: Any, size: tuple[int, int], batch: int) -> torch.Tensor:

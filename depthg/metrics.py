@@ -28,7 +28,7 @@ from scipy.optimize import linear_sum_assignment
 
 from depthg.utils import DepthGError
 
-__all__ = ["MetricsInputError", "UnsupervisedMetrics"]
+__all__ = ["MetricsInputError", "UnsupervisedMetrics", "depth_abs_rel", "depth_delta", "depth_scores"]
 
 
 class MetricsInputError(DepthGError, ValueError):
@@ -141,3 +141,75 @@ class UnsupervisedMetrics:
             "confusion": confusion,
             "cluster_confusion": self.stats.clone(),
         }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Depth errors against a reference (AbsRel, delta < 1.25): the standard monocular-depth metrics
+# ----------------------------------------------------------------------------------------------------
+
+
+def _depth_pairs(pred: Any, gt: Any, valid: Any | None) -> tuple[np.ndarray, np.ndarray]:
+    """The (prediction, reference) values of the scored pixels, float64, flattened.
+
+    Scored: ``valid`` (if given) and a finite reference > 0 and a finite prediction.
+    """
+    p = np.asarray(pred.detach().cpu() if isinstance(pred, torch.Tensor) else pred, dtype=np.float64)
+    g = np.asarray(gt.detach().cpu() if isinstance(gt, torch.Tensor) else gt, dtype=np.float64)
+    if p.shape != g.shape:
+        raise MetricsInputError(f"depth prediction {p.shape} and reference {g.shape} differ in shape")
+    ok = np.isfinite(g) & np.isfinite(p)
+    ok[ok] &= g[ok] > 0
+    if valid is not None:
+        m = np.asarray(valid.detach().cpu() if isinstance(valid, torch.Tensor) else valid, dtype=bool)
+        if m.shape != g.shape:
+            raise MetricsInputError(f"valid mask {m.shape} and depth {g.shape} differ in shape")
+        ok &= m
+    if not ok.any():
+        raise MetricsInputError("no pixel to score: the mask, the reference (> 0, finite) and the prediction "
+                                "(finite) leave none")
+    return p[ok], g[ok]
+
+
+def depth_abs_rel(pred: Any, gt: Any, valid: Any | None = None) -> float:
+    """Mean absolute relative error, ``mean(|pred - gt| / gt)`` over the scored pixels (0 = perfect).
+
+    pred, gt: depth maps of one shape (any units, the same for both); valid: optional bool mask.
+    Scored pixels: ``valid`` and finite ``gt`` > 0 and finite ``pred``.
+    """
+    p, g = _depth_pairs(pred, gt, valid)
+    return float(np.mean(np.abs(p - g) / g))
+
+
+def depth_delta(pred: Any, gt: Any, valid: Any | None = None, threshold: float = 1.25) -> float:
+    """Threshold accuracy: the fraction of scored pixels with ``max(pred / gt, gt / pred) < threshold``.
+
+    ``threshold`` 1.25 gives the usual delta_1 (1.25**2, 1.25**3 give delta_2, delta_3); in [0, 1], 1 =
+    perfect. A prediction <= 0 never counts as within the threshold. Scored pixels as in
+    :func:`depth_abs_rel`.
+    """
+    if not threshold > 1:
+        raise MetricsInputError(f"threshold must be > 1, got {threshold}")
+    p, g = _depth_pairs(pred, gt, valid)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(p > 0, np.maximum(p / g, g / p), np.inf)
+    return float(np.mean(ratio < threshold))
+
+
+def depth_scores(pred: Any, gt: Any, valid: Any | None = None, align: str = "none") -> dict[str, float]:
+    """AbsRel and delta < 1.25 of a depth map against a reference, with optional median scaling.
+
+    align: ``"none"`` for metric predictions; ``"median"`` multiplies the prediction by
+    ``median(gt) / median(pred)`` over the scored pixels first (the usual protocol for relative-depth
+    networks, which know depth only up to scale).
+
+    Returns ``abs_rel``, ``delta1``, ``n`` (scored pixels) and ``scale`` (the factor applied, 1 for
+    ``"none"``).
+    """
+    if align not in ("none", "median"):
+        raise MetricsInputError(f"align must be 'none' or 'median', got {align!r}")
+    p, g = _depth_pairs(pred, gt, valid)
+    scale = float(np.median(g) / np.median(p)) if align == "median" else 1.0
+    if not math.isfinite(scale) or scale <= 0:
+        raise MetricsInputError(f"median scaling failed: median prediction {np.median(p):g}")
+    p = p * scale
+    return {"abs_rel": depth_abs_rel(p, g), "delta1": depth_delta(p, g), "n": int(g.size), "scale": scale}

@@ -105,6 +105,35 @@ def depth_to_points(depth: torch.Tensor, fov_deg: float = 90.0, mode: Mode = "pa
     return torch.stack([x.expand(b, h, w), y.expand(b, h, w), z], dim=-1).reshape(b, h * w, 3)
 
 
+def depth_to_points_intrinsics(depth: torch.Tensor, fx: float, fy: float, cx: float, cy: float) -> torch.Tensor:
+    """Unproject a metric depth map with a calibrated pinhole camera, one point per pixel, row-major.
+
+    Args:
+        depth: (B, 1, H, W) depth along the optical axis (Z), larger = farther, e.g. metres.
+        fx, fy: focal lengths in pixels; cx, cy: principal point (column, row) in pixels, with pixel
+            centres at integer coordinates.
+
+    Returns:
+        (B, H*W, 3) points X = (c - cx) Z / fx, Y = (r - cy) Z / fy, Z = depth (X right, Y down, Z
+        forward, in the depth's unit); point ``r*W + c`` belongs to row r, column c. Invalid pixels
+        (depth 0) become the camera centre; drop them with the depth mask.
+
+    :func:`depth_to_points` in ``paper`` mode is the special case fx = fy = (W/2)/tan(fov/2),
+    (cx, cy) = ((W-1)/2, (H-1)/2). For every s-th pixel starting at pixel o (``depth[..., o::s, o::s]``)
+    pass fx/s, fy/s, (cx-o)/s, (cy-o)/s: the subsampled grid is the same camera with coarser pixels.
+    """
+    _check_depth(depth)
+    if not (fx > 0 and fy > 0):
+        raise SamplingError(f"focal lengths must be positive, got fx={fx}, fy={fy}")
+    b, _, h, w = depth.shape
+    z = depth[:, 0]
+    rows = torch.arange(h, device=depth.device, dtype=depth.dtype).view(1, h, 1)
+    cols = torch.arange(w, device=depth.device, dtype=depth.dtype).view(1, 1, w)
+    x = (cols - cx) * z / fx
+    y = (rows - cy) * z / fy
+    return torch.stack([x, y, z], dim=-1).reshape(b, h * w, 3)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Farthest point sampling
 # ----------------------------------------------------------------------------------------------------
@@ -251,6 +280,43 @@ def farthest_point_sample(
     out = np.empty((b, n_samples), dtype=np.int64)
     kernel(xs, ys, zs, n_samples, start_t.numpy(), out)
     return torch.from_numpy(out)
+
+
+def nearest_sample_distance(points: torch.Tensor, indices: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """Euclidean distance from every point of a cloud to its nearest picked point.
+
+    Args:
+        points: (N, 3) or (B, N, 3) points; indices: (k,) or (B, k) int indices of the picks into N.
+        chunk: points per block of the distance computation (bounds memory at chunk*k distances).
+
+    Returns:
+        (N,) or (B, N) distances in the points' unit (0 at the picks themselves).
+    """
+    single = points.dim() == 2
+    pts = points[None] if single else points
+    idx = indices[None] if indices.dim() == 1 else indices
+    if pts.dim() != 3 or pts.shape[-1] != 3 or idx.dim() != 2 or idx.shape[0] != pts.shape[0]:
+        raise SamplingError(f"expected points (N, 3) / (B, N, 3) and indices (k,) / (B, k) with the same B, "
+                            f"got {tuple(points.shape)} and {tuple(indices.shape)}")
+    idx = idx.long().to(pts.device)
+    if idx.numel() == 0 or idx.shape[1] == 0:
+        raise SamplingError("nearest_sample_distance: no picks given")
+    if bool((idx < 0).any()) or bool((idx >= pts.shape[1]).any()):
+        raise SamplingError(f"pick indices must be in [0, {pts.shape[1]}), got min {int(idx.min())}, max {int(idx.max())}")
+    pts = pts.double()  # exact enough that the covering radius is the same whatever the chunking
+    picks = torch.gather(pts, 1, idx[..., None].expand(-1, -1, 3))  # (B, k, 3)
+    out = torch.cat([torch.cdist(pts[:, s:s + chunk], picks).amin(dim=2) for s in range(0, pts.shape[1], chunk)], dim=1)
+    return out[0] if single else out
+
+
+def covering_radius(points: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The covering radius of a pick set: the largest distance of any point to its nearest pick.
+
+    Every point of the cloud lies within this radius of some pick; greedy FPS (approximately, within a
+    factor 2 of the optimum) minimises it, random picks usually leave far larger holes.
+    Shapes as in :func:`nearest_sample_distance`; returns a scalar tensor, or (B,) for a batch.
+    """
+    return nearest_sample_distance(points, indices).amax(dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ from depthg.depth import (
     disparity_to_depth,
     estimate_depth,
     estimate_depth_for_dataset,
+    hub_reachable,
     load_depth_model,
+    repo_root,
 )
 
 H, W = 30, 40
@@ -174,15 +176,106 @@ def test_estimate_depth_for_dataset_writes_a_cache_the_dataset_reads(relative_mo
         estimate_depth_for_dataset(ds, model, root / "leftImg8bit" / "train" / "ulm" / "depth", progress=False)
 
 
+def _never_download(monkeypatch):
+    """Make any attempt to load through transformers fail the test (no network call may start)."""
+    import transformers
+
+    def boom(*args, **kwargs):
+        raise AssertionError(f"from_pretrained was called with {args} {kwargs}")
+
+    monkeypatch.setattr(transformers.AutoModelForDepthEstimation, "from_pretrained", boom)
+
+
 def test_missing_model_error_says_where_and_how(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # set after huggingface_hub was imported: still respected
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.chdir(tmp_path)
+    _never_download(monkeypatch)
     with pytest.raises(DepthModelNotFoundError) as err:
         load_depth_model("depth-anything-v2-small", device="cpu")
     msg = str(err.value)
-    assert "huggingface-cli download depth-anything/Depth-Anything-V2-Small-hf" in msg
-    assert str(tmp_path / "depth-anything" / "Depth-Anything-V2-Small-hf") in msg  # the local folder looked at
+    assert "hf download depth-anything/Depth-Anything-V2-Small-hf --local-dir DIR" in msg
+    assert "offline mode is on" in msg and str(tmp_path / "hf" / "hub") in msg
+    # the local folder looked at is under the repository root, not the current directory
+    assert str(repo_root() / "depth-anything" / "Depth-Anything-V2-Small-hf") in msg
+    assert str(tmp_path / "depth-anything") not in msg
     (tmp_path / "empty_model").mkdir()
     with pytest.raises(DepthModelNotFoundError, match="has no config.json"):
         load_depth_model(tmp_path / "empty_model", device="cpu")
+    with pytest.raises(DepthModelNotFoundError, match="does not exist"):
+        load_depth_model(tmp_path / "no_such_model", device="cpu")
+
+
+def test_no_network_is_said_at_once(tmp_path, monkeypatch):
+    """Offline mode off, nothing cached, the hub unreachable: one quick probe, no download attempt."""
+    import socket
+    import time
+
+    import huggingface_hub.constants as hf_constants
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with socket.socket() as s:  # a port on this machine that nobody listens on: refused at once
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    monkeypatch.setattr(hf_constants, "ENDPOINT", f"http://127.0.0.1:{closed_port}")
+    _never_download(monkeypatch)
+    t0 = time.monotonic()
+    with pytest.raises(DepthModelNotFoundError, match="cannot be reached") as err:
+        load_depth_model("zoedepth", device="cpu")
+    assert time.monotonic() - t0 < 5.0
+    assert "hf download Intel/zoedepth-nyu" in str(err.value)
+
+
+def test_hub_reachable_probe(monkeypatch):
+    import socket
+
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        monkeypatch.setattr(hf_constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+        assert hub_reachable(timeout=2.0)
+    assert not hub_reachable(timeout=2.0)  # the same port, closed now
+
+
+def test_relative_model_path_is_resolved_under_the_repository_root(relative_model, tmp_path, monkeypatch):
+    import shutil
+
+    import depthg.depth as depth_module
+
+    root = tmp_path / "repo"
+    shutil.copytree(relative_model, root / "models" / "tiny")
+    monkeypatch.setattr(depth_module, "repo_root", lambda: root)
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")  # like Jupyter, which runs a notebook in its own folder
+    model = load_depth_model("models/tiny", device="cpu")
+    assert model.name == "models/tiny" and model.kind == "relative"
+
+
+def test_hub_id_in_the_local_cache_loads_without_network(relative_model, tmp_path, monkeypatch):
+    """A hub id found in the Hugging Face cache is read from there (local files only), even offline."""
+    import shutil
+
+    import huggingface_hub.constants as hf_constants
+
+    hub = tmp_path / "hub"
+    repo = hub / "models--someone--tiny-depth"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(relative_model, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = load_depth_model("someone/tiny-depth", device="cpu")
+    assert model.kind == "relative"
+    assert estimate_depth(model, torch.rand(1, 3, H, W)).shape == (1, 1, H, W)

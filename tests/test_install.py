@@ -30,6 +30,8 @@ MODULES = {
     "transformers": "transformers",
     "scipy": "scipy",
     "sklearn": "scikit-learn",
+    "skimage": "scikit-image",
+    "cv2": "opencv-python-headless",
     "cityscapesscripts.helpers.labels": "cityscapesscripts",
     "matplotlib": "matplotlib",
     "plotly": "plotly",
