@@ -35,6 +35,13 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from depthg.backbone import load_backbone
+from depthg.build import amp_context, build_models, load_checkpoint, validation_dataset
+from depthg.config import Config, apply_overrides
+from depthg.crf import dense_crf
+from depthg.data.prepare import dataset_root
+from depthg.data.transforms import resize_center_crop
+from depthg.metrics import UnsupervisedMetrics
 from depthg.utils import DepthGError, atomic_write, get_device, sha256_file
 
 __all__ = ["evaluate_model", "evaluate_checkpoint", "EvaluationError", "predict_batch"]
@@ -67,8 +74,6 @@ def predict_batch(backbone: nn.Module, head: nn.Module, cluster: nn.Module, line
     _, cluster_logp = cluster(code, alpha=2.0)
     linear_logp = F.log_softmax(linear(code), dim=1)
     if crf:
-        from depthg.crf import dense_crf
-
         images = img.float().cpu()
         cluster_logp = torch.stack([
             dense_crf(im, lp.cpu()).clamp_min(1e-12).log() for im, lp in zip(images, cluster_logp)
@@ -122,9 +127,6 @@ def evaluate_model(backbone: nn.Module, head: nn.Module, cluster: nn.Module, lin
         {"cluster": {accuracy, miou, iou, iou_per_class, assignment}, "linear": {...}, "n_images",
          "protocol": {...}} with accuracy/mIoU in percent.
     """
-    from depthg.data.transforms import resize_center_crop
-    from depthg.metrics import UnsupervisedMetrics
-
     device = get_device(device or "auto")
     n_classes = int(dataset.n_classes)
     n_clusters = int(getattr(cluster, "n_clusters", n_classes))
@@ -213,10 +215,6 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *, data
         output: results JSON path (default: next to the checkpoint, ``<stem>_eval.json``).
         n_predictions: write this many prediction PNGs next to the JSON.
     """
-    from depthg.backbone import load_backbone
-    from depthg.config import Config, apply_overrides
-    from depthg.train import _amp_context, build_models, load_checkpoint, validation_dataset
-
     path = Path(path)
     ckpt = load_checkpoint(path)
     cfg = apply_overrides(Config.from_dict(ckpt["config"], source=str(path)), list(overrides))
@@ -228,7 +226,7 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *, data
     state = {k: v for k, v in ckpt["model"].items() if not k.startswith("lhp.")}
     model.load_state_dict(state)
     model.to(device)
-    amp, _ = _amp_context(cfg, device)
+    amp, _ = amp_context(cfg, device)
     output = Path(output) if output is not None else path.with_name(f"{path.stem}_eval.json")
     metrics = evaluate_model(backbone, model.head, model.cluster, model.linear, dataset, res=cfg.eval_res,
                              mode=cfg.mode, flip=cfg.eval_flip, crf=cfg.eval_crf, batch_size=cfg.eval_batch_size,
@@ -247,6 +245,4 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *, data
 
 def _data_root(cfg: Any) -> Path:
     """Dataset root: ``cfg.data_dir`` or the synthetic world that the data preparation renders."""
-    from depthg.data.prepare import dataset_root
-
     return dataset_root(cfg, progress=False)

@@ -6,20 +6,8 @@ Every dataset returns dict items ``{"img", "label", "depth"?, "path", "key"}`` (
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Any
-
-import numpy as np
-
-from .cityscapes import (
-    CITYSCAPES_19_CLASSES,
-    CITYSCAPES_19_PALETTE,
-    CITYSCAPES_27_CLASSES,
-    CITYSCAPES_27_PALETTE,
-    Cityscapes,
-)
-from .cocostuff import COCOSTUFF_27_CLASSES, COCOSTUFF_27_PALETTE, CocoStuff
+from .cityscapes import Cityscapes
+from .cocostuff import CocoStuff
 from .common import (
     CorruptFileError,
     DatasetNotFoundError,
@@ -30,76 +18,16 @@ from .common import (
     UnpairedFilesError,
 )
 from .directory import ImageDirectory
-from .potsdam import POTSDAM_3_CLASSES, POTSDAM_3_PALETTE, POTSDAM_6_CLASSES, POTSDAM_6_PALETTE, Potsdam
-from .prepare import CroppedDataset, PairDataset, compute_knn, five_crop, prepare_training_data
+from .potsdam import Potsdam
+from .prepare import CroppedDataset, compute_knn, five_crop, prepare_training_data
+from .registry import DATASET_CLASSES, DATASETS, PALETTES, build_dataset
+from .synthetic import make_world, render_scene
 from .transforms import resize_center_crop
 
 __all__ = [
-    "Cityscapes", "CocoStuff", "Potsdam", "ImageDirectory", "CroppedDataset", "PairDataset", "SegmentationDataset",
+    "Cityscapes", "CocoStuff", "Potsdam", "ImageDirectory", "CroppedDataset", "SegmentationDataset",
     "build_dataset", "make_world", "render_scene", "DATASET_CLASSES", "PALETTES", "DATASETS",
     "five_crop", "compute_knn", "prepare_training_data", "resize_center_crop",
     "DatasetNotFoundError", "EmptySplitError", "UnpairedFilesError", "CorruptFileError",
     "DepthSizeMismatchError", "UnknownDatasetError",
 ]
-
-#: class-name lists per dataset setting (keys are build_dataset names plus the variants)
-DATASET_CLASSES: dict[str, list[str]] = {
-    "cityscapes": CITYSCAPES_27_CLASSES,
-    "cityscapes27": CITYSCAPES_27_CLASSES,
-    "cityscapes19": CITYSCAPES_19_CLASSES,
-    "cocostuff": COCOSTUFF_27_CLASSES,
-    "cocostuff27": COCOSTUFF_27_CLASSES,
-    "potsdam": POTSDAM_3_CLASSES,
-    "potsdam3": POTSDAM_3_CLASSES,
-    "potsdam6": POTSDAM_6_CLASSES,
-}
-
-#: uint8 (n_classes, 3) colours, same keys as DATASET_CLASSES
-PALETTES: dict[str, np.ndarray] = {
-    "cityscapes": CITYSCAPES_27_PALETTE,
-    "cityscapes27": CITYSCAPES_27_PALETTE,
-    "cityscapes19": CITYSCAPES_19_PALETTE,
-    "cocostuff": COCOSTUFF_27_PALETTE,
-    "cocostuff27": COCOSTUFF_27_PALETTE,
-    "potsdam": POTSDAM_3_PALETTE,
-    "potsdam3": POTSDAM_3_PALETTE,
-    "potsdam6": POTSDAM_6_PALETTE,
-}
-
-#: build_dataset name -> (class, fixed keyword arguments)
-DATASETS: dict[str, tuple[type, dict[str, Any]]] = {
-    "cityscapes": (Cityscapes, {}),
-    "cityscapes27": (Cityscapes, {"classes": 27}),
-    "cityscapes19": (Cityscapes, {"classes": 19}),
-    "cocostuff": (CocoStuff, {}),
-    "cocostuff27": (CocoStuff, {}),
-    "potsdam": (Potsdam, {}),
-    "potsdam3": (Potsdam, {"n_classes": 3}),
-    "potsdam6": (Potsdam, {"n_classes": 6}),
-    "directory": (ImageDirectory, {}),
-}
-
-
-def build_dataset(name: str, root: str | os.PathLike, split: str, **kwargs: Any) -> SegmentationDataset:
-    """Construct a dataset by name (``Config.dataset``); extra keyword arguments go to its constructor."""
-    if name not in DATASETS:
-        raise UnknownDatasetError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
-    cls, fixed = DATASETS[name]
-    return cls(Path(root), split, **{**fixed, **kwargs})
-
-
-def make_world(*args: Any, **kwargs: Any) -> Path:
-    """Render the synthetic street world in the Cityscapes layout (``depthg.data.synthetic.make_world``).
-
-    Imported lazily so that the loaders work even where the synthetic module is unavailable.
-    """
-    from .synthetic import make_world as _make_world
-
-    return _make_world(*args, **kwargs)
-
-
-def render_scene(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """One synthetic scene (``depthg.data.synthetic.render_scene``), imported lazily."""
-    from .synthetic import render_scene as _render_scene
-
-    return _render_scene(*args, **kwargs)

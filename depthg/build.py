@@ -1,0 +1,135 @@
+"""From a config to the objects a run is made of: datasets, head and probes, precision, checkpoints.
+
+``depthg.train``, ``depthg.evaluate``, the CLI and the notebooks build their objects here, so the trainer
+and the evaluator do not import each other.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from depthg.config import Config
+from depthg.data import build_dataset
+from depthg.data.prepare import CroppedDataset, dataset_kwargs
+from depthg.features import FULL_PRECISION, Precision
+from depthg.head import ClusterProbe, LinearProbe, SegmentationHead
+from depthg.utils import DepthGError, safe_torch_load
+
+__all__ = ["TrainError", "Segmenter", "build_models", "load_checkpoint", "amp_context", "dataset_kwargs",
+           "depth_normalization", "training_dataset", "validation_dataset", "n_classes_of"]
+
+
+class TrainError(DepthGError, RuntimeError):
+    """The training run cannot start or continue (bad data size, mismatched checkpoint, ...)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# models
+# ----------------------------------------------------------------------------------------------------
+
+
+class Segmenter(nn.Module):
+    """Head + probes in one module so DDP sees one forward; the probes read the *detached* code.
+
+    ``forward(feats, label)``: the head runs on all of ``feats`` (anchors and positives concatenated); the
+    probes are trained on the anchors' code only (the first ``len(label)`` rows), as released.
+    """
+
+    def __init__(self, head: nn.Module, cluster: nn.Module, linear: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+        self.cluster = cluster
+        self.linear = linear
+
+    def forward(self, feats: torch.Tensor, label: torch.Tensor | None, n_anchor: int | None = None) -> dict[str, torch.Tensor]:
+        code = self.head(feats)
+        n = len(label) if label is not None else (n_anchor or len(code))
+        detached = code[:n].detach().float()
+        cluster_loss, _ = self.cluster(detached, None)
+        out = {"code": code, "cluster_loss": cluster_loss}
+        if label is not None:
+            out["linear_loss"] = self.linear.loss(detached, label)
+        return out
+
+
+def n_classes_of(dataset: Any) -> int:
+    return int(dataset.n_classes)
+
+
+def build_models(cfg: Config, in_dim: int, n_classes: int) -> Segmenter:
+    """Head, cluster probe and linear probe, initialised from cfg.seed (independent of the global RNG)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        head = SegmentationHead(in_dim, cfg.dim, dropout=cfg.dropout)
+        cluster = _make_cluster_probe(ClusterProbe, cfg, n_classes)
+        linear = LinearProbe(cfg.dim, n_classes)
+    return Segmenter(head, cluster, linear)
+
+
+def _make_cluster_probe(cls: Any, cfg: Config, n_classes: int) -> nn.Module:
+    params = inspect.signature(cls).parameters
+    kwargs: dict[str, Any] = {"extra_clusters": cfg.extra_clusters}
+    if "generator" in params:
+        kwargs["generator"] = torch.Generator().manual_seed(cfg.seed)
+    elif "seed" in params:
+        kwargs["seed"] = cfg.seed
+    return cls(cfg.dim, n_classes, **kwargs)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a training checkpoint (weights_only); see ``save_checkpoint`` in ``depthg.train`` for its keys."""
+    ckpt = safe_torch_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "depthg-train-v1":
+        raise TrainError(f"{path}: not a depthg training checkpoint (expected format 'depthg-train-v1')")
+    return ckpt
+
+
+def amp_context(cfg: Config, device: torch.device) -> tuple[Precision, torch.amp.GradScaler | None]:
+    """The run's precision policy: autocast on CUDA only (bf16 when supported under "auto"); fp16 gets a
+    GradScaler. One policy for the feature cache, the per-step recomputation, the head and evaluation."""
+    if device.type != "cuda" or cfg.amp == "off":
+        return FULL_PRECISION, None
+    if cfg.amp == "auto":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        if dtype is None:
+            return FULL_PRECISION, None
+    else:
+        dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return Precision("cuda", dtype), scaler
+
+
+# ----------------------------------------------------------------------------------------------------
+# datasets
+# ----------------------------------------------------------------------------------------------------
+
+
+def depth_normalization(cfg: Config, data: dict[str, Any]) -> str:
+    """Depth values fed to the model: released mode = the released 0..255 per-full-image min-max values
+    (needs five-crops, which store the parent's min/max; docs/fidelity.md), paper mode = the depth
+    cache's own values (metres for metric sources), which the pinhole unprojection expects."""
+    if cfg.depth_normalization != "auto":
+        return cfg.depth_normalization
+    return "minmax255" if cfg.mode == "released" and data.get("crop_dir") is not None else "none"
+
+
+def training_dataset(cfg: Config, data: dict[str, Any]) -> Any:
+    """The training crops (or the full images when five_crop is off) with their depth."""
+    norm = depth_normalization(cfg, data)
+    if data.get("crop_dir") is not None:
+        return CroppedDataset(data["crop_dir"], data["train_split"], depth_normalization=norm,
+                              with_depth=data.get("depth_dir") is not None)
+    if norm != "none":
+        raise TrainError(f"depth_normalization={norm!r} needs five-cropped data (five_crop=true)")
+    return build_dataset(data["dataset"], data["data_dir"], data["train_split"], depth_dir=data["depth_dir"],
+                         **data["dataset_kwargs"])
+
+
+def validation_dataset(cfg: Config, data_root: str | Path) -> Any:
+    """The validation split of ``cfg.dataset`` (full images; evaluation resizes them)."""
+    return build_dataset(cfg.dataset, data_root, cfg.val_split, **dataset_kwargs(cfg))
