@@ -32,6 +32,7 @@ import torch
 from depthg.utils import DepthGError, atomic_write
 
 __all__ = [
+    "show_depth",
     "VizError",
     "get_palette",
     "make_palette",
@@ -322,6 +323,52 @@ def show_image(ax, img: Any, title: str | None = None):
     return ax
 
 
+def show_depth(
+    ax,
+    depth: Any,
+    title: str | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    scale: str = "linear",
+    cmap: str = "magma_r",
+    units: str = "m",
+    colorbar: bool = True,
+):
+    """Draw a depth map (larger = farther) with a colour bar in ``units`` and a near/far key.
+
+    Pixels that are not finite or <= 0 (invalid depth) are drawn light grey. ``vmin``/``vmax`` fix the
+    colour range, so that several maps (an estimate and its reference) share one scale; by default the
+    map's own valid range. ``scale``: "linear" or "log" (street scenes spanning 5–200 m). Default
+    ``magma_r``: near is bright, far is dark. Returns the ``AxesImage``.
+    """
+    import matplotlib
+    from matplotlib.colors import LogNorm, Normalize
+
+    if scale not in ("linear", "log"):
+        raise VizError(f"show_depth: scale must be 'linear' or 'log', got {scale!r}")
+    d = to_depth_array(depth).astype(np.float64)
+    valid = np.isfinite(d) & (d > 0)
+    if not valid.any():
+        raise VizError("show_depth: the depth map has no valid (finite, > 0) pixel")
+    lo = float(d[valid].min()) if vmin is None else float(vmin)
+    hi = float(d[valid].max()) if vmax is None else float(vmax)
+    norm = (LogNorm if scale == "log" else Normalize)(vmin=lo, vmax=max(hi, lo * (1 + 1e-6)))
+    colours = matplotlib.colormaps[cmap].with_extremes(bad="0.85")  # invalid pixels: light grey, off the scale
+    im = ax.imshow(np.ma.masked_array(d, ~valid), cmap=colours, norm=norm, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
+    if colorbar:
+        bar = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+        bar.set_label(f"depth ({units})", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+        # the key: which end of the bar is near, which is far
+        bar.ax.text(0.5, 1.01, "far", transform=bar.ax.transAxes, ha="center", va="bottom", fontsize=7)
+        bar.ax.text(0.5, -0.01, "near", transform=bar.ax.transAxes, ha="center", va="top", fontsize=7)
+    return im
+
+
 def plot_samples_on_image(
     ax,
     img: Any,
@@ -457,6 +504,7 @@ def point_cloud_figure(
     highlight_size: float = 5.0,
     max_points: int | None = 60_000,
     seed: int = 0,
+    units: str | None = None,
 ):
     """An interactive plotly 3D scatter of a point cloud with sample sets highlighted.
 
@@ -466,7 +514,10 @@ def point_cloud_figure(
     max_points: the background cloud is subsampled (seeded) above this size so HTML files stay small;
       highlighted points are always drawn.
 
-    The camera's up vector is -Y so the scene appears upright (image rows grow downwards).
+    The camera's up vector is -Y so the scene appears upright (image rows grow downwards). The view is
+    framed on the data: the box is scaled to the points' extents (longest side 1) and the eye sits behind
+    and above the camera, outside the box, so the nearest points are in view. ``units`` (e.g. "m") goes
+    into the axis titles.
     """
     import plotly.graph_objects as go
 
@@ -504,10 +555,16 @@ def point_cloud_figure(
                                    marker=dict(size=highlight_size, color=palette[i % len(palette)],
                                                line=dict(color="black", width=1))))
     fig = go.Figure(traces)
+    # box proportional to the data with its longest side 1; eye 1.1 box-lengths behind the near face
+    extent = np.ptp(pts, axis=0) if len(pts) else np.ones(3)
+    ratio = np.maximum(extent / max(float(extent.max()), 1e-12), 0.05)
+    eye = dict(x=0.0, y=-0.45 - 0.5 * float(ratio[1]), z=-0.5 * float(ratio[2]) - 1.1)
+    unit = f" ({units})" if units else ""
     fig.update_layout(
         title=title, margin=dict(l=0, r=0, t=40 if title else 0, b=0), height=520,
-        scene=dict(aspectmode="data", xaxis_title="X", yaxis_title="Y", zaxis_title="Z",
-                   camera=dict(up=dict(x=0, y=-1, z=0), eye=dict(x=0.0, y=-0.6, z=-2.0))),
+        scene=dict(aspectmode="manual", aspectratio=dict(x=float(ratio[0]), y=float(ratio[1]), z=float(ratio[2])),
+                   xaxis_title=f"X{unit}", yaxis_title=f"Y{unit}", zaxis_title=f"Z, depth{unit}",
+                   camera=dict(up=dict(x=0, y=-1, z=0), eye=eye, center=dict(x=0, y=0, z=0))),
         legend=dict(itemsizing="constant"),
     )
     return fig

@@ -263,3 +263,33 @@ def test_static_point_cloud(tmp_path):
     with pytest.raises(ValueError, match="outside"):
         viz.plot_point_cloud(ax, pts, highlight={"x": [30]})
     viz.save_figure(fig, tmp_path / "pc.png")
+
+
+def test_show_depth_shares_a_scale_and_labels_it():
+    depth = np.array([[2.0, 4.0], [0.0, np.nan]])
+    fig, axes = plt.subplots(1, 2)
+    im = viz.show_depth(axes[0], depth, "reference", vmin=1.0, vmax=5.0)
+    assert (im.norm.vmin, im.norm.vmax) == (1.0, 5.0)
+    shown = im.get_array()
+    assert shown.mask.tolist() == [[False, False], [True, True]]  # invalid pixels are left out of the scale
+    # the colour of a pixel is the colour bar's colour at its depth: 4 m is 3/4 up a 1..5 m bar
+    np.testing.assert_allclose(im.to_rgba(shown)[0, 1], im.cmap(0.75), atol=1e-6)
+    bar = im.colorbar
+    assert bar.ax.get_ylabel() == "depth (m)"
+    assert {t.get_text() for t in bar.ax.texts} == {"near", "far"}
+    log = viz.show_depth(axes[1], depth, scale="log", units="km")
+    assert type(log.norm).__name__ == "LogNorm" and log.colorbar.ax.get_ylabel() == "depth (km)"
+    with pytest.raises(viz.VizError, match="no valid"):
+        viz.show_depth(axes[1], np.zeros((2, 2)))
+    plt.close(fig)
+
+
+def test_point_cloud_figure_frames_the_data():
+    pts = np.stack([np.linspace(-10, 10, 50), np.linspace(-2, 2, 50), np.linspace(3, 200, 50)], axis=1)
+    fig = viz.point_cloud_figure(pts, units="m")
+    scene = fig.layout.scene
+    ratio = scene.aspectratio
+    # extents 20 x 4 x 197 m, longest side 1; a flat side is kept at >= 0.05 so the box never collapses
+    np.testing.assert_allclose([ratio.x, ratio.y, ratio.z], [20 / 197, 0.05, 1.0], rtol=1e-6)
+    # the eye is outside the box (which spans +-ratio/2 around the centre), behind the nearest points
+    assert scene.camera.eye.z < -0.5 * ratio.z and scene.xaxis.title.text == "X (m)"
