@@ -84,6 +84,45 @@ def time_ms(fn, sync: bool = False) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def benchmark_fps(batch: int, grid: int, n_side: int, repeats: int,
+                  contenders: dict[str, tuple[str, torch.device]]) -> dict:
+    """One batch size: the released per-image loop (on the CPU) against each contender.
+
+    ``contenders`` maps a name to (``farthest_point_sample`` backend, device of the points). Returns
+    ``{"batch", "n_points", "n_samples", "reference_ms", "reference_min_ms", "<name>_ms", "<name>_min_ms",
+    "<name>_identical", "<name>_speedup", "<name>_speedup_min"}``: medians and minima over ``repeats``,
+    the contenders interleaved repeat by repeat; CUDA contenders are timed between synchronisations.
+    """
+    n_samples = n_side**2
+    depth = synthetic_depth(batch)
+    pooled = F.adaptive_avg_pool2d(depth, (grid, grid))
+    points_cpu = depth_to_points(pooled, fov_deg=90.0, mode="released")
+    reference = released_fps_batch(points_cpu, n_samples)
+    row: dict = {"batch": batch, "n_points": grid**2, "n_samples": n_samples}
+    points = {name: points_cpu.to(device) for name, (_, device) in contenders.items()}
+    for name, (backend, _) in contenders.items():
+        got = farthest_point_sample(points[name], n_samples, start=0, backend=backend)  # warm-up / compile
+        row[f"{name}_identical"] = bool(np.array_equal(got.cpu().numpy(), reference))
+    # Interleave the contenders repeat by repeat, so that load from other processes on a shared
+    # machine hits all of them alike; report median (headline) and minimum.
+    fns = {"reference": (lambda: released_fps_batch(points_cpu, n_samples), False)}
+    for name, (backend, device) in contenders.items():
+        fns[name] = (lambda name=name, backend=backend: farthest_point_sample(points[name], n_samples, start=0,
+                                                                              backend=backend),
+                     device.type == "cuda")
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, (fn, sync) in fns.items():
+            times[name].append(time_ms(fn, sync=sync))
+    for name, ts in times.items():
+        row[f"{name}_ms"] = float(np.median(ts))
+        row[f"{name}_min_ms"] = float(np.min(ts))
+    for name in contenders:
+        row[f"{name}_speedup"] = row["reference_ms"] / row[f"{name}_ms"]
+        row[f"{name}_speedup_min"] = row["reference_min_ms"] / row[f"{name}_min_ms"]
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", help="device of the candidate ('cpu' or 'cuda')")
@@ -95,38 +134,13 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     sync = device.type == "cuda"
-    n_samples = args.n_side ** 2
     # numba first in each repeat: torch's intra-op threads may keep spinning for a while after a torch
     # call, which on a 2-core machine would be charged to whatever runs right after it.
     backends = (["numba"] if numba_available() and device.type == "cpu" else []) + ["torch"]
 
     results = []
     for batch in args.batches:
-        depth = synthetic_depth(batch)
-        pooled = F.adaptive_avg_pool2d(depth, (args.grid, args.grid))
-        points_cpu = depth_to_points(pooled, fov_deg=90.0, mode="released")
-        points = points_cpu.to(device)
-        reference = released_fps_batch(points_cpu, n_samples)
-        row = {"batch": batch, "n_points": args.grid ** 2, "n_samples": n_samples}
-        for backend in backends:
-            got = farthest_point_sample(points, n_samples, start=0, backend=backend)  # warm-up / compile
-            row[f"{backend}_identical"] = bool(np.array_equal(got.cpu().numpy(), reference))
-        # Interleave the contenders repeat by repeat, so that load from other processes on a shared
-        # machine hits all of them alike; report median (headline) and minimum.
-        fns = {"reference": lambda: released_fps_batch(points_cpu, n_samples)}
-        for backend in backends:
-            fns[backend] = lambda backend=backend: farthest_point_sample(points, n_samples, start=0,
-                                                                         backend=backend)
-        times: dict[str, list[float]] = {name: [] for name in fns}
-        for _ in range(args.repeats):
-            for name, fn in fns.items():
-                times[name].append(time_ms(fn, sync=sync and name != "reference"))
-        for name, ts in times.items():
-            row[f"{name}_ms"] = float(np.median(ts))
-            row[f"{name}_min_ms"] = float(np.min(ts))
-        for backend in backends:
-            row[f"{backend}_speedup"] = row["reference_ms"] / row[f"{backend}_ms"]
-            row[f"{backend}_speedup_min"] = row["reference_min_ms"] / row[f"{backend}_min_ms"]
+        row = benchmark_fps(batch, args.grid, args.n_side, args.repeats, {b: (b, device) for b in backends})
         results.append(row)
         print(f"B={batch:3d}  reference {row['reference_ms']:8.2f} ms  " + "  ".join(
             f"{b} {row[f'{b}_ms']:7.2f} ms ({row[f'{b}_speedup']:5.1f}x, identical={row[f'{b}_identical']})"

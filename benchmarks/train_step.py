@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from depthg import sampling as S  # noqa: E402
 from depthg.backbone import load_backbone  # noqa: E402
 from depthg.config import Config  # noqa: E402
-from depthg.features import build_feature_cache  # noqa: E402
+from depthg.features import FULL_PRECISION, Precision, backbone_features, build_feature_cache  # noqa: E402
 from depthg.losses import DepthDecaySchedule, DepthGLoss  # noqa: E402
 from depthg.train import CachedSource, build_models, channel_dropout, dropout_masks  # noqa: E402
 
@@ -85,8 +85,14 @@ def _peak_mb(kind: str, device: torch.device) -> float:
 
 
 def run_config(cfg: Config, backbone: torch.nn.Module, data: RandomCrops, cache, device: torch.device,
-               use_cache: bool, repeats: int, warmup: int) -> dict:
-    """Mean seconds per step and peak memory for one configuration."""
+               use_cache: bool, repeats: int, warmup: int, precision: Precision = FULL_PRECISION,
+               scaler: torch.amp.GradScaler | None = None) -> dict:
+    """Mean seconds per step and peak memory for one configuration.
+
+    ``precision`` is the run's AMP policy (the trainer's ``amp_context``): the backbone (when recomputing)
+    and the head run under it, as in the trainer; ``scaler`` is the fp16 GradScaler, if any. The cache
+    should have been built under the same policy.
+    """
     model = build_models(cfg, backbone.embed_dim, 27).to(device)
     opts = [torch.optim.Adam(model.head.parameters(), lr=cfg.lr),
             torch.optim.Adam(model.cluster.parameters(), lr=cfg.probe_lr),
@@ -106,8 +112,7 @@ def run_config(cfg: Config, backbone: torch.nn.Module, data: RandomCrops, cache,
             batch = cached.fetch(idx)
         else:
             img = data.img[idx].to(device)
-            with torch.no_grad():
-                feats = backbone(img).float()
+            feats = backbone_features(backbone, img, precision)
             batch = {"feats": feats, "depth": data.depth[idx].to(device), "label": data.label[idx].to(device)}
         feats, feats_pos = batch["feats"].split(b)
         depth, depth_pos = batch["depth"].split(b)
@@ -119,7 +124,8 @@ def run_config(cfg: Config, backbone: torch.nn.Module, data: RandomCrops, cache,
         else:
             g1 = S.random_grid(b, cfg.feature_samples, gens["sample"]).to(device)
             g2 = S.random_grid(b, cfg.feature_samples, gens["sample"]).to(device)
-        out = model(torch.cat([feats, feats_pos]), batch["label"][:b])
+        with precision():
+            out = model(torch.cat([feats, feats_pos]), batch["label"][:b])
         code, code_pos = out["code"].float().split(b)
         w, s = sched.at(it)
         terms = loss_fn(target, target_pos, code, code_pos, depth, depth_pos, g1, g2, depth_weight=w,
@@ -127,9 +133,15 @@ def run_config(cfg: Config, backbone: torch.nn.Module, data: RandomCrops, cache,
         total = terms["total"] + out["cluster_loss"] + out["linear_loss"]
         for o in opts:
             o.zero_grad(set_to_none=True)
-        total.backward()
-        for o in opts:
-            o.step()
+        if scaler is not None:
+            scaler.scale(total).backward()
+            for o in opts:
+                scaler.step(o)
+            scaler.update()
+        else:
+            total.backward()
+            for o in opts:
+                o.step()
 
     for it in range(warmup):
         step(it)

@@ -15,6 +15,12 @@ trainer applies it on the fly each step, independently for the correlation targe
 (released_code.md §1.3), so training from the cache computes the same losses as recomputing the features,
 up to the float16 rounding of the features (tests/test_train.py checks this).
 
+Precision. The cache and the trainer's recomputation compute features through one function,
+:func:`backbone_features`, under one :class:`Precision` (autocast to bf16/fp16 when the run uses AMP on
+CUDA, full precision otherwise), so the promise above holds with AMP on too: only the float16 storage
+separates them (tests/test_gpu_path.py checks it with CPU autocast). A non-fp32 precision is part of the
+cache key, so an AMP cache is never reused by a full-precision run or the other way round.
+
 The cache folder is keyed by everything that changes the features: the backbone's name and a hash of its
 weights and architecture, the resolution, the crop folder and split, and the number of crops; a stale or
 half-written cache (no ``"complete": true`` in the manifest) is rebuilt, never silently reused.
@@ -25,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -35,13 +42,51 @@ from tqdm.auto import tqdm
 
 from depthg.utils import DepthGError, atomic_write
 
-__all__ = ["FeatureCache", "FeatureCacheError", "backbone_fingerprint", "build_feature_cache", "cache_key"]
+__all__ = ["FeatureCache", "FeatureCacheError", "Precision", "backbone_features", "backbone_fingerprint",
+           "build_feature_cache", "cache_key"]
 
 CACHE_VERSION = 2
 
 
 class FeatureCacheError(DepthGError, RuntimeError):
     """The feature cache is missing, incomplete or does not match the requested data."""
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Numeric policy of a run's forward passes: autocast to ``dtype`` on ``device_type``, or full precision.
+
+    ``dtype=None`` is full precision (float32). Calling the object returns a fresh context manager, so it
+    drops in wherever a ``nullcontext`` factory was used: ``with precision(): y = model(x)``.
+    """
+
+    device_type: str = "cpu"
+    dtype: torch.dtype | None = None
+
+    def __call__(self) -> AbstractContextManager:
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    @property
+    def name(self) -> str:
+        """"fp32", "bf16" or "fp16" (what the cache manifest records)."""
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, str(self.dtype))
+
+
+FULL_PRECISION = Precision()
+
+
+@torch.no_grad()
+def backbone_features(backbone: torch.nn.Module, img: torch.Tensor, precision: Precision | None = None) -> torch.Tensor:
+    """Frozen-backbone features, (B, 3, H, W) images -> (B, C, H/p, W/p) float32, under ``precision``.
+
+    The one function through which both the feature cache and the trainer's per-step recomputation
+    (``depthg.train.CropSource``) run the backbone, so both follow the same precision policy.
+    """
+    with (precision or FULL_PRECISION)():
+        feats = backbone(img)
+    return feats.float()
 
 
 def backbone_fingerprint(backbone: torch.nn.Module) -> str:
@@ -118,6 +163,7 @@ def build_feature_cache(
     device: torch.device | str = "cpu",
     transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     progress: bool = True,
+    precision: Precision | None = None,
 ) -> FeatureCache:
     """Compute (or reuse) the cache for ``dataset`` under ``root_dir/<key>/``.
 
@@ -129,8 +175,13 @@ def build_feature_cache(
         info: identifying facts (backbone name, res, crop folder, split, ...); the backbone's weights
             fingerprint and the dataset length are added here.
         transform: optional per-item transform (e.g. resize + centre crop to the training resolution).
+        precision: the run's precision policy (``depthg.train``'s AMP setting); features are computed
+            with :func:`backbone_features` under it, exactly as the trainer recomputes them.
     """
+    precision = precision or FULL_PRECISION
     info = dict(info, version=CACHE_VERSION, n=len(dataset), backbone_sha256=backbone_fingerprint(backbone))
+    if precision.dtype is not None:  # full-precision caches keep the keys they had before AMP was keyed
+        info["precision"] = precision.name
     key = cache_key(info)
     root = Path(root_dir) / key
     manifest_path = root / "manifest.json"
@@ -155,8 +206,7 @@ def build_feature_cache(
         if transform is not None:
             items = [transform(item) for item in items]
         img = torch.stack([it["img"] for it in items]).to(device)
-        with torch.no_grad():
-            feats = backbone(img).float().cpu().numpy()
+        feats = backbone_features(backbone, img, precision).cpu().numpy()
         if feats_mm is None:
             shapes["feat_shape"] = list(feats.shape[1:])
             feats_mm = np.memmap(root / "feats.f16", dtype=np.float16, mode="w+", shape=(n, *feats.shape[1:]))

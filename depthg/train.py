@@ -52,7 +52,6 @@ import os
 import random
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
@@ -64,10 +63,13 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from depthg.build import amp_context
 from depthg.config import Config
+from depthg.features import Precision, backbone_features
 from depthg.utils import DepthGError, atomic_torch_save, atomic_write, get_device, safe_torch_load
 
-__all__ = ["train", "TrainError", "batch_indices", "Segmenter", "load_checkpoint", "build_models"]
+__all__ = ["train", "TrainError", "batch_indices", "Segmenter", "load_checkpoint", "build_models", "broadcast_flag",
+           "collective_device"]
 
 
 class TrainError(DepthGError, RuntimeError):
@@ -111,6 +113,28 @@ def init_distributed(device: torch.device) -> DistInfo:
 def _barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def collective_device(backend: str, device: torch.device) -> torch.device:
+    """Where a tensor handed to a collective must live: NCCL moves only CUDA tensors, gloo CPU tensors."""
+    if backend == "nccl":
+        if device.type != "cuda":
+            raise TrainError(f"the nccl backend moves only CUDA tensors, but the run's device is {device}")
+        return device
+    return torch.device("cpu")
+
+
+def broadcast_flag(value: bool, device: torch.device, src: int = 0) -> bool:
+    """Rank ``src``'s boolean on every rank (``value`` itself without a process group).
+
+    The flag travels as a one-element tensor on :func:`collective_device` of the group's backend, so the
+    same call works under gloo (CPU) and NCCL (the rank's CUDA device).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    flag = torch.tensor([int(value)], device=collective_device(dist.get_backend(), device))
+    dist.broadcast(flag, src)
+    return bool(flag.item())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -209,7 +233,8 @@ def _make_cluster_probe(cls: Any, cfg: Config, n_classes: int) -> nn.Module:
 class CropSource:
     """Training crops read from disk; features computed by the frozen backbone each step."""
 
-    def __init__(self, dataset: Any, backbone: nn.Module, res: int, mode: str, device: torch.device, amp: Any) -> None:
+    def __init__(self, dataset: Any, backbone: nn.Module, res: int, mode: str, device: torch.device,
+                 amp: Precision) -> None:
         from depthg.data.transforms import resize_center_crop
 
         self.dataset = dataset
@@ -224,8 +249,7 @@ class CropSource:
     def fetch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         items = [self.transform(self.dataset[int(i)]) for i in indices]
         img = torch.stack([it["img"] for it in items]).to(self.device)
-        with torch.no_grad(), self.amp():
-            feats = self.backbone(img).float()
+        feats = backbone_features(self.backbone, img, self.amp)  # the feature cache's function and policy
         out = {"feats": feats, "img": img, "label": torch.stack([it["label"] for it in items]).to(self.device)}
         if "depth" in items[0]:
             out["depth"] = torch.stack([it["depth"] for it in items]).float().to(self.device)
@@ -313,20 +337,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------
 # the training run
 # ----------------------------------------------------------------------------------------------------
-
-
-def _amp_context(cfg: Config, device: torch.device) -> tuple[Any, torch.amp.GradScaler | None]:
-    """Autocast on CUDA only (bf16 when supported under "auto"); fp16 gets a GradScaler."""
-    if device.type != "cuda" or cfg.amp == "off":
-        return nullcontext, None
-    if cfg.amp == "auto":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        if dtype is None:
-            return nullcontext, None
-    else:
-        dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return partial(torch.autocast, device_type="cuda", dtype=dtype), scaler
 
 
 def _dataset_kwargs(cfg: Config) -> dict[str, Any]:
@@ -453,7 +463,7 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
 
     # 2. frozen backbone, then the data (rank 0 prepares; the others wait, then read the same files).
     backbone = load_backbone(cfg.backbone, cfg.weights, **cfg.backbone_kwargs).to(device)
-    amp, scaler = _amp_context(cfg, device)
+    amp, scaler = amp_context(cfg, device)
     if data is None:
         if dinfo.is_main:
             data = prepare_training_data(cfg, backbone=backbone, progress=progress)
@@ -480,10 +490,12 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
         transform = partial(resize_center_crop, res=cfg.res, mode=cfg.mode)
         cache_root = Path(cfg.cache_dir) / "features"
         if dinfo.is_main:
-            cache = build_feature_cache(backbone, crops, cache_root, info, device=device, transform=transform, progress=progress)
+            cache = build_feature_cache(backbone, crops, cache_root, info, device=device, transform=transform,
+                                        progress=progress, precision=amp)
         _barrier(dinfo)
         if not dinfo.is_main:
-            cache = build_feature_cache(backbone, crops, cache_root, info, device=device, transform=transform, progress=False)
+            cache = build_feature_cache(backbone, crops, cache_root, info, device=device, transform=transform,
+                                        progress=False, precision=amp)
         source: Any = CachedSource(cache, device)
     else:
         source = CropSource(crops, backbone, cfg.res, cfg.mode, device, amp)
@@ -604,10 +616,8 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
                 improved = True
                 best_so_far = {"step": at_step, "metric": metrics["cluster"][monitor], "metric_name": monitor,
                                "metrics": summary}
-        if dinfo.enabled:
-            flag = torch.tensor([int(improved)])
-            dist.broadcast(flag, 0)
-            improved = bool(flag.item())
+        if dinfo.enabled:  # rank 0 decided; NCCL needs the flag on the rank's CUDA device
+            improved = broadcast_flag(improved, device)
         if improved:
             save_checkpoint(ckpt_best, at_step, best_so_far)
         return best_so_far

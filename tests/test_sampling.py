@@ -119,6 +119,7 @@ def test_fps_degenerate_all_zero_depth_gives_raster_prefix(backend):
     assert got.tolist() == [list(range(121))] * 2
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fps_cuda_equals_cpu():
     g = torch.Generator().manual_seed(5)

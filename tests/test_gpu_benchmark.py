@@ -1,0 +1,115 @@
+"""benchmarks/gpu.py: the dry run (same code as on a GPU, tiny shapes, CPU) writes the full report.
+
+CI runs this, so the GPU script cannot rot between the rare runs on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_bench") / "gpu.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_report_has_every_section(report):
+    assert {"benchmark", "dry_run", "command", "device", "device_name", "torch", "cuda", "cpu_count", "started",
+            "goal", "cuda_tests", "fps", "train_step", "cityscapes_run", "sections_s", "seconds"} <= set(report)
+    assert report["dry_run"] is True and report["device"] == "cpu"
+    assert set(report["sections_s"]) == {"cuda_tests", "fps", "train_step", "cityscapes_run"}
+    assert all(_positive(v) for v in report["sections_s"].values())
+    assert report["seconds"] >= sum(report["sections_s"].values())
+
+
+def test_cuda_tests_ran_and_none_failed(report):
+    tests = report["cuda_tests"]
+    assert "tests/test_gpu_path.py" in tests["files"] and "tests/test_sampling.py" in tests["files"]
+    assert tests["returncode"] == 0 and tests["failed"] == 0 and tests["failed_tests"] == []
+    # on this CPU every cuda-marked test is collected and skipped; on a GPU machine they pass
+    assert tests["passed"] + tests["skipped"] >= 5
+
+
+def test_fps_section_is_the_same_workload_and_exact(report):
+    fps = report["fps"]
+    assert (fps["batch"], fps["n_points"], fps["n_samples"]) == (4, 64, 9)
+    assert fps["numba_cpu_identical"] and fps["torch_device_identical"]
+    for name in ("reference", "numba_cpu", "torch_device"):
+        assert _positive(fps[f"{name}_ms"]) and fps[f"{name}_min_ms"] <= fps[f"{name}_ms"]
+    assert fps["numba_cpu_speedup"] == pytest.approx(fps["reference_ms"] / fps["numba_cpu_ms"])
+    assert fps["torch_device_vs_numba_cpu"] == pytest.approx(fps["numba_cpu_ms"] / fps["torch_device_ms"])
+
+
+def test_train_step_section_covers_both_backbones_and_both_precisions(report):
+    rows = report["train_step"]["results"]
+    assert {(r["backbone"], r["amp"]) for r in rows} == {("vit_s8", "fp32"), ("vit_s8", "bf16"),
+                                                         ("vit_b8", "fp32"), ("vit_b8", "bf16")}
+    for r in rows:
+        for source in ("recompute", "cache"):
+            assert _positive(r[source]["sec_per_step"])
+            assert r[source]["steps_per_s"] == pytest.approx(1.0 / r[source]["sec_per_step"])
+        assert r["speedup_cache_vs_recompute"] == pytest.approx(r["recompute"]["sec_per_step"] / r["cache"]["sec_per_step"])
+        if r["amp"] == "bf16":
+            assert _positive(r["speedup_amp_vs_fp32_cache"]) and _positive(r["speedup_amp_vs_fp32_recompute"])
+
+
+def test_cityscapes_run_projection_is_consistent(report):
+    run = report["cityscapes_run"]
+    assert run["preset"] == "cityscapes_vitb8" and run["n_crops"] == 5 * run["n_train_images"]
+    assert set(run["runs"]) == {"feature_cache", "recompute"}
+    for name, r in run["runs"].items():
+        p = r["projection"]
+        assert _positive(r["s_per_iteration"]) and r["iterations"] >= 3
+        assert p["iterations"] == 2334 and p["validations"] == 24 and p["val_images"] == 500
+        assert p["iterations_s"] == pytest.approx(2334 * r["s_per_iteration"])
+        parts = p["iterations_s"] + p["validation_s"] + p["final_eval_s"] + p["feature_cache_build_s"]
+        assert p["training_s"] == pytest.approx(parts)
+        assert (p["feature_cache_build_s"] > 0) == (name == "feature_cache")
+        assert p["meets_goal"] == (p["training_s"] < 1800)
+    assert report["goal"]["projected_s"] == run["runs"]["feature_cache"]["projection"]["training_s"]
+
+
+def test_seconds_per_iteration_skips_intervals_with_a_validation():
+    gpu = _load_script()
+    # train records every 10 steps, 1 s per step; validations at 20 (5 s) and 40 (7 s)
+    train_t = {10: 10.0, 20: 20.0, 30: 35.0, 40: 45.0, 50: 62.0}
+    val_t = {20: 25.0, 40: 52.0}
+    # clean intervals: 10->20 and 30->40 (10 s each for 10 steps)
+    assert gpu.seconds_per_iteration(train_t, val_t) == pytest.approx(1.0)
+    with pytest.raises(RuntimeError):
+        gpu.seconds_per_iteration({10: 1.0, 20: 2.0}, {10: 1.5})
+
+
+def test_dry_and_full_sizes_have_the_same_shape():
+    gpu = _load_script()
+    full, dry = gpu.SIZES["full"], gpu.SIZES["dry"]
+    assert full.keys() == dry.keys()
+    for part in full:
+        assert full[part].keys() == dry[part].keys(), part
+    assert (full["fps"]["batch"], full["fps"]["grid"] ** 2, full["fps"]["n_side"] ** 2) == (32, 784, 121)
+    assert full["step"]["res"] == 224 and full["run"]["world_size"] == [1024, 2048] and full["run"]["iterations"] == 200
