@@ -4,7 +4,7 @@ correlation tensors, training curves, per-class IoU bars and confusion matrices.
 Everything here is for notebooks and ``reproduce_figures.ipynb``; nothing here is on the training hot
 path, and nothing here *computes* the method (unprojection, FPS, correlations and losses live in
 :mod:`depthg.sampling`, :mod:`depthg.losses` and :mod:`depthg.lhp`). The functions take plain tensors or
-arrays in the workbench conventions (design.md, Conventions):
+arrays in the workbench conventions:
 
 - images (3, H, W) or (H, W, 3), float in [0, 1] or uint8;
 - depth (1, H, W) or (H, W), larger = farther;
@@ -14,7 +14,7 @@ arrays in the workbench conventions (design.md, Conventions):
 
 Static figures use matplotlib (PNG export works headless with the Agg backend); interactive 3D uses
 plotly, whose HTML export works offline while its PNG export needs kaleido + Chrome, which the
-workbench does not install (ecosystem.md §9).
+workbench does not install.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ __all__ = [
     "point_cloud_figure",
     "plot_point_cloud",
     "save_html",
+    "slider",
     "add_caption",
     "save_figure",
     "sample_coverage",
@@ -262,7 +263,7 @@ def grid_to_cells(grid: Any, h: int, w: int) -> np.ndarray:
 
     With ``align_corners=True`` x = -1 is the centre of column 0 and x = +1 the centre of column w-1, so
     col = (x + 1) / 2 · (w - 1) and row = (y + 1) / 2 · (h - 1). This is the location ``grid_sample``
-    really reads, which is how the released code's transposition becomes visible (released_code.md §2.4).
+    really reads, which is how the released code's transposition becomes visible (docs/fidelity.md §3.3).
     """
     g = _as_numpy(grid).astype(np.float64)
     if g.shape[-1] != 2:
@@ -465,6 +466,28 @@ def plot_heatmap_on_image(ax, img: Any, heat: Any, title: str | None = None, alp
     return ax
 
 
+def slider(description: str, value: float, min: float, max: float, step: float | None = None,
+           width: str = "100%"):
+    """An ipywidgets slider for a figure that is recomputed when the slider moves.
+
+    Unlike ipywidgets' default (125 px wide, redrawing at every pixel of a drag) it spans ``width`` of
+    the output (at most 900 px), shows ``description`` in full, and updates once, when the handle is
+    released (``continuous_update=False``). All-integer ``value``/``min``/``max``/``step`` give an
+    ``IntSlider`` (step 1 by default), otherwise a ``FloatSlider`` (step: 1/100 of the range). Use it with
+    ``ipywidgets.interact(fn, name=viz.slider(...))``.
+    """
+    import ipywidgets as widgets
+
+    numbers = (value, min, max) + (() if step is None else (step,))
+    integer = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in numbers)
+    if not min <= value <= max:
+        raise VizError(f"slider {description!r}: value {value} is outside [{min}, {max}]")
+    cls = widgets.IntSlider if integer else widgets.FloatSlider
+    step = step if step is not None else (1 if integer else (max - min) / 100)
+    return cls(value=value, min=min, max=max, step=step, description=description, continuous_update=False,
+               layout=widgets.Layout(width=width, max_width="900px"), style={"description_width": "initial"})
+
+
 def add_caption(fig, text: str, width: int = 160, fontsize: float = 7.0):
     """Lay the figure out, then write ``text`` (wrapped at ``width`` characters) *below* it.
 
@@ -509,7 +532,7 @@ def point_cloud_figure(
     """An interactive plotly 3D scatter of a point cloud with sample sets highlighted.
 
     points: (N, 3) in camera coordinates (X right, Y down, Z forward for ``mode="paper"``; the released
-      unprojection has Z = -5 d, method.md §6); colors: (N, 3) in [0, 1] or uint8 (e.g. the image
+      unprojection has Z = -5 d, docs/method.md §6.2); colors: (N, 3) in [0, 1] or uint8 (e.g. the image
       pixels) or None; highlight: {name: indices into points} drawn as larger markers, one trace each.
     max_points: the background cloud is subsampled (seeded) above this size so HTML files stay small;
       highlighted points are always drawn.
@@ -582,7 +605,7 @@ def plot_point_cloud(
     azim: float = -70.0,
 ):
     """A static matplotlib 3D view of a point cloud with sample sets highlighted (the PNG counterpart of
-    :func:`point_cloud_figure`, whose PNG export would need kaleido + Chrome, ecosystem.md §9).
+    :func:`point_cloud_figure`, whose PNG export would need kaleido + Chrome).
 
     ``ax`` must be a 3D axes (``fig.add_subplot(projection="3d")``); points (N, 3) in camera coordinates
     (Y down, Z forward); ``elev``/``azim`` default to a view from behind and above the camera.
@@ -621,7 +644,7 @@ def plot_point_cloud(
 def save_html(fig, path: str | os.PathLike, include_plotlyjs: bool | str = True) -> Path:
     """Write a plotly figure as HTML atomically.
 
-    ``include_plotlyjs=True`` embeds plotly.js (~4.9 MB, works offline, ecosystem.md §9);
+    ``include_plotlyjs=True`` embeds plotly.js (~4.9 MB, works offline);
     ``"directory"`` writes a single ``plotly.min.js`` next to the HTML and references it (several figures
     in one folder then share one copy and still work offline). ``"cdn"`` needs a network and is refused.
     """
@@ -665,21 +688,47 @@ def sample_coverage(points: Any, indices: Any, labels: Any | None = None) -> dic
     return out
 
 
+# Run in a child process: importing open3d imports dash, which opens a Jupyter comm that JupyterLab has no
+# handler for (an error in the browser console), and in a kernel open3d switches on its WebRTC visualiser,
+# which prints into the cell. The child reads the points from argv[1] and writes the selected points to argv[2].
+_OPEN3D_FPS = """
+import sys
+import numpy as np
+import open3d as o3d
+pts = np.load(sys.argv[1])
+pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(pts))
+down = pcd.farthest_point_down_sample(int(sys.argv[3]), int(sys.argv[4]))
+np.save(sys.argv[2], np.asarray(down.points))
+"""
+
+
 def open3d_farthest_point_indices(points: Any, n_samples: int, start_index: int = 0) -> np.ndarray:
     """Farthest point sampling with open3d (``PointCloud.farthest_point_down_sample``) as an independent
     cross-check of :func:`depthg.sampling.farthest_point_sample`; returns the selected indices, sorted.
 
-    open3d returns a PointCloud in original index order, not indices (ecosystem.md §5); the points are
-    mapped back to their row indices exactly (duplicate points map to their first occurrence, so give
-    clouds without exact duplicates when comparing sets).
+    points: (N, 3) or (1, N, 3). open3d runs in a child Python process (its import would otherwise bring
+    dash's Jupyter comm and the WebRTC visualiser into the notebook's kernel). open3d returns the selected
+    points in their original order, not indices; they are mapped back to their row indices exactly
+    (duplicate points map to their first occurrence, so give clouds without exact duplicates when
+    comparing sets).
     """
-    import open3d as o3d
+    import subprocess
+    import sys
+    import tempfile
 
     pts = _as_numpy(points).astype(np.float64).reshape(-1, 3)
     if not 0 < n_samples <= len(pts):
         raise VizError(f"open3d_farthest_point_indices: n_samples must be in [1, {len(pts)}], got {n_samples}")
-    pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(pts))
-    down = np.asarray(pcd.farthest_point_down_sample(n_samples, start_index).points)
+    with tempfile.TemporaryDirectory(prefix="depthg_open3d_") as tmp:
+        src, dst = Path(tmp) / "points.npy", Path(tmp) / "down.npy"
+        np.save(src, pts)
+        env = dict(os.environ, OPEN3D_DISABLE_WEB_VISUALIZER="true")
+        done = subprocess.run([sys.executable, "-c", _OPEN3D_FPS, str(src), str(dst), str(n_samples), str(start_index)],
+                              capture_output=True, text=True, env=env)
+        if done.returncode != 0 or not dst.is_file():
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise VizError(f"open3d_farthest_point_indices: open3d failed (exit code {done.returncode}): {tail[0]}")
+        down = np.load(dst)
     lookup: dict[bytes, int] = {}
     for i in range(len(pts) - 1, -1, -1):
         lookup[pts[i].tobytes()] = i

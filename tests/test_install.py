@@ -45,6 +45,7 @@ MODULES = {
     "pydensecrf.densecrf": "pydensecrf2",
     "faiss": "faiss-cpu",
     "numba": "numba",
+    "playwright.sync_api": "playwright",
 }
 
 

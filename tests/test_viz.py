@@ -293,3 +293,15 @@ def test_point_cloud_figure_frames_the_data():
     np.testing.assert_allclose([ratio.x, ratio.y, ratio.z], [20 / 197, 0.05, 1.0], rtol=1e-6)
     # the eye is outside the box (which spans +-ratio/2 around the centre), behind the nearest points
     assert scene.camera.eye.z < -0.5 * ratio.z and scene.xaxis.title.text == "X (m)"
+
+
+def test_slider_is_wide_and_updates_on_release():
+    widgets = pytest.importorskip("ipywidgets")
+    s = viz.slider("samples per side S", 11, 2, 20)
+    assert isinstance(s, widgets.IntSlider) and (s.value, s.min, s.max, s.step) == (11, 2, 20, 1)
+    assert s.continuous_update is False  # redraw once, on release
+    assert s.layout.width == "100%" and s.style.description_width == "initial"
+    f = viz.slider("shift b", 0.03, 0.0, 0.5)
+    assert isinstance(f, widgets.FloatSlider) and f.step == pytest.approx(0.005) and f.continuous_update is False
+    with pytest.raises(ValueError, match="outside"):
+        viz.slider("S", 30, 2, 20)
