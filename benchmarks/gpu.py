@@ -279,7 +279,7 @@ def run_section(device: torch.device, size: dict[str, Any], work: Path) -> dict[
         last = max([*train_t.values(), *val_t.values()])
         first = min(train_t)
         row = {
-            "iterations": iterations, "wall_s": result["wall_time_s"],
+            "iterations": iterations, "eval_every": size["eval_every"], "wall_s": result["wall_time_s"],
             "s_per_iteration": s_it, "iterations_per_s": 1.0 / s_it,
             "setup_s": train_t[first] - first * s_it,  # backbone, datasets, feature cache (if any), models
             "validation_s_per_image": float(np.mean(val_s)) / size["n_val"],
@@ -336,6 +336,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sections_s: dict[str, float] = {}
     report: dict[str, Any] = {
         "benchmark": "gpu", "dry_run": args.dry_run,
+        "note": ("dry run: tiny shapes on the CPU through the same code; its numbers test the script and "
+                 "measure nothing") if args.dry_run else "measured on one GPU; projections are linear in what was measured",
         "command": "python benchmarks/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
@@ -361,7 +363,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["sections_s"] = sections_s
     report["seconds"] = time.perf_counter() - t_start
     cached = report["cityscapes_run"]["runs"]["feature_cache"]["projection"]
-    report["goal"].update(projected_s=cached["training_s"], meets_goal=cached["meets_goal"])
+    report["goal"].update(projected_s=cached["training_s"], meets_goal=cached["meets_goal"],
+                          projected_config="cityscapes_vitb8 with feature_cache=true (cityscapes_run.runs.feature_cache)")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -371,7 +374,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log(f"cuda tests: {report['cuda_tests']['summary']}")
     log(f"fps B={size['fps']['batch']}: released {report['fps']['reference_ms']:.2f} ms, numba "
         f"{report['fps']['numba_cpu_ms']:.2f} ms, torch on {device} {report['fps']['torch_device_ms']:.2f} ms")
-    log(f"projected cityscapes_vitb8 run (feature cache): {cached['training_s'] / 60:.1f} min "
+    log(f"{'DRY RUN (not a measurement): ' if args.dry_run else ''}"
+        f"projected cityscapes_vitb8 run (feature cache): {cached['training_s'] / 60:.1f} min "
         f"(goal {GOAL_S / 60:.0f} min); total {report['seconds']:.0f} s; wrote {out}")
     return report
 

@@ -39,9 +39,9 @@ def report(tmp_path_factory):
 
 
 def test_report_has_every_section(report):
-    assert {"benchmark", "dry_run", "command", "device", "device_name", "torch", "cuda", "cpu_count", "started",
+    assert {"benchmark", "dry_run", "note", "command", "device", "device_name", "torch", "cuda", "cpu_count", "started",
             "goal", "cuda_tests", "fps", "train_step", "cityscapes_run", "sections_s", "seconds"} <= set(report)
-    assert report["dry_run"] is True and report["device"] == "cpu"
+    assert report["dry_run"] is True and report["device"] == "cpu" and "measure nothing" in report["note"]
     assert set(report["sections_s"]) == {"cuda_tests", "fps", "train_step", "cityscapes_run"}
     assert all(_positive(v) for v in report["sections_s"].values())
     assert report["seconds"] >= sum(report["sections_s"].values())
