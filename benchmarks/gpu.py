@@ -330,6 +330,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         device = torch.device(args.device)
         if device.type != "cuda" or not torch.cuda.is_available():
             parser.error(f"device {args.device!r}: no CUDA device here; use --dry-run on a CPU")
+        if device.index is None:  # "cuda" -> the current device, with its index (set_device needs one)
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     size = SIZES["dry" if args.dry_run else "full"]
     t_start = time.perf_counter()
