@@ -1,12 +1,12 @@
 """Benchmark: batched farthest point sampling vs the released per-image NumPy loop.
 
-The reference re-types the released algorithm (released_code.md §2.3): for each image, copy the points to
+The reference re-types the released algorithm (docs/fidelity.md §3.5): for each image, copy the points to
 host memory, start at index 0, and per iteration gather the remaining points, compute their squared
 distance to the last pick, update the running minimum, take the argmax over the remaining points and
 delete the chosen index from the remaining-index array. The workbench's ``farthest_point_sample`` runs
 over the whole batch at once (numba kernel on CPU when installed, torch loop otherwise / on CUDA).
 
-Workload (as released_code.md §2.5): smooth synthetic depth maps with values 0..255 (vertical ramp plus
+Workload: smooth synthetic depth maps with values 0..255 (vertical ramp plus
 low-frequency noise), pooled to 28x28, released unprojection (fov 90 "radians"), S = 11 (121 points),
 B in {16, 32}. All timings in one process; medians over repeats. Indices are checked to be identical.
 

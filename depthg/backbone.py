@@ -2,23 +2,23 @@
 
 DepthG, like STEGO, never trains the backbone: a DINO ViT-S/8 or ViT-B/8 gives the patch features
 ``f`` that the segmentation head projects and that the correlation loss uses as its target
-(method.md §2, §12; released_code.md §1.3). This module builds the ViT with timm
+(docs/method.md §5). This module builds the ViT with timm
 (``pretrained=False``, so timm never touches the network) and loads the weights with our own code, so
 that every official DINO file format works offline and nothing is ever unpickled unsafely:
 
 * an official DINO "backbone only" ``.pth`` (a plain ``state_dict`` whose key names are timm's),
 * an official DINO full training checkpoint (``{"teacher": {"module.backbone.…": …}, "student": …,
   "args": Namespace, …}``): the teacher is taken, ``module.``/``backbone.`` prefixes are stripped and the
-  DINO projection head (``head.*``) is dropped (ecosystem.md §3 "Local checkpoint loading"),
+  DINO projection head (``head.*``) is dropped,
 * a ``.safetensors`` file,
 * an ``http(s)://`` or ``file://`` URL, downloaded once into ``torch.hub.get_dir()/checkpoints``,
 * ``"dino"`` or an official file stem such as ``"dino_vitbase8_pretrain"``: the official release URL,
 * ``None``: random initialisation, with a warning that the features mean nothing.
 
-Relation to the released code (released_code.md §1.3):
+Relation to the released code:
 
 * The released code runs its own copy of DINO's ``vision_transformer.py``. timm's ViT has the same
-  keys and, on the native grid, the same outputs (ecosystem.md §3). Off the native grid (the 320 px
+  keys and, on the native grid, the same outputs. Off the native grid (the 320 px
   evaluation → 40×40) timm's ``dynamic_img_size`` resampling differs from DINO's (antialiased bicubic
   uses another kernel and there is no +0.1 offset), so :class:`Backbone` adds the positional
   embedding DINO's way (:func:`interpolate_pos_embed`) and matches the released features there too;
@@ -79,8 +79,7 @@ DINO_URL_ROOT = "https://dl.fbaipublicfiles.com/dino"
 
 #: Official DINO (v1) "backbone only" release files per timm architecture. The first entry is what
 #: ``weights="dino"`` resolves to: the file the released DepthG/STEGO code downloads
-#: (released_code.md §1.3: ViT-S/8 = ``dino_deitsmall8_300ep_pretrain``, ViT-B/8 =
-#: ``dino_vitbase8_pretrain``). timm's own ``.dino`` tag for ViT-S/8 is the other ViT-S/8 file,
+#: (ViT-S/8 = ``dino_deitsmall8_300ep_pretrain``, ViT-B/8 = ``dino_vitbase8_pretrain``). timm's own ``.dino`` tag for ViT-S/8 is the other ViT-S/8 file,
 #: ``dino_deitsmall8_pretrain``; pass that stem explicitly to get it.
 DINO_FILES: dict[str, tuple[str, ...]] = {
     "vit_small_patch8_224": ("dino_deitsmall8_300ep_pretrain", "dino_deitsmall8_pretrain"),
@@ -108,10 +107,9 @@ class Backbone(nn.Module):
     """A frozen timm ViT that maps images in [0, 1] to last-layer patch features.
 
     Frozen means: every parameter has ``requires_grad=False`` and the module stays in eval mode even
-    when a parent calls ``.train()`` (released_code.md §1.3 keeps the ViT in eval mode at all times,
-    so its own dropout/drop-path never fire). The channel dropout of STEGO/DepthG (Dropout2d, p=0.1)
+    when a parent calls ``.train()`` (as released: its own dropout/drop-path never fire). The channel dropout of STEGO/DepthG (Dropout2d, p=0.1)
     is *not* applied here: it belongs to the training path (the head's inputs and the correlation
-    target, method.md §2 S4) and is done by :class:`depthg.head.SegmentationHead` and the trainer.
+    target, docs/method.md §3.3) and is done by :class:`depthg.head.SegmentationHead` and the trainer.
 
     Attributes:
         timm_model: the underlying ``timm.models.vision_transformer.VisionTransformer``.
@@ -148,7 +146,7 @@ class Backbone(nn.Module):
         super().train(False)
 
     def train(self, mode: bool = True) -> Backbone:
-        """No-op: the backbone is always in eval mode (it is frozen; released_code.md §1.3)."""
+        """No-op: the backbone is always in eval mode (it is frozen)."""
         return super().train(False)
 
     # -- inputs ------------------------------------------------------------------------------------
@@ -217,7 +215,7 @@ class Backbone(nn.Module):
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         """Patch features ``(B, C, H/p, W/p)``: last block, after the final LayerNorm, CLS dropped.
 
-        This is the released code's feature type ``"feat"`` (released_code.md §1.3). Any H, W divisible
+        This is the released code's feature type ``"feat"``. Any H, W divisible
         by the patch size works (the positional embedding is resampled by timm's dynamic_img_size).
         """
         tokens = self._tokens(img)
@@ -233,7 +231,7 @@ class Backbone(nn.Module):
 
         timm uses fused scaled-dot-product attention, so the attention matrix never exists. For this
         pass only, the last block falls back to the explicit path and a hook on ``attn_drop`` (an
-        identity at p=0 in eval mode) receives the softmax output (ecosystem.md §3, method (a)). The
+        identity at p=0 in eval mode) receives the softmax output. The
         other blocks keep the fused kernel, and normal :meth:`forward` calls never pay for the
         (B, heads, N, N) matrix.
         """
@@ -287,7 +285,7 @@ class Backbone(nn.Module):
 
         Row p is how much patch p attends to every patch q (index ``r * w + c``). The prefix token
         columns are dropped and the rows are *not* renormalised: the attention-guided local hidden
-        positives min-max normalise each row themselves (method.md §8, released_code.md §3).
+        positives min-max normalise each row themselves (docs/method.md §7).
         """
         _, attn = self.last_attention(img)
         npt = self.timm_model.num_prefix_tokens
@@ -307,8 +305,7 @@ def interpolate_pos_embed(
 ) -> torch.Tensor:
     """Resize a ViT positional embedding ``(1, prefix + gh*gw, C)`` to a new patch grid, DINO's way.
 
-    DINO's ``interpolate_pos_encoding`` (which the released code uses for its 320 px evaluation,
-    released_code.md §1.3) calls bicubic ``F.interpolate`` (no antialias) with
+    DINO's ``interpolate_pos_encoding`` (which the released code uses for its 320 px evaluation) calls bicubic ``F.interpolate`` (no antialias) with
     ``scale_factor = (new + 0.1) / old``; the 0.1 avoids floating-point rounding of the output size,
     and because PyTorch maps coordinates with the given scale factor it also shifts the sampling
     positions slightly. This function reproduces that exactly; the prefix (CLS) entries are kept.
@@ -447,7 +444,7 @@ def _load_into(model: VisionTransformer, state: dict[str, torch.Tensor], source:
             raise BackboneError(
                 f"{source}: pos_embed {tuple(old.shape)} cannot be resampled to {tuple(new.shape)}"
             )
-        # Bicubic, like DINO's interpolate_pos_encoding (released_code.md §1.3).
+        # Bicubic, like DINO's interpolate_pos_encoding.
         state = dict(state)
         state["pos_embed"] = interpolate_pos_embed(
             old, (old_side, old_side), tuple(model.patch_embed.grid_size), num_prefix_tokens=npt
@@ -591,7 +588,7 @@ def save_backbone_dino_format(
 ) -> Path:
     """Write a DINO "backbone only" ``.pth``: a plain ``state_dict`` of tensors, official key names.
 
-    timm's ViT key names are DINO's (ecosystem.md §3 "Key names"), so the file loads both here and in
+    timm's ViT key names are DINO's, so the file loads both here and in
     DINO's own ``vision_transformer.py``. Accepts a :class:`Backbone`, a timm ViT or a state dict. The
     file is written atomically (temporary name, then rename).
     """

@@ -6,7 +6,6 @@ and the evaluator do not import each other.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +45,9 @@ class Segmenter(nn.Module):
         self.cluster = cluster
         self.linear = linear
 
-    def forward(self, feats: torch.Tensor, label: torch.Tensor | None, n_anchor: int | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, feats: torch.Tensor, label: torch.Tensor | None) -> dict[str, torch.Tensor]:
         code = self.head(feats)
-        n = len(label) if label is not None else (n_anchor or len(code))
+        n = len(label) if label is not None else len(code)
         detached = code[:n].detach().float()
         cluster_loss, _ = self.cluster(detached, None)
         out = {"code": code, "cluster_loss": cluster_loss}
@@ -66,19 +65,10 @@ def build_models(cfg: Config, in_dim: int, n_classes: int) -> Segmenter:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         head = SegmentationHead(in_dim, cfg.dim, dropout=cfg.dropout)
-        cluster = _make_cluster_probe(ClusterProbe, cfg, n_classes)
+        cluster = ClusterProbe(cfg.dim, n_classes, extra_clusters=cfg.extra_clusters,
+                               generator=torch.Generator().manual_seed(cfg.seed))
         linear = LinearProbe(cfg.dim, n_classes)
     return Segmenter(head, cluster, linear)
-
-
-def _make_cluster_probe(cls: Any, cfg: Config, n_classes: int) -> nn.Module:
-    params = inspect.signature(cls).parameters
-    kwargs: dict[str, Any] = {"extra_clusters": cfg.extra_clusters}
-    if "generator" in params:
-        kwargs["generator"] = torch.Generator().manual_seed(cfg.seed)
-    elif "seed" in params:
-        kwargs["seed"] = cfg.seed
-    return cls(cfg.dim, n_classes, **kwargs)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

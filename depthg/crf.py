@@ -1,6 +1,6 @@
 """Dense-CRF refinement of per-pixel class scores with the released evaluation's parameters.
 
-The released evaluation (released_code.md §5 "Dense CRF", STEGO/DepthG ``crf.py``) refines both the
+The released evaluation (STEGO/DepthG ``crf.py``; docs/method.md §9) refines both the
 cluster and the linear output with a fully connected CRF (Krähenbühl & Koltun, pydensecrf):
 
 * unary = -log softmax(logits), the logits bilinearly resized (``align_corners=False``) to the image;
@@ -8,8 +8,8 @@ cluster and the linear output with a fully connected CRF (Krähenbühl & Koltun,
 * bilateral pairwise term: sxy = 67, srgb = 3, compat = 4, on the 8-bit RGB image;
 * 10 mean-field iterations; the argmax is taken by the caller.
 
-pydensecrf is an optional dependency (the ``crf`` extra, package ``pydensecrf2``, a source build,
-ecosystem.md §6). Notes on fidelity:
+pydensecrf is an optional dependency (the ``crf`` extra, package ``pydensecrf2``, a source build).
+Notes on fidelity:
 
 * The released code converts the image RGB → BGR first. The bilateral kernel uses the same ``srgb`` for
   all three channels, so the channel order does not change the result; this module keeps RGB.
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from depthg.utils import DepthGError
 
-__all__ = ["CRF_PARAMS", "CRFInputError", "crf_available", "dense_crf"]
+__all__ = ["CRF_PARAMS", "CRFInputError", "dense_crf"]
 
 #: The released evaluation's settings (``crf.py:13-18``).
 CRF_PARAMS = {
@@ -58,15 +58,6 @@ def _import_pydensecrf() -> tuple[Any, Any]:
     except ImportError as err:
         raise ImportError(f"{_INSTALL_HINT} ({err})") from err
     return dcrf, unary_from_softmax
-
-
-def crf_available() -> bool:
-    """True when the optional pydensecrf module can be imported."""
-    try:
-        _import_pydensecrf()
-    except ImportError:
-        return False
-    return True
 
 
 def _image_to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Evaluate a trained head with the paper's protocol (released_code.md §5).
+"""Evaluate a trained head with the paper's protocol (docs/method.md §9).
 
 Per validation image:
 

@@ -1,11 +1,10 @@
 """STEGO segmentation head, cluster probe and linear probe (the only trainable parts of DepthG).
 
-* :class:`SegmentationHead` projects frozen DINO features to the segmentation code (method.md §12,
-  released_code.md §1.4).
+* :class:`SegmentationHead` projects frozen DINO features to the segmentation code (docs/method.md §5).
 * :class:`ClusterProbe` is spherical k-means with learnable centroids trained by gradient; it gives the
-  unsupervised segmentation (released_code.md §1.9, §5).
+  unsupervised segmentation (docs/method.md §5, §9).
 * :class:`LinearProbe` is a 1×1 convolution trained with labels on the detached code; it is only an
-  evaluation instrument (method.md §4).
+  evaluation instrument (docs/method.md §5).
 
 Both probes are trained on *detached* codes by the trainer, so nothing flows back into the head.
 """
@@ -61,7 +60,7 @@ class SegmentationHead(nn.Module):
     * N: 1×1 conv ``in_dim → in_dim``, ReLU, 1×1 conv ``in_dim → dim`` (the nonlinear path; hidden width
       equals the feature width);
     * drop1, drop2: channel dropout (``Dropout2d``, p = ``dropout`` = 0.1), drawn independently for the
-      two paths and active only in ``train()`` mode (released_code.md §1.3-§1.4).
+      two paths and active only in ``train()`` mode.
 
     The released code uses one ``Dropout2d`` module called twice, which is the same thing: each call
     draws its own mask. The code stays on the feature grid (28×28 at 224 px).
@@ -101,7 +100,7 @@ class SegmentationHead(nn.Module):
 
 
 class ClusterProbe(nn.Module):
-    """Cosine k-means with learnable centroids (released ``ClusterLookup``, released_code.md §1.9).
+    """Cosine k-means with learnable centroids (the released ``ClusterLookup``).
 
     ``n_clusters = n_classes + extra_clusters`` centroids of width ``dim``, initialised from a standard
     normal (``randn``, as released), drawn from ``generator`` (a ``torch.Generator`` or an int seed;
@@ -109,7 +108,7 @@ class ClusterProbe(nn.Module):
 
     Training (``alpha=None``): hard assignment, loss = ``-mean over pixels of max_k cos(code, μ_k)``;
     minimising it by gradient is mini-batch spherical k-means (only the argmax centroid gets gradient).
-    Evaluation uses ``alpha=2`` and takes ``log_softmax(2 · cos)`` (released_code.md §5 "Inference").
+    Evaluation uses ``alpha=2`` and takes ``log_softmax(2 · cos)`` (docs/method.md §9).
     """
 
     def __init__(
@@ -159,7 +158,7 @@ class ClusterProbe(nn.Module):
 
 
 class LinearProbe(nn.Module):
-    """A 1×1 convolution ``dim → n_classes`` on the detached code (released_code.md §1.9).
+    """A 1×1 convolution ``dim → n_classes`` on the detached code (docs/method.md §5).
 
     Trained with cross-entropy on labels in ``[0, n_classes)``; other labels (-1 = ignore, and any
     id outside the class range) are left out. The logits are bilinearly upsampled

@@ -2,7 +2,7 @@
 
 The DepthG project page says the method "propagates the learning signal to neighbouring regions of the
 sampled patches"; the released code has a module for it (``LocalHiddenPositiveProjection``), switched
-off in every released training command (method.md §8, released_code.md §3). Here it is a small module:
+off in every released training command (docs/method.md §7). Here it is a small module:
 
 1. weights W (B, hw, hw) between every pair of feature cells (:meth:`propagation_weights`):
    * ``strategy="depth"``: pool the depth to the feature grid, unproject it
@@ -13,15 +13,15 @@ off in every released training command (method.md §8, released_code.md §3). He
      min-max normalised per row. ``paper`` mode keeps the *most* attended ``quantile`` of each row
      (hidden positives = the patches a patch attends to most). ``released`` mode reproduces the
      released code, which zeroes the top 1% and keeps the weakest 99% -- the opposite of hidden
-     positives, most likely a bug (released_code.md §3).
+     positives, most likely a bug (docs/fidelity.md §3.12).
 2. propagated code at p = sum_q W_pq code_q / norm, as one batched matrix product (``torch.bmm``;
    the released code built a 784 x 784 x dim broadcast per image in a Python loop). ``paper`` mode
    normalises by sum_q W_pq (a weighted mean); ``released`` divides by hw = 784, which shrinks the
-   code ~100x so the projection's bias dominates (released_code.md §3, step 6).
+   code ~100x so the projection's bias dominates.
 3. a 2-layer 1x1-conv MLP projection dim -> dim -> dim (ReLU in between).
 
 The trainer recomputes the correlation losses on the propagated code with fresh coordinates and adds
-them with ``lhp_weight`` (method.md §8); the positive image gets the projection only
+them with ``lhp_weight``; the positive image gets the projection only
 (:meth:`LocalHiddenPositives.project`).
 """
 
@@ -69,7 +69,7 @@ def _row_minmax(x: torch.Tensor) -> torch.Tensor:
 
 
 class LocalHiddenPositives(nn.Module):
-    """Depth- or attention-guided propagation of the code, then a 1x1 MLP projection (method.md §8).
+    """Depth- or attention-guided propagation of the code, then a 1x1 MLP projection (docs/method.md §7).
 
     Args:
         dim: code dimension D.
@@ -148,7 +148,7 @@ class LocalHiddenPositives(nn.Module):
         return mixed.view(b, d, h, w)
 
     def project(self, code: torch.Tensor) -> torch.Tensor:
-        """The MLP projection alone (what the positive image gets, released_code.md §3)."""
+        """The MLP projection alone (what the positive image gets)."""
         return self.projection(code)
 
     def forward(

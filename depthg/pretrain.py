@@ -56,9 +56,8 @@ Outputs (all under ``out_dir``, written atomically; nothing goes into the reposi
   pool, RNG states), plain tensors only so it loads with ``weights_only=True``;
 * ``teacher_backbone.pth`` + ``teacher_backbone.json`` -- the teacher ViT in the official DINO
   "backbone only" format (a flat state_dict with DINO / timm key names: ``cls_token``,
-  ``pos_embed``, ``patch_embed.proj.weight``, ``blocks.0.attn.qkv.weight``, ..., ``norm.bias``; see
-  ecosystem.md §3 "Key names") and the architecture ``{"timm_name", "timm_kwargs", "weights"}``
-  that ``load_backbone("embedded")`` reads. Exported every ``export_every`` steps, so a run cut
+  ``pos_embed``, ``patch_embed.proj.weight``, ``blocks.0.attn.qkv.weight``, ..., ``norm.bias``) and the
+  architecture ``{"timm_name", "timm_kwargs", "weights"}`` that ``load_backbone("embedded")`` reads. Exported every ``export_every`` steps, so a run cut
   short still leaves its latest teacher behind;
 * ``log.jsonl`` -- one JSON line per ``log_every`` steps (loss, schedules, teacher entropy, speed).
 

@@ -3,17 +3,17 @@
 DepthG replaces STEGO's uniformly random feature locations by depth-guided farthest point sampling
 (FPS): the depth map is pooled to the feature grid, unprojected to a 3D point cloud, FPS picks S*S
 points that are spread "equally in 3D", and the picks are turned into ``grid_sample`` coordinates
-(method.md §6, released_code.md §2).
+(docs/method.md §6).
 
-Every function has two fidelity modes (design.md, "Two fidelity modes"):
+Every function has two fidelity modes (docs/fidelity.md §3.3-3.5, §3.9-3.10):
 
 * ``mode="paper"`` (default) implements the stated intent: a pinhole camera with the field of view in
   degrees, grid coordinates that read back *exactly* the chosen feature cells, schedules counted in
   optimizer steps.
 * ``mode="released"`` reproduces leonsick/depthg@c284180 bug for bug: the field of view is fed to a
   tangent in radians, Z is stretched by 5, the picks come back in raster order and are written as
-  (row, col) where ``grid_sample`` reads (x, y) -- i.e. transposed and shrunk by (W-1)/W
-  (released_code.md §2.2, §2.4) -- and schedules count three global steps per batch (method.md §5.3).
+  (row, col) where ``grid_sample`` reads (x, y), i.e. transposed and shrunk by (W-1)/W; schedules
+  count three global steps per batch.
 
 Grid coordinates are always (x, y) in [-1, 1] for ``torch.nn.functional.grid_sample`` with
 ``align_corners=True``: x = -1 is the centre of the first column, x = +1 the centre of the last.
@@ -70,7 +70,7 @@ def depth_to_points(depth: torch.Tensor, fov_deg: float = 90.0, mode: Mode = "pa
         depth: (B, 1, h, w) depth, larger = farther (any unit; the released loaders give 0..255).
         fov_deg: horizontal field of view. In ``paper`` mode it is in degrees. In ``released`` mode the
             number is passed, as in the released ``depth2points``, to a tangent that takes radians,
-            so 90 gives kappa = 2*tan(45 rad) = 3.2396 instead of 2.0 (released_code.md §2.2).
+            so 90 gives kappa = 2*tan(45 rad) = 3.2396 instead of 2.0 (docs/fidelity.md §3.4).
         mode: ``"paper"`` or ``"released"``.
 
     Returns:
@@ -80,7 +80,7 @@ def depth_to_points(depth: torch.Tensor, fov_deg: float = 90.0, mode: Mode = "pa
     cells) and the principal point at the centre of the cell grid, ((w-1)/2, (h-1)/2), so
     X = (c - cx) d / f, Y = (r - cy) d / f, Z = d.
 
-    ``released`` (method.md §6 R7): X = kappa d (c - w/2)/w, Y = kappa d (r - h/2)/h, Z = -5 d with
+    ``released`` (docs/method.md §6.2, R7): X = kappa d (c - w/2)/w, Y = kappa d (r - h/2)/h, Z = -5 d with
     kappa = 2 tan(fov/2) evaluated in radians; the principal point sits half a cell off centre and
     only Z is scaled by ``far = 5``, so FPS is driven mostly by depth differences.
     """
@@ -194,7 +194,7 @@ def numba_available() -> bool:
 def _fps_torch(points: torch.Tensor, n_samples: int, start: torch.Tensor) -> torch.Tensor:
     """Batched greedy FPS with torch ops only: one (B, N) distance buffer, no host syncs in the loop.
 
-    Chosen points are masked with -inf instead of being deleted (released_code.md §8 item 23), which
+    Chosen points are masked with -inf instead of being deleted from an index array, which
     selects the same point as the released "argmax over the remaining indices" including ties: the
     first remaining index of the maximum.
     """
@@ -226,7 +226,7 @@ def farthest_point_sample(
         points: (B, N, 3) float points (e.g. from :func:`depth_to_points`).
         n_samples: how many points to pick per cloud (1 <= n_samples <= N).
         start: index of the first pick, an int for all clouds or a LongTensor (B,). The released code
-            always starts at 0, the top-left cell (released_code.md §2.3); in ``paper`` mode the
+            always starts at 0, the top-left cell (docs/fidelity.md §3.5); in ``paper`` mode the
             trainer may pass a random start per image.
         backend: ``"auto"`` uses the numba kernel for CPU tensors when numba is installed and the
             torch loop otherwise (always on CUDA); ``"torch"`` / ``"numba"`` force one.
@@ -339,7 +339,7 @@ def indices_to_grid(indices: torch.Tensor, h: int, w: int, n_side: int, mode: Mo
     ``paper``: x = 2c/(w-1) - 1, y = 2r/(h-1) - 1 in selection order, so :func:`sample` on an h x w map
     returns exactly the features of the chosen cells.
 
-    ``released`` (released_code.md §2.4): the indices are first put in raster order (the released code
+    ``released`` (docs/fidelity.md §3.3): the indices are first put in raster order (the released code
     reads them back as the nonzero entries of a mask) and stored as (row/h*2-1, col/w*2-1). Because
     ``grid_sample`` reads (x, y), the cell (r, c) is read at (row c*(h-1)/w, col r*(w-1)/h), i.e.
     transposed and shrunk: on 28x28 pick (5, 20) is read at (row 19.29, col 4.82), pick (0, 27) at
@@ -368,7 +368,7 @@ def random_grid(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """STEGO's random locations: (B, n_side, n_side, 2) uniform in [-1, 1]^2 (method.md §2, "Sampling").
+    """STEGO's random locations: (B, n_side, n_side, 2) uniform in [-1, 1]^2 (docs/method.md §3.5).
 
     The numbers are drawn on the generator's device (CPU by default) and moved to ``device``, so the
     same seed gives the same grid whichever device trains.
@@ -381,8 +381,7 @@ def random_grid(
 def sample(t: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """Read a (B, C, h, w) map at (B, S, S, 2) (x, y) coordinates -> (B, C, S, S).
 
-    Bilinear ``grid_sample`` with ``align_corners=True`` and border padding, as STEGO
-    (released_code.md §1.5 step 2).
+    Bilinear ``grid_sample`` with ``align_corners=True`` and border padding, as STEGO.
     """
     if t.dim() != 4 or grid.dim() != 4 or grid.shape[-1] != 2 or grid.shape[0] != t.shape[0]:
         raise SamplingError(f"sample expects t (B, C, h, w) and grid (B, S, S, 2) with the same B, got "
@@ -399,7 +398,7 @@ def fps_grid(
     mode: Mode = "paper",
     start: int | torch.Tensor = 0,
 ) -> torch.Tensor:
-    """Depth-guided FPS coordinates (method.md §6): pool, unproject, FPS n_side**2 cells, to grid.
+    """Depth-guided FPS coordinates (docs/method.md §6): pool, unproject, FPS n_side**2 cells, to grid.
 
     Args:
         depth: (B, 1, H, W) depth, larger = farther.
@@ -411,7 +410,7 @@ def fps_grid(
     Returns:
         (B, n_side, n_side, 2) (x, y) coordinates for ``grid_sample(align_corners=True)``.
 
-    The depth is adaptive-average pooled to the feature grid, as released (released_code.md §2.1).
+    The depth is adaptive-average pooled to the feature grid, as released.
     """
     _check_depth(depth)
     h, w = int(grid_hw[0]), int(grid_hw[1])
@@ -433,7 +432,7 @@ def _events_before(iteration: int, every: int, steps_per_iteration: int, fire_at
 
     An event fires after iteration k when ``steps_per_iteration*k % every == 0`` (and k > 0 unless
     ``fire_at_zero``). With s steps per iteration this happens every ``every / gcd(s, every)``
-    iterations (method.md §5.3).
+    iterations (docs/method.md §8.3).
     """
     if every <= 0 or iteration <= 0:
         return 0
@@ -444,7 +443,7 @@ def _events_before(iteration: int, every: int, steps_per_iteration: int, fire_at
 
 @dataclass(frozen=True)
 class SampleCountSchedule:
-    """The FPS sample-count decay S <- floor(factor * S) (method.md §5.2, R6), a pure function.
+    """The FPS sample-count decay S <- floor(factor * S) (docs/method.md §8.2, R6), a pure function.
 
     ``.at(iteration)`` returns the n_side used at that (0-based) training iteration.
 

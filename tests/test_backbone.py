@@ -168,7 +168,7 @@ def test_random_init_is_deterministic_and_leaves_global_rng(tiny_vit_kwargs):
 
 
 def manual_last_attention(model: torch.nn.Module, img: torch.Tensor) -> torch.Tensor:
-    """DINO-style attention of the last block, computed by hand (ecosystem.md §3 method (c))."""
+    """DINO-style attention of the last block, computed by hand (qkv of the last block, softmax(q k^T))."""
     z = dino_tokens(model, img)
     with torch.no_grad():
         for blk in model.blocks[:-1]:
@@ -273,7 +273,7 @@ def test_pos_embed_is_resampled_bicubically(tiny_vit_kwargs, tmp_path):
 
 
 def dino_tokens(model: torch.nn.Module, img: torch.Tensor) -> torch.Tensor:
-    """DINO's vision_transformer.py prepare_tokens, written out by hand (released_code.md §1.3)."""
+    """DINO's vision_transformer.py prepare_tokens, written out by hand."""
     x = (img - MEAN) / STD
     b, _, w, h = x.shape  # DINO's own (swapped) names
     with torch.no_grad():

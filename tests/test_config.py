@@ -28,7 +28,7 @@ def test_every_preset_builds_in_both_modes():
 
 
 def test_paper_run_values_match_released_script():
-    # released_code.md §6 table, checked against the numbers written there by hand.
+    # The authors' paper_reproduction.sh values (docs/method.md §11), written out by hand.
     c = Config.preset("cocostuff_vits8", "released")
     assert (c.dim, c.batch_size, c.feature_samples, c.depth_sampling) == (70, 32, 11, "fps")
     assert (c.pos_intra_weight, c.pos_intra_shift, c.neg_inter_shift) == (0.58, 0.07, 0.761)

@@ -68,7 +68,7 @@ def test_cityscapes_27_classes_per_pixel(tmp_path):
     for i in range(len(ds)):
         item = ds[i]
         raw = ids[item["key"]]
-        expected = np.where((raw >= 7) & (raw <= 33), raw.astype(np.int64) - 7, -1)  # released_code.md §4.2
+        expected = np.where((raw >= 7) & (raw <= 33), raw.astype(np.int64) - 7, -1)  # ids 7..33 -> 0..26
         assert item["label"].dtype == torch.int64 and item["label"].shape == (H, W)
         np.testing.assert_array_equal(item["label"].numpy(), expected)
         assert item["img"].shape == (3, H, W) and item["img"].dtype == torch.float32
@@ -187,7 +187,7 @@ def test_cocostuff_fine_to_coarse(tmp_path):
     ds = CocoStuff(tmp_path, "train")
     assert len(ds) == 1 and ds.n_classes == 27 and ds.keys == ["train/000000000009"]
     label = ds[0]["label"].numpy()
-    # spot checks straight from the table in released_code.md §4.2
+    # spot checks of STEGO's fine -> coarse table, written out by hand
     table = {0: 9, 1: 11, 8: 11, 9: 8, 24: 7, 25: 6, 42: 10, 43: 5, 50: 5, 51: 2, 61: 3, 71: 0, 77: 1, 83: 4,
              90: 4, 91: 17, 93: 22, 94: 20, 97: 15, 98: 25, 99: 16, 100: 13, 101: 12, 105: 23, 110: 21, 113: 13,
              119: 26, 120: 14, 126: 24, 156: 23, 170: 18, 176: 18, 179: 19, 180: 19, 181: 24, 255: -1}
@@ -235,7 +235,7 @@ def test_potsdam_3_and_6(tmp_path, float_img):
     assert ds3.n_classes == 3 and len(ds3) == 2
     for i in range(2):
         item = ds3[i]
-        # {0,4}->0, {1,5}->1, {2,3}->2 (released_code.md §4.2); 255 and the unknown 7 -> -1 (not 0)
+        # {0,4}->0, {1,5}->1, {2,3}->2 (STEGO's Potsdam-3 map); 255 and the unknown 7 -> -1 (not 0)
         assert item["label"][0].tolist() == [0, 1, 2, 2, 0, 1, -1, -1]
         np.testing.assert_allclose(item["img"].permute(1, 2, 0).numpy() * 255, img, atol=1e-3)
     ds6 = Potsdam(tmp_path, "val", n_classes=6)

@@ -93,7 +93,7 @@ def test_disparity_to_depth(tmp_path):
 # transformers models
 # ------------------------------------------------------------------------------------------------
 def tiny_depth_anything(folder: Path, kind: str = "relative") -> Path:
-    """Tiny random Depth Anything (ecosystem.md §4) + processor, saved with save_pretrained."""
+    """Tiny random Depth Anything + processor, saved with save_pretrained."""
     from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
 
     torch.manual_seed(0)

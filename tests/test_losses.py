@@ -221,7 +221,7 @@ def test_depthg_loss_released_negatives_use_super_perm_and_coords2():
 
 
 def test_released_depth_term_equals_shifted_self_term():
-    """method.md §3.2: l_self L_self(b) + w_d L_depth = l_self L_self(b - w_d (1 - b_d) / l_self)."""
+    """docs/method.md §4.4: l_self L_self(b) + w_d L_depth = l_self L_self(b - w_d (1 - b_d) / l_self)."""
     feats, feats_pos, code, code_pos, depth, depth_pos, grid1, grid2 = _step_inputs(seed=3)
     lam, b_self, w_d, b_d = 0.58, 0.07, 0.19, 0.03
     loss_fn = DepthGLoss(lam, b_self, 0.0, 0.0, 0.0, 0.0, neg_samples=0, mode="released")
@@ -287,7 +287,7 @@ def test_permutations():
 
 
 def test_depth_decay_released_coco_vits_table():
-    """method.md §5.3: COCO ViT-S decays at iterations 250, ..., 2250 -> final 0.19 * 0.6**9 = 0.0019."""
+    """docs/fidelity.md §3.9: COCO ViT-S decays at iterations 250, ..., 2250 -> final 0.19 * 0.6**9 = 0.0019."""
     s = DepthDecaySchedule(0.19, 0.03, factor=0.6, every=250, mode="released")
     assert s.at(0) == (0.19, 0.03)
     assert s.at(250) == (0.19, 0.03)  # fires after iteration 250, acts from 251

@@ -149,7 +149,7 @@ def test_tiny_run_exports_a_dino_format_backbone(tmp_path, monkeypatch):
     arch = json.loads((tmp_path / "run" / P.BACKBONE_JSON).read_text())
     ref = timm.create_model(arch["timm_name"], pretrained=False, num_classes=0,
                             dynamic_img_size=True, **arch["timm_kwargs"])
-    assert set(state) == set(ref.state_dict())  # DINO == timm key names (ecosystem.md §3)
+    assert set(state) == set(ref.state_dict())  # DINO == timm key names
     assert "cls_token" in state and "blocks.1.attn.qkv.weight" in state and "norm.bias" in state
     ref.load_state_dict(state, strict=True)
     lines = (tmp_path / "run" / P.LOG_NAME).read_text().splitlines()

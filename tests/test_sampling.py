@@ -113,7 +113,7 @@ def test_fps_backends_identical_float32_with_ties():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fps_degenerate_all_zero_depth_gives_raster_prefix(backend):
-    """released_code.md §2.3: equal depths -> the first 121 raster cells (rows 0-3 + 9 of row 4)."""
+    """Released FPS: equal depths -> the first 121 raster cells (rows 0-3 + 9 of row 4)."""
     pts = depth_to_points(torch.zeros(2, 1, 28, 28), mode="released")
     got = farthest_point_sample(pts, 121, backend=backend)
     assert got.tolist() == [list(range(121))] * 2
@@ -147,7 +147,7 @@ def test_fps_spreads_points_more_than_random():
 
 
 def test_fps_vertical_ramp_prefers_far_rows_released():
-    """released_code.md §6.3: with far at the top, the released cloud is sampled densely up there."""
+    """Released FPS: with far at the top, the released cloud is sampled densely up there."""
     depth = torch.linspace(255.0, 0.0, 28).view(1, 1, 28, 1).expand(1, 1, 28, 28).contiguous()
     idx = farthest_point_sample(depth_to_points(depth, mode="released"), 121)[0]
     rows = idx // 28
@@ -193,7 +193,7 @@ def _read_location(grid_xy: torch.Tensor, h: int, w: int) -> tuple[float, float]
 
 
 def test_released_grid_is_transposed_and_shrunk_checked_examples():
-    # released_code.md §2.4 [checked]: (5, 20) -> (19.29, 4.82); (0, 27) -> (26.04, 0); (27, 0) -> (0, 26.04)
+    # docs/fidelity.md §3.3: (5, 20) -> (19.29, 4.82); (0, 27) -> (26.04, 0); (27, 0) -> (0, 26.04)
     picks = [(5, 20), (0, 27), (27, 0), (1, 1)]
     idx = torch.tensor([[r * 28 + c for r, c in picks]])
     grid = indices_to_grid(idx, 28, 28, 2, mode="released")
@@ -258,7 +258,7 @@ def test_fps_grid_pipeline_matches_manual_steps():
 
 
 def test_sample_count_schedule_released_coco_vits():
-    """method.md §5.2: 11 at iteration 0, 9 from 1, 8 from 1001, 7 from 2001 (global_step = 3*it)."""
+    """docs/fidelity.md §3.10: 11 at iteration 0, 9 from 1, 8 from 1001, 7 from 2001 (global_step = 3*it)."""
     s = SampleCountSchedule(11, factor=0.9, every=1000, min_side=0, mode="released")
     expected = {0: 11, 1: 9, 2: 9, 1000: 9, 1001: 8, 2000: 8, 2001: 7, 2333: 7}
     assert {it: s.at(it) for it in expected} == expected

@@ -2,9 +2,8 @@
 
 The workbench needs a dataset that exists on every machine, has *exact* depth, and is written in the
 real Cityscapes layout so the real Cityscapes code path (loader, disparity -> depth, evaluation) runs
-on it unchanged (design.md, "synthetic world"; issue 4). It is also the pretraining stream of the
-embedded DINO backbone (issue 7), so it must carry enough structure for self-supervised features to
-mean something: many object classes, textures, lighting, and class appearances that overlap.
+on it unchanged. It is also the pretraining stream of the embedded DINO backbone, so it must carry
+enough structure for self-supervised features to mean something: many object classes, textures, lighting, and class appearances that overlap.
 
 How an image is made (all vectorised NumPy, no external renderer, no per-pixel Python loop):
 
