@@ -28,12 +28,21 @@ import json
 import sys
 from typing import Any, Callable
 
-from depthg.config import MODES, PRESETS, Config, apply_overrides, load_config
+from depthg.ablation import DEFAULT_VARIANTS, run_ablation
+from depthg.backbone import load_backbone
+from depthg.build import dataset_kwargs
+from depthg.config import MODES, PRESETS, Config, ConfigError, apply_overrides, load_config
+from depthg.data import build_dataset, make_world
+from depthg.data.prepare import CroppedDataset, compute_knn, five_crop, prepare_training_data, stereo_depth_for_dataset
+from depthg.depth import estimate_depth_for_dataset, load_depth_model
+from depthg.evaluate import evaluate_checkpoint
+from depthg.train import train
+from depthg.utils import DepthGError
 
 
 def _config_from_args(args: argparse.Namespace) -> Config:
     if args.config and args.preset:
-        raise SystemExit("give either --config or --preset, not both")
+        raise ConfigError("give either --config or --preset, not both")
     if args.config:
         cfg = load_config(args.config)
         if args.mode:
@@ -61,8 +70,6 @@ def _print(result: Any) -> None:
 
 
 def cmd_synthesize(args: argparse.Namespace) -> Any:
-    from depthg.data import make_world
-
     root = make_world(args.root, args.n_train, args.n_val, size=(args.height, args.width), seed=args.seed,
                       n_cities=args.n_cities, progress=not args.no_progress)
     _print({"root": str(root)})
@@ -70,34 +77,25 @@ def cmd_synthesize(args: argparse.Namespace) -> Any:
 
 
 def cmd_prepare(args: argparse.Namespace) -> Any:
-    from depthg.data.prepare import prepare_training_data
-
     paths = prepare_training_data(_config_from_args(args), progress=not args.no_progress)
     _print(paths)
     return paths
 
 
 def _dataset(cfg: Config, split: str, depth_dir: str | None = None) -> Any:
-    from depthg.data import build_dataset
-    from depthg.train import _dataset_kwargs
-
     if cfg.data_dir is None:
-        raise SystemExit("this command needs data_dir=... (the dataset root); `prepare` handles the synthetic world")
-    return build_dataset(cfg.dataset, cfg.data_dir, split, depth_dir=depth_dir, **_dataset_kwargs(cfg))
+        raise ConfigError("this command needs data_dir=... (the dataset root); `prepare` handles the synthetic world")
+    return build_dataset(cfg.dataset, cfg.data_dir, split, depth_dir=depth_dir, **dataset_kwargs(cfg))
 
 
 def cmd_depth(args: argparse.Namespace) -> Any:
     cfg = _config_from_args(args)
     dataset = _dataset(cfg, args.split)
     if cfg.depth_source == "disparity":
-        from depthg.data.prepare import stereo_depth_for_dataset
-
         out = stereo_depth_for_dataset(dataset, args.out, progress=not args.no_progress)
     elif cfg.depth_source == "gt":
-        raise SystemExit("depth_source=gt: the synthetic world already holds exact depth in <root>/depth_gt")
+        raise ConfigError("depth_source=gt: the synthetic world already holds exact depth in <root>/depth_gt")
     else:
-        from depthg.depth import estimate_depth_for_dataset, load_depth_model
-
         model = load_depth_model(cfg.depth_model or cfg.depth_source, cfg.device)
         out = estimate_depth_for_dataset(dataset, model, args.out, batch_size=args.batch_size,
                                          progress=not args.no_progress)
@@ -106,8 +104,6 @@ def cmd_depth(args: argparse.Namespace) -> Any:
 
 
 def cmd_crop(args: argparse.Namespace) -> Any:
-    from depthg.data.prepare import five_crop
-
     cfg = _config_from_args(args)
     out = five_crop(_dataset(cfg, args.split, args.depth_dir), args.out, cfg.crop_ratio, progress=not args.no_progress)
     _print({"crop_dir": str(out)})
@@ -115,30 +111,25 @@ def cmd_crop(args: argparse.Namespace) -> Any:
 
 
 def cmd_knn(args: argparse.Namespace) -> Any:
-    from depthg.backbone import load_backbone
-    from depthg.data.prepare import CroppedDataset, compute_knn
-
     cfg = _config_from_args(args)
     dataset = CroppedDataset(args.crops, args.split, with_depth=False) if args.crops else _dataset(cfg, args.split)
     backbone = load_backbone(cfg.backbone, cfg.weights, **cfg.backbone_kwargs)
-    out = compute_knn(dataset, backbone, args.out, k=cfg.knn_k, res=cfg.res, batch_size=cfg.batch_size,
-                      device=cfg.device, num_workers=cfg.num_workers, progress=not args.no_progress)
+    # the same neighbours `prepare` computes: k = max(knn_k, num_neighbors), images resized by the mode
+    out = compute_knn(dataset, backbone, args.out, k=min(max(cfg.knn_k, cfg.num_neighbors), len(dataset) - 1),
+                      res=cfg.res, batch_size=cfg.batch_size, device=cfg.device, num_workers=cfg.num_workers,
+                      progress=not args.no_progress, mode=cfg.mode)
     _print({"knn_path": str(out)})
     return out
 
 
 def cmd_train(args: argparse.Namespace) -> Any:
-    from depthg.train import train
-
-    result = train(_config_from_args(args), resume=args.resume, progress=not args.no_progress)
+    result = train(_config_from_args(args), resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     if result:  # rank 0 only
         _print({k: result[k] for k in ("name", "steps", "wall_time_s", "final", "best_on_val", "paths")})
     return result
 
 
 def cmd_eval(args: argparse.Namespace) -> Any:
-    from depthg.evaluate import evaluate_checkpoint
-
     result = evaluate_checkpoint(args.checkpoint, args.overrides, data_root=args.data_root, output=args.output,
                                  n_predictions=args.predictions, progress=not args.no_progress)
     _print({k: result[k] for k in ("checkpoint", "checkpoint_sha256", "output", "n_images", "protocol")}
@@ -147,8 +138,6 @@ def cmd_eval(args: argparse.Namespace) -> Any:
 
 
 def cmd_ablate(args: argparse.Namespace) -> Any:
-    from depthg.ablation import DEFAULT_VARIANTS, run_ablation
-
     result = run_ablation(
         variants=args.variants or list(DEFAULT_VARIANTS), seeds=args.seeds, base_preset=args.preset or "synthetic",
         steps=args.steps, out_dir=args.out_dir, overrides=args.overrides, progress=not args.no_progress,
@@ -210,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a segmentation head (torchrun for multi-GPU)")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint_last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in output_dir (its files go only after the new run's config and data passed)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (resize, flip, CRF, Hungarian) -> JSON")
@@ -243,18 +234,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> Any:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also come after options (`train --no-progress seed=1`): argparse leaves those
+    # trailing positionals unparsed, so they are appended here; anything else left over is an error.
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides or []) + extra
     return args.func(args)
 
 
 def _cli() -> None:
     """Entry point of ``python -m depthg`` / ``depthg``: bad input ends with its message, not a traceback."""
-    from depthg.utils import DepthGError
-
     try:
         main(sys.argv[1:])
-    except (DepthGError, FileNotFoundError) as err:
-        print(f"depthg: error: {err}", file=sys.stderr)
+    except (DepthGError, OSError) as err:  # bad input, missing/unreadable files, a file where a folder goes
+        text = str(err) if not isinstance(err, OSError) or err.filename is None or str(err.filename) in str(err) \
+            else f"{err} ({err.filename})"
+        print(f"depthg: error: {text}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -146,7 +146,7 @@ def run_ablation(variants: Sequence[str] = DEFAULT_VARIANTS, seeds: Sequence[int
                     result = old
             if result is None:
                 print(f"[ablation] {variant} seed {seed}", file=sys.stderr)
-                result = train(cfg, progress=progress)
+                result = train(cfg, progress=progress, overwrite=True)  # a stale or unfinished run is redone
             runs.setdefault(variant, []).append({
                 "seed": seed, "final": result["final"]["metrics"], "wall_time_s": result["wall_time_s"],
                 "output_dir": cfg.output_dir,

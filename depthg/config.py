@@ -49,6 +49,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -345,6 +346,49 @@ class Config:
             )
         if self.lhp and self.lhp_strategy == "depth" and not self.use_depth:
             raise ConfigError("config key 'lhp_strategy' = 'depth' needs depth: set use_depth=true")
+        self._validate_against_data()
+
+    def _validate_against_data(self) -> None:
+        """What can be checked before any data is prepared, so a run fails in seconds, not after minutes of
+        preparation: classes per dataset, sizes against the backbone's patch, the synthetic world's size."""
+        allowed = {"cityscapes": (27, 19, "world"), "potsdam": (3, 6), "cocostuff": (27,)}.get(self.dataset)
+        if allowed is not None and self.classes not in allowed:
+            raise ConfigError(f"config key 'classes' = {self.classes!r}: dataset {self.dataset!r} has "
+                              f"{' or '.join(map(repr, allowed))} classes")
+        if self.dataset == "directory" and self.classes == "world":
+            raise ConfigError("config key 'classes' = 'world': only the cityscapes dataset (the synthetic world) has "
+                              "world classes; expected the directory dataset's number of classes")
+        patch = backbone_patch_size(self.backbone, self.backbone_kwargs)
+        if patch is not None:
+            for key in ("res", "eval_res"):
+                if getattr(self, key) % patch:
+                    raise ConfigError(f"config key {key!r} = {getattr(self, key)}: expected a multiple of the backbone's "
+                                      f"patch size {patch} ({self.backbone})")
+            grid = self.res // patch
+            if self.depth_sampling == "fps" and self.feature_samples > grid:
+                raise ConfigError(
+                    f"config key 'feature_samples' = {self.feature_samples}: FPS picks feature_samples x "
+                    f"feature_samples cells of the {grid}x{grid} feature grid (res {self.res} / patch {patch}); "
+                    f"expected at most {grid}"
+                )
+        if self.lhp and self.lhp_strategy == "attention" and self.feature_cache:
+            raise ConfigError("config key 'lhp_strategy' = 'attention' needs the backbone's attention each step: "
+                              "set feature_cache=false")
+        if self.depth_normalization in ("minmax", "minmax255") and not self.five_crop:
+            raise ConfigError(f"config key 'depth_normalization' = {self.depth_normalization!r} needs five-cropped "
+                              "data (the parent image's min/max is stored with the crops): set five_crop=true")
+        if self.depth_sampling == "fps" and self.depth_source == "none":
+            raise ConfigError("config key 'depth_sampling' = 'fps' needs depth: depth_source is 'none'")
+        if self.data_dir is None and self.dataset == "cityscapes":  # the synthetic world: sizes known now
+            n = self.world_n_train * (5 if self.five_crop else 1)
+            if self.batch_size > n:
+                raise ConfigError(f"config key 'batch_size' = {self.batch_size}: the synthetic world has {n} training "
+                                  f"{'crops' if self.five_crop else 'images'} (world_n_train={self.world_n_train}); "
+                                  f"expected at most {n}")
+            if self.num_neighbors > n - 1:
+                raise ConfigError(f"config key 'num_neighbors' = {self.num_neighbors}: each of the {n} training "
+                                  f"{'crops' if self.five_crop else 'images'} has {n - 1} others; expected at most {n - 1}")
+
 
     # ---- conversion -----------------------------------------------------------------------------------
     @classmethod
@@ -400,13 +444,15 @@ class Config:
 
     # ---- presets ------------------------------------------------------------------------------------
     @classmethod
-    def preset(cls, name: str, mode: str = "paper", **overrides: Any) -> "Config":
+    def preset(cls, name: str, /, mode: str = "paper", **overrides: Any) -> "Config":
         """The configuration of one of the paper's runs (released_code.md §6) in the given fidelity mode.
 
         ``cocostuff_vits8``, ``cocostuff_vitb8``, ``cityscapes_vitb8``, ``potsdam_vits8``: the four
         ``paper_reproduction.sh`` runs. ``stego``: the COCO-Stuff ViT-S/8 run with depth off (random
         sampling, no depth term) -- the STEGO baseline under the same loop. ``synthetic``: the embedded
         default sized for a 2-core CPU (see :func:`_synthetic_values` for where each value comes from).
+
+        ``overrides`` are config keys (``name=...`` included; ``output_dir`` follows the name unless given).
         """
         if name not in PRESETS:
             close = difflib.get_close_matches(str(name), PRESETS, n=3)
@@ -416,11 +462,35 @@ class Config:
             raise ConfigError(f"preset mode {mode!r}: expected one of {list(MODES)}")
         values = _preset_values(name)
         values.update(_mode_values(values, mode, synthetic=(name == "synthetic")))
-        values.setdefault("name", f"{name}_{mode}")
-        values["output_dir"] = f"runs/{values['name']}"
         check_keys(overrides.keys(), f"Config.preset({name!r})")
+        values.setdefault("name", f"{name}_{mode}")
+        values["output_dir"] = f"runs/{overrides.get('name', values['name'])}"
         values.update(overrides)
         return cls(**values)
+
+
+def backbone_patch_size(backbone: str, backbone_kwargs: dict[str, Any] | None = None) -> int | None:
+    """The patch size a backbone name implies (``vit_small_patch8_224`` -> 8, ``vitb16`` -> 16, ``embedded`` ->
+    its ``embedded_vit.json``), without building it; None when the name does not say."""
+    kwargs = dict(backbone_kwargs or {})
+    if isinstance(kwargs.get("patch_size"), int) and not isinstance(kwargs["patch_size"], bool):
+        return int(kwargs["patch_size"])
+    name = backbone
+    if backbone == "embedded":
+        import sys
+
+        module = sys.modules.get("depthg.backbone")  # tests may point the module at another folder
+        folder = Path(module.EMBEDDED_DIR) if module is not None else Path(__file__).resolve().parent / "weights"
+        try:
+            meta = json.loads((folder / "embedded_vit.json").read_text())
+            name = str(meta["timm_name"])
+            inner = meta.get("timm_kwargs", {}).get("patch_size")
+            if isinstance(inner, int):
+                return inner
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+    match = re.search(r"patch(\d+)", name) or re.fullmatch(r"vit[a-z](\d+)", name.lower())
+    return int(match.group(1)) if match else None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .utils import DepthGError, atomic_write, get_device
+from .utils import DepthGError, atomic_write, build_lock, get_device, inside, note
 
 __all__ = [
     "DepthCache",
@@ -56,10 +56,12 @@ __all__ = [
     "disparity_to_depth",
     "read_camera",
     "validate_depth",
+    "stale_depth_keys",
     "META_NAME",
 ]
 
 META_NAME = "depth_meta.json"
+SOURCES_NAME = "depth_sources.json"
 UINT16_MAX = 65535
 
 # Default quantisation per unit: 1/256 m (4 mm steps, up to 256 m) covers ZoeDepth-KITTI (80 m), Depth
@@ -216,6 +218,23 @@ class DepthCache:
 
     def path(self, key: str) -> Path:
         return self.root / f"{_check_key(key)}.png"
+
+    # -- what each map was made from ----------------------------------------------------------------
+    def recorded_sources(self) -> dict[str, Any]:
+        """``{key: identity of the source files}`` recorded by :meth:`record_sources` ({} when none)."""
+        path = self.root / SOURCES_NAME
+        if not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return {}  # unreadable: every map counts as unverified and is made again
+        return data if isinstance(data, dict) else {}
+
+    def record_sources(self, sources: dict[str, Any]) -> None:
+        """Write ``{key: identity}`` (atomically): a map is up to date while its source's identity is."""
+        with atomic_write(self.root / SOURCES_NAME, "w") as f:
+            json.dump(sources, f)
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
@@ -595,15 +614,44 @@ def estimate_depth(depth_model: DepthModel, images: torch.Tensor, flip_tta: bool
 
 
 def _check_not_in_sources(cache_root: Path, dataset: Any) -> None:
-    """Caches never go next to the source images (design.md; released_code.md §4.6)."""
-    root = cache_root.resolve()
+    """Caches never go next to the source images, nor anywhere inside the dataset folder (the released
+    depth script overwrote source images; docs/fidelity.md §4)."""
     for src in getattr(dataset, "source_dirs", []):
-        src = Path(src).resolve()
-        if root == src or root.is_relative_to(src):
+        if inside(cache_root, src):
             raise DepthCacheError(
-                f"refusing to write depth into {cache_root}: it is inside the dataset's source folder {src}. "
+                f"refusing to write depth into {cache_root}: it is inside the dataset's source folder {Path(src).resolve()}. "
                 "Pick a cache folder outside the image and label trees."
             )
+    root = getattr(dataset, "root", None)
+    if root is not None and getattr(dataset, "name", "") != "cropped" and inside(cache_root, root):
+        raise DepthCacheError(
+            f"refusing to write depth into {cache_root}: it is inside the dataset folder {Path(root).resolve()}. "
+            "Nothing is written into a dataset; pick a cache folder outside it."
+        )
+
+
+def _image_identities(dataset: Any, keys: Sequence[str]) -> dict[str, Any]:
+    """``{key: identity of the item's image file}`` (size, modification time); {} for datasets that cannot say."""
+    identity = getattr(dataset, "item_identity", None)
+    if identity is None:
+        return {}
+    return {k: identity(i, ("img",)) for i, k in enumerate(keys)}
+
+
+def stale_depth_keys(dataset: Any, cache_root: str | os.PathLike, model_identity: str | None = None) -> list[str]:
+    """Keys of ``dataset`` whose depth map in ``cache_root`` is missing, was made from another version of its
+    image, or by another model (``model_identity`` differs from the cache's): what
+    :func:`estimate_depth_for_dataset` would compute."""
+    cache_root = Path(cache_root)
+    keys: Sequence[str] = getattr(dataset, "keys", None) or [dataset[i]["key"] for i in range(len(dataset))]
+    if not (cache_root / META_NAME).is_file():
+        return list(keys)
+    cache = DepthCache(cache_root)
+    if model_identity is not None and cache.meta.get("model_identity") != model_identity:
+        return list(keys)
+    recorded = cache.recorded_sources()
+    current = _image_identities(dataset, keys)
+    return [k for k in keys if not cache.exists(k) or (k in current and recorded.get(k) != current[k])]
 
 
 def _batches(items: Iterable[tuple[str, torch.Tensor]], batch_size: int) -> Iterable[list[tuple[str, torch.Tensor]]]:
@@ -625,23 +673,51 @@ def estimate_depth_for_dataset(
     batch_size: int = 4,
     progress: bool = True,
     flip_tta: bool = False,
+    model_identity: str | None = None,
 ) -> Path:
-    """Estimate and cache depth for every item of ``dataset`` that is not cached yet (idempotent).
+    """Estimate and cache depth for every item of ``dataset`` whose map is missing or stale (incremental).
 
     ``dataset`` must return full-resolution items (no transform): its items' ``key`` names the cache
-    file ``cache_root/{key}.png``. Finished files are skipped, so an interrupted run resumes; each
-    file is written atomically. Returns ``cache_root``.
+    file ``cache_root/{key}.png``. Up-to-date files are skipped, so an interrupted run resumes; each
+    file is written atomically, under a lock on ``cache_root``. A map is stale when its image changed
+    since (``depth_sources.json`` records each image's size and modification time); a cache made by
+    another model (``model_identity``, e.g. a local folder's files, differs from the one recorded) is
+    emptied and made again. Each rebuild says why on stderr. Returns ``cache_root``.
     """
     if getattr(dataset, "transform", None) is not None:
         raise ValueError("estimate_depth_for_dataset needs full-resolution items: pass a dataset with transform=None")
     cache_root = Path(cache_root)
     _check_not_in_sources(cache_root, dataset)
+    with build_lock(cache_root, "depth cache"):
+        return _estimate_into(dataset, depth_model, cache_root, batch_size, progress, flip_tta, model_identity)
+
+
+def _estimate_into(dataset: Any, depth_model: DepthModel, cache_root: Path, batch_size: int, progress: bool,
+                   flip_tta: bool, model_identity: str | None) -> Path:
+    extra: dict[str, Any] = {"flip_tta": flip_tta}
+    if model_identity is not None:
+        extra["model_identity"] = model_identity
+    meta_path = cache_root / META_NAME
+    if model_identity is not None and meta_path.is_file():
+        old = DepthCache(cache_root).meta.get("model_identity")
+        if old != model_identity:
+            note(f"depth cache {cache_root}: made by another version of depth model {depth_model.name!r}; estimating again")
+            for png in cache_root.rglob("*.png"):
+                png.unlink()
+            meta_path.unlink()
+            (cache_root / SOURCES_NAME).unlink(missing_ok=True)
     cache = DepthCache(
         cache_root, source=depth_model.name, units=depth_model.units,  # type: ignore[arg-type]
-        normalisation=depth_model.normalisation, extra={"flip_tta": flip_tta},
+        normalisation=depth_model.normalisation, extra=extra,
     )
     keys: Sequence[str] = getattr(dataset, "keys", None) or [dataset[i]["key"] for i in range(len(dataset))]
-    todo = [i for i, k in enumerate(keys) if not cache.exists(k)]
+    recorded = cache.recorded_sources()
+    current = _image_identities(dataset, keys)
+    todo = [i for i, k in enumerate(keys) if not cache.exists(k) or (k in current and recorded.get(k) != current[k])]
+    changed = [keys[i] for i in todo if cache.exists(keys[i])]
+    if changed:
+        note(f"depth cache {cache_root}: {len(changed)} image(s) changed since their depth was estimated "
+             f"(e.g. {changed[0]}); estimating them again")
     load = getattr(dataset, "load_image_tensor", None)
 
     def items() -> Iterable[tuple[str, torch.Tensor]]:
@@ -654,6 +730,9 @@ def estimate_depth_for_dataset(
         depth = estimate_depth(depth_model, images, flip_tta=flip_tta)
         for (key, _), d in zip(batch, depth):
             cache.write(key, d)
+            if key in current:
+                recorded[key] = current[key]
+        cache.record_sources(recorded)
         bar.update(len(batch))
     bar.close()
     return cache_root

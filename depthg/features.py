@@ -1,7 +1,7 @@
 """Feature cache: frozen-backbone features of the fixed training crops, computed once, read by memmap.
 
 Why: the backbone is frozen and the training crops are fixed (five-crop done offline, no random
-augmentation of the training view; released_code.md §1.2), so the backbone's output for a crop never
+augmentation of the training view), so the backbone's output for a crop never
 changes during training. Recomputing it twice per step (anchor and kNN positive) is most of the cost of
 a STEGO/DepthG step on a CPU. The cache stores, for every training crop at the training resolution:
 
@@ -12,7 +12,7 @@ a STEGO/DepthG step on a CPU. The cache stores, for every training crop at the t
 
 as raw NumPy memmaps plus ``manifest.json``. Channel dropout (Dropout2d, p=0.1) is *not* baked in: the
 trainer applies it on the fly each step, independently for the correlation target and the head inputs
-(released_code.md §1.3), so training from the cache computes the same losses as recomputing the features,
+(docs/method.md §3.3), so training from the cache computes the same losses as recomputing the features,
 up to the float16 rounding of the features (tests/test_train.py checks this).
 
 Precision. The cache and the trainer's recomputation compute features through one function,
@@ -21,9 +21,15 @@ CUDA, full precision otherwise), so the promise above holds with AMP on too: onl
 separates them (tests/test_gpu_path.py checks it with CPU autocast). A non-fp32 precision is part of the
 cache key, so an AMP cache is never reused by a full-precision run or the other way round.
 
-The cache folder is keyed by everything that changes the features: the backbone's name and a hash of its
-weights and architecture, the resolution, the crop folder and split, and the number of crops; a stale or
-half-written cache (no ``"complete": true`` in the manifest) is rebuilt, never silently reused.
+The cache folder is keyed by everything that changes what it holds: a hash of the backbone's weights and
+architecture, the resolution and resize mode, the depth normalisation, the split, and a key over the
+training set's content (``depthg.data.prepare.dataset_digest``: the crop files' SHA-256, or the source files'
+identity and the class mapping when there are no crops). The build runs under a lock on the folder (a
+second process waits, then reuses it), in ``<key>.partial`` renamed into place when complete. The manifest
+records every file's size and SHA-256; :meth:`FeatureCache.open` checks the sizes always and the hashes
+when the files total at most :data:`VERIFY_MAX_BYTES`, and :meth:`FeatureCache.batch` refuses all-zero
+feature rows, so a truncated, zero-filled or corrupted cache is rebuilt (by :func:`build_feature_cache`)
+or refused with a clear error -- never silently used.
 """
 
 from __future__ import annotations
@@ -40,12 +46,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from depthg.utils import DepthGError, atomic_write
+from depthg.utils import DepthGError, atomic_write, build_lock, note, partial_dir, publish_dir, sha256_file
 
 __all__ = ["FeatureCache", "FeatureCacheError", "Precision", "backbone_features", "backbone_fingerprint",
-           "build_feature_cache", "cache_key"]
+           "build_feature_cache", "cache_key", "cache_problem"]
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: content-keyed, per-file sizes and SHA-256 in the manifest, lock + atomic folder
+
+#: Files are hashed on every open up to this total size (a second or two); above it only sizes are checked.
+VERIFY_MAX_BYTES = 2 << 30
+MANIFEST = "manifest.json"
+_FILES = {"feats.f16": ("feat_shape", np.float16), "depth.f32": ("depth_shape", np.float32),
+          "label.i16": ("label_shape", np.int16)}
 
 
 class FeatureCacheError(DepthGError, RuntimeError):
@@ -121,23 +133,20 @@ class FeatureCache:
         return int(self.feats.shape[0])
 
     @classmethod
-    def open(cls, root: str | Path) -> "FeatureCache":
+    def open(cls, root: str | Path, verify: bool | None = None) -> "FeatureCache":
+        """Open a built cache after checking it (:func:`cache_problem`); ``verify`` forces (True) or skips
+        (False) the SHA-256 check, None = when the files total at most :data:`VERIFY_MAX_BYTES`."""
         root = Path(root)
-        manifest_path = root / "manifest.json"
-        if not manifest_path.is_file():
-            raise FeatureCacheError(f"no feature cache at {root} (missing manifest.json); build it first")
-        manifest = json.loads(manifest_path.read_text())
-        if not manifest.get("complete"):
-            raise FeatureCacheError(f"feature cache {root} is incomplete (interrupted build); rebuild it")
+        problem = cache_problem(root, verify=verify)
+        if problem is not None:
+            raise FeatureCacheError(f"feature cache {root}: {problem}; delete the folder (training rebuilds it)")
+        manifest = json.loads((root / MANIFEST).read_text())
         n = manifest["n"]
-        feats = np.memmap(root / "feats.f16", dtype=np.float16, mode="r", shape=(n, *manifest["feat_shape"]))
-        depth = None
-        if manifest.get("depth_shape"):
-            depth = np.memmap(root / "depth.f32", dtype=np.float32, mode="r", shape=(n, *manifest["depth_shape"]))
-        label = None
-        if manifest.get("label_shape"):
-            label = np.memmap(root / "label.i16", dtype=np.int16, mode="r", shape=(n, *manifest["label_shape"]))
-        return cls(root, feats, depth, label, manifest)
+        maps: dict[str, np.ndarray | None] = {}
+        for name, (shape_key, dtype) in _FILES.items():
+            shape = manifest.get(shape_key)
+            maps[name] = np.memmap(root / name, dtype=dtype, mode="r", shape=(n, *shape)) if shape else None
+        return cls(root, maps["feats.f16"], maps["depth.f32"], maps["label.i16"], manifest)  # type: ignore[arg-type]
 
     def batch(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
         """Gather rows (any order, repeats allowed) -> {"feats", "depth"?, "label"?} float32/int64 tensors."""
@@ -146,7 +155,13 @@ class FeatureCache:
             raise FeatureCacheError(f"feature cache {self.root}: index out of range [0, {len(self)})")
         # Read sorted unique rows (sequential memmap access), then scatter back to the requested order.
         uniq, inverse = np.unique(idx, return_inverse=True)
-        out = {"feats": torch.from_numpy(np.asarray(self.feats[uniq], dtype=np.float32)[inverse])}
+        rows = np.asarray(self.feats[uniq], dtype=np.float32)
+        # a backbone's features are never exactly zero everywhere: such a row is a hole (zero-filled file)
+        empty = ~rows.reshape(len(rows), -1).any(axis=1)
+        if empty.any():
+            raise FeatureCacheError(f"feature cache {self.root}: the features of crop {int(uniq[empty][0])} are all "
+                                    "zero (a damaged or partly written cache); delete the folder to rebuild it")
+        out = {"feats": torch.from_numpy(rows[inverse])}
         if self.depth is not None:
             out["depth"] = torch.from_numpy(np.asarray(self.depth[uniq], dtype=np.float32)[inverse])
         if self.label is not None:
@@ -172,8 +187,9 @@ def build_feature_cache(
         dataset: training crops; items are dicts with "img" (3,H,W) in [0,1], optional "depth" (1,H,W)
             and "label" (H,W), all at the training resolution (after ``transform``).
         root_dir: parent folder (``cfg.cache_dir/features``).
-        info: identifying facts (backbone name, res, crop folder, split, ...); the backbone's weights
-            fingerprint and the dataset length are added here.
+        info: identifying facts (backbone name, res, mode, split, the training set's content key
+            ``depthg.data.prepare.dataset_digest``, ...); the backbone's weights fingerprint and the
+            dataset length are added here.
         transform: optional per-item transform (e.g. resize + centre crop to the training resolution).
         precision: the run's precision policy (``depthg.train``'s AMP setting); features are computed
             with :func:`backbone_features` under it, exactly as the trainer recomputes them.
@@ -184,14 +200,63 @@ def build_feature_cache(
         info["precision"] = precision.name
     key = cache_key(info)
     root = Path(root_dir) / key
-    manifest_path = root / "manifest.json"
-    if manifest_path.is_file():
+    with build_lock(root, "feature cache"):
+        problem = cache_problem(root, key)
+        if problem is None:
+            return FeatureCache.open(root, verify=False)  # just verified
+        if problem != "missing":
+            note(f"feature cache {root}: rebuilding ({problem})")
+        work = partial_dir(root)
+        if work.exists():  # a killed build: start again (features are cheap to redo, and must be whole)
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        _write_cache(backbone, dataset, work, dict(info, key=key), batch_size, device, transform, progress, precision)
+        publish_dir(work, root)
+    return FeatureCache.open(root, verify=False)
+
+
+def cache_problem(root: Path, key: str | None = None, verify: bool | None = None) -> str | None:
+    """None when ``root`` holds a complete cache (with ``key``, when given) whose files match the manifest;
+    else what is wrong ("missing", "incomplete", "feats.f16 has N bytes, expected M", ...)."""
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        return "missing" if not root.exists() else "no manifest.json (an interrupted or foreign folder)"
+    try:
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("complete") and manifest.get("key") == key:
-            return FeatureCache.open(root)
-    if root.exists():  # stale or half-written: rebuild from scratch
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
+        n = int(manifest["n"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        return f"manifest.json is unreadable ({type(err).__name__}: {err})"
+    if not manifest.get("complete"):
+        return "incomplete (interrupted build)"
+    if key is not None and manifest.get("key") != key:
+        return "its manifest belongs to other data"
+    files = manifest.get("files")
+    if manifest.get("version") != CACHE_VERSION or not isinstance(files, dict) or not manifest.get("feat_shape"):
+        return f"written by another cache version ({manifest.get('version')}, expected {CACHE_VERSION})"
+    total = 0
+    for name, (shape_key, dtype) in _FILES.items():
+        shape = manifest.get(shape_key)
+        if not shape:
+            continue
+        expected = n * int(np.prod(shape)) * np.dtype(dtype).itemsize
+        path = root / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected or files.get(name, [None])[0] != expected:
+            return f"{name} has {size} bytes, expected {expected} (truncated or replaced)"
+        total += size
+    if verify or (verify is None and total <= VERIFY_MAX_BYTES):
+        for name, (size, sha) in files.items():
+            if sha256_file(root / name) != sha:
+                return f"{name} does not match its SHA-256 in manifest.json (corrupted or modified)"
+    return None
+
+
+def _write_cache(backbone: torch.nn.Module, dataset: Any, root: Path, info: dict[str, Any], batch_size: int,
+                 device: torch.device | str, transform: Callable[[dict[str, Any]], dict[str, Any]] | None,
+                 progress: bool, precision: Precision) -> None:
+    """Compute every crop's features (+ depth, labels) into memmaps in ``root`` and write the manifest last."""
     n = len(dataset)
     if n == 0:
         raise FeatureCacheError(f"cannot build a feature cache of an empty dataset ({info})")
@@ -222,10 +287,12 @@ def build_feature_cache(
             depth_mm[start:stop] = torch.stack([it["depth"] for it in items]).float().numpy()
         if label_mm is not None:
             label_mm[start:stop] = torch.stack([it["label"] for it in items]).numpy().astype(np.int16)
-    for mm in (feats_mm, depth_mm, label_mm):
+    files = {}
+    for name, mm in (("feats.f16", feats_mm), ("depth.f32", depth_mm), ("label.i16", label_mm)):
         if mm is not None:
             mm.flush()
-    manifest = dict(info, key=key, complete=True, **shapes)
-    with atomic_write(manifest_path, "w") as handle:
+            files[name] = [(root / name).stat().st_size, sha256_file(root / name)]
+    feats_mm = depth_mm = label_mm = None
+    manifest = dict(info, complete=True, files=files, **shapes)
+    with atomic_write(root / MANIFEST, "w") as handle:
         json.dump(manifest, handle, indent=2, default=str)
-    return FeatureCache.open(root)

@@ -8,14 +8,14 @@ Read it top to bottom (nanoGPT style): ``train(cfg)`` does
 3. load the frozen backbone; optionally precompute its features of all training crops
    (``depthg.features``: the backbone is frozen and the crops are fixed, so this is exact);
 4. build the segmentation head, the cluster probe and the linear probe with their own Adam optimisers
-   (head lr 5e-4, probes 5e-3, no schedule; released_code.md §1.9);
-5. per iteration (released_code.md §1.11): read the batch and its kNN positives, perturb the
+   (head lr 5e-4, probes 5e-3, no schedule; docs/method.md §5);
+5. per iteration: read the batch and its kNN positives, perturb the
    correlation-target features with Dropout2d(p) independently of the head's own dropouts, pick the
    sampling grids (random or depth-guided FPS), compute the STEGO + DepthG losses with the depth weight
    and shift of this step and the probe losses on the *detached* code, backward, step all three
    optimisers;
 6. evaluate on the validation split every ``eval_every`` steps (hard cluster argmax and linear probe,
-   no CRF, no flip -- the released training-time validation, released_code.md §1.10), log to
+   no CRF, no flip -- the released training-time validation, docs/method.md §9), log to
    ``output_dir/log.jsonl`` (+ TensorBoard when installed), checkpoint atomically.
 
 Resumability. Every source of randomness is explicit and saved in the checkpoint: the data order is a
@@ -28,7 +28,7 @@ Schedules are pure functions of the iteration (``DepthDecaySchedule.at``, ``Samp
 their units follow ``cfg.mode`` (see ``depthg.config``).
 
 Model selection. The released code keeps the checkpoint with the best cluster mIoU *on the evaluation
-split* (released_code.md §1.10, §8 item 11). We report both: ``final`` (the last step's weights) and
+split* (docs/fidelity.md §4). We report both: ``final`` (the last step's weights) and
 ``best_on_val`` (selected on the validation split, hence optimistic), labelled as such in results.json.
 
 Multi-GPU / multi-process (``torchrun --nproc_per_node=N -m depthg train ...``): DDP with gloo on CPU and
@@ -50,6 +50,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -63,17 +64,30 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from depthg.build import amp_context
+from depthg import losses as L
+from depthg import sampling as S
+from depthg.backbone import load_backbone
+from depthg.build import (
+    Segmenter,
+    TrainError,
+    amp_context,
+    build_models,
+    depth_normalization,
+    load_checkpoint,
+    n_classes_of,
+    training_dataset,
+    validation_dataset,
+)
 from depthg.config import Config
-from depthg.features import Precision, backbone_features
-from depthg.utils import DepthGError, atomic_torch_save, atomic_write, get_device, safe_torch_load
+from depthg.data.prepare import dataset_digest, load_knn, prepare_training_data
+from depthg.data.transforms import resize_center_crop
+from depthg.evaluate import evaluate_model
+from depthg.features import Precision, backbone_features, build_feature_cache
+from depthg.lhp import LocalHiddenPositives
+from depthg.utils import atomic_torch_save, atomic_write, get_device, inside
 
 __all__ = ["train", "TrainError", "batch_indices", "Segmenter", "load_checkpoint", "build_models", "broadcast_flag",
            "collective_device"]
-
-
-class TrainError(DepthGError, RuntimeError):
-    """The training run cannot start or continue (bad data size, mismatched checkpoint, ...)."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -155,7 +169,7 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int, nns: np.ndarray
 
     Epoch e visits a permutation of the N crops drawn from a generator seeded by (seed, e); the last
     incomplete batch is dropped. Each crop's positive is its neighbour of rank 1..num_neighbors drawn
-    uniformly (rank 0 is the crop itself; released_code.md §1.2).
+    uniformly (rank 0 is the crop itself).
     """
     steps_per_epoch = n // batch_size
     if steps_per_epoch == 0:
@@ -172,59 +186,6 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int, nns: np.ndarray
 # ----------------------------------------------------------------------------------------------------
 
 
-class Segmenter(nn.Module):
-    """Head + probes in one module so DDP sees one forward; the probes read the *detached* code.
-
-    ``forward(feats, label)``: the head runs on all of ``feats`` (anchors and positives concatenated); the
-    probes are trained on the anchors' code only (the first ``len(label)`` rows), as released
-    (released_code.md §1.9).
-    """
-
-    def __init__(self, head: nn.Module, cluster: nn.Module, linear: nn.Module) -> None:
-        super().__init__()
-        self.head = head
-        self.cluster = cluster
-        self.linear = linear
-
-    def forward(self, feats: torch.Tensor, label: torch.Tensor | None, n_anchor: int | None = None) -> dict[str, torch.Tensor]:
-        code = self.head(feats)
-        n = len(label) if label is not None else (n_anchor or len(code))
-        detached = code[:n].detach().float()
-        cluster_loss, _ = self.cluster(detached, None)
-        out = {"code": code, "cluster_loss": cluster_loss}
-        if label is not None:
-            out["linear_loss"] = self.linear.loss(detached, label)
-        return out
-
-
-def n_classes_of(dataset: Any) -> int:
-    return int(dataset.n_classes)
-
-
-def build_models(cfg: Config, in_dim: int, n_classes: int) -> Segmenter:
-    """Head, cluster probe and linear probe, initialised from cfg.seed (independent of the global RNG)."""
-    from depthg.head import ClusterProbe, LinearProbe, SegmentationHead
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        head = SegmentationHead(in_dim, cfg.dim, dropout=cfg.dropout)
-        cluster = _make_cluster_probe(ClusterProbe, cfg, n_classes)
-        linear = LinearProbe(cfg.dim, n_classes)
-    return Segmenter(head, cluster, linear)
-
-
-def _make_cluster_probe(cls: Any, cfg: Config, n_classes: int) -> nn.Module:
-    import inspect
-
-    params = inspect.signature(cls).parameters
-    kwargs: dict[str, Any] = {"extra_clusters": cfg.extra_clusters}
-    if "generator" in params:
-        kwargs["generator"] = torch.Generator().manual_seed(cfg.seed)
-    elif "seed" in params:
-        kwargs["seed"] = cfg.seed
-    return cls(cfg.dim, n_classes, **kwargs)
-
-
 # ----------------------------------------------------------------------------------------------------
 # training data sources
 # ----------------------------------------------------------------------------------------------------
@@ -235,8 +196,6 @@ class CropSource:
 
     def __init__(self, dataset: Any, backbone: nn.Module, res: int, mode: str, device: torch.device,
                  amp: Precision) -> None:
-        from depthg.data.transforms import resize_center_crop
-
         self.dataset = dataset
         self.backbone = backbone
         self.transform = partial(resize_center_crop, res=res, mode=mode)
@@ -321,61 +280,13 @@ def _set_rng_state(state: dict[str, Any], gens: dict[str, torch.Generator]) -> N
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# Keys that may change between a checkpoint and its resumption without changing the run's results.
 RESUMABLE_CHANGES = {"steps", "threads", "eval_every", "checkpoint_every", "log_every", "device", "num_workers",
                      "output_dir", "eval_batch_size", "eval_max_images", "eval_crf", "eval_flip", "name"}
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a training checkpoint (weights_only); see ``_save_checkpoint`` for its keys."""
-    ckpt = safe_torch_load(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "depthg-train-v1":
-        raise TrainError(f"{path}: not a depthg training checkpoint (expected format 'depthg-train-v1')")
-    return ckpt
 
 
 # ----------------------------------------------------------------------------------------------------
 # the training run
 # ----------------------------------------------------------------------------------------------------
-
-
-def _dataset_kwargs(cfg: Config) -> dict[str, Any]:
-    if cfg.dataset == "cityscapes":
-        return {"classes": cfg.classes}
-    if cfg.dataset == "potsdam":
-        return {"n_classes": cfg.classes}
-    return {}
-
-
-def depth_normalization(cfg: Config, data: dict[str, Any]) -> str:
-    """Depth values fed to the model: released mode = the released 0..255 per-full-image min-max values
-    (released_code.md §4.3; needs five-crops, which store the parent's min/max), paper mode = the depth
-    cache's own values (metres for metric sources), which the pinhole unprojection expects."""
-    if cfg.depth_normalization != "auto":
-        return cfg.depth_normalization
-    return "minmax255" if cfg.mode == "released" and data.get("crop_dir") is not None else "none"
-
-
-def training_dataset(cfg: Config, data: dict[str, Any]) -> Any:
-    """The training crops (or the full images when five_crop is off) with their depth."""
-    from depthg.data import build_dataset
-    from depthg.data.prepare import CroppedDataset
-
-    norm = depth_normalization(cfg, data)
-    if data.get("crop_dir") is not None:
-        return CroppedDataset(data["crop_dir"], data["train_split"], depth_normalization=norm,
-                              with_depth=data.get("depth_dir") is not None)
-    if norm != "none":
-        raise TrainError(f"depth_normalization={norm!r} needs five-cropped data (five_crop=true)")
-    return build_dataset(data["dataset"], data["data_dir"], data["train_split"], depth_dir=data["depth_dir"],
-                         **data["dataset_kwargs"])
-
-
-def validation_dataset(cfg: Config, data_root: str | Path) -> Any:
-    """The validation split of ``cfg.dataset`` (full images; evaluation resizes them)."""
-    from depthg.data import build_dataset
-
-    return build_dataset(cfg.dataset, data_root, cfg.val_split, **_dataset_kwargs(cfg))
 
 
 def _write_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -416,7 +327,35 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def train(cfg: Config, resume: bool = False, *, progress: bool = True, data: dict[str, Any] | None = None) -> dict[str, Any]:
+#: What a run writes into its output_dir (``tb`` is a folder; ``checkpoint_*_eval*`` are evaluate's outputs).
+RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint_last.pt", "checkpoint_best.pt", "results.json", "tb")
+
+
+def _run_files(out_dir: Path) -> list[Path]:
+    """The files and folders of a previous run in ``out_dir`` (nothing else there counts or is touched)."""
+    if not out_dir.is_dir():
+        return []
+    found = [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
+    return found + sorted(out_dir.glob("checkpoint_*_eval*"))
+
+
+def check_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse an ``output_dir`` that is a file, or that holds another run unless ``resume`` / ``overwrite``
+    says what to do with it. Touches nothing."""
+    if resume and overwrite:
+        raise TrainError("give either resume (continue the run in output_dir) or overwrite (replace it), not both")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainError(f"config key 'output_dir' = {str(out_dir)!r}: it is a file; expected a folder for the run")
+    found = _run_files(out_dir)
+    if found and not resume and not overwrite:
+        raise TrainError(
+            f"output_dir {out_dir} holds another run ({', '.join(p.name for p in found)}); pass --resume (resume=True) "
+            "to continue it, --overwrite (overwrite=True) to replace it, or choose another output_dir"
+        )
+
+
+def train(cfg: Config, resume: bool = False, *, progress: bool = True, data: dict[str, Any] | None = None,
+          overwrite: bool = False) -> dict[str, Any]:
     """Train the head described by ``cfg``; return final and best-on-validation metrics and paths.
 
     ``cfg.threads`` sets torch's CPU thread count for the run (restored afterwards); see :func:`_train`.
@@ -425,12 +364,13 @@ def train(cfg: Config, resume: bool = False, *, progress: bool = True, data: dic
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, resume, progress=progress, data=data)
+        return _train(cfg, resume, progress=progress, data=data, overwrite=overwrite)
     finally:
         torch.set_num_threads(previous)
 
 
-def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: dict[str, Any] | None = None) -> dict[str, Any]:
+def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: dict[str, Any] | None = None,
+           overwrite: bool = False) -> dict[str, Any]:
     """The run itself (:func:`train` only manages the thread count).
 
     Args:
@@ -438,15 +378,12 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
         resume: continue from ``output_dir/checkpoint_last.pt`` at its step (bit-identical continuation).
         progress: show a tqdm bar.
         data: optional output of ``prepare_training_data(cfg)`` (skip preparation, e.g. in the ablation).
+        overwrite: replace a previous run in ``output_dir``. Without it (or ``resume``) a folder holding
+            another run is refused; either way nothing in it is touched until the config, the checkpoint
+            to resume and the data preparation have all passed.
 
     Writes ``output_dir/{config.yaml, log.jsonl, checkpoint_last.pt, checkpoint_best.pt, results.json}``.
     """
-    from depthg import losses as L
-    from depthg import sampling as S
-    from depthg.backbone import load_backbone
-    from depthg.data.prepare import prepare_training_data
-    from depthg.evaluate import evaluate_model
-
     t_start = time.time()
     device = get_device(cfg.device)
     dinfo = init_distributed(device)
@@ -458,8 +395,22 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
     local_b = cfg.batch_size // dinfo.world_size
     out_dir = Path(cfg.output_dir)
     ckpt_last, ckpt_best = out_dir / "checkpoint_last.pt", out_dir / "checkpoint_best.pt"
-    if dinfo.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    # The run folder: checked here, written only after validation and data preparation have passed.
+    check_run_folder(out_dir, resume, overwrite)
+    if cfg.data_dir is not None and inside(out_dir, cfg.data_dir):
+        raise TrainError(f"output_dir {out_dir} is inside the dataset folder data_dir={cfg.data_dir}; "
+                         "nothing is written into a dataset: choose an output_dir outside it")
+    ckpt = None
+    if resume:
+        if not ckpt_last.is_file():
+            raise TrainError(f"resume=True but there is no checkpoint at {ckpt_last}")
+        ckpt = load_checkpoint(ckpt_last)
+        changed = {k for k, v in ckpt["config"].items() if cfg.to_dict().get(k) != v} - RESUMABLE_CHANGES
+        if changed:
+            raise TrainError(f"cannot resume {ckpt_last}: config keys changed since it was written: {sorted(changed)}")
+        if int(ckpt["step"]) > cfg.steps:
+            raise TrainError(f"cannot resume {ckpt_last} at step {int(ckpt['step'])} with steps={cfg.steps}: "
+                             "the checkpoint is already past the end; raise steps")
 
     # 2. frozen backbone, then the data (rank 0 prepares; the others wait, then read the same files).
     backbone = load_backbone(cfg.backbone, cfg.weights, **cfg.backbone_kwargs).to(device)
@@ -471,8 +422,7 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
         if not dinfo.is_main:
             data = prepare_training_data(cfg, backbone=backbone, progress=False)
     crops = training_dataset(cfg, data)
-    with np.load(data["knn_path"], allow_pickle=False) as knn_file:
-        nns = knn_file["nns"].astype(np.int64)
+    nns, _ = load_knn(data["knn_path"])
     if nns.shape[0] != len(crops) or nns.shape[1] < cfg.num_neighbors + 1:
         raise TrainError(f"kNN file {data['knn_path']} has shape {nns.shape}; expected ({len(crops)}, >= "
                          f"{cfg.num_neighbors + 1}): lower num_neighbors or raise knn_k")
@@ -481,12 +431,10 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
 
     # 3. optional feature cache: the backbone is frozen and the crops fixed, so caching is exact (fp16).
     if cfg.feature_cache:
-        from depthg.data.transforms import resize_center_crop
-        from depthg.features import build_feature_cache
-
-        info = {"backbone": cfg.backbone, "backbone_kwargs": cfg.backbone_kwargs, "weights": cfg.weights,
+        # keyed by the crops' content (file hashes; or source identity + class mapping without crops)
+        info = {"backbone": cfg.backbone, "backbone_kwargs": cfg.backbone_kwargs,
                 "res": cfg.res, "mode": cfg.mode, "depth_normalization": depth_normalization(cfg, data),
-                "crops": str(Path(data["crop_dir"] or data["data_dir"]).resolve()), "split": cfg.train_split}
+                "content": dataset_digest(crops), "split": cfg.train_split}
         transform = partial(resize_center_crop, res=cfg.res, mode=cfg.mode)
         cache_root = Path(cfg.cache_dir) / "features"
         if dinfo.is_main:
@@ -519,8 +467,6 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
     model = build_models(cfg, backbone.embed_dim, n_classes).to(device)
     lhp = None
     if cfg.lhp:
-        from depthg.lhp import LocalHiddenPositives
-
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 7)
             lhp = LocalHiddenPositives(cfg.dim, strategy=cfg.lhp_strategy, quantile=cfg.lhp_quantile, mode=cfg.mode,
@@ -549,13 +495,8 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
     # 5. resume.
     step = 0
     best: dict[str, Any] = {"step": None, "metric": -math.inf, "metrics": None}
-    if resume:
-        if not ckpt_last.is_file():
-            raise TrainError(f"resume=True but there is no checkpoint at {ckpt_last}")
-        ckpt = load_checkpoint(ckpt_last)
-        changed = {k for k, v in ckpt["config"].items() if cfg.to_dict().get(k) != v} - RESUMABLE_CHANGES
-        if changed:
-            raise TrainError(f"cannot resume {ckpt_last}: config keys changed since it was written: {sorted(changed)}")
+    resumed_losses: dict[str, float] = {}
+    if ckpt is not None:  # resume (checked at the start)
         model.load_state_dict(ckpt["model"])
         for k, opt in optimizers.items():
             opt.load_state_dict(ckpt["optimizers"][k])
@@ -566,7 +507,13 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
         step, best = int(ckpt["step"]), ckpt["best"]
         if best["metric"] is None:
             best["metric"] = -math.inf
+        resumed_losses = dict(ckpt.get("last_train_losses") or {})
+        ckpt = None
     if dinfo.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if overwrite:  # validation and preparation passed: now the previous run's files go
+            for old in _run_files(out_dir):
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
         cfg.save(out_dir / "config.yaml")
         _trim_log(out_dir / "log.jsonl", step)  # a fresh run starts a new log; a resumed one drops later lines
     writer = _tensorboard(out_dir) if dinfo.is_main else None
@@ -596,11 +543,11 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
                 "model": model.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                 "scaler": scaler.state_dict() if scaler is not None else None, "rng": states,
                 "best": {**best_so_far, "metric": None if metric == -math.inf else metric},
-                "in_dim": backbone.embed_dim, "n_classes": n_classes,
+                "in_dim": backbone.embed_dim, "n_classes": n_classes, "last_train_losses": last_losses,
             }, path)
 
     def validate(at_step: int, best_so_far: dict[str, Any]) -> dict[str, Any]:
-        """Fast validation (no flip, no CRF; released_code.md §1.10) on rank 0; best checkpoint on improvement."""
+        """Fast validation (no flip, no CRF) on rank 0; best checkpoint on improvement."""
         improved = False
         if dinfo.is_main:
             metrics = evaluate_now(flip=False, crf=False)
@@ -609,8 +556,8 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
             if writer is not None:
                 for k, v in summary.items():
                     writer.add_scalar(f"val/{k}", v, at_step)
-            # The released checkpoint callback monitors cluster mIoU, on Potsdam cluster accuracy
-            # (released_code.md §1.10); the same monitor here keeps "best" comparable.
+            # The released checkpoint callback monitors cluster mIoU, on Potsdam cluster accuracy;
+            # the same monitor here keeps "best" comparable.
             monitor = "accuracy" if cfg.dataset == "potsdam" else "miou"
             if metrics["cluster"][monitor] > best_so_far["metric"]:
                 improved = True
@@ -628,7 +575,7 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
     grid_hw = (cfg.res // patch, cfg.res // patch)
     bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc=cfg.name,
                disable=not (progress and dinfo.is_main), dynamic_ncols=True)
-    last_losses: dict[str, float] = {}
+    last_losses: dict[str, float] = resumed_losses  # a run resumed after its last step keeps the last logged ones
     for it in bar:
         # -- batch: this rank's rows of the global batch, anchors and their kNN positives
         idx, pos = batch_indices(it, len(source), cfg.batch_size, cfg.seed, nns, cfg.num_neighbors)
@@ -724,7 +671,7 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
                             "metrics": best_metrics},
             "last_train_losses": last_losses,
             "paths": {"output_dir": str(out_dir), "checkpoint_last": str(ckpt_last),
-                      "checkpoint_best": str(ckpt_best) if ckpt_best.is_file() else None,
+                      "checkpoint_best": str(ckpt_best) if best["step"] is not None and ckpt_best.is_file() else None,
                       "log": str(out_dir / "log.jsonl"), **{k: str(v) for k, v in data.items()}},
             "config": cfg.to_dict(),
         }
@@ -777,7 +724,7 @@ def _lhp_loss(cfg: Config, S: Any, lhp: nn.Module, loss: torch.Tensor, target: t
               backbone: nn.Module, batch: dict[str, torch.Tensor], n_side: int, grid_hw: tuple[int, int],
               depth_weight: float, depth_shift: float, gens: dict[str, torch.Generator], rows: slice,
               device: torch.device, loss_fn: nn.Module, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Local hidden positives (method.md §8): the loss again on propagated codes with new grids."""
+    """Local hidden positives (docs/method.md §7): the loss again on propagated codes with new grids."""
     attention = None
     if cfg.lhp_strategy == "attention":
         with torch.no_grad():

@@ -1,8 +1,11 @@
-"""Small shared helpers: errors, atomic writes, safe checkpoint loading, devices and seeds.
+"""Small shared helpers: errors, atomic writes and builds, file identity, safe checkpoint loading, devices, seeds.
 
 Every file the workbench writes goes through :func:`atomic_write` or :func:`atomic_torch_save`: the data
 lands under a temporary name in the same folder and is renamed into place, so a killed run never leaves
-a half-written file behind (design.md, Conventions).
+a half-written file behind. Derived folders (crops, feature caches, the synthetic world) are built under
+an inter-process lock (:func:`build_lock`) in ``<folder>.partial`` and swapped into place when complete
+(:func:`publish_dir`), so two processes never build one artefact at once and a reader never sees half of
+one. :func:`file_identity` is what the caches record about their sources (size and modification time).
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ import hashlib
 import io
 import os
 import pickle
-import random
+import shutil
+import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-import numpy as np
 import torch
 
 
@@ -27,6 +31,15 @@ class DepthGError(Exception):
 
 class UnsafeCheckpointError(DepthGError, pickle.UnpicklingError):
     """A checkpoint needs arbitrary unpickling; the workbench refuses to execute it."""
+
+
+class CheckpointReadError(DepthGError, OSError):
+    """A checkpoint file is truncated, corrupted or not a ``torch.save`` file at all."""
+
+
+def note(message: str) -> None:
+    """One line for the user on stderr (stdout stays clean for the CLI's JSON output)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def _umask() -> int:
@@ -74,14 +87,115 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    kind = _torch_file_kind(path)
+    if kind != "ok":
+        raise CheckpointReadError(f"cannot read checkpoint {path}: {kind}; expected a file written by torch.save")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        if "weights_only" not in str(err) and "Unsupported global" not in str(err):
+            # a damaged pickle stream, not a refused class
+            raise CheckpointReadError(f"cannot read checkpoint {path}: corrupted ({str(err).splitlines()[0]})") from None
         raise UnsafeCheckpointError(
             f"refusing to load {path}: it needs arbitrary unpickling, which can execute code "
             f"(torch.load weights_only=True said: {str(err).splitlines()[0]}). Re-save it as a plain "
             "state_dict of tensors or as .safetensors."
         ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointReadError(f"cannot read checkpoint {path}: truncated or corrupted ({first})") from None
+
+
+def _torch_file_kind(path: Path) -> str:
+    """"ok" when ``path`` looks like a ``torch.save`` file (a complete zip archive, or a legacy pickle),
+    else what it is instead (empty, truncated, YAML/text), so that no non-checkpoint reaches the unpickler."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head.startswith(b"PK"):
+        if not zipfile.is_zipfile(path):
+            return f"a truncated zip archive ({size} bytes; the archive's end record is missing)"
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            return f"a damaged zip archive ({err})"
+        if bad is not None:
+            return f"a damaged zip archive (member {bad} fails its CRC check)"
+        return "ok"
+    if head[:1] == b"\x80":  # a legacy (non-zip) torch.save pickle stream
+        return "ok"
+    return "not a torch checkpoint (it does not start like a torch.save file; a YAML/JSON/text file?)"
+
+
+def file_identity(path: str | os.PathLike) -> list[int]:
+    """``[size, mtime_ns]`` of a file: what a cache records about a source to notice that it changed."""
+    st = os.stat(path)
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+def digest(value: Any) -> str:
+    """Hex SHA-256 of a JSON-serialisable value (sorted keys): a stable key of what made an artefact."""
+    import json
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def build_lock(target: str | os.PathLike, what: str = "artefact") -> Iterator[None]:
+    """Hold the inter-process lock ``<target>.lock`` (a ``filelock.FileLock``) while building ``target``.
+
+    A second process asking for the same lock waits (with one line on stderr) instead of racing; the lock
+    is released when the block ends, however it ends. Not re-entrant across different lock objects, so
+    nested builds must lock different targets.
+    """
+    from filelock import FileLock, Timeout
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(target) + ".lock")
+    try:
+        lock.acquire(timeout=2)
+    except Timeout:
+        note(f"waiting for another process that is building the {what} {target} ...")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def partial_dir(target: str | os.PathLike) -> Path:
+    """The folder a build of ``target`` writes into before :func:`publish_dir` renames it into place."""
+    target = Path(target)
+    return target.with_name(target.name + ".partial")
+
+
+def publish_dir(built: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Move the finished folder ``built`` to ``target`` (call under :func:`build_lock`).
+
+    An old ``target`` is first renamed aside and then deleted, so ``target`` is at every moment either
+    the old complete folder, briefly absent, or the new complete folder -- never a mix of the two.
+    """
+    built, target = Path(built), Path(target)
+    old = None
+    if target.exists():
+        old = target.with_name(f"{target.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(target, old)
+    os.replace(built, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """True when ``path`` is ``folder`` or lies below it (after resolving links and ``..``)."""
+    p, f = Path(path).resolve(), Path(folder).resolve()
+    return p == f or p.is_relative_to(f)
 
 
 def get_device(pref: str | torch.device = "auto") -> torch.device:
@@ -94,14 +208,6 @@ def get_device(pref: str | torch.device = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DepthGError(f"device={pref!r} was requested but CUDA is not available on this machine")
     return device
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; return a CPU ``torch.Generator`` seeded with ``seed``."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

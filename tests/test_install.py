@@ -27,6 +27,7 @@ MODULES = {
     "tqdm": "tqdm",
     "safetensors": "safetensors",
     "huggingface_hub": "huggingface_hub",
+    "filelock": "filelock",
     "transformers": "transformers",
     "scipy": "scipy",
     "sklearn": "scikit-learn",

@@ -16,12 +16,10 @@ from torch import nn
 from depthg.data import Cityscapes, ImageDirectory
 from depthg.data.prepare import (
     CroppedDataset,
-    PairDataset,
     PreparationError,
     compute_knn,
     five_crop,
     knn_search,
-    load_prepared,
     prepare_training_data,
 )
 from depthg.depth import DepthCache
@@ -182,30 +180,6 @@ def test_knn_self_first_with_duplicates():
         assert nns[:, 0].tolist() == [0, 1, 2, 3] and nns[0, 1] == 1 and nns[1, 1] == 0
 
 
-def test_pair_dataset_is_deterministic(tmp_path):
-    colours = torch.rand(10, 3, generator=torch.Generator().manual_seed(1)) + 0.1
-    ds = ColourDataset(colours)
-    path = compute_knn(ds, ColourBackbone(), tmp_path / "n.npz", k=8, res=8, device="cpu", progress=False)
-    nns = np.load(path)["nns"]
-    pairs = PairDataset(ds, path, num_neighbors=3, seed=5)
-    again = PairDataset(ds, path, num_neighbors=3, seed=5)
-    ranks = set()
-    for epoch in range(40):
-        pairs.set_epoch(epoch)
-        again.set_epoch(epoch)
-        for i in range(len(ds)):
-            j = pairs.partner(i)
-            assert j == again.partner(i)
-            ranks.add(int(np.where(nns[i] == j)[0][0]))
-    assert ranks == {1, 2, 3}  # uniform over 1..num_neighbors, never the image itself
-    item = pairs[4]
-    assert torch.equal(item["img_pos"], ds[item["index_pos"]]["img"]) and item["key_pos"] == ds.keys[item["index_pos"]]
-    with pytest.raises(ValueError, match="num_neighbors"):
-        PairDataset(ds, path, num_neighbors=9)
-    with pytest.raises(PreparationError, match="has neighbours for 10 images"):
-        PairDataset(ColourDataset(colours[:4]), path)
-
-
 # ------------------------------------------------------------------------------------------------
 # the chain
 # ------------------------------------------------------------------------------------------------
@@ -240,9 +214,8 @@ def test_prepare_training_data_disparity_chain(tmp_path):
     assert (direct == 0).any() and (direct > 0).any()
     assert float((raw[1]["depth"] - direct).abs().max()) <= 0.5 / 256 + 1e-6
 
-    pairs = load_prepared(paths, num_neighbors=3)
-    item = pairs[0]
-    assert item["img"].shape == (3, 8, 12) and item["depth_pos"].shape == (1, 8, 12)
+    item = CroppedDataset(paths["crop_dir"], "train")[0]
+    assert item["img"].shape == (3, 8, 12) and item["depth"].shape == (1, 8, 12)
 
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()}
     again = prepare_training_data(cfg, backbone=ColourBackbone(), progress=False)  # idempotent
@@ -256,9 +229,10 @@ def test_prepare_training_data_synthetic_world(tmp_path, capsys):
                           depth_source="gt", five_crop=True, crop_ratio=0.5, knn_k=4, num_neighbors=2, res=16,
                           device="cpu", world_n_train=2, world_n_val=1, world_size=[32, 64], world_seed=0)
     paths = prepare_training_data(cfg, backbone=ColourBackbone(), progress=False)
-    assert "synthetic world" in capsys.readouterr().out
-    assert paths["synthetic"] and paths["data_dir"] == tmp_path / "synthetic_world"
-    assert paths["depth_dir"] == tmp_path / "synthetic_world" / "depth_gt"
+    assert "synthetic world" in capsys.readouterr().err  # notes go to stderr (stdout is the CLI's JSON)
+    world = tmp_path / "synthetic_world_2+1_32x64_seed0_v1"  # the folder is named by the world's arguments
+    assert paths["synthetic"] and paths["data_dir"] == world
+    assert paths["depth_dir"] == world / "depth_gt"
     crops = CroppedDataset(paths["crop_dir"], "train")
     assert len(crops) == 10 and crops[3]["depth"].shape == (1, 16, 32) and float(crops[3]["depth"].min()) > 0
     assert DepthCache(paths["depth_dir"]).units == "m"

@@ -1,14 +1,13 @@
 """Cityscapes in its official (torchvision) layout, with the paper's 27-class mapping.
 
-Layout under ``root`` (released_code.md §4.1; the synthetic world writes the same, contract
-``depthg/data/synthetic.py``)::
+Layout under ``root`` (the synthetic world writes the same, contract ``depthg/data/synthetic.py``)::
 
     leftImg8bit/{split}/{city}/{city}_{seq}_{frame}_leftImg8bit.png
     gtFine/{split}/{city}/{city}_{seq}_{frame}_gtFine_labelIds.png
     disparity/{split}/{city}/{city}_{seq}_{frame}_disparity.png      (optional, stereo depth)
     camera/{split}/{city}/{city}_{seq}_{frame}_camera.json           (optional, stereo depth)
 
-Classes (released_code.md §4.2, ecosystem.md §7), all derived from ``cityscapesscripts``' label table:
+Classes, all derived from ``cityscapesscripts``' label table:
 
 * ``classes=27`` (the paper's setting, STEGO/DepthG): the 27 non-void labels, ids 7..33 → 0..26;
   void ids 0..6 and the licence plate (id -1) → -1. The released code computes ``id - 7`` and
@@ -31,6 +30,7 @@ import numpy as np
 from cityscapesscripts.helpers.labels import id2label, labels as CS_LABELS
 
 from .common import (
+    InvalidDatasetError,
     DatasetNotFoundError,
     EmptySplitError,
     Sample,
@@ -102,7 +102,7 @@ class Cityscapes(SegmentationDataset):
             self.class_names = [id2label[i].name for i in ids]
             self.palette = np.array([id2label[i].color for i in ids], dtype=np.uint8)
         else:
-            raise ValueError(f"Cityscapes classes must be 27, 19 or 'world', got {classes!r}")
+            raise InvalidDatasetError(f"Cityscapes classes must be 27, 19 or 'world', got {classes!r}")
         self.n_classes = len(self.class_names)
         super().__init__(root, split, depth_dir=depth_dir, transform=transform)
 
@@ -115,10 +115,10 @@ class Cityscapes(SegmentationDataset):
         try:
             ids = [int(i) for i in json.loads(path.read_text())["label_ids"]]
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path}: expected {{\"label_ids\": [int, ...]}}: {err}") from None
+            raise InvalidDatasetError(f"{path}: expected {{\"label_ids\": [int, ...]}}: {err}") from None
         bad = [i for i in ids if i not in id2label or i < 0]
         if bad or len(set(ids)) != len(ids) or not ids:
-            raise ValueError(f"{path}: label_ids must be distinct Cityscapes label ids (0..33), got {ids}")
+            raise InvalidDatasetError(f"{path}: label_ids must be distinct Cityscapes label ids (0..33), got {ids}")
         return ids
 
     def _find_samples(self) -> list[Sample]:

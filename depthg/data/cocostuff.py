@@ -1,6 +1,6 @@
 """COCO-Stuff-27: COCO-Stuff 164k with the 182 fine ids merged into 27 coarse classes.
 
-Layout under ``root`` (STEGO's ``cocostuff`` folder; released_code.md §4.1)::
+Layout under ``root`` (STEGO's ``cocostuff`` folder)::
 
     images/{train2017|val2017}/{id}.jpg
     annotations/{train2017|val2017}/{id}.png         182 fine ids (0-based), 255 = unlabelled
@@ -8,11 +8,11 @@ Layout under ``root`` (STEGO's ``cocostuff`` folder; released_code.md §4.1)::
     curated/{train2017|val2017}/Coco164kFull_Stuff_Coarse_7.txt   evaluation list (split "val")
 
 The released loaders name the sub-folders ``train2017`` / ``val2017`` (STEGO ``data.py``, class
-``Coco``: ``split_dirs = {"train": ["train2017"], "val": ["val2017"]}``); released_code.md §4.1 writes
-them as ``{split}``. Both spellings are accepted, ``{split}2017`` first.
+``Coco``: ``split_dirs = {"train": ["train2017"], "val": ["val2017"]}``); some copies name them
+``{split}``. Both spellings are accepted, ``{split}2017`` first.
 
 Train uses the full curated list and validation the IIC "subset 7" list, as in the released training
-and evaluation (released_code.md §4.1, §5). The fine → coarse table is released_code.md §4.2; 255 and
+and evaluation. The fine → coarse table is STEGO's (``Coco.fine_to_coarse``); 255 and
 any value outside 0..181 → -1 (the released table covers 0..181, so there the difference is moot).
 The item key is ``"{split}/{id}"``.
 """
@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .common import (
+    InvalidDatasetError,
     DatasetNotFoundError,
     EmptySplitError,
     Sample,
@@ -51,7 +52,7 @@ def _ranges(*spec: int | tuple[int, int]) -> list[int]:
     return out
 
 
-# coarse id -> fine ids (0-based), released_code.md §4.2
+# coarse id -> fine ids (0-based), STEGO's table
 _COARSE_TO_FINE: dict[int, list[int]] = {
     0: _ranges((71, 76)), 1: _ranges((77, 82)), 2: _ranges((51, 60)), 3: _ranges((61, 70)),
     4: _ranges((83, 90)), 5: _ranges((43, 50)), 6: _ranges((25, 32)), 7: _ranges((15, 24)),
@@ -105,7 +106,7 @@ class CocoStuff(SegmentationDataset):
         image_list: str | None = None,
     ) -> None:
         if split not in _LISTS:
-            raise ValueError(f"CocoStuff split must be one of {sorted(_LISTS)}, got {split!r}")
+            raise InvalidDatasetError(f"CocoStuff split must be one of {sorted(_LISTS)}, got {split!r}")
         self.image_list = image_list or _LISTS[split]
         super().__init__(root, split, depth_dir=depth_dir, transform=transform)
 

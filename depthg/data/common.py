@@ -8,7 +8,7 @@ Every dataset in ``depthg.data`` returns dict items (contract, ``depthg/data/``)
 ``key`` is a stable relative id (``"{split}/{city}/{stem}"`` for Cityscapes, ``"{split}/{id}"`` for the
 others) that names the item's files in every cache (depth, crops, kNN).
 
-The released loaders differ in ways that silently corrupt data (released_code.md §4.1, §8): truncated
+The released loaders differ in ways that silently corrupt data (docs/fidelity.md §4): truncated
 images are loaded anyway (``ImageFile.LOAD_TRUNCATED_IMAGES = True``), the directory dataset pairs
 images and labels by sort order, unknown Potsdam values become class 0. Here every such case raises a
 :class:`~depthg.utils.DepthGError` subclass naming the file and what was expected.
@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..depth import DepthCache
-from ..utils import DepthGError
+from ..utils import DepthGError, file_identity
 
 __all__ = [
     "DatasetNotFoundError",
@@ -36,10 +36,12 @@ __all__ = [
     "CorruptFileError",
     "DepthSizeMismatchError",
     "UnknownDatasetError",
+    "InvalidDatasetError",
     "IMAGE_EXTENSIONS",
     "Sample",
     "SegmentationDataset",
     "read_image",
+    "image_array",
     "read_label",
     "image_to_tensor",
     "check_pairs",
@@ -74,6 +76,10 @@ class UnknownDatasetError(DepthGError, ValueError):
     """``build_dataset`` got a name it does not know."""
 
 
+class InvalidDatasetError(DepthGError, ValueError):
+    """A dataset argument or metadata file does not fit (number of classes, split name, world.json, ...)."""
+
+
 def describe_dir(path: Path, limit: int = 10) -> str:
     """A short listing of ``path`` for error messages ("found instead: ...")."""
     if not path.is_dir():
@@ -96,9 +102,48 @@ def _open(path: Path, what: str) -> Image.Image:
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """RGB image as uint8 (H, W, 3)."""
-    with _open(Path(path), "image") as im:
+    """RGB image as uint8 (H, W, 3), whatever the file's mode (:func:`image_array`)."""
+    path = Path(path)
+    with _open(path, "image") as im:
+        return image_array(im, str(path))
+
+
+# PIL modes holding 16 bits per sample; PIL's convert("RGB") clips them at 255 (all white).
+_MODES_16BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def image_array(im: Image.Image, where: str = "image") -> np.ndarray:
+    """A decoded PIL image as RGB uint8 (H, W, 3), each mode converted by what its values mean.
+
+    * 8-bit modes ("RGB", "L", "1", "P", "CMYK", "YCbCr", ...): PIL's own conversion to RGB;
+    * 16-bit grey ("I;16*", and "I" from a PNG, which is how PIL opens 16-bit grey PNGs): scaled by
+      255/65535 and rounded (16-bit RGB PNGs already arrive as 8-bit "RGB" from PIL);
+    * with transparency ("RGBA", "LA", "PA", "P" with a transparent colour, "RGBa"): composited over
+      black, so a fully transparent pixel is black and an opaque one keeps its colour;
+    * anything else ("F" floats, "I" 32-bit integers outside PNG, "LAB", "HSV"): refused with
+      :class:`CorruptFileError`, because their range or colour space is not known.
+    """
+    mode = im.mode
+    if mode in _MODES_16BIT or (mode == "I" and im.format == "PNG"):
+        arr = np.asarray(im).astype(np.float64)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise CorruptFileError(f"{where}: 16-bit image holds values outside 0..65535 ({arr.min():g}..{arr.max():g})")
+        grey = np.rint(arr * (255.0 / 65535.0)).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if mode in ("F", "I", "LAB", "HSV"):
+        raise CorruptFileError(
+            f"{where}: image mode {mode!r} ({'32-bit float' if mode == 'F' else '32-bit integer' if mode == 'I' else mode} "
+            "samples) has no known display range; expected an 8-bit or 16-bit RGB or grey image"
+        )
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info)
+    try:
+        if has_alpha:
+            rgba = np.asarray(im.convert("RGBA"), dtype=np.float64)
+            alpha = rgba[:, :, 3:] / 255.0
+            return np.rint(rgba[:, :, :3] * alpha).astype(np.uint8)
         return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except ValueError as err:
+        raise CorruptFileError(f"{where}: cannot convert image mode {mode!r} to RGB ({err})") from None
 
 
 def read_label(path: str | os.PathLike) -> np.ndarray:
@@ -197,6 +242,30 @@ class SegmentationDataset(Dataset):
     def depth_path(self, sample: Sample) -> Path | None:
         """The file :meth:`load_depth` reads (for error messages)."""
         return self.depth_cache.path(sample.key) if self.depth_cache is not None else None
+
+    def item_files(self, index: int, parts: tuple[str, ...] = ("img", "label", "depth")) -> list[Path]:
+        """The files item ``index`` is read from -- of ``parts`` among ("img", "label", "depth"): what the
+        artefacts derived from it depend on."""
+        sample = self.samples[index]
+        files = [sample.image] if "img" in parts else []
+        if "label" in parts and sample.label is not None:
+            files.append(sample.label)
+        depth = self.depth_path(sample) if "depth" in parts else None
+        return files + ([depth] if depth is not None else [])
+
+    def item_identity(self, index: int, parts: tuple[str, ...] = ("img", "label", "depth")) -> list[Any]:
+        """``[[name, size, mtime_ns], ...]`` of :meth:`item_files`: changes whenever one of them is edited."""
+        out = []
+        for path in self.item_files(index, parts):
+            try:
+                out.append([path.name, *file_identity(path)])
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{self.name}: file of item {self.samples[index].key!r} not found: {path}") from None
+        return out
+
+    def label_mapping(self) -> dict[str, Any]:
+        """What turns raw label values into class ids (part of every label-holding artefact's key)."""
+        return {"dataset": self.name, "n_classes": int(self.n_classes), "class_names": list(self.class_names)}
 
     # -- public -----------------------------------------------------------------------------------
     @property

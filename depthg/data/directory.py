@@ -1,6 +1,6 @@
 """A folder of the user's own images, with optional labels and depth.
 
-Layout under ``root`` (released ``DirectoryDataset``; released_code.md §4.1)::
+Layout under ``root`` (the released ``DirectoryDataset``)::
 
     imgs/{split}/*.{png,jpg,jpeg,bmp,tif,tiff,webp}
     labels/{split}/*.png          optional: class ids 0..n_classes-1; anything else (e.g. 255) = ignore
@@ -17,7 +17,8 @@ Differences from the released code, on purpose:
   ``label > 0`` drops it).
 
 ``n_classes`` comes from the argument, else from ``class_names`` / ``classes.txt``, else from the
-largest label value below 255 found in the label files (read once). The item key is ``"{split}/{stem}"``.
+largest label value below 255 found in the label files of *all* splits (read once), so training and
+validation map labels the same way. The item key is ``"{split}/{stem}"``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 
 from ..depth import validate_depth
 from .common import (
+    InvalidDatasetError,
     IMAGE_EXTENSIONS,
     DatasetNotFoundError,
     EmptySplitError,
@@ -113,11 +115,12 @@ class ImageDirectory(SegmentationDataset):
         if names is None and (self.root / "classes.txt").is_file():
             names = [n.strip() for n in (self.root / "classes.txt").read_text().splitlines() if n.strip()]
         n = self._n_classes_arg if self._n_classes_arg is not None else (len(names) if names is not None else None)
-        if n is None:
-            values = [read_label(s.label) for s in self.samples if s.label is not None]
+        if n is None:  # from the labels of *every* split, so that all splits share one class mapping
+            files = sorted(p for p in (self.root / "labels").glob("*/*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            values = [read_label(p) for p in files]
             n = 1 + max((int(v[v < 255].max()) for v in values if (v < 255).any()), default=-1)
         if names is not None and len(names) != n:
-            raise ValueError(f"{self.root}: {len(names)} class names but n_classes={n}")
+            raise InvalidDatasetError(f"{self.root}: {len(names)} class names but n_classes={n}")
         self.n_classes = n
         self.class_names = names if names is not None else [f"class {i}" for i in range(n)]
         self.palette = default_palette(n)
@@ -146,6 +149,6 @@ class ImageDirectory(SegmentationDataset):
         if arr.ndim == 3 and arr.shape[0] == 1:
             arr = arr[0]
         if arr.ndim != 2:
-            raise ValueError(f"depth {path} must be (H, W) or (1, H, W), got shape {arr.shape}")
+            raise InvalidDatasetError(f"depth {path} must be (H, W) or (1, H, W), got shape {arr.shape}")
         validate_depth(arr, str(path))
         return torch.from_numpy(arr)[None]

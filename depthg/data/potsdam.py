@@ -1,6 +1,6 @@
 """ISPRS Potsdam tiles as packaged by STEGO/IIC (``.mat`` files), in 3 or 6 classes.
 
-Layout under ``root`` (released_code.md §4.1)::
+Layout under ``root`` (STEGO's ``potsdam`` folder)::
 
     labelled_train.txt  labelled_test.txt  unlabelled_train.txt  all.txt     one id per line
     imgs/{id}.mat   key "img": (H, W, 4) RGB-IR; the first 3 channels are used
@@ -10,16 +10,16 @@ PNG tiles (``imgs/{id}.png``, ``gt/{id}.png``, e.g. from the released ``potsdam_
 when no ``.mat`` is present. Splits: "train" = labelled_train.txt, "val" = labelled_test.txt; the list
 names themselves ("labelled_train", "unlabelled_train", "all", ...) are accepted too.
 
-Classes (released_code.md §4.2), fine ids in the ISPRS order 0 impervious surfaces, 1 building,
+Classes, fine ids in the ISPRS order 0 impervious surfaces, 1 building,
 2 low vegetation, 3 tree, 4 car, 5 clutter:
 
 * ``n_classes=3``: {0, 4} → 0 roads and cars, {1, 5} → 1 buildings and clutter, {2, 3} → 2 trees and
   vegetation. **Differs from the released code**, which starts from zeros so any unmapped value
   (anything but 0..5 and 255) becomes class 0; here it becomes -1 (ignored).
-* ``n_classes=6``: the fine ids themselves (the released code never wires this; released_code.md §4.2).
+* ``n_classes=6``: the fine ids themselves (the released code never wires this).
 
 Images stored as floats are taken to be in [0, 1] (the released ``to_pil_image`` multiplies floats by
-255); uint8 images are divided by 255. The item key is ``"{split}/{id}"``.
+255); uint8 images are divided by 255, uint16 by 65535. The item key is ``"{split}/{id}"``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import numpy as np
 import scipy.io
 
 from .common import (
+    InvalidDatasetError,
     CorruptFileError,
     DatasetNotFoundError,
     EmptySplitError,
@@ -94,9 +95,9 @@ class Potsdam(SegmentationDataset):
         elif n_classes == 6:
             self._lut, self.class_names, self.palette = _LUT_6, list(POTSDAM_6_CLASSES), POTSDAM_6_PALETTE
         else:
-            raise ValueError(f"Potsdam n_classes must be 3 or 6, got {n_classes!r}")
+            raise InvalidDatasetError(f"Potsdam n_classes must be 3 or 6, got {n_classes!r}")
         if split not in _SPLIT_FILES:
-            raise ValueError(f"Potsdam split must be one of {sorted(_SPLIT_FILES)}, got {split!r}")
+            raise InvalidDatasetError(f"Potsdam split must be one of {sorted(_SPLIT_FILES)}, got {split!r}")
         self.n_classes = n_classes
         super().__init__(root, split, depth_dir=depth_dir, transform=transform)
 
@@ -149,12 +150,14 @@ class Potsdam(SegmentationDataset):
         arr = arr[:, :, :3]
         if arr.dtype == np.uint8:
             return arr.copy()
+        if arr.dtype == np.uint16:  # 16-bit tiles: the full range maps to 0..255
+            return np.rint(arr.astype(np.float64) * (255.0 / 65535.0)).astype(np.uint8)
         if np.issubdtype(arr.dtype, np.floating):
             lo, hi = float(arr.min()), float(arr.max())
             if lo < 0 or hi > 1 or not np.isfinite(arr).all():
                 raise CorruptFileError(f"{sample.image}: float 'img' must lie in [0, 1], found [{lo:g}, {hi:g}]")
             return np.rint(arr * 255.0).astype(np.uint8)
-        raise CorruptFileError(f"{sample.image}: 'img' dtype {arr.dtype} unsupported (expected uint8 or float in [0, 1])")
+        raise CorruptFileError(f"{sample.image}: 'img' dtype {arr.dtype} unsupported (expected uint8, uint16 or float in [0, 1])")
 
     def load_raw_label(self, sample: Sample) -> np.ndarray | None:
         if sample.label is None:

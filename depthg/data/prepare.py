@@ -1,7 +1,7 @@
 """One-off preparation of training data: five-crops, kNN positives, and the whole chain.
 
-STEGO/DepthG train on five-crops of the source images (released_code.md §4.4) and draw each image's
-positive partner from its k nearest neighbours in DINO feature space (§4.5). Both are computed once
+STEGO/DepthG train on five-crops of the source images and draw each image's positive partner from its
+k nearest neighbours in DINO feature space (docs/method.md §10). Both are computed once
 and cached. Fixes relative to the released scripts:
 
 * **Lossless crops.** The released script re-encodes the image crops as JPEG and stores depth as 8-bit
@@ -9,24 +9,39 @@ and cached. Fixes relative to the released scripts:
   depth a 16-bit :class:`~depthg.depth.DepthCache` with the source cache's scale. ``index.json``
   records every crop's source key, box, and the parent image's depth min/max, so
   :class:`CroppedDataset` can reproduce the released per-full-image min-max normalisation
-  (``depth_normalization="minmax255"``, released_code.md §4.3) or give metric depth (``"none"``).
+  (``depth_normalization="minmax255"``, docs/fidelity.md §3.11) or give metric depth (``"none"``).
 * **Resumable, atomic.** Finished crops are skipped; every file goes through ``atomic_write``.
 * **kNN in eval mode.** The released extraction left ``Dropout2d(0.1)`` active (§4.5); here the
   backbone is put in eval mode. Descriptor = spatial mean of the patch features, L2-normalised (as
   released); cosine top-(k+1) computed in row chunks (bounded memory) or with faiss when installed;
   both give the same neighbours. Self is always rank 0. The file's resolution is the one used (the
   released 392-vs-224 file-name mismatch cannot happen).
-* :class:`PairDataset` draws the neighbour rank uniformly from 1..num_neighbors (released: 7) with a
-  generator seeded from (seed, epoch, index), so the draw does not depend on worker processes.
+
+Staleness and concurrency. Every artefact records what made it and is
+rebuilt, with one line on stderr saying why, when that changes:
+
+* crops: ``index.json`` holds each source item's files' identity (size, modification time) and each
+  crop file's size and SHA-256; an item whose image, label or depth changed is recropped, and
+  :class:`CroppedDataset` refuses a folder whose files no longer match the index;
+* kNN: the ``.npz`` holds a key over the images' content (crop hashes, or source identities), k, the
+  resolution, the resize mode and the backbone's weights hash (:func:`depthg.features.backbone_fingerprint`);
+* the synthetic world: its folder is named by its arguments.
+
+Builds run under an inter-process lock (:func:`depthg.utils.build_lock`) and a crop folder is built in
+``<folder>.partial`` and renamed into place when complete, so two processes preparing one cache wait for
+each other instead of racing, and a reader never sees a half-built folder.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
+import shutil
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -37,9 +52,31 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..depth import DepthCache, disparity_to_depth, estimate_depth_for_dataset, load_depth_model
-from ..utils import DepthGError, atomic_write, get_device
+from ..backbone import load_backbone
+from ..depth import (
+    DEPTH_MODEL_ALIASES,
+    DepthCache,
+    disparity_to_depth,
+    estimate_depth_for_dataset,
+    load_depth_model,
+    stale_depth_keys,
+)
+from ..features import backbone_fingerprint
+from ..utils import (
+    DepthGError,
+    atomic_write,
+    build_lock,
+    digest,
+    file_identity,
+    get_device,
+    inside,
+    note,
+    partial_dir,
+    publish_dir,
+)
 from .common import CorruptFileError, image_to_tensor, read_image, read_label
+from .registry import build_dataset
+from .synthetic import GENERATOR_VERSION, make_world
 from .transforms import resize_center_crop
 
 __all__ = [
@@ -48,14 +85,19 @@ __all__ = [
     "CroppedDataset",
     "compute_knn",
     "knn_search",
-    "PairDataset",
     "prepare_training_data",
-    "load_prepared",
+    "load_knn",
+    "dataset_digest",
+    "dataset_kwargs",
+    "dataset_root",
+    "check_outside_dataset",
     "stereo_depth_for_dataset",
     "PreparationError",
 ]
 
 INDEX_NAME = "index.json"
+INDEX_FORMAT = 2
+KNN_FORMAT = 2
 CROP_NAMES = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
 
 
@@ -69,18 +111,28 @@ class PreparationError(DepthGError, ValueError):
 def five_crop_boxes(h: int, w: int, ratio: float) -> list[tuple[int, int, int, int]]:
     """(top, left, height, width) of torchvision's ``five_crop`` with size int(h·ratio) × int(w·ratio).
 
-    Order as torchvision: top-left, top-right, bottom-left, bottom-right, centre (released_code.md §4.4).
+    Order as torchvision: top-left, top-right, bottom-left, bottom-right, centre.
     """
     ch, cw = int(h * ratio), int(w * ratio)
     if ch < 1 or cw < 1:
-        raise ValueError(f"crop ratio {ratio} gives an empty crop for a {h}x{w} image")
+        raise PreparationError(f"crop ratio {ratio} gives an empty crop for a {h}x{w} image")
     ct, cl = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
     return [(0, 0, ch, cw), (0, w - cw, ch, cw), (h - ch, 0, ch, cw), (h - ch, w - cw, ch, cw), (ct, cl, ch, cw)]
 
 
-def _save_png(path: Path, arr: np.ndarray) -> None:
+def _save_png(path: Path, arr: np.ndarray) -> list[Any]:
+    """Write ``arr`` as a PNG atomically; return ``[size, sha256]`` of the bytes written."""
+    buffer = io.BytesIO()
+    Image.fromarray(arr).save(buffer, format="PNG")
+    data = buffer.getvalue()
     with atomic_write(path, "wb") as f:
-        Image.fromarray(arr).save(f, format="PNG")
+        f.write(data)
+    return [len(data), hashlib.sha256(data).hexdigest()]
+
+
+def _file_record(path: Path) -> list[Any]:
+    data = path.read_bytes()
+    return [len(data), hashlib.sha256(data).hexdigest()]
 
 
 def _read_index(out_dir: Path) -> dict[str, Any] | None:
@@ -88,9 +140,12 @@ def _read_index(out_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise PreparationError(f"cannot read {path}: {err}; delete it to redo the crops") from None
+        index = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PreparationError(f"cannot read {path}: {err}; delete the folder {out_dir} to redo the crops") from None
+    if not isinstance(index, dict) or not isinstance(index.get("splits"), dict):
+        raise PreparationError(f"{path} is not a five-crop index (no 'splits'); delete the folder {out_dir} to redo the crops")
+    return index
 
 
 def _write_index(out_dir: Path, index: dict[str, Any]) -> None:
@@ -108,6 +163,44 @@ def _dataset_info(dataset: Any) -> dict[str, Any]:
     }
 
 
+def check_outside_dataset(target: str | os.PathLike, dataset: Any, what: str) -> None:
+    """Refuse to write ``target`` inside the dataset's folder (its root or its image/label trees)."""
+    folders = [Path(d) for d in getattr(dataset, "source_dirs", [])]
+    root = getattr(dataset, "root", None)
+    if root is not None and getattr(dataset, "name", "") != "cropped":
+        folders.append(Path(root))
+    for folder in folders:
+        if inside(target, folder):
+            raise PreparationError(
+                f"refusing to write the {what} {target}: it is inside the dataset folder {folder}. Nothing is "
+                "written into a dataset; choose a folder outside it"
+            )
+
+
+def _item_identities(dataset: Any, parts: tuple[str, ...] = ("img", "label", "depth")) -> list[Any] | None:
+    """Per item, the identity of the files it is read from (None for datasets that cannot say)."""
+    identity = getattr(dataset, "item_identity", None)
+    if identity is None:
+        return None
+    return [identity(n, parts) for n in range(len(dataset))]
+
+
+def dataset_digest(dataset: Any, parts: tuple[str, ...] = ("img", "label", "depth")) -> str | None:
+    """A key of what ``dataset``'s items hold: crop-file hashes for :class:`CroppedDataset`, the source files'
+    identity (size, modification time) and the label mapping for the loaders; None when it cannot tell.
+
+    ``parts`` picks which of ("img", "label", "depth") count (kNN needs the images only).
+    """
+    own = getattr(dataset, "content_digest", None)
+    if own is not None:
+        return own(parts)
+    items = _item_identities(dataset, parts)
+    if items is None:
+        return None
+    mapping = dataset.label_mapping() if "label" in parts and hasattr(dataset, "label_mapping") else None
+    return digest({"keys": list(dataset.keys), "items": items, "labels": mapping, "parts": list(parts)})
+
+
 def five_crop(dataset: Any, out_dir: str | os.PathLike, ratio: float = 0.5, progress: bool = True) -> Path:
     """Write the five crops of every item of ``dataset`` (image, label and depth cropped together).
 
@@ -115,80 +208,160 @@ def five_crop(dataset: Any, out_dir: str | os.PathLike, ratio: float = 0.5, prog
     (uint8 ``class + 1``, 0 = ignore), ``out_dir/depth/{split}/{i:06d}.png`` (16-bit, a
     :class:`DepthCache` with the source's scale) and ``out_dir/index.json``; crop ``i = item * 5 + k``
     with ``k`` in :data:`CROP_NAMES` order (as released). Items must be full resolution (no transform).
-    Re-running skips finished items; the index is rewritten atomically every few items so an
-    interrupted run resumes where it stopped.
+
+    Incremental and safe: an item is (re)cropped when its crops are missing or differ from the index, or
+    when one of its source files (image, label, depth) changed since it was cropped (one line on stderr
+    says how many and why); finished items are kept. The work happens under a lock on ``out_dir`` in
+    ``out_dir.partial`` (the index is rewritten every few items, so a killed run resumes there) and the
+    folder is renamed back when every item is done. ``out_dir`` must not lie inside the dataset.
     """
     if getattr(dataset, "transform", None) is not None:
-        raise ValueError("five_crop needs full-resolution items: pass a dataset with transform=None")
+        raise PreparationError("five_crop needs full-resolution items: pass a dataset with transform=None")
     if not 0 < ratio <= 1:
-        raise ValueError(f"crop ratio must be in (0, 1], got {ratio}")
+        raise PreparationError(f"crop ratio must be in (0, 1], got {ratio}")
     if dataset.n_classes >= 255:
-        raise ValueError(f"five_crop stores labels as uint8 class+1; {dataset.n_classes} classes do not fit")
+        raise PreparationError(f"five_crop stores labels as uint8 class+1; {dataset.n_classes} classes do not fit")
     out_dir = Path(out_dir)
-    split = dataset.split
-    info = _dataset_info(dataset)
-    index = _read_index(out_dir) or {"format": 1, "ratio": ratio, **info, "splits": {}}
-    if index.get("ratio") != ratio or index.get("dataset") != info["dataset"] or index.get("n_classes") != info["n_classes"]:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PreparationError(f"five-crop output {out_dir} exists and is not a folder")
+    check_outside_dataset(out_dir, dataset, "five-crop folder")
+    keys: list[str] = list(getattr(dataset, "keys", None) or [dataset[i]["key"] for i in range(len(dataset))])
+    with build_lock(out_dir, "five-crop folder"):
+        idents = _item_identities(dataset)
+        index = _read_index(out_dir)
+        if index is not None and _crops_fresh(out_dir, index, dataset, keys, idents, ratio):
+            return out_dir
+        work = partial_dir(out_dir)
+        if out_dir.exists():  # continue from the published folder: unchanged items are kept as they are
+            if work.exists():
+                shutil.rmtree(work)
+            os.replace(out_dir, work)
+        _five_crop_into(dataset, work, keys, idents, ratio, progress, out_dir)
+        publish_dir(work, out_dir)
+    return out_dir
+
+
+def _check_compatible(index: dict[str, Any], info: dict[str, Any], ratio: float, where: Path) -> None:
+    same = (index.get("ratio") == ratio and index.get("dataset") == info["dataset"]
+            and index.get("n_classes") == info["n_classes"]
+            and index.get("class_names", info["class_names"]) == info["class_names"])
+    if not same:
         raise PreparationError(
-            f"{out_dir} holds crops of {index.get('dataset')!r} ({index.get('n_classes')} classes) at ratio "
+            f"{where} holds crops of {index.get('dataset')!r} ({index.get('n_classes')} classes) at ratio "
             f"{index.get('ratio')}, not {info['dataset']!r} ({info['n_classes']}) at {ratio}; use another folder"
         )
-    keys: list[str] = list(getattr(dataset, "keys", None) or [dataset[i]["key"] for i in range(len(dataset))])
+
+
+def _item_done(out_dir: Path, split: str, entry: dict[str, Any], n: int, ident: Any, with_depth: bool) -> bool:
+    """Item n's five crops are all recorded, present with their recorded sizes, and made from ``ident``."""
+    sources = entry.get("sources")
+    if ident is not None and (not isinstance(sources, list) or n >= len(sources) or sources[n] != ident):
+        return False
+    for k in range(5):
+        crop = entry["crops"].get(str(n * 5 + k))
+        if crop is None or "files" not in crop or ("depth" in crop["files"]) != with_depth:
+            return False
+        for part, (size, _) in crop["files"].items():
+            path = out_dir / part / split / f"{n * 5 + k:06d}.png"
+            try:
+                if path.stat().st_size != size:
+                    return False
+            except FileNotFoundError:
+                return False
+    return True
+
+
+def _has_depth(dataset: Any) -> bool:
+    return getattr(dataset, "depth_cache", None) is not None or getattr(dataset, "npy_depth_dir", None) is not None
+
+
+def _crops_fresh(out_dir: Path, index: dict[str, Any], dataset: Any, keys: list[str], idents: list[Any] | None,
+                 ratio: float) -> bool:
+    _check_compatible(index, _dataset_info(dataset), ratio, out_dir)
+    entry = index["splits"].get(dataset.split)
+    if index.get("format") != INDEX_FORMAT or entry is None or not entry.get("complete"):
+        return False
+    if entry.get("source_keys") != keys or entry.get("has_depth") != _has_depth(dataset):
+        return False
+    return all(_item_done(out_dir, dataset.split, entry, n, None if idents is None else idents[n], entry["has_depth"])
+               for n in range(len(keys)))
+
+
+def _five_crop_into(dataset: Any, out_dir: Path, keys: list[str], idents: list[Any] | None, ratio: float,
+                    progress: bool, shown: Path) -> None:
+    split = dataset.split
+    info = _dataset_info(dataset)
+    index = _read_index(out_dir) or {"format": INDEX_FORMAT, "ratio": ratio, **info, "splits": {}}
+    _check_compatible(index, info, ratio, shown)
+    index["format"] = INDEX_FORMAT
     entry = index["splits"].get(split)
     if entry is not None and entry.get("source_keys") != keys:
-        raise PreparationError(f"{out_dir}: split {split!r} was cropped from other images (source keys differ); use another folder")
+        note(f"five-crop {shown}: split {split!r} now has other images (keys differ); recropping all of it")
+        entry = None
     entry = entry or {"source_keys": keys, "crops": {}, "complete": False}
+    entry.setdefault("sources", [None] * len(keys))
+    entry["complete"] = False
     index["splits"][split] = entry
 
     src_cache: DepthCache | None = getattr(dataset, "depth_cache", None)
     depth_cache: DepthCache | None = None
-    has_depth = src_cache is not None or getattr(dataset, "npy_depth_dir", None) is not None
+    has_depth = _has_depth(dataset)
     if has_depth:
         if src_cache is not None:
             m = src_cache.meta
             standard = {"source", "encoding", "scale", "offset", "units", "normalisation"}
-            depth_cache = DepthCache(out_dir / "depth", source=str(m.get("source")), units=m["units"],
-                                     scale=src_cache.scale, offset=src_cache.offset,
-                                     normalisation=str(m.get("normalisation", "none")),
-                                     extra={k: v for k, v in m.items() if k not in standard})
+            settings = dict(source=str(m.get("source")), units=m["units"], scale=src_cache.scale,
+                            offset=src_cache.offset, normalisation=str(m.get("normalisation", "none")),
+                            extra={k: v for k, v in m.items() if k not in standard})
         else:
-            depth_cache = DepthCache(out_dir / "depth", source="directory npy", units="unknown")
+            settings = dict(source="directory npy", units="unknown")
+        try:
+            depth_cache = DepthCache(out_dir / "depth", **settings)  # type: ignore[arg-type]
+        except DepthGError:  # the depth came from another source than before: redo all depth crops
+            note(f"five-crop {shown}: the depth source changed; recropping every item")
+            shutil.rmtree(out_dir / "depth")
+            entry["crops"] = {}
+            depth_cache = DepthCache(out_dir / "depth", **settings)  # type: ignore[arg-type]
+    if entry.get("has_depth") != has_depth:
+        entry["crops"] = {}
     entry["has_depth"] = has_depth
 
-    def done(n: int) -> bool:
-        for k in range(5):
-            i = n * 5 + k
-            if str(i) not in entry["crops"]:
-                return False
-            if not (out_dir / "img" / split / f"{i:06d}.png").is_file() or not (out_dir / "label" / split / f"{i:06d}.png").is_file():
-                return False
-            if depth_cache is not None and not depth_cache.exists(f"{split}/{i:06d}"):
-                return False
-        return True
-
-    todo = [n for n in range(len(keys)) if not done(n)]
-    bar = tqdm(todo, desc=f"five-crop {split} -> {out_dir}", disable=not progress or not todo)
+    todo = [n for n in range(len(keys)) if not _item_done(out_dir, split, entry, n, None if idents is None else idents[n], has_depth)]
+    changed = [keys[n] for n in todo if entry["sources"][n] is not None and idents is not None
+               and entry["sources"][n] != idents[n]]
+    if changed:
+        note(f"five-crop {shown}: {len(changed)} source item(s) changed since they were cropped "
+             f"(e.g. {changed[0]}); recropping them")
+    damaged = [keys[n] for n in todo if keys[n] not in changed and str(n * 5) in entry["crops"]]
+    if damaged:
+        note(f"five-crop {shown}: {len(damaged)} item(s) have missing or modified crop files (e.g. {damaged[0]}); "
+             "recropping them")
+    bar = tqdm(todo, desc=f"five-crop {split} -> {shown}", disable=not progress or not todo)
     for count, n in enumerate(bar):
         item = dataset[n]
         img = (item["img"] * 255.0).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
         label = (item["label"] + 1).to(torch.uint8).numpy()
         depth = item.get("depth")
+        if has_depth and depth is None:
+            raise PreparationError(f"five-crop: item {keys[n]!r} has no depth although the dataset has a depth source")
         h, w = img.shape[:2]
         dmin = float(depth.min()) if depth is not None else None
         dmax = float(depth.max()) if depth is not None else None
         for k, (top, left, ch, cw) in enumerate(five_crop_boxes(h, w, ratio)):
             i = n * 5 + k
-            _save_png(out_dir / "img" / split / f"{i:06d}.png", np.ascontiguousarray(img[top : top + ch, left : left + cw]))
-            _save_png(out_dir / "label" / split / f"{i:06d}.png", np.ascontiguousarray(label[top : top + ch, left : left + cw]))
+            files = {
+                "img": _save_png(out_dir / "img" / split / f"{i:06d}.png", np.ascontiguousarray(img[top : top + ch, left : left + cw])),
+                "label": _save_png(out_dir / "label" / split / f"{i:06d}.png", np.ascontiguousarray(label[top : top + ch, left : left + cw])),
+            }
             if depth_cache is not None and depth is not None:
-                depth_cache.write(f"{split}/{i:06d}", depth[:, top : top + ch, left : left + cw])
+                files["depth"] = _file_record(depth_cache.write(f"{split}/{i:06d}", depth[:, top : top + ch, left : left + cw]))
             entry["crops"][str(i)] = {"key": keys[n], "crop": CROP_NAMES[k], "box": [top, left, ch, cw],
-                                      "depth_min": dmin, "depth_max": dmax}
+                                      "depth_min": dmin, "depth_max": dmax, "files": files}
+        entry["sources"][n] = None if idents is None else idents[n]
         if count % 25 == 24:
             _write_index(out_dir, index)
     entry["complete"] = True
     _write_index(out_dir, index)
-    return out_dir
 
 
 class CroppedDataset(Dataset):
@@ -198,9 +371,9 @@ class CroppedDataset(Dataset):
 
     * ``"none"``: the cached depth (metres for metric sources);
     * ``"minmax"``: ``(d - min) / (max - min)`` with min/max of the **full parent image** — what the
-      released depth PNGs held before quantisation (released_code.md §4.6);
+      released depth PNGs held before quantisation;
     * ``"minmax255"``: ``round(255 * minmax)``, the 0..255 integer-valued floats the released training
-      actually fed to the model for cropped sets (released_code.md §4.3).
+      actually fed to the model for cropped sets (docs/fidelity.md §3.11).
 
     Item key: ``"{split}/{i:06d}"``; ``source_key`` is the parent image's key.
     """
@@ -216,7 +389,7 @@ class CroppedDataset(Dataset):
         with_depth: bool = True,
     ) -> None:
         if depth_normalization not in ("none", "minmax", "minmax255"):
-            raise ValueError(f"depth_normalization must be 'none', 'minmax' or 'minmax255', got {depth_normalization!r}")
+            raise PreparationError(f"depth_normalization must be 'none', 'minmax' or 'minmax255', got {depth_normalization!r}")
         self.root = Path(out_dir)
         index = _read_index(self.root)
         if index is None:
@@ -226,6 +399,9 @@ class CroppedDataset(Dataset):
         entry = index["splits"][split]
         if not entry.get("complete"):
             raise PreparationError(f"{self.root}: the five-crop of split {split!r} is incomplete; rerun five_crop to finish it")
+        if index.get("format") != INDEX_FORMAT:
+            raise PreparationError(f"{self.root} was cropped by an older version of the workbench (index format "
+                                   f"{index.get('format')}, expected {INDEX_FORMAT}); rerun five_crop / prepare to update it")
         self.split = split
         self.transform = transform
         self.depth_normalization = depth_normalization
@@ -234,8 +410,39 @@ class CroppedDataset(Dataset):
         self.n_classes = int(index["n_classes"])
         self.class_names = list(index["class_names"])
         self.palette = np.asarray(index.get("palette", []), dtype=np.uint8).reshape(-1, 3)
-        self.crops = [entry["crops"][str(i)] for i in range(5 * len(entry["source_keys"]))]
+        try:
+            self.crops = [entry["crops"][str(i)] for i in range(5 * len(entry["source_keys"]))]
+        except KeyError as err:
+            raise PreparationError(f"{self.root / INDEX_NAME}: crop {err} of split {split!r} is missing from the index; "
+                                   "rerun five_crop / prepare") from None
         self.depth_cache = DepthCache(self.root / "depth") if with_depth and entry.get("has_depth") else None
+        self._verify_sizes()
+
+    def _verify_sizes(self) -> None:
+        """Every crop file is present with the size the index recorded (a cheap check against files replaced,
+        truncated or deleted after the crops were built)."""
+        for i, crop in enumerate(self.crops):
+            for part, (size, _) in crop["files"].items():
+                if part == "depth" and self.depth_cache is None:
+                    continue
+                path = self.root / part / self.split / f"{i:06d}.png"
+                try:
+                    actual = path.stat().st_size
+                except FileNotFoundError:
+                    raise PreparationError(f"crop file {path} is missing (listed in {self.root / INDEX_NAME}); "
+                                           "rerun `python -m depthg prepare` (or five_crop) to rebuild it") from None
+                if actual != size:
+                    raise PreparationError(f"crop file {path} has {actual} bytes but {self.root / INDEX_NAME} recorded "
+                                           f"{size}: it was changed after the crops were built; rerun "
+                                           "`python -m depthg prepare` (or five_crop) to rebuild it")
+
+    def content_digest(self, parts: tuple[str, ...] = ("img", "label", "depth")) -> str:
+        """A key over the crops' content: the SHA-256 of every crop file of ``parts`` (as recorded when they
+        were written), the crop ratio and the class list."""
+        parts = tuple(p for p in parts if p != "depth" or self.depth_cache is not None)
+        hashes = [[crop["files"][p][1] for p in parts if p in crop["files"]] for crop in self.crops]
+        return digest({"ratio": self.ratio, "dataset": self.source_dataset, "classes": self.class_names if "label" in parts else None,
+                       "parts": list(parts), "files": hashes})
 
     @property
     def keys(self) -> list[str]:
@@ -302,7 +509,7 @@ def knn_search(
 
     The torch path compares ``chunk_size`` rows at a time against all rows (memory chunk × N); the
     faiss path uses an exact inner-product index. Both rank by decreasing similarity and move the
-    query itself to rank 0 (the released code only "usually" had it there, released_code.md §4.5).
+    query itself to rank 0 (the released code only "usually" had it there).
     """
     x = torch.as_tensor(desc, dtype=torch.float32).cpu().contiguous()
     n = x.shape[0]
@@ -357,117 +564,129 @@ def compute_knn(
     The npz holds ``nns`` (N, k+1) int64 with self at rank 0, ``keys`` (N,) str, ``k``, ``res`` and
     ``backbone``, ``mode``. Images are resized (short side ``res``; bilinear in paper mode, nearest in
     released mode, see :mod:`depthg.data.transforms`) and centre-cropped to ``res``;
-    descriptor = spatial mean of ``backbone(img)`` (B, C, h, w), L2-normalised (released_code.md §4.5).
-    Idempotent: an existing file with the same keys, k and res is kept. If the dataset has fewer
-    than k+1 images, k is reduced to N-1 with a warning.
+    descriptor = spatial mean of ``backbone(img)`` (B, C, h, w), L2-normalised, as released.
+    Keyed: the file records a key over the images' content (:func:`dataset_digest`), k, ``res``, ``mode``
+    and the backbone's weights hash; an existing file with the same key is kept, anything else (another
+    key, an older format, an unreadable file) is recomputed with one line on stderr saying why. Runs
+    under a lock on ``out_path``. If the dataset has fewer than k+1 images, k is reduced to N-1 with a
+    warning.
     """
     out_path = Path(out_path)
+    if out_path.exists() and not out_path.is_file():
+        raise PreparationError(f"kNN output {out_path} exists and is not a file")
+    check_outside_dataset(out_path, dataset, "kNN file")
     keys = list(getattr(dataset, "keys", None) or [dataset[i]["key"] for i in range(len(dataset))])
     n = len(keys)
     if n < 2:
-        raise ValueError(f"compute_knn needs at least 2 images, the dataset has {n}")
+        raise PreparationError(f"compute_knn needs at least 2 images, the dataset has {n}")
     if k >= n:
         warnings.warn(f"kNN: k={k} but only {n} images; using k={n - 1}")
         k = n - 1
     name = str(getattr(backbone, "name", type(backbone).__name__))
-    if out_path.is_file():
-        with np.load(out_path, allow_pickle=False) as old:
-            same = list(old["keys"]) == keys and int(old["k"]) == k and int(old["res"]) == res
-            if same and str(old["backbone"]) == name and str(old.get("mode", "paper")) == mode:
-                return out_path
-    dev = get_device(device)
-    was_training = backbone.training
-    backbone.eval()  # no dropout while extracting (the released extraction kept Dropout2d on)
-    backbone.to(dev)
-    loader = DataLoader(_ImagesOnly(dataset, res, mode), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    descs = []
-    with torch.inference_mode():
-        for img in tqdm(loader, desc=f"kNN features ({name}, {res}px)", disable=not progress):
-            feats = backbone(img.to(dev))
-            descs.append(F.normalize(feats.float().mean(dim=(2, 3)), dim=1).cpu())
-    backbone.train(was_training)
-    nns = knn_search(torch.cat(descs), k, chunk_size=chunk_size, use_faiss=use_faiss)
-    with atomic_write(out_path, "wb") as f:
-        np.savez(f, nns=nns, keys=np.array(keys), k=np.int64(k), res=np.int64(res), backbone=np.array(name),
-                 mode=np.array(mode))
+    key = {"format": KNN_FORMAT, "keys": digest(keys), "images": dataset_digest(dataset, ("img",)), "k": k,
+           "res": res, "mode": mode, "backbone_sha256": backbone_fingerprint(backbone)}
+    with build_lock(out_path, "kNN file"):
+        reason = _knn_stale(out_path, key)
+        if reason is None:
+            return out_path
+        if reason != "missing":
+            note(f"kNN {out_path}: recomputing ({reason})")
+        dev = get_device(device)
+        was_training = backbone.training
+        backbone.eval()  # no dropout while extracting (the released extraction kept Dropout2d on)
+        backbone.to(dev)
+        loader = DataLoader(_ImagesOnly(dataset, res, mode), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        descs = []
+        with torch.inference_mode():
+            for img in tqdm(loader, desc=f"kNN features ({name}, {res}px)", disable=not progress):
+                feats = backbone(img.to(dev))
+                descs.append(F.normalize(feats.float().mean(dim=(2, 3)), dim=1).cpu())
+        backbone.train(was_training)
+        nns = knn_search(torch.cat(descs), k, chunk_size=chunk_size, use_faiss=use_faiss)
+        with atomic_write(out_path, "wb") as f:
+            np.savez(f, nns=nns, keys=np.array(keys), k=np.int64(k), res=np.int64(res), backbone=np.array(name),
+                     mode=np.array(mode), key=np.array(json.dumps(key, sort_keys=True)))
     return out_path
 
 
-class PairDataset(Dataset):
-    """Items of ``dataset`` with a kNN positive partner: adds ``img_pos``, ``label_pos``, ``depth_pos``.
+_KNN_FIELDS = {"keys": "the image list", "images": "the images' content", "k": "k", "res": "the resolution",
+               "mode": "the resize mode", "backbone_sha256": "the backbone weights", "format": "the file format"}
 
-    The partner of item i is ``nns[i, r]`` with r uniform in 1..num_neighbors (released: 7; rank 0
-    is the image itself). r comes from a ``torch.Generator`` seeded from (seed, epoch, i), so a run is
-    reproducible whatever the number of DataLoader workers; call :meth:`set_epoch` each epoch (with
-    non-persistent workers) to draw new partners. ``transform`` is applied to both items separately.
-    """
 
-    def __init__(
-        self,
-        dataset: Any,
-        nns_path: str | os.PathLike,
-        num_neighbors: int = 7,
-        seed: int = 0,
-        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-    ) -> None:
-        self.dataset, self.num_neighbors, self.seed, self.transform = dataset, num_neighbors, seed, transform
-        self.epoch = 0
-        path = Path(nns_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"kNN file {path} not found; run depthg.data.prepare.compute_knn first")
+def _knn_stale(path: Path, key: dict[str, Any]) -> str | None:
+    """None when ``path`` holds neighbours made with ``key``; else why not ("missing", what changed, ...)."""
+    if not path.is_file():
+        return "missing"
+    try:
+        with np.load(path, allow_pickle=False) as old:
+            stored = json.loads(str(old["key"])) if "key" in old.files else None
+            nns = old["nns"]
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as err:
+        return f"the existing file is unreadable: {type(err).__name__}: {err}"
+    if stored is None:
+        return "it was written by an older version without a content key"
+    changed = [_KNN_FIELDS.get(f, f) for f in sorted(set(key) | set(stored)) if key.get(f) != stored.get(f)]
+    if changed:
+        return "changed since it was computed: " + ", ".join(changed)
+    if nns.shape != (len(nns), key["k"] + 1):
+        return f"its neighbour table has shape {nns.shape}"
+    return None
+
+
+def load_knn(path: str | os.PathLike) -> tuple[np.ndarray, list[str] | None]:
+    """(nns (N, k+1) int64, keys or None) from a kNN file, with a clear error for a missing or damaged one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"kNN file {path} not found; run `python -m depthg prepare` (or compute_knn) first")
+    try:
         with np.load(path, allow_pickle=False) as data:
-            self.nns = data["nns"].astype(np.int64)
-            stored = list(data["keys"]) if "keys" in data else None
-        if self.nns.shape[0] != len(dataset):
-            raise PreparationError(f"{path} has neighbours for {self.nns.shape[0]} images, the dataset has {len(dataset)}")
-        keys = getattr(dataset, "keys", None)
-        if stored is not None and keys is not None and list(keys) != stored:
-            raise PreparationError(f"{path} was computed for other images than {dataset!r} (keys differ)")
-        if not 1 <= num_neighbors < self.nns.shape[1]:
-            raise ValueError(f"num_neighbors must be in [1, {self.nns.shape[1] - 1}] for {path}, got {num_neighbors}")
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def partner(self, index: int) -> int:
-        """The neighbour drawn for ``index`` in the current epoch (deterministic)."""
-        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2, dtype=np.uint32)
-        g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-        rank = int(torch.randint(1, self.num_neighbors + 1, (1,), generator=g))
-        return int(self.nns[index, rank])
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        j = self.partner(index)
-        item, pos = self.dataset[index], self.dataset[j]
-        if self.transform is not None:
-            item, pos = self.transform(item), self.transform(pos)
-        out = dict(item)
-        for name in ("img", "label", "depth", "key"):
-            if name in pos:
-                out[f"{name}_pos"] = pos[name]
-        out["index"], out["index_pos"] = index, j
-        return out
+            nns = data["nns"].astype(np.int64)
+            keys = [str(k) for k in data["keys"]] if "keys" in data.files else None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        raise PreparationError(f"cannot read kNN file {path} ({type(err).__name__}: {err}): truncated or not a "
+                               "kNN .npz; delete it and rerun `python -m depthg prepare`") from None
+    if nns.ndim != 2 or nns.shape[1] < 2 or (nns.size and (nns.min() < 0 or nns.max() >= len(nns))):
+        raise PreparationError(f"kNN file {path}: neighbour table of shape {nns.shape} with indices outside "
+                               f"[0, {len(nns)}); delete it and rerun `python -m depthg prepare`")
+    return nns, keys
 
 
 # ------------------------------------------------------------------------------------------------
 # Stereo depth for a whole dataset
 # ------------------------------------------------------------------------------------------------
 def stereo_depth_for_dataset(dataset: Any, cache_root: str | os.PathLike, progress: bool = True) -> Path:
-    """Cache metric depth from Cityscapes disparity + camera files for every item (idempotent).
+    """Cache metric depth from Cityscapes disparity + camera files for every item (incremental).
 
     Uses :func:`depthg.depth.disparity_to_depth`; depths beyond what the cache holds (256 m at 1/256 m
-    steps) are marked invalid (0) like pixels without disparity.
+    steps) are marked invalid (0) like pixels without disparity. A key is converted again when its
+    disparity or camera file changed since (their size and modification time are recorded).
     """
     if not hasattr(dataset, "disparity_path"):
-        raise ValueError(f"depth_source='disparity' needs a Cityscapes dataset with disparity/ and camera/ folders, got {dataset!r}")
-    cache = DepthCache(cache_root, source="cityscapes-disparity", units="m", extra={"invalid_value": 0})
-    todo = [k for k in dataset.keys if not cache.exists(k)]
-    for key in tqdm(todo, desc=f"stereo depth -> {cache_root}", disable=not progress or not todo):
-        cache.write(key, disparity_to_depth(dataset.disparity_path(key), dataset.camera_path(key), max_depth=cache.max_value))
-    return Path(cache_root)
+        raise PreparationError(f"depth_source='disparity' needs a Cityscapes dataset with disparity/ and camera/ folders, got {dataset!r}")
+    cache_root = Path(cache_root)
+    check_outside_dataset(cache_root, dataset, "depth cache")
+    with build_lock(cache_root, "depth cache"):
+        cache = DepthCache(cache_root, source="cityscapes-disparity", units="m", extra={"invalid_value": 0})
+        recorded = cache.recorded_sources()
+        idents = {}
+        for key in dataset.keys:
+            files = (dataset.disparity_path(key), dataset.camera_path(key))
+            for f in files:
+                if not f.is_file():
+                    raise FileNotFoundError(f"stereo depth for {key!r}: {f} not found")
+            idents[key] = [[f.name, *file_identity(f)] for f in files]
+        todo = [k for k in dataset.keys if not cache.exists(k) or recorded.get(k) != idents[k]]
+        changed = [k for k in todo if k in recorded and cache.exists(k)]
+        if changed:
+            note(f"stereo depth {cache_root}: {len(changed)} disparity/camera file(s) changed (e.g. {changed[0]}); converting them again")
+        for count, key in enumerate(tqdm(todo, desc=f"stereo depth -> {cache_root}", disable=not progress or not todo)):
+            cache.write(key, disparity_to_depth(dataset.disparity_path(key), dataset.camera_path(key), max_depth=cache.max_value))
+            recorded[key] = idents[key]
+            if count % 50 == 49:
+                cache.record_sources(recorded)
+        if todo:
+            cache.record_sources(recorded)
+    return cache_root
 
 
 # ------------------------------------------------------------------------------------------------
@@ -481,26 +700,67 @@ def _short_hash(*parts: Any) -> str:
     return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:8]
 
 
+def dataset_kwargs(cfg: Any) -> dict[str, Any]:
+    """The dataset constructor's class arguments of a config -- one class mapping for every split
+    (training, validation, preparation): ``classes`` for Cityscapes, ``n_classes`` for Potsdam and the
+    directory dataset; COCO-Stuff has its fixed 27 classes."""
+    name = getattr(cfg, "dataset", "cityscapes")
+    classes = getattr(cfg, "classes", 27)
+    if name == "cityscapes":
+        return {"classes": classes}
+    if name in ("potsdam", "directory"):
+        if isinstance(classes, bool) or not isinstance(classes, int):
+            raise PreparationError(f"config key 'classes' = {classes!r}: dataset {name!r} needs an integer number of classes")
+        return {"n_classes": int(classes)}
+    return {}
+
+
+def world_folder(cfg: Any) -> Path:
+    """Where the synthetic world of a config lives: ``cache_dir/synthetic_world_<arguments>``, so a world
+    with other arguments (or from another generator version) is another folder, never a stale one."""
+    get = lambda name, default: getattr(cfg, name, default)  # noqa: E731
+    h, w = (int(v) for v in get("world_size", (256, 512)))
+    tag = (f"{int(get('world_n_train', 48))}+{int(get('world_n_val', 16))}_{h}x{w}_seed{int(get('world_seed', 0))}"
+           f"_v{GENERATOR_VERSION}")
+    return Path(get("cache_dir", "cache")) / f"synthetic_world_{tag}"
+
+
 def dataset_root(cfg: Any, progress: bool = True) -> Path:
     """The dataset root of a config: ``cfg.data_dir``, or -- when it is None -- the embedded synthetic world
-    in ``cfg.cache_dir/synthetic_world``, rendered there first if missing (:func:`depthg.data.make_world`
-    resumes, so an existing world costs nothing). Reads ``dataset, data_dir, cache_dir, world_n_train,
+    in :func:`world_folder`, rendered first if missing (under a lock, in ``<folder>.partial``, renamed into
+    place when complete; a killed render resumes). Reads ``dataset, data_dir, cache_dir, world_n_train,
     world_n_val, world_size, world_seed``.
     """
-    from . import make_world  # late: __init__ imports this module
-
     get = lambda name, default: getattr(cfg, name, default)  # noqa: E731
     data_dir = get("data_dir", None)
     if data_dir is not None:
         return Path(data_dir)
     name = get("dataset", "cityscapes")
     if name != "cityscapes":
-        raise ValueError(f"data_dir is required for dataset {name!r} (only 'cityscapes' falls back to the synthetic world)")
-    root = Path(get("cache_dir", "cache")) / "synthetic_world"
-    print(f"data_dir is not set: using the embedded synthetic world at {root}")
-    make_world(root, int(get("world_n_train", 48)), int(get("world_n_val", 16)),
-               size=tuple(get("world_size", (256, 512))), seed=int(get("world_seed", 0)), progress=progress)
+        raise PreparationError(f"data_dir is required for dataset {name!r} (only 'cityscapes' falls back to the synthetic world)")
+    root = world_folder(cfg)
+    note(f"data_dir is not set: using the embedded synthetic world at {root}")
+    args = (int(get("world_n_train", 48)), int(get("world_n_val", 16)))
+    kwargs = dict(size=tuple(get("world_size", (256, 512))), seed=int(get("world_seed", 0)))
+    with build_lock(root, "synthetic world"):
+        if root.is_dir():
+            make_world(root, *args, progress=False, **kwargs)  # complete: only checks (and repairs) its files
+        else:
+            work = partial_dir(root)
+            make_world(work, *args, progress=progress, **kwargs)  # resumes a killed render
+            publish_dir(work, root)
     return root
+
+
+def _depth_model_identity(name: str) -> str:
+    """What identifies a depth model's weights without loading it: a local folder's files (name, size,
+    modification time); a hub id stands for itself."""
+    target = DEPTH_MODEL_ALIASES.get(name, name)
+    local = Path(target).expanduser()
+    if local.is_dir():
+        files = sorted(p for p in local.rglob("*") if p.is_file())
+        return "folder:" + digest([[p.relative_to(local).as_posix(), *file_identity(p)] for p in files])
+    return "hub:" + target
 
 
 def prepare_training_data(
@@ -508,7 +768,7 @@ def prepare_training_data(
     backbone: torch.nn.Module | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Depth cache → five-crop → kNN for the training split, each step skipped when already done.
+    """Depth cache → five-crop → kNN for the training split; each step reuses what is up to date.
 
     Reads only these attributes of ``cfg`` (``depthg.config.Config``; defaults in brackets):
 
@@ -521,32 +781,33 @@ def prepare_training_data(
     [(256, 512)], ``world_seed`` [0].
 
     * ``data_dir=None`` with ``dataset="cityscapes"``: the synthetic world is built (resumably) with
-      :func:`depthg.data.make_world` in ``cache_dir/synthetic_world`` and used.
+      :func:`depthg.data.make_world` in :func:`world_folder` and used.
     * ``depth_source``: "gt" = the synthetic world's exact depth (``root/depth_gt``); "disparity" =
       Cityscapes stereo; "none" (or ``use_depth=False``) = no depth; anything else is a
       ``transformers`` model (alias, hub id or folder; ``depth_model`` overrides it when set).
     * ``classes`` is used for Cityscapes (27, 19 or "world"), Potsdam (3 or 6) and the directory
       dataset (its number of classes); COCO-Stuff is always 27.
-    * ``backbone`` may be passed in (tests, notebooks) instead of loading ``cfg.backbone``.
+    * ``backbone`` may be passed in (tests, notebooks) instead of loading ``cfg.backbone``; it is
+      loaded here otherwise, since the kNN file is keyed by its weights.
+    * Nothing is written inside the dataset folder: a ``cache_dir`` inside ``data_dir`` is refused.
 
     Returns ``{"data_dir", "dataset", "dataset_kwargs", "train_split", "depth_dir", "crop_dir",
-    "knn_path", "synthetic"}``; :func:`load_prepared` turns it into the training dataset.
+    "knn_path", "synthetic"}``; :func:`depthg.build.training_dataset` turns it into the training dataset.
     """
-    from . import build_dataset  # late: __init__ imports this module
-
     get = lambda name, default: getattr(cfg, name, default)  # noqa: E731
     name: str = get("dataset", "cityscapes")
     cache_dir = Path(get("cache_dir", "cache"))
     split: str = get("train_split", "train")
     synthetic = get("data_dir", None) is None
+    if not synthetic and inside(cache_dir, get("data_dir", None)):
+        raise PreparationError(f"cache_dir {cache_dir} is inside the dataset folder data_dir={get('data_dir', None)}; "
+                               "nothing is written into a dataset: choose a cache_dir outside it")
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise PreparationError(f"cache_dir {cache_dir} exists and is not a folder")
     root = dataset_root(cfg, progress=progress)
 
     classes = get("classes", 27)
-    kwargs: dict[str, Any] = {}
-    if name == "cityscapes":
-        kwargs["classes"] = classes
-    elif name in ("potsdam", "directory"):
-        kwargs["n_classes"] = int(classes)
+    kwargs = dataset_kwargs(cfg)
     data_tag = f"{name}-{_short_hash(root.resolve())}"
 
     # 1. depth ------------------------------------------------------------------------------------
@@ -564,25 +825,23 @@ def prepare_training_data(
     elif source != "none":
         model_name = str(get("depth_model", None) or source)
         depth_dir = cache_dir / "depth" / data_tag / _slug(model_name)
-        keys = raw.keys
-        if not all((depth_dir / f"{k}.png").is_file() for k in keys):
+        identity = _depth_model_identity(model_name)
+        if stale_depth_keys(raw, depth_dir, identity):
             model = load_depth_model(model_name, get("device", "auto"))
-            estimate_depth_for_dataset(raw, model, depth_dir, progress=progress)
+            estimate_depth_for_dataset(raw, model, depth_dir, progress=progress, model_identity=identity)
     depth_tag = "nodepth" if depth_dir is None else f"depth-{_short_hash(depth_dir.resolve())}"
 
-    # 2. five-crop --------------------------------------------------------------------------------
+    # 2. five-crop (incremental: items whose image, label or depth changed are recropped) --------------
     crop_dir: Path | None = None
     ratio = float(get("crop_ratio", 0.5))
     if get("five_crop", True):
         crop_dir = cache_dir / "crops" / f"{data_tag}_{_slug(str(classes))}_{depth_tag}_five_crop_{ratio}"
-        index = _read_index(crop_dir)
-        if not (index and index["splits"].get(split, {}).get("complete")):
-            five_crop(build_dataset(name, root, split, depth_dir=depth_dir, **kwargs), crop_dir, ratio, progress=progress)
+        five_crop(build_dataset(name, root, split, depth_dir=depth_dir, **kwargs), crop_dir, ratio, progress=progress)
         knn_data: Any = CroppedDataset(crop_dir, split, with_depth=False)
     else:
         knn_data = raw
 
-    # 3. kNN --------------------------------------------------------------------------------------
+    # 3. kNN (keyed by the images' content, k, res, mode and the backbone's weights) -----------------
     res = int(get("res", 224))
     k = max(int(get("knn_k", 30)), int(get("num_neighbors", 7)))
     bb_name, weights = str(get("backbone", "vit_small_patch8_224")), get("weights", None)
@@ -591,40 +850,10 @@ def prepare_training_data(
     mode = str(get("mode", "paper"))
     knn_path = cache_dir / "knn" / f"nns_{set_tag}_{bb_tag}_{res}{'_released' if mode == 'released' else ''}_{split}.npz"
     k = min(k, len(knn_data) - 1)
-    if backbone is None and not _knn_done(knn_path, knn_data, res, k):
-        from ..backbone import load_backbone
-
+    if backbone is None:
         backbone = load_backbone(bb_name, weights, **dict(get("backbone_kwargs", {}) or {}))
-    if backbone is not None:
-        compute_knn(knn_data, backbone, knn_path, k=k, res=res,
-                    batch_size=int(get("batch_size", 32)), device=get("device", "auto"),
-                    num_workers=int(get("num_workers", 0)), progress=progress, mode=mode)  # type: ignore[arg-type]
+    compute_knn(knn_data, backbone, knn_path, k=k, res=res,
+                batch_size=int(get("batch_size", 32)), device=get("device", "auto"),
+                num_workers=int(get("num_workers", 0)), progress=progress, mode=mode)  # type: ignore[arg-type]
     return {"data_dir": root, "dataset": name, "dataset_kwargs": kwargs, "train_split": split,
             "depth_dir": depth_dir, "crop_dir": crop_dir, "knn_path": knn_path, "synthetic": synthetic}
-
-
-def _knn_done(path: Path, dataset: Any, res: int, k: int) -> bool:
-    if not path.is_file():
-        return False
-    with np.load(path, allow_pickle=False) as old:
-        return list(old["keys"]) == list(dataset.keys) and int(old["res"]) == res and int(old["k"]) == k
-
-
-def load_prepared(
-    paths: dict[str, Any],
-    transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-    depth_normalization: Literal["none", "minmax", "minmax255"] = "none",
-    num_neighbors: int = 7,
-    seed: int = 0,
-) -> PairDataset:
-    """The training :class:`PairDataset` for what :func:`prepare_training_data` returned."""
-    from . import build_dataset
-
-    if paths["crop_dir"] is not None:
-        base: Any = CroppedDataset(paths["crop_dir"], paths["train_split"], depth_normalization=depth_normalization)
-    else:
-        if depth_normalization != "none":
-            raise ValueError("depth_normalization needs five-cropped data (the parent min/max is stored in its index)")
-        base = build_dataset(paths["dataset"], paths["data_dir"], paths["train_split"], depth_dir=paths["depth_dir"],
-                             **paths["dataset_kwargs"])
-    return PairDataset(base, paths["knn_path"], num_neighbors=num_neighbors, seed=seed, transform=transform)
