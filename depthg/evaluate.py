@@ -42,7 +42,7 @@ from depthg.crf import dense_crf
 from depthg.data.prepare import dataset_root
 from depthg.data.transforms import resize_center_crop
 from depthg.metrics import UnsupervisedMetrics
-from depthg.utils import DepthGError, atomic_write, get_device, sha256_file
+from depthg.utils import DepthGError, atomic_write, get_device, inside, sha256_file
 
 __all__ = ["evaluate_model", "evaluate_checkpoint", "EvaluationError", "predict_batch"]
 
@@ -228,6 +228,9 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *, data
     model.to(device)
     amp, _ = amp_context(cfg, device)
     output = Path(output) if output is not None else path.with_name(f"{path.stem}_eval.json")
+    if inside(output, root):  # nothing is written into a dataset folder
+        raise EvaluationError(f"refusing to write the evaluation {output}: it is inside the dataset folder {root}; "
+                              "pass --output outside it")
     metrics = evaluate_model(backbone, model.head, model.cluster, model.linear, dataset, res=cfg.eval_res,
                              mode=cfg.mode, flip=cfg.eval_flip, crf=cfg.eval_crf, batch_size=cfg.eval_batch_size,
                              device=device, max_images=cfg.eval_max_images, progress=progress, amp=amp,

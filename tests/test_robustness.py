@@ -146,6 +146,30 @@ def test_edited_depth_and_other_classes_rebuild_the_features(world, tmp_path, ca
     assert depths == {1.0, 9.0}
 
 
+def test_depth_cache_follows_its_images_and_its_model(world, tmp_path, capfd):
+    from depthg.data import Cityscapes
+    from depthg.data.prepare import _depth_model_identity
+    from depthg.depth import build_tiny_random_depth_model, estimate_depth_for_dataset, load_depth_model, stale_depth_keys
+
+    root = fresh_world(world, tmp_path)
+    folder = build_tiny_random_depth_model(tmp_path / "model")
+    model, ident = load_depth_model(folder, device="cpu"), _depth_model_identity(str(folder))
+    ds, cache = Cityscapes(root, "train", classes="world"), tmp_path / "depth"
+    estimate_depth_for_dataset(ds, model, cache, progress=False, model_identity=ident)
+    assert stale_depth_keys(ds, cache, ident) == []
+    files = sorted(cache.rglob("*.png"))
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    image = sorted((root / "leftImg8bit" / "train").rglob("*.png"))[1]
+    Image.fromarray(255 - np.asarray(Image.open(image).convert("RGB"))).save(image)
+    assert stale_depth_keys(ds, cache, ident) == [ds.keys[1]]
+    capfd.readouterr()
+    estimate_depth_for_dataset(ds, model, cache, progress=False, model_identity=ident)
+    assert "1 image(s) changed" in capfd.readouterr().err
+    assert [p for p in files if p.stat().st_mtime_ns != stamps[p]] == [files[1]]  # only the edited image's map
+    (folder / "config.json").write_text((folder / "config.json").read_text() + "\n")  # "another" model
+    assert stale_depth_keys(ds, cache, _depth_model_identity(str(folder))) == ds.keys
+
+
 class ScaledColour(nn.Module):
     """Stub backbone with a real weight: features = per-channel scaled mean colour of 4x4 patches."""
 
@@ -371,6 +395,7 @@ def test_cli_user_errors_are_one_clear_line(world, tmp_path, monkeypatch, capsys
         "classes of another dataset": (["prepare", *args, "dataset=potsdam"], "'classes'"),
         "missing data_dir": (["prepare", *args, f"data_dir={tmp_path / 'none'}"], "none"),
         "--config and --preset": (["prepare", "--config", "x.yaml", "--preset", "synthetic"], "either --config"),
+        "eval output inside the dataset": (["eval", str(ckpt), "--output", str(world / "x.json")], "inside the dataset"),
     }
     (tmp_path / "cut.pt").write_bytes(ckpt.read_bytes()[:1000])
     (tmp_path / "empty.pt").write_bytes(b"")
