@@ -47,6 +47,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
 from depthg.utils import DepthGError, atomic_torch_save, safe_torch_load
@@ -391,8 +392,6 @@ def _read_weights_file(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path), device="cpu")
     with torch.serialization.safe_globals([argparse.Namespace]):
         return safe_torch_load(path, map_location="cpu")

@@ -86,6 +86,7 @@ from torchvision.ops import roi_align
 from tqdm.auto import tqdm
 
 from depthg.backbone import interpolate_pos_embed, save_backbone_dino_format
+from depthg.data.synthetic import render_scene
 from depthg.utils import DepthGError, atomic_torch_save, atomic_write, get_device, safe_torch_load
 
 TIMM_NAME = "vit_small_patch8_224"  # the ViT-S/8 family; embed_dim/depth/heads are overridden
@@ -313,13 +314,6 @@ def render_fn(renderer: str, size: tuple[int, int]) -> Callable[[int, int], np.n
     ``"noise"`` makes smooth random colour fields, only for smoke tests of the training loop.
     """
     if renderer == "synthetic":
-        try:
-            from depthg.data.synthetic import render_scene
-        except ImportError as err:
-            raise PretrainError(
-                f"renderer='synthetic' needs depthg.data.synthetic.render_scene, which could not be "
-                f"imported ({err}); use renderer='noise' only for smoke tests"
-            ) from err
 
         def render(seed: int, k: int) -> np.ndarray:
             rng = np.random.default_rng([seed, 7919, k])

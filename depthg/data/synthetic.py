@@ -81,6 +81,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from cityscapesscripts.helpers.labels import id2label, labels
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -1351,8 +1352,6 @@ def depth_to_gt_png(depth: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def _label_colors() -> np.ndarray:
-    from cityscapesscripts.helpers.labels import labels
-
     lut = np.zeros((256, 3), np.uint8)
     for lab in labels:
         if 0 <= lab.id < 256:
@@ -1361,8 +1360,6 @@ def _label_colors() -> np.ndarray:
 
 
 def _label_names(ids) -> list[str]:
-    from cityscapesscripts.helpers.labels import id2label
-
     return [id2label[i].name for i in ids]
 
 
