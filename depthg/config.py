@@ -4,40 +4,26 @@ The config is a single dataclass of plain values (nanoGPT style): no nested obje
 the trainer, the evaluation and the data preparation need is a field here, so a run is fully described by
 one YAML/JSON file (written next to every checkpoint).
 
-Presets (``Config.preset(name, mode)``) hold the values of the released reproduction script
-``paper_reproduction.sh`` on top of ``local_config.yml`` (released_code.md §6, method.md §4.1), in full
-precision.
+Presets (``Config.preset(name, mode)``) hold the values of the authors' reproduction script on top of
+their default config, in full precision (docs/method.md §11).
 
-Two fidelity modes (design.md, "Two fidelity modes")
----------------------------------------------------
-``mode="released"`` reproduces what the released code computes (bug for bug):
+Two fidelity modes (docs/fidelity.md)
+-------------------------------------
+``mode="released"`` reproduces what the released code computes, bug for bug; ``mode="paper"`` keeps *the
+same hyper-parameters and the same training length* and applies only the fixes. The mode sets
+``depth_similarity``, ``fps_random_start``, ``amp`` and the unit of the two decay intervals:
 
-* schedules count PyTorch-Lightning global steps, three per iteration (three optimisers, manual
-  optimisation; method.md §5.3). ``depth_decay_every`` and ``sample_decay_every`` are therefore given in
-  *global steps* exactly as in the script (250, 300, 400, 1000) and the schedules
-  (``depthg.losses.DepthDecaySchedule`` / ``depthg.sampling.SampleCountSchedule`` with ``mode="released"``)
-  multiply the iteration by three; the FPS sample decay fires at step 0 (no ``> 0`` guard);
-* ``max_steps=7000`` global steps is ``ceil(7000/3) = 2334`` iterations, so ``steps=2334``;
-* the depth similarity is the released channel-normalised product (constant 1, method.md §3.2),
-  FPS coordinates are read out transposed and the unprojection takes the field of view in radians
-  (released_code.md §2.4), images are resized with nearest interpolation, negatives use ``super_perm``
-  at the positive's coordinates, the spatial centring adds the global mean back (``centering="released"``).
+* released: ``depth_decay_every`` and ``sample_decay_every`` are PyTorch-Lightning global steps, three
+  per iteration, exactly as in the script (250, 300, 400, 1000); the schedules
+  (``depthg.losses.DepthDecaySchedule``, ``depthg.sampling.SampleCountSchedule``) multiply the
+  iteration by three, and 7000 global steps are ``steps = ceil(7000 / 3) = 2334`` iterations;
+* paper: the same 2334 iterations, counted in optimizer steps, with the intervals converted so that the
+  decay events fire at the same iterations: N global steps fire every N / gcd(3, N) iterations
+  (250 -> 250, 300 -> 100, 400 -> 400, 200 -> 200, 1000 -> 1000).
 
-``mode="paper"`` keeps *the same hyper-parameters and the same training length* and only applies the
-fixes. The spatial centring keeps the released form (``centering="released"``) in both modes, because
-every preset's shifts were tuned with it; the STEGO paper's literal S3 is ``centering="paper"``.
-
-Not reproduced in released mode (documented, uncertain in the references): on Potsdam the released
-loader truncates 8-bit depth to about all zeros (released_code.md §4.3) *if* the authors' PNGs were
-8-bit; the workbench feeds real depth in both modes. Decision (documented here because it changes numbers): the released runs really made 2334
-iterations = 2334 optimizer steps of each optimiser, so paper mode trains ``steps=2334`` optimizer steps
-(not 7000, which would be 3x longer than any published run). Its schedules count optimizer steps
-(= iterations), and the decay intervals are converted so that the decay *events fire at the same
-iterations* as in the released run (a released decay computed at iteration k acts from iteration k+1;
-the paper-mode schedule acts from iteration k itself, one iteration earlier): an interval of N global steps fires every N / gcd(3, N) iterations
-(250 -> 250, 300 -> 100, 400 -> 400, 200 -> 200, 1000 -> 1000; method.md §5.3). The two modes therefore
-differ only in the fixes (step-0 FPS decay, depth similarity, FPS read-out, unprojection, image resize,
-negatives, centring), not in schedule timing or length.
+The other fixes (FPS read-out, unprojection, image resize, negatives, step-0 sample decay) follow
+``mode`` where they are computed. The spatial centring keeps the released form in both modes, because
+every preset's shifts were tuned with it (``centering="paper"`` is the STEGO paper's S3).
 
 Every field is validated in ``__post_init__``: an unknown key is an error listing the valid keys (with
 close-match suggestions), an impossible value is an error naming the key and the allowed values.
@@ -50,6 +36,7 @@ import difflib
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,7 +93,7 @@ class Config:
     device: str = "auto"
     output_dir: str = "runs/depthg"
 
-    # --- data (released_code.md §4) ----------------------------------------------------------------
+    # --- data -------------------------------------------------------------------------------------
     dataset: str = "cityscapes"
     # Dataset root itself (e.g. the folder holding leftImg8bit/). None = the embedded synthetic world,
     # rendered once into cache_dir by the data preparation.
@@ -133,7 +120,7 @@ class Config:
     world_size: list[int] = field(default_factory=lambda: [256, 512])
     world_seed: int = 0
 
-    # --- backbone and head (released_code.md §1.3-1.4) ----------------------------------------------
+    # --- backbone and head (docs/method.md §5) ----------------------------------------------------
     backbone: str = "vit_small_patch8_224"
     weights: str | None = None
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -141,21 +128,21 @@ class Config:
     dropout: float = 0.1  # Dropout2d p at both head inputs and on the correlation-target features
     extra_clusters: int = 0
 
-    # --- optimisation (method.md §4) ---------------------------------------------------------------
+    # --- optimisation (docs/method.md §5) ---------------------------------------------------------
     steps: int = 2334
     batch_size: int = 32
     lr: float = 5e-4
     probe_lr: float = 5e-3
     # autocast on CUDA only; "auto" = bf16 when supported, else off. None = by mode: the released code
-    # trains in fp32 (released_code.md §1.9), so released mode resolves to "off", paper mode to "auto".
+    # trains in fp32, so released mode resolves to "off", paper mode to "auto".
     amp: str | None = None
     # torch CPU threads during train() (None = torch's default). On a small CPU shared with other
     # processes, 1 thread was ~25x faster per step than 2 (synthetic preset, measured 2026-11-24).
     threads: int | None = None
 
-    # --- STEGO loss (method.md §2) -----------------------------------------------------------------
+    # --- STEGO loss (docs/method.md §3) -----------------------------------------------------------
     feature_samples: int = 11
-    # Spatial centring of the feature correlation (method.md §2 S3; "none" = pointwise False).
+    # Spatial centring of the feature correlation (docs/method.md §3.2; "none" = pointwise False).
     # "released": subtract the per-query mean, then add back the global mean of F (what the released
     # code computes and what every preset's shifts were tuned with, so both modes use it in the presets);
     # "paper": the STEGO paper's literal S3 without the add-back (shifts then act relative to 0).
@@ -169,11 +156,12 @@ class Config:
     neg_inter_weight: float = 0.7000000000000001
     neg_inter_shift: float = 0.761
 
-    # --- DepthG (method.md §3, §5, §6) -------------------------------------------------------------
+    # --- DepthG (docs/method.md §4, §6, §8) -------------------------------------------------------
     use_depth: bool = True
     depth_weight: float = 0.19
     depth_shift: float = 0.03
-    # None = by mode: "released" (constant, method.md §3.2) in released mode, "distance" in paper mode.
+    # None = by mode: "released" (constant, docs/fidelity.md §3.1) in released mode, PAPER_DEPTH_SIMILARITY in
+    # paper mode; all options: DEPTH_SIMILARITY.
     depth_similarity: str | None = None
     depth_decay_factor: float = 0.6
     depth_decay_every: int = 250
@@ -184,7 +172,7 @@ class Config:
     sample_decay_every: int = 1000  # 0 = off
     sample_min_side: int = 1
 
-    # --- local hidden positives (method.md §8; off in every released command) ---------------------
+    # --- local hidden positives (docs/method.md §7; off in every released command) ----------------
     lhp: bool = False
     lhp_strategy: str = "depth"
     lhp_quantile: float = 0.01
@@ -445,7 +433,7 @@ class Config:
     # ---- presets ------------------------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str, /, mode: str = "paper", **overrides: Any) -> "Config":
-        """The configuration of one of the paper's runs (released_code.md §6) in the given fidelity mode.
+        """The configuration of one of the paper's runs (docs/method.md §11) in the given fidelity mode.
 
         ``cocostuff_vits8``, ``cocostuff_vitb8``, ``cityscapes_vitb8``, ``potsdam_vits8``: the four
         ``paper_reproduction.sh`` runs. ``stego``: the COCO-Stuff ViT-S/8 run with depth off (random
@@ -477,8 +465,6 @@ def backbone_patch_size(backbone: str, backbone_kwargs: dict[str, Any] | None = 
         return int(kwargs["patch_size"])
     name = backbone
     if backbone == "embedded":
-        import sys
-
         module = sys.modules.get("depthg.backbone")  # tests may point the module at another folder
         folder = Path(module.EMBEDDED_DIR) if module is not None else Path(__file__).resolve().parent / "weights"
         try:
@@ -497,7 +483,7 @@ def backbone_patch_size(backbone: str, backbone_kwargs: dict[str, Any] | None = 
 # presets
 # ----------------------------------------------------------------------------------------------------
 
-# Released ``max_steps`` in PyTorch-Lightning global steps; 3 global steps per iteration (method.md §5.3).
+# Released ``max_steps`` in PyTorch-Lightning global steps; 3 global steps per iteration (docs/method.md §8.3).
 RELEASED_MAX_STEPS = 7000
 RELEASED_STEPS_PER_ITERATION = 3
 RELEASED_ITERATIONS = math.ceil(RELEASED_MAX_STEPS / RELEASED_STEPS_PER_ITERATION)  # 2334
@@ -506,7 +492,7 @@ RELEASED_ITERATIONS = math.ceil(RELEASED_MAX_STEPS / RELEASED_STEPS_PER_ITERATIO
 def global_steps_to_iterations(every: int) -> int:
     """Iteration interval at which a ``global_step % every == 0`` rule fires when global_step = 3*iteration.
 
-    3k % N == 0  <=>  k % (N / gcd(3, N)) == 0  (method.md §5.3): 250 -> 250, 300 -> 100.
+    3k % N == 0  <=>  k % (N / gcd(3, N)) == 0: 250 -> 250, 300 -> 100.
     """
     if every <= 0:
         return every
@@ -515,7 +501,7 @@ def global_steps_to_iterations(every: int) -> int:
 
 def _preset_values(name: str) -> dict[str, Any]:
     """Hyper-parameters of each preset, in released units (global steps for the decay intervals)."""
-    # local_config.yml defaults shared by all four runs (released_code.md §6 "Other defaults").
+    # The released default config's values, shared by all four runs.
     base: dict[str, Any] = dict(
         res=224, eval_res=320, five_crop=True, crop_ratio=0.5, lr=5e-4, probe_lr=5e-3,
         steps=RELEASED_ITERATIONS, batch_size=32, neg_samples=5, num_neighbors=7, knn_k=30,
@@ -544,8 +530,7 @@ def _preset_values(name: str) -> dict[str, Any]:
             base, dataset="cocostuff", classes=27, backbone="vit_base_patch8_224", dim=90,
             eval_every=50, checkpoint_every=50, centering="released", depth_sampling="fps",
             feature_samples=12, sample_decay_factor=1.0, sample_decay_every=1000,
-            # 7 significant digits for these six: the most the references give (method.md §4.1);
-            # the depth pair is the script's full precision (released_code.md §6 notes).
+            # these six to 7 significant digits; the depth pair in the script's full precision.
             pos_intra_weight=0.2305237, pos_intra_shift=0.1232631,
             pos_inter_weight=1.0500945, pos_inter_shift=0.2102829,
             neg_inter_weight=0.2485038, neg_inter_shift=0.9748103,
@@ -585,7 +570,7 @@ def _synthetic_values() -> dict[str, Any]:
     * dataset/classes: the synthetic world is written in the Cityscapes layout with real label ids, so the
       Cityscapes loader reads it; ``classes="world"`` evaluates only the classes it renders.
     * loss weights, shifts, centring off, depth weight/shift and decay factor: the Cityscapes ViT-B/8 run
-      (released_code.md §6), the paper's run on the dataset the world imitates. Sampling is ``fps``
+      (docs/method.md §11), the paper's run on the dataset the world imitates. Sampling is ``fps``
       (the DepthG method; the ablation also runs ``random``).
     * decay interval: Cityscapes decays every 400 of 2334 iterations; scaled to the run length
       (400 * 300 / 2334 ~ 50 optimizer steps), so the same number of decay events (5) happens.

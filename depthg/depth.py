@@ -1,21 +1,20 @@
 """Depth for DepthG: an on-disk depth cache, monocular estimators from ``transformers``, stereo depth.
 
-DepthG (method.md) needs one depth map per training image. The released code produced them once with
-ZoeDepth and stored them as 8-bit PNGs, min-max normalised per image (released_code.md §4.6). This
-module keeps the "compute once, cache on disk" idea but fixes what went wrong there:
+DepthG (docs/method.md §10) needs one depth map per training image. The released code produced them
+once with ZoeDepth and stored them as 8-bit PNGs, min-max normalised per image. This module keeps the
+"compute once, cache on disk" idea but fixes what went wrong there:
 
 * **Cache format** (:class:`DepthCache`): 16-bit PNGs, ``value = offset + scale * pixel``, with the
   scale, units and source written once in ``depth_meta.json``. 8-bit per-image min-max (256 levels,
   per-image scale lost) is not used; the released normalisation can be reproduced from the cache
   (``depthg.data.prepare.CroppedDataset(depth_normalization="minmax255")``).
 * **Never next to the source images.** The released script overwrote Cityscapes' ``*_leftImg8bit.png``
-  files because its output-path line was commented out (released_code.md §4.6, "File naming (bug)").
+  files because its output-path line was commented out (docs/fidelity.md §4).
   :func:`estimate_depth_for_dataset` refuses cache folders inside the image or label trees.
-* **Estimators** come from ``transformers`` (Depth Anything v1/v2, ZoeDepth, DPT; ecosystem.md §4)
-  instead of the torch.hub ZoeDepth whose inference ran the network twice per call (released_code.md
-  §4.6, "Operator-precedence bug"). Metric models are stored in metres; relative models predict a
-  disparity-like quantity (larger = closer), which is converted to ``1 - minmax(disparity)`` so that,
-  as everywhere in the workbench, larger = farther (design.md, Conventions).
+* **Estimators** come from ``transformers`` (Depth Anything v1/v2, ZoeDepth, DPT) instead of the
+  torch.hub ZoeDepth whose inference ran the network twice per call. Metric models are stored in
+  metres; relative models predict a disparity-like quantity (larger = closer), which is converted to
+  ``1 - minmax(disparity)`` so that, as everywhere in the workbench, larger = farther.
 * **Stereo**: Cityscapes ships disparity and camera files; :func:`disparity_to_depth` turns them into
   metric depth (an alternative source with no model at all).
 
@@ -265,7 +264,7 @@ class DepthCache:
         """Quantise ``depth`` ((H, W) or (1, H, W)) to 16 bits and write it atomically.
 
         Values are validated first (NaN/inf/negative → :class:`InvalidDepthError`); values beyond
-        :attr:`max_value` raise instead of being clipped (design.md: nothing silently clamped).
+        :attr:`max_value` raise instead of being clipped (nothing is silently clamped).
         """
         path = self.path(key)
         arr = depth.detach().cpu().numpy() if isinstance(depth, torch.Tensor) else np.asarray(depth)
@@ -317,7 +316,7 @@ def disparity_to_depth(
     """Metric depth (1, H, W) from a Cityscapes disparity PNG and camera file.
 
     Cityscapes stores ``p = d * 256 + 1`` as uint16 with ``p = 0`` meaning "no disparity"
-    (cityscapesScripts README; ecosystem.md §7), so ``d = (p - 1) / 256`` for ``p > 0`` and
+    (cityscapesScripts README), so ``d = (p - 1) / 256`` for ``p > 0`` and
     ``depth = baseline * fx / d``. Pixels with no disparity (``p = 0``), zero disparity (``p = 1``,
     infinitely far) or, when ``max_depth`` is given, a depth beyond it are **invalid and set to 0**
     (the caches' invalid flag) — never clipped to a made-up value.
@@ -344,7 +343,7 @@ def disparity_to_depth(
 
 
 # ------------------------------------------------------------------------------------------------
-# Monocular estimators from transformers (ecosystem.md §4)
+# Monocular estimators from transformers
 # ------------------------------------------------------------------------------------------------
 DEPTH_MODEL_ALIASES: dict[str, str] = {
     "depth-anything-v2-small": "depth-anything/Depth-Anything-V2-Small-hf",
@@ -353,7 +352,7 @@ DEPTH_MODEL_ALIASES: dict[str, str] = {
     "depth-anything-small": "LiheYoung/depth-anything-small-hf",
     "depth-anything-base": "LiheYoung/depth-anything-base-hf",
     "depth-anything-large": "LiheYoung/depth-anything-large-hf",
-    "zoedepth": "Intel/zoedepth-nyu",  # the released ZoeD_N (NYU) model, released_code.md §4.6
+    "zoedepth": "Intel/zoedepth-nyu",  # the released ZoeD_N (NYU) model
     "zoedepth-nyu": "Intel/zoedepth-nyu",
     "zoedepth-kitti": "Intel/zoedepth-kitti",
     "zoedepth-nyu-kitti": "Intel/zoedepth-nyu-kitti",
@@ -590,12 +589,12 @@ def estimate_depth(depth_model: DepthModel, images: torch.Tensor, flip_tta: bool
 
     Metric models return metres. Relative models (Depth Anything relative, DPT/MiDaS) return a
     disparity-like map; each image is converted to ``1 - (disp - min) / (max - min)`` in [0, 1]
-    (the inversion the released MiDaS path intended, released_code.md §4.6). The processor does the
+    (the inversion the released MiDaS path intended). The processor does the
     model's own resizing and normalisation on the CPU; the network runs on ``depth_model.device``.
     The result is on the device of ``images``.
 
     ``flip_tta=True`` averages the prediction with that of the horizontally flipped image (flipped
-    back), as the released ZoeDepth inference did (released_code.md §4.6); off by default (half the cost).
+    back), as the released ZoeDepth inference did; off by default (half the cost).
     The released reflect-padding augmentation is not reproduced.
     """
     if images.ndim != 4 or images.shape[1] != 3:

@@ -1,4 +1,4 @@
-"""Unsupervised segmentation metrics: Hungarian-matched pixel accuracy and mIoU (released_code.md §5).
+"""Unsupervised segmentation metrics: Hungarian-matched pixel accuracy and mIoU (docs/method.md §9).
 
 The evaluation accumulates one confusion matrix ``stats[cluster, class]`` over the **whole** split, then
 matches clusters to classes once with the Hungarian algorithm (maximising the matched pixel count)
@@ -14,7 +14,7 @@ Difference from the released ``UnsupervisedMetrics`` (``utils.py:202-277``): the
 out every pixel whose prediction is ``>= n_classes``, so with ``extra_clusters > 0`` the pixels given to
 the extra clusters silently vanish from the denominators. Here every valid pixel counts: pixels of
 unmatched clusters are errors (they lower accuracy and are false negatives of their true class). With
-``extra_clusters = 0`` — every released run (method.md §12) — the two agree exactly.
+``extra_clusters = 0`` — every released run — the two agree exactly.
 """
 
 from __future__ import annotations
