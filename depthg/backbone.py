@@ -2,9 +2,9 @@
 
 DepthG, like STEGO, never trains the backbone: a DINO ViT-S/8 or ViT-B/8 gives the patch features
 ``f`` that the segmentation head projects and that the correlation loss uses as its target
-(docs/method.md §5). This module builds the ViT with timm
-(``pretrained=False``, so timm never touches the network) and loads the weights with our own code, so
-that every official DINO file format works offline and nothing is ever unpickled unsafely:
+(docs/method.md §5). This module builds the ViT with timm (``pretrained=False``, so timm never
+touches the network) and loads the weights with our own code, so that every official DINO file format
+works offline and nothing is ever unpickled unsafely:
 
 * an official DINO "backbone only" ``.pth`` (a plain ``state_dict`` whose key names are timm's),
 * an official DINO full training checkpoint (``{"teacher": {"module.backbone.…": …}, "student": …,
@@ -18,10 +18,9 @@ that every official DINO file format works offline and nothing is ever unpickled
 Relation to the released code:
 
 * The released code runs its own copy of DINO's ``vision_transformer.py``. timm's ViT has the same
-  keys and, on the native grid, the same outputs. Off the native grid (the 320 px
-  evaluation → 40×40) timm's ``dynamic_img_size`` resampling differs from DINO's (antialiased bicubic
-  uses another kernel and there is no +0.1 offset), so :class:`Backbone` adds the positional
-  embedding DINO's way (:func:`interpolate_pos_embed`) and matches the released features there too;
+  keys and, on the native grid, the same outputs. Off the native grid (the 320 px evaluation → 40×40)
+  timm's ``dynamic_img_size`` resampling differs from DINO's (antialiased bicubic uses another kernel
+  and there is no +0.1 offset), so :class:`Backbone` adds the positional embedding DINO's way (:func:`interpolate_pos_embed`) and matches the released features there too;
   ``Backbone.pos_embed_interpolation = "timm"`` switches to timm's resampling.
 * Deliberate difference: the released code downloads the DINO weights again every time a model is
   built or a checkpoint restored; here a URL is downloaded once into the torch hub cache.
