@@ -20,7 +20,8 @@ Relation to the released code:
 * The released code runs its own copy of DINO's ``vision_transformer.py``. timm's ViT has the same
   keys and, on the native grid, the same outputs. Off the native grid (the 320 px evaluation → 40×40)
   timm's ``dynamic_img_size`` resampling differs from DINO's (antialiased bicubic uses another kernel
-  and there is no +0.1 offset), so :class:`Backbone` adds the positional embedding DINO's way (:func:`interpolate_pos_embed`) and matches the released features there too;
+  and there is no +0.1 offset), so :class:`Backbone` adds the positional embedding DINO's way
+  (:func:`interpolate_pos_embed`) and matches the released features there too;
   ``Backbone.pos_embed_interpolation = "timm"`` switches to timm's resampling.
 * Deliberate difference: the released code downloads the DINO weights again every time a model is
   built or a checkpoint restored; here a URL is downloaded once into the torch hub cache.
