@@ -23,6 +23,7 @@ All depth tensors are (1, H, W) or (B, 1, H, W) float32, larger = farther.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -30,7 +31,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -461,6 +462,21 @@ def _in_hf_cache(repo_id: str) -> bool:
     return isinstance(found, str)
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Switch transformers' own progress bars (loading / writing weights) off for a moment: they are noise
+    in a notebook's output and on the command line."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def load_depth_model(
     name_or_path: str | os.PathLike,
     device: str | torch.device = "auto",
@@ -518,8 +534,9 @@ def load_depth_model(
                 f"reached from this machine (no network), so nothing can be downloaded. To get them, {how}. {aliases}"
             )
     try:
-        model = AutoModelForDepthEstimation.from_pretrained(source, local_files_only=local_only)
-        processor = AutoImageProcessor.from_pretrained(source, local_files_only=local_only)
+        with _quiet_transformers():
+            model = AutoModelForDepthEstimation.from_pretrained(source, local_files_only=local_only)
+            processor = AutoImageProcessor.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError) as err:
         where = f"the local folder {local}" if source == str(local) else (
             f"the Hugging Face cache {_hf_cache_dir()}" if local_only else f"the hub {_hub_endpoint()}")
@@ -543,7 +560,7 @@ def build_tiny_random_depth_model(folder: str | os.PathLike) -> Path:
     from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
 
     folder = Path(folder)
-    with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG stream
+    with torch.random.fork_rng(devices=[]), _quiet_transformers():  # seeded, leaves the caller's RNG alone
         torch.manual_seed(0)
         backbone = Dinov2Config(image_size=56, patch_size=14, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
                                 intermediate_size=64, out_features=["stage1", "stage2", "stage3", "stage4"],

@@ -28,7 +28,7 @@ from scipy.optimize import linear_sum_assignment
 
 from depthg.utils import DepthGError
 
-__all__ = ["MetricsInputError", "UnsupervisedMetrics", "depth_abs_rel", "depth_delta", "depth_scores"]
+__all__ = ["MetricsInputError", "UnsupervisedMetrics", "depth_abs_rel", "depth_delta", "depth_scores", "align_depth"]
 
 
 class MetricsInputError(DepthGError, ValueError):
@@ -195,21 +195,45 @@ def depth_delta(pred: Any, gt: Any, valid: Any | None = None, threshold: float =
     return float(np.mean(ratio < threshold))
 
 
-def depth_scores(pred: Any, gt: Any, valid: Any | None = None, align: str = "none") -> dict[str, float]:
-    """AbsRel and delta < 1.25 of a depth map against a reference, with optional median scaling.
+def align_depth(pred: Any, gt: Any, valid: Any | None = None, align: str = "none") -> tuple[np.ndarray, dict[str, float]]:
+    """Fit a prediction to a reference on the scored pixels and apply the fit to the whole map.
 
-    align: ``"none"`` for metric predictions; ``"median"`` multiplies the prediction by
-    ``median(gt) / median(pred)`` over the scored pixels first (the usual protocol for relative-depth
-    networks, which know depth only up to scale).
+    align:
 
-    Returns ``abs_rel``, ``delta1``, ``n`` (scored pixels) and ``scale`` (the factor applied, 1 for
-    ``"none"``).
+    - ``"none"``: metric predictions as they are;
+    - ``"median"``: multiply the prediction by ``median(gt) / median(pred)`` (for networks that know depth
+      only up to scale);
+    - ``"inverse_affine"``: fit ``a * pred + b`` to the reference's inverse depth ``1 / gt`` by least squares
+      and return ``1 / (a * pred + b)`` (the scale-and-shift-in-disparity protocol for relative networks
+      such as MiDaS/DPT and Depth Anything, whose output is affine in inverse depth; the workbench's
+      relative maps ``1 - minmax(disparity)`` are too). Where the fit is <= 0 the result is 0 (no depth).
+
+    Returns the aligned map (float64, the shape of ``pred``) and ``{"scale", "shift"}`` (1 and 0 for
+    ``"none"``; ``a`` and ``b`` for ``"inverse_affine"``). Scored pixels as in :func:`depth_abs_rel`.
     """
-    if align not in ("none", "median"):
-        raise MetricsInputError(f"align must be 'none' or 'median', got {align!r}")
+    if align not in ("none", "median", "inverse_affine"):
+        raise MetricsInputError(f"align must be 'none', 'median' or 'inverse_affine', got {align!r}")
+    full = np.asarray(pred.detach().cpu() if isinstance(pred, torch.Tensor) else pred, dtype=np.float64)
     p, g = _depth_pairs(pred, gt, valid)
-    scale = float(np.median(g) / np.median(p)) if align == "median" else 1.0
-    if not math.isfinite(scale) or scale <= 0:
-        raise MetricsInputError(f"median scaling failed: median prediction {np.median(p):g}")
-    p = p * scale
-    return {"abs_rel": depth_abs_rel(p, g), "delta1": depth_delta(p, g), "n": int(g.size), "scale": scale}
+    if align == "none":
+        return full, {"scale": 1.0, "shift": 0.0}
+    if align == "median":
+        scale = float(np.median(g) / np.median(p))
+        if not math.isfinite(scale) or scale <= 0:
+            raise MetricsInputError(f"median scaling failed: median prediction {np.median(p):g}")
+        return full * scale, {"scale": scale, "shift": 0.0}
+    (a, b), *_ = np.linalg.lstsq(np.stack([p, np.ones_like(p)], axis=1), 1.0 / g, rcond=None)
+    inv = a * full + b
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(inv > 0, 1.0 / np.where(inv > 0, inv, 1.0), 0.0)  # no positive depth: 0, a miss
+    return np.where(np.isfinite(full), out, np.nan), {"scale": float(a), "shift": float(b)}
+
+
+def depth_scores(pred: Any, gt: Any, valid: Any | None = None, align: str = "none") -> dict[str, float]:
+    """AbsRel and delta < 1.25 of a depth map against a reference, after :func:`align_depth`.
+
+    Returns ``abs_rel``, ``delta1``, ``n`` (scored pixels) and the alignment's ``scale`` and ``shift``.
+    """
+    aligned, fit = align_depth(pred, gt, valid, align)
+    p, g = _depth_pairs(aligned, gt, valid)
+    return {"abs_rel": depth_abs_rel(p, g), "delta1": depth_delta(p, g), "n": int(g.size), **fit}

@@ -578,10 +578,10 @@ def point_cloud_figure(
                                    marker=dict(size=highlight_size, color=palette[i % len(palette)],
                                                line=dict(color="black", width=1))))
     fig = go.Figure(traces)
-    # box proportional to the data with its longest side 1; eye 1.1 box-lengths behind the near face
+    # box proportional to the data with its longest side 1; eye above and 0.75 box-lengths behind the near face
     extent = np.ptp(pts, axis=0) if len(pts) else np.ones(3)
     ratio = np.maximum(extent / max(float(extent.max()), 1e-12), 0.05)
-    eye = dict(x=0.0, y=-0.45 - 0.5 * float(ratio[1]), z=-0.5 * float(ratio[2]) - 1.1)
+    eye = dict(x=0.0, y=-0.3 - 0.5 * float(ratio[1]), z=-0.5 * float(ratio[2]) - 0.75)
     unit = f" ({units})" if units else ""
     fig.update_layout(
         title=title, margin=dict(l=0, r=0, t=40 if title else 0, b=0), height=520,

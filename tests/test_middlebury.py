@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from depthg.data.middlebury import MOTORCYCLE_CALIBRATION, load_motorcycle
-from depthg.metrics import MetricsInputError, depth_abs_rel, depth_delta, depth_scores
+from depthg.metrics import MetricsInputError, align_depth, depth_abs_rel, depth_delta, depth_scores
 from depthg.sampling import (
     SamplingError,
     covering_radius,
@@ -154,6 +154,18 @@ def test_depth_metrics_hand_computed():
     assert depth_delta(np.array([0.0, 2.0]), np.array([2.0, 2.0])) == pytest.approx(0.5)
     s = depth_scores(2.0 * gt, gt, align="median")
     assert s["scale"] == pytest.approx(0.5) and s["abs_rel"] == pytest.approx(0.0) and s["delta1"] == 1.0
+    # a relative map affine in inverse depth (here 1 - minmax(1/gt), as the workbench stores relative depth)
+    inv = 1.0 / gt
+    rel = 1.0 - (inv - inv.min()) / (inv.max() - inv.min())
+    s = depth_scores(rel, gt, align="inverse_affine")
+    assert s["abs_rel"] == pytest.approx(0.0, abs=1e-9) and s["delta1"] == 1.0 and s["scale"] < 0
+    aligned, fit = align_depth(rel, gt, align="inverse_affine")
+    np.testing.assert_allclose(aligned, gt, rtol=1e-9)
+    # a fit that gives no positive depth somewhere: 0 there (a miss), NaN input stays NaN
+    # (fitted on the first two pixels: 1/gt = 2 - pred, negative at pred 5, where there is no reference)
+    aligned, fit = align_depth(np.array([0.0, 1.0, 5.0, np.nan]), np.array([0.5, 1.0, 0.0, 1.0]), align="inverse_affine")
+    assert fit["scale"] == pytest.approx(-1.0) and fit["shift"] == pytest.approx(2.0)
+    assert aligned[:2] == pytest.approx([0.5, 1.0]) and aligned[2] == 0.0 and np.isnan(aligned[3])
     with pytest.raises(MetricsInputError, match="no pixel"):
         depth_abs_rel(pred, gt, np.zeros(3, bool))
     with pytest.raises(MetricsInputError, match="shape"):
