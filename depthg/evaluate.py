@@ -24,6 +24,7 @@ optional prediction PNGs in the dataset's palette.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -64,7 +65,7 @@ def predict_batch(backbone: nn.Module, head: nn.Module, cluster: nn.Module, line
                   out_size: tuple[int, int], flip: bool = True, crf: bool = False,
                   amp: Callable[[], Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(cluster log-probs, linear log-probs), each (B, K, H, W) at ``out_size`` (steps 2-5 above)."""
-    ctx = amp if amp is not None else _null
+    ctx = amp if amp is not None else nullcontext
     with ctx():
         code = head(backbone(img)).float()
         if flip:
@@ -82,14 +83,6 @@ def predict_batch(backbone: nn.Module, head: nn.Module, cluster: nn.Module, line
             dense_crf(im, lp.cpu()).clamp_min(1e-12).log() for im, lp in zip(images, linear_logp)
         ]).to(code.device)
     return cluster_logp, linear_logp
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: Any) -> None:
-        return None
 
 
 def _metrics_dict(result: dict[str, Any], class_names: Sequence[str] | None) -> dict[str, Any]:
