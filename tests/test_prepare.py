@@ -21,6 +21,7 @@ from depthg.data.prepare import (
     five_crop,
     knn_search,
     prepare_training_data,
+    world_folder,
 )
 from depthg.depth import DepthCache
 
@@ -230,7 +231,8 @@ def test_prepare_training_data_synthetic_world(tmp_path, capsys):
                           device="cpu", world_n_train=2, world_n_val=1, world_size=[32, 64], world_seed=0)
     paths = prepare_training_data(cfg, backbone=ColourBackbone(), progress=False)
     assert "synthetic world" in capsys.readouterr().err  # notes go to stderr (stdout is the CLI's JSON)
-    world = tmp_path / "synthetic_world_2+1_32x64_seed0_v1"  # the folder is named by the world's arguments
+    world = world_folder(cfg)  # the folder is named by the world's arguments
+    assert world.parent == tmp_path and world.name.startswith("synthetic_world_2+1_32x64_seed0_v")
     assert paths["synthetic"] and paths["data_dir"] == world
     assert paths["depth_dir"] == world / "depth_gt"
     crops = CroppedDataset(paths["crop_dir"], "train")

@@ -90,6 +90,7 @@ __all__ = [
     "dataset_digest",
     "dataset_kwargs",
     "dataset_root",
+    "world_folder",
     "check_outside_dataset",
     "stereo_depth_for_dataset",
     "PreparationError",
@@ -167,7 +168,7 @@ def check_outside_dataset(target: str | os.PathLike, dataset: Any, what: str) ->
     """Refuse to write ``target`` inside the dataset's folder (its root or its image/label trees)."""
     folders = [Path(d) for d in getattr(dataset, "source_dirs", [])]
     root = getattr(dataset, "root", None)
-    if root is not None and getattr(dataset, "name", "") != "cropped":
+    if root is not None:
         folders.append(Path(root))
     for folder in folders:
         if inside(target, folder):
@@ -835,7 +836,8 @@ def prepare_training_data(
     crop_dir: Path | None = None
     ratio = float(get("crop_ratio", 0.5))
     if get("five_crop", True):
-        crop_dir = cache_dir / "crops" / f"{data_tag}_{_slug(str(classes))}_{depth_tag}_five_crop_{ratio}"
+        classes_tag = f"{_slug(str(classes))}-{_short_hash(*raw.class_names)}"  # e.g. a world's own class list
+        crop_dir = cache_dir / "crops" / f"{data_tag}_{classes_tag}_{depth_tag}_five_crop_{ratio}"
         five_crop(build_dataset(name, root, split, depth_dir=depth_dir, **kwargs), crop_dir, ratio, progress=progress)
         knn_data: Any = CroppedDataset(crop_dir, split, with_depth=False)
     else:
