@@ -279,3 +279,20 @@ def test_hub_id_in_the_local_cache_loads_without_network(relative_model, tmp_pat
     model = load_depth_model("someone/tiny-depth", device="cpu")
     assert model.kind == "relative"
     assert estimate_depth(model, torch.rand(1, 3, H, W)).shape == (1, 1, H, W)
+
+
+def test_tiny_random_depth_model_is_reproducible_and_leaves_the_rng_alone(tmp_path):
+    """The smoke-test model: loads through the real path, same weights every time, caller's RNG untouched."""
+    from depthg.depth import build_tiny_random_depth_model
+
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = load_depth_model(build_tiny_random_depth_model(tmp_path / "a"), device="cpu")
+    assert torch.equal(torch.rand(3), expected_next)  # building it did not consume the global RNG stream
+    b = load_depth_model(build_tiny_random_depth_model(tmp_path / "b"), device="cpu")
+    assert a.kind == "relative" and sum(p.numel() for p in a.model.parameters()) < 300_000
+    for (name, pa), (_, pb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(pa, pb), name
+    images = torch.rand(1, 3, H, W)
+    torch.testing.assert_close(estimate_depth(a, images), estimate_depth(b, images))
