@@ -20,15 +20,29 @@ workbench does not install.
 from __future__ import annotations
 
 import colorsys
+import io
 import json
 import math
 import os
+import subprocess
+import sys
+import tempfile
+import textwrap
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import ipywidgets as widgets
+import matplotlib
+import matplotlib.patches as mpatches
+import matplotlib.pyplot as plt
 import numpy as np
+import plotly.graph_objects as go
 import torch
+from cityscapesscripts.helpers.labels import id2label
+from matplotlib.colors import LogNorm, Normalize
+from plotly.offline import get_plotlyjs
 
+from depthg.data import PALETTES
 from depthg.utils import DepthGError, atomic_write
 
 __all__ = [
@@ -66,6 +80,7 @@ __all__ = [
     "plot_iou_bars",
     "plot_confusion",
     "plot_predictions",
+    "add_class_legend",
 ]
 
 
@@ -100,8 +115,6 @@ def make_palette(n: int, seed: int = 0) -> np.ndarray:
 
 def _cityscapes27_palette() -> np.ndarray:
     """The official Cityscapes colours of label ids 7..33 (the 27-class setting, class = id - 7)."""
-    from cityscapesscripts.helpers.labels import id2label
-
     return np.asarray([id2label[i].color for i in range(7, 34)], dtype=np.uint8)
 
 
@@ -120,13 +133,8 @@ def get_palette(name_or_n: str | int, n_classes: int | None = None) -> np.ndarra
         palette = make_palette(n)
     else:
         name = str(name_or_n).lower()
-        try:  # the data package owns the dataset palettes (depthg.data.PALETTES: name -> (K, 3) uint8)
-            from depthg.data import PALETTES
-
-            if name in PALETTES:
-                palette = np.asarray(PALETTES[name])
-        except ImportError:
-            palette = None
+        if name in PALETTES:  # the data package owns the dataset palettes (name -> (K, 3) uint8)
+            palette = np.asarray(PALETTES[name])
         if palette is None and name.startswith("cityscapes"):
             palette = _cityscapes27_palette()
         if palette is None:
@@ -231,8 +239,6 @@ def colorize_depth(
     but the sky); "inverse" (disparity-like). Non-positive values (invalid depth, e.g. Cityscapes
     disparity 0) are drawn black.
     """
-    import matplotlib
-
     if scale not in ("linear", "log", "inverse"):
         raise VizError(f"colorize_depth: scale must be 'linear', 'log' or 'inverse', got {scale!r}")
     d = to_depth_array(depth)
@@ -306,8 +312,6 @@ def cells_to_pixels(cells: np.ndarray, feat_hw: tuple[int, int], img_hw: tuple[i
 
 
 def _axes(ax=None, figsize=(5, 4)):
-    import matplotlib.pyplot as plt
-
     if ax is None:
         fig, ax = plt.subplots(figsize=figsize)
         return fig, ax
@@ -342,9 +346,6 @@ def show_depth(
     map's own valid range. ``scale``: "linear" or "log" (street scenes spanning 5–200 m). Default
     ``magma_r``: near is bright, far is dark. Returns the ``AxesImage``.
     """
-    import matplotlib
-    from matplotlib.colors import LogNorm, Normalize
-
     if scale not in ("linear", "log"):
         raise VizError(f"show_depth: scale must be 'linear' or 'log', got {scale!r}")
     d = to_depth_array(depth).astype(np.float64)
@@ -443,20 +444,27 @@ def plot_samples_on_feature_grid(
 
 def plot_heatmap_on_image(ax, img: Any, heat: Any, title: str | None = None, alpha: float = 0.6,
                           cmap: str = "inferno", mark: tuple[float, float] | None = None,
-                          feat_hw: tuple[int, int] | None = None):
+                          feat_hw: tuple[int, int] | None = None, colorbar: str | None = None,
+                          vmin: float | None = None, vmax: float | None = None):
     """A heat map (h, w) upsampled (nearest) over an image; ``mark`` = (row, col) cell drawn as a yellow
-    square (the query patch of Fig. 3-style propagation maps)."""
+    square (the query patch of Fig. 3-style propagation maps). ``colorbar``: the label of a colour bar
+    (what the values are, with units), none when None; ``vmin``/``vmax`` fix the colour range, so that
+    several maps can share one bar."""
     image = to_image_array(img)
     hm = to_depth_array(heat)
     H, W = image.shape[:2]
     ax.imshow(image)
-    ax.imshow(hm, cmap=cmap, alpha=alpha, extent=(-0.5, W - 0.5, H - 0.5, -0.5), interpolation="nearest")
+    im = ax.imshow(hm, cmap=cmap, alpha=alpha, extent=(-0.5, W - 0.5, H - 0.5, -0.5), interpolation="nearest",
+                   vmin=vmin, vmax=vmax)
+    if colorbar is not None:
+        bar = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+        bar.solids.set_alpha(1.0)
+        bar.set_label(colorbar, fontsize=8)
+        bar.ax.tick_params(labelsize=7)
     if mark is not None:
         fh, fw = feat_hw or hm.shape
         (pr, pc), = cells_to_pixels(np.asarray([mark], dtype=np.float64), (fh, fw), (H, W))
         sy, sx = H / fh, W / fw
-        import matplotlib.patches as mpatches
-
         ax.add_patch(mpatches.Rectangle((pc - sx / 2, pr - sy / 2), sx, sy, fill=False, edgecolor="yellow",
                                         linewidth=2))
     ax.set_xticks([])
@@ -476,8 +484,6 @@ def slider(description: str, value: float, min: float, max: float, step: float |
     ``IntSlider`` (step 1 by default), otherwise a ``FloatSlider`` (step: 1/100 of the range). Use it with
     ``ipywidgets.interact(fn, name=viz.slider(...))``.
     """
-    import ipywidgets as widgets
-
     numbers = (value, min, max) + (() if step is None else (step,))
     integer = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in numbers)
     if not min <= value <= max:
@@ -494,16 +500,12 @@ def add_caption(fig, text: str, width: int = 160, fontsize: float = 7.0):
     The caption starts under the figure's bottom edge, so it never overlaps axis labels; saving with
     :func:`save_figure` (``bbox_inches="tight"``) includes it. Returns the text artist.
     """
-    import textwrap
-
     fig.tight_layout()
     return fig.text(0.01, -0.005, textwrap.fill(text, width), va="top", ha="left", fontsize=fontsize)
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
     """Save a matplotlib figure as PNG (or any format matplotlib knows) atomically; returns the path."""
-    import io
-
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"
     buf = io.BytesIO()
@@ -542,8 +544,6 @@ def point_cloud_figure(
     and above the camera, outside the box, so the nearest points are in view. ``units`` (e.g. "m") goes
     into the axis titles.
     """
-    import plotly.graph_objects as go
-
     pts = _as_numpy(points).astype(np.float32)
     if pts.ndim == 3 and pts.shape[0] == 1:
         pts = pts[0]
@@ -655,8 +655,6 @@ def save_html(fig, path: str | os.PathLike, include_plotlyjs: bool | str = True)
     if include_plotlyjs == "directory":
         js = path.parent / "plotly.min.js"
         if not js.exists():
-            from plotly.offline import get_plotlyjs
-
             with atomic_write(js, "w") as handle:
                 handle.write(get_plotlyjs())
     with atomic_write(path, "w") as handle:
@@ -712,10 +710,6 @@ def open3d_farthest_point_indices(points: Any, n_samples: int, start_index: int 
     (duplicate points map to their first occurrence, so give clouds without exact duplicates when
     comparing sets).
     """
-    import subprocess
-    import sys
-    import tempfile
-
     pts = _as_numpy(points).astype(np.float64).reshape(-1, 3)
     if not 0 < n_samples <= len(pts):
         raise VizError(f"open3d_farthest_point_indices: n_samples must be in [1, {len(pts)}], got {n_samples}")
@@ -791,9 +785,11 @@ def depth_errors(pred: Any, gt: Any, align: str = "none", max_depth: float | Non
 
 
 def plot_correlation_query(ax, corr: Any, query: tuple[int, int], title: str | None = None,
-                           vmin: float | None = -1.0, vmax: float | None = 1.0, cmap: str = "RdBu_r"):
+                           vmin: float | None = -1.0, vmax: float | None = 1.0, cmap: str = "RdBu_r",
+                           colorbar: str = "correlation"):
     """One slice of a correlation tensor (h, w, i, j) (or a batch of one): the map over (i, j) of the
-    query location (h, w) = ``query``. This is how F, S and D look from one sampled point."""
+    query location (h, w) = ``query``. This is how F, S and D look from one sampled point. ``colorbar``
+    labels the colour bar (e.g. "cosine similarity F")."""
     c = _as_numpy(corr)
     if c.ndim == 5 and c.shape[0] == 1:
         c = c[0]
@@ -801,7 +797,7 @@ def plot_correlation_query(ax, corr: Any, query: tuple[int, int], title: str | N
         raise VizError(f"correlation: expected (h,w,i,j), got shape {tuple(c.shape)}")
     r, q = query
     im = ax.imshow(c[r, q], cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04).set_label(colorbar, fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
@@ -811,7 +807,7 @@ def plot_correlation_query(ax, corr: Any, query: tuple[int, int], title: str | N
 
 def plot_correlation_matrix(ax, corr: Any, title: str | None = None, vmin: float | None = -1.0,
                             vmax: float | None = 1.0, cmap: str = "RdBu_r", order: Any | None = None,
-                            col_order: Any | None = None):
+                            col_order: Any | None = None, colorbar: str = "correlation"):
     """A correlation tensor (h, w, i, j) flattened to an (hw, ij) matrix.
 
     ``order`` permutes the rows (e.g. the samples of this crop sorted by depth or by label) so block
@@ -830,7 +826,7 @@ def plot_correlation_matrix(ax, corr: Any, title: str | None = None, vmin: float
     if col_order is not None:
         m = m[:, _as_numpy(col_order).astype(np.int64).reshape(-1)]
     im = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04).set_label(colorbar, fontsize=8)
     ax.set_xlabel("sample (other crop)")
     ax.set_ylabel("sample (this crop)")
     if title:
@@ -886,16 +882,20 @@ def plot_training_curves(
     groups: Mapping[str, Sequence[str]] | None = None,
     title: str | None = None,
     smooth: int = 1,
+    ncols: int = 3,
 ):
     """Training curves from a run's log records (or the path of its ``log.jsonl``), or from several runs.
+
+    One quantity per axis: each panel's name is its y-axis label, so a group must hold series of one kind
+    and one unit (loss terms together; the depth weight λ and the sample count S each in a panel of their
+    own, never 0.09 next to 8). ``groups`` = {panel name: [keys]}; without it every key gets its own panel.
 
     ``records`` is one run (a list of records or a log path) or ``{run name: records or path}`` to overlay
     runs (one colour per series, one line style per run). Nested dicts are flattened with "/"
     (``{"train": {"total": 1}}`` → ``"train/total"``). ``keys`` picks the numeric series to draw (default:
-    every numeric key except ``x``); ``groups`` draws one panel per group {panel title: [keys]} (e.g.
-    losses, depth weight/shift, metrics); ``smooth`` > 1 applies a trailing moving average. Records
-    without a key simply leave a gap (losses every ``log_every`` steps, metrics every ``eval_every``).
-    Returns the matplotlib figure.
+    every numeric key except ``x``); ``smooth`` > 1 applies a trailing moving average; panels wrap after
+    ``ncols`` per row; ``title`` goes above all panels. Records without a key simply leave a gap (losses
+    every ``log_every`` steps, metrics every ``eval_every``). Returns the matplotlib figure.
     """
     import matplotlib.pyplot as plt
 
@@ -912,15 +912,17 @@ def plot_training_curves(
     numeric = sorted({k for flat in runs.values() for r in flat for k, v in r.items()
                       if k != x and isinstance(v, (int, float)) and not isinstance(v, bool)})
     if groups is None:
-        groups = {title or "training": list(keys) if keys is not None else numeric}
+        groups = {k: [k] for k in (list(keys) if keys is not None else numeric)}
     panels = {name: [k for k in ks if k in numeric] for name, ks in groups.items()}
     panels = {name: ks for name, ks in panels.items() if ks}
     if not panels:
         raise VizError(f"plot_training_curves: none of the requested keys are in the log; it has {numeric}")
     styles = ["-", "--", ":", "-."]
     colours = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0", "C1", "C2", "C3"])
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
-    for ax, (name, ks) in zip(axes[0], panels.items()):
+    ncols = max(1, min(ncols, len(panels)))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.2 * nrows + (0.4 if title else 0)), squeeze=False)
+    for ax, (name, ks) in zip(axes.flat, panels.items()):
         for r_i, (run, flat) in enumerate(runs.items()):
             for k_i, k in enumerate(ks):
                 pts = [(r.get(x, i), r[k]) for i, r in enumerate(flat)
@@ -936,9 +938,14 @@ def plot_training_curves(
                 ax.plot(xs, ys, label=label, linewidth=1.2, color=colours[k_i % len(colours)],
                         linestyle=styles[r_i % len(styles)], marker="o" if len(xs) < 20 else None, markersize=3)
         ax.set_xlabel(x)
+        ax.set_ylabel(name, fontsize=9)
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -1025,7 +1032,8 @@ def plot_confusion(confusion: Any, class_names: Sequence[str] | None = None, ax=
     n = m.shape[0]
     fig, ax = _axes(ax, figsize=(max(4, 0.3 * n + 2), max(3.5, 0.3 * n + 1.5)))
     im = ax.imshow(m, cmap="Blues", vmin=0, vmax=1 if normalize else None, interpolation="nearest")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label("fraction of the class's pixels" if normalize else "pixels", fontsize=8)
     if class_names is not None:
         names = list(class_names)
         ax.set_yticks(range(n))
@@ -1046,10 +1054,17 @@ def plot_predictions(
     palette: np.ndarray,
     titles: Sequence[str] | None = None,
     cell_size: float = 2.4,
+    class_names: Sequence[str] | None = None,
+    title: str | None = None,
 ):
     """A grid: one row per image, first column the image, then one column per label map in ``columns``
     (e.g. {"ground truth": labels, "STEGO": preds_a, "DepthG": preds_b}); label maps are coloured with
-    ``palette`` (ignore = black). Returns the figure."""
+    ``palette`` (ignore / unmatched = black).
+
+    ``class_names`` adds a legend under the grid with the colour of every class that appears in any of the
+    maps (and black, when some pixel is ignored or unmatched); ``title`` goes above the grid (say what is
+    compared). Returns the figure.
+    """
     import matplotlib.pyplot as plt
 
     n = len(images)
@@ -1062,5 +1077,28 @@ def plot_predictions(
         show_image(axes[r, 0], images[r], titles[r] if titles else ("image" if r == 0 else None))
         for c, (name, maps) in enumerate(columns.items(), start=1):
             show_image(axes[r, c], colorize_labels(maps[r], palette), name if r == 0 else None)
+    if title:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
+    if class_names is not None:
+        present = np.unique(np.concatenate([_as_numpy(m).reshape(-1) for maps in columns.values() for m in maps]))
+        add_class_legend(fig, palette, class_names, present)
     return fig
+
+
+def add_class_legend(fig, palette: np.ndarray, class_names: Sequence[str], ids: Iterable[int] | None = None,
+                     ncol: int | None = None, ignore_label: str = "ignore / unmatched"):
+    """A legend of class colours under the figure: one patch per class id in ``ids`` (default: all), in
+    ``palette``'s colour with its name from ``class_names``; a negative id adds a black ``ignore_label``
+    patch. Returns the legend."""
+    import matplotlib.patches as mpatches
+
+    names = list(class_names)
+    ids = sorted({int(i) for i in (range(len(names)) if ids is None else ids)})
+    handles = [mpatches.Patch(facecolor=np.asarray(palette[i]) / 255.0, edgecolor="black", linewidth=0.3,
+                              label=names[i] if i < len(names) else f"cluster {i}") for i in ids if i >= 0]
+    if any(i < 0 for i in ids):
+        handles.append(mpatches.Patch(facecolor="black", label=ignore_label))
+    ncol = ncol or max(1, min(len(handles), 6))
+    return fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=ncol, fontsize=7,
+                      frameon=False, title="classes", title_fontsize=8)

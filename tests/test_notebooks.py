@@ -1,5 +1,6 @@
 """Every notebook runs headless under papermill in its smoke configuration, and the committed notebooks are
-clean (no outputs, a ``parameters`` cell, a markdown cell before every code cell).
+clean (no outputs, a ``parameters`` cell, a markdown cell before every code cell) and thin: no code cell
+over 25 lines, no import of a private name, no document named that is not in the repository.
 
 The smoke runs write only under ``tmp_path`` (output notebooks, runs, caches, figures): every notebook
 that writes files takes ``output_dir`` (and, where it builds data, ``cache_dir``) as parameters.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import nbformat
@@ -45,6 +47,63 @@ EXPECTED_FILES = {
         "fps_point_cloud.png", "fps_point_cloud.html", "training_curves.png", "per_class_iou.png",
         "confusion_depthg.png", "captions.md")],
 }
+
+
+MAX_CELL_LINES = 25
+# `from depthg.x import a, _b` / `import depthg._x` / `depthg.x._y(...)`: a private name of the workbench
+FROM_IMPORT = re.compile(r"^\s*from\s+([\w.]+)\s+import\s+\(?([^)#\n]*(?:\n[^)#]*)?)\)?", re.M)
+PRIVATE_ATTRIBUTE = re.compile(r"\b(?:depthg|viz|sampling|losses|lhp|notebook)(?:\.\w+)*\._[a-zA-Z]\w*")
+# a document the text names: a path ending in .md
+DOCUMENT = re.compile(r"(?<![\w/.-])((?:\.\.?/)*[\w/.-]*\w\.md)\b")
+
+
+def private_imports(source: str) -> list[str]:
+    """Private names (leading underscore) a cell imports from the workbench or reads off its modules."""
+    found = []
+    for module, names in FROM_IMPORT.findall(source):
+        if module.split(".")[0] == "depthg" or any(p.startswith("_") for p in module.split(".")):
+            found += [f"from {module} import {n.strip().split(' as ')[0]}" for n in names.split(",")
+                      if n.strip().startswith("_")]
+    found += [m for m in re.findall(r"^\s*import\s+(depthg[\w.]*)", source, re.M) if "._" in m]
+    found += PRIVATE_ATTRIBUTE.findall(source)
+    return found
+
+
+def outside_documents(source: str) -> list[str]:
+    """Documents (``*.md``) a cell names that are not files of this repository (a file name joined onto a
+    folder in code, ``out / "captions.md"``, is a file the notebook writes, not a reference)."""
+    bad = []
+    for ref in DOCUMENT.findall(re.sub(r'/\s*"[\w.-]+\.md"', "", source)):
+        candidates = [(ROOT / ref).resolve(), (NB_DIR / ref).resolve()]
+        if not any(c.is_file() and c.is_relative_to(ROOT) for c in candidates):
+            bad.append(ref)
+    return bad
+
+
+def test_thinness_checks_catch_what_they_should():
+    assert private_imports("from depthg.data.prepare import _short_hash, _slug   # naming\n") == [
+        "from depthg.data.prepare import _short_hash", "from depthg.data.prepare import _slug"]
+    assert private_imports("from depthg.viz import (show_image,\n    _as_numpy)") == ["from depthg.viz import _as_numpy"]
+    assert private_imports("x = viz._as_numpy(img)") == ["viz._as_numpy"]
+    assert private_imports("from depthg import viz\nfrom depthg.notebook import choose_run\nx = 3 * _y") == []
+    assert outside_documents("see docs/method.md §11 and [this](../docs/fidelity.md#33-x)") == []
+    assert outside_documents('with atomic_write(output_dir / "captions.md", "w") as f:') == []
+    assert outside_documents("see method.md §6 and released_code.md §2.4, ../shared/reference/design.md") == [
+        "method.md", "released_code.md", "../shared/reference/design.md"]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_is_thin(name):
+    """Parameters, explanation, calls into depthg/ and plots: no long code cell, no private import, no
+    document outside the repository."""
+    nb = nbformat.read(NB_DIR / name, as_version=4)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            n_lines = len(cell.source.rstrip().splitlines())
+            assert n_lines <= MAX_CELL_LINES, f"{name}: code cell {i} has {n_lines} lines (at most {MAX_CELL_LINES})"
+            assert not private_imports(cell.source), f"{name}: cell {i} uses private names {private_imports(cell.source)}"
+        assert not outside_documents(cell.source), \
+            f"{name}: cell {i} names documents that are not in the repository: {outside_documents(cell.source)}"
 
 
 @pytest.fixture(scope="module")

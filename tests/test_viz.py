@@ -305,3 +305,33 @@ def test_slider_is_wide_and_updates_on_release():
     assert isinstance(f, widgets.FloatSlider) and f.step == pytest.approx(0.005) and f.continuous_update is False
     with pytest.raises(ValueError, match="outside"):
         viz.slider("S", 30, 2, 20)
+
+
+def test_training_curves_one_quantity_per_axis():
+    recs = [{"step": i, "train": {"depth_weight": 0.09, "n_side": 8, "total": 1.0 / (i + 1)}} for i in range(4)]
+    fig = viz.plot_training_curves(recs)  # no groups: one panel per series, never 0.09 next to 8
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert sorted(ax.get_ylabel() for ax in shown) == ["train/depth_weight", "train/n_side", "train/total"]
+    assert all(len(ax.lines) == 1 for ax in shown)
+    fig2 = viz.plot_training_curves(recs, groups={"λ_depth": ["train/depth_weight"], "S": ["train/n_side"],
+                                                  "loss": ["train/total"], "x": ["train/total"]}, ncols=3)
+    assert len(fig2.axes) == 6 and sum(ax.get_visible() for ax in fig2.axes) == 4  # 2 rows, 2 unused hidden
+
+
+def test_prediction_grid_legend_lists_the_classes_shown():
+    pal = viz.make_palette(4)
+    gt = np.array([[0, 1], [1, -1]])
+    fig = viz.plot_predictions([torch.rand(3, 2, 2)], {"labels": [gt], "pred": [np.array([[3, 3], [0, 0]])]}, pal,
+                               class_names=["road", "car", "sky", "tree"], title="labels vs prediction")
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["road", "car", "tree", "ignore / unmatched"]
+    np.testing.assert_allclose(legend.legend_handles[2].get_facecolor()[:3], pal[3] / 255.0)
+    assert fig._suptitle.get_text() == "labels vs prediction"
+
+
+def test_heatmap_and_correlation_colour_bars_are_labelled():
+    fig, axes = plt.subplots(1, 2)
+    viz.plot_heatmap_on_image(axes[0], torch.rand(3, 8, 8), torch.rand(4, 4), colorbar="weight", vmin=0, vmax=1)
+    viz.plot_correlation_query(axes[1], torch.rand(2, 2, 2, 2), (0, 0), colorbar="cosine similarity")
+    labels = [ax.get_ylabel() for ax in fig.axes[2:]]
+    assert labels == ["weight", "cosine similarity"]
