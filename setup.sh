@@ -39,4 +39,11 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 if [ -e .venv/share/jupyter/lab/extensions/dash-jupyterlab.tgz ]; then
   .venv/bin/jupyter labextension uninstall --no-build @plotly/dash-jupyterlab >/dev/null 2>&1
 fi
+# JupyterLab defaults of this environment: no "get notified about Jupyter news?" pop-up in every fresh browser
+# and no update check (both would reach out to the internet). A user's own settings still take precedence.
+lab_settings=.venv/share/jupyter/lab/settings
+if [ ! -e "$lab_settings/overrides.json" ]; then
+  mkdir -p "$lab_settings"
+  echo '{"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": false}}' > "$lab_settings/overrides.json"
+fi
 .venv/bin/python -c 'import depthg, torch; print(f"depthg {depthg.__version__} ready (torch {torch.__version__}, cuda={torch.cuda.is_available()})")'

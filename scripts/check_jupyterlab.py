@@ -5,7 +5,8 @@ temporary copy of ``notebooks/``, drives Debian's Chromium with Playwright (``ex
 download), opens every notebook, runs the ones given with ``--run`` (Run All), moves the first slider of
 each run notebook and checks that its figure is redrawn, once, on release. It fails on:
 
-- a dialog on the page (e.g. JupyterLab's "Build Recommended");
+- a dialog on the page (e.g. JupyterLab's "Build Recommended") or a pop-up notification (e.g. "get notified
+  about Jupyter news?");
 - an error in the browser console or an uncaught page error;
 - an error output, a warning or other library noise in a cell's output (stderr, ``[Open3D ...]`` lines);
 - a widget that does not render; a slider narrower than ``--min-slider-px``, one that redraws while it is
@@ -77,6 +78,7 @@ JS_WIDGET_PROBLEMS = """() => [...window.jupyterapp.shell.currentWidget.node.que
   .map(e => e.innerText || '').filter(t => /Error displaying widget|Loading widget\\.\\.\\./.test(t))
   .map(t => t.slice(0, 200))"""
 JS_DIALOGS = """() => [...document.querySelectorAll('.jp-Dialog')].map(d => d.innerText.replace(/\\s+/g, ' ').trim())"""
+JS_TOASTS = """() => [...document.querySelectorAll('.Toastify__toast')].map(d => d.innerText.replace(/\\s+/g, ' ').trim())"""
 # a fingerprint of what the slider's cell shows (images, svg, plotly, text of output widgets)
 JS_FIGURE = """(slider) => {
   const cell = slider.closest('.jp-Cell');
@@ -279,7 +281,7 @@ def run_check(args) -> list[dict]:
     from playwright.sync_api import sync_playwright
 
     names = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) if args.open == ["all"] else args.open
-    run = names if args.run == ["all"] else args.run
+    run = names if args.run == ["all"] else [] if args.run == ["none"] else args.run
     missing = [n for n in set(names) | set(run) if not (NOTEBOOKS / n).is_file()]
     if missing:
         raise FileNotFoundError(f"no such notebook in {NOTEBOOKS}: {', '.join(sorted(missing))}")
@@ -311,7 +313,8 @@ def run_check(args) -> list[dict]:
                 page.wait_for_selector(".jp-LabShell", timeout=120_000)
                 time.sleep(5.0)  # the build check and extension start-up run right after load
                 startup = {"notebook": "(JupyterLab start-up)", "run": False, "console": list(console),
-                           "problems": [f"dialog: {d[:300]}" for d in page.evaluate(JS_DIALOGS)]}
+                           "problems": [f"dialog: {d[:300]}" for d in page.evaluate(JS_DIALOGS)]
+                           + [f"notification: {t[:300]}" for t in page.evaluate(JS_TOASTS)]}
                 startup["problems"] += [f"browser console {m['type']}: {m['text'][:300]}" for m in console
                                         if m["type"] in ("error", "pageerror")]
                 reports.append(startup)
@@ -334,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--open", nargs="+", default=["all"], metavar="NOTEBOOK",
                         help="notebooks to open (file names in notebooks/, or 'all'; default: all)")
     parser.add_argument("--run", nargs="+", default=["02_fps_point_clouds.ipynb"], metavar="NOTEBOOK",
-                        help="notebooks to Run All and move a slider in ('all' for every one; default: 02)")
+                        help="notebooks to Run All and move a slider in ('all' for every one, 'none'; default: 02)")
     parser.add_argument("--smoke", action="store_true", help="run the notebooks with smoke = True (seconds, not minutes)")
     parser.add_argument("--no-slider", action="store_true", help="do not move a slider after Run All")
     parser.add_argument("--min-slider-px", type=float, default=300.0, help="narrowest acceptable slider track (px)")
