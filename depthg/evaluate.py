@@ -42,6 +42,7 @@ from depthg.config import Config, apply_overrides
 from depthg.crf import dense_crf
 from depthg.data.prepare import dataset_root
 from depthg.data.transforms import resize_center_crop
+from depthg.features import backbone_fingerprint
 from depthg.metrics import UnsupervisedMetrics
 from depthg.utils import DepthGError, atomic_write, get_device, inside, sha256_file
 
@@ -215,6 +216,10 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *, data
     dataset = validation_dataset(cfg, root)
     device = get_device(cfg.device)
     backbone = load_backbone(cfg.backbone, cfg.weights, **cfg.backbone_kwargs).to(device)
+    trained_on = (ckpt.get("data") or {}).get("backbone_sha256")
+    if trained_on is not None and backbone_fingerprint(backbone) != trained_on:
+        raise EvaluationError(f"{path}: the backbone {cfg.backbone!r} (weights {cfg.weights!r}) now loads other weights "
+                              "than the head was trained on; evaluate with those weights or train again")
     model = build_models(cfg, backbone.embed_dim, int(dataset.n_classes))
     state = {k: v for k, v in ckpt["model"].items() if not k.startswith("lhp.")}
     model.load_state_dict(state)

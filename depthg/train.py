@@ -46,6 +46,7 @@ tests/test_train.py checks this equivalence on 2 CPU processes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -82,7 +83,7 @@ from depthg.config import Config
 from depthg.data.prepare import dataset_digest, load_knn, prepare_training_data
 from depthg.data.transforms import resize_center_crop
 from depthg.evaluate import evaluate_model
-from depthg.features import Precision, backbone_features, build_feature_cache
+from depthg.features import Precision, backbone_features, backbone_fingerprint, build_feature_cache
 from depthg.lhp import LocalHiddenPositives
 from depthg.utils import atomic_torch_save, atomic_write, get_device, inside
 
@@ -426,6 +427,10 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
     if nns.shape[0] != len(crops) or nns.shape[1] < cfg.num_neighbors + 1:
         raise TrainError(f"kNN file {data['knn_path']} has shape {nns.shape}; expected ({len(crops)}, >= "
                          f"{cfg.num_neighbors + 1}): lower num_neighbors or raise knn_k")
+    # What the run trains on, recorded in every checkpoint: a resume must continue on the same data and
+    # backbone, and evaluation must use the backbone the head was trained on.
+    run_data = {"content": dataset_digest(crops), "knn_sha256": hashlib.sha256(nns.tobytes()).hexdigest(),
+                "backbone_sha256": backbone_fingerprint(backbone)}
     val_set = validation_dataset(cfg, data["data_dir"])
     n_classes = n_classes_of(val_set)
 
@@ -497,6 +502,10 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
     best: dict[str, Any] = {"step": None, "metric": -math.inf, "metrics": None}
     resumed_losses: dict[str, float] = {}
     if ckpt is not None:  # resume (checked at the start)
+        changed_data = [k for k, v in (ckpt.get("data") or {}).items() if run_data.get(k) != v]
+        if changed_data:
+            raise TrainError(f"cannot resume {ckpt_last}: the training data changed since it was written "
+                             f"({', '.join(changed_data)} differ); start a new run (another output_dir or --overwrite)")
         model.load_state_dict(ckpt["model"])
         for k, opt in optimizers.items():
             opt.load_state_dict(ckpt["optimizers"][k])
@@ -544,6 +553,7 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
                 "scaler": scaler.state_dict() if scaler is not None else None, "rng": states,
                 "best": {**best_so_far, "metric": None if metric == -math.inf else metric},
                 "in_dim": backbone.embed_dim, "n_classes": n_classes, "last_train_losses": last_losses,
+                "data": run_data,
             }, path)
 
     def validate(at_step: int, best_so_far: dict[str, Any]) -> dict[str, Any]:

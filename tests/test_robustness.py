@@ -99,9 +99,11 @@ def test_edited_image_rebuilds_crops_knn_and_features(world, tmp_path, capfd):
     err = capfd.readouterr().err
     assert "1 source item(s) changed" in err and "recropping" in err
     assert "kNN" in err and "the images' content" in err
+    with pytest.raises(TrainError, match="training data changed"):  # a resume would continue on other data
+        quiet_train(cfg.replace(steps=3), resume=True)
 
     # the crops are those of the edited file (an independent five-crop of it: top-left quarter is crop 0)
-    crops = CroppedDataset(next((tmp_path / "cache" / "crops").glob("*five_crop*")), "train")
+    crops = CroppedDataset(next(p for p in (tmp_path / "cache" / "crops").glob("*five_crop*") if p.is_dir()), "train")
     top_left = np.asarray(Image.open(image).convert("RGB"))[:32, :64]
     assert torch.equal(crops[0]["img"], torch.from_numpy(top_left.copy()).permute(2, 0, 1).float() / 255)
     with np.load(knn_path) as f:
@@ -398,6 +400,10 @@ def test_cli_user_errors_are_one_clear_line(world, tmp_path, monkeypatch, capsys
         "eval output inside the dataset": (["eval", str(ckpt), "--output", str(world / "x.json")], "inside the dataset"),
     }
     (tmp_path / "cut.pt").write_bytes(ckpt.read_bytes()[:1000])
+    other = load_checkpoint(ckpt)
+    other["data"]["backbone_sha256"] = "0" * 64  # as if the backbone's weights changed after training
+    torch.save(other, tmp_path / "other.pt")
+    cases["eval with other backbone weights"] = (["eval", str(tmp_path / "other.pt")], "other weights")
     (tmp_path / "empty.pt").write_bytes(b"")
     for name, (argv, expected) in cases.items():
         code, out, err = run_cli(argv, monkeypatch, capsys)
