@@ -31,7 +31,7 @@ from depthg.backbone import Backbone, load_backbone
 from depthg.build import Segmenter, build_models, load_checkpoint, validation_dataset
 from depthg.config import Config
 from depthg.data import build_dataset
-from depthg.data.prepare import dataset_root
+from depthg.data.prepare import dataset_root, world_folder
 from depthg.data.transforms import resize_center_crop
 from depthg.depth import repo_root
 from depthg.evaluate import predict_batch
@@ -153,6 +153,14 @@ def choose_run(dataset: str, preset: str, data_dir: str | os.PathLike | None, we
     return RunChoice(cfg, not reasons, reasons, notes, headline)
 
 
+def _data_root(cfg: Config) -> Path:
+    """The dataset root of a finished run: its synthetic world as it is (training rendered and announced it),
+    else :func:`depthg.data.prepare.dataset_root` (``data_dir``, or the world rendered if it went missing)."""
+    if cfg.data_dir is None and world_folder(cfg).is_dir():
+        return world_folder(cfg)
+    return dataset_root(cfg, progress=False)
+
+
 @dataclass
 class TrainedRun:
     """A finished run loaded back: its config, the frozen backbone, the trained head and probes (final
@@ -185,7 +193,7 @@ def load_trained(run: str | os.PathLike | dict[str, Any], device: str | torch.de
     cfg = cfg.replace(**{k: str(at_root(getattr(cfg, k))) for k in ("output_dir", "cache_dir", "data_dir")
                          if getattr(cfg, k) is not None})
     device = get_device(device if device != "auto" else cfg.device)
-    val_set = validation_dataset(cfg, dataset_root(cfg, progress=False))
+    val_set = validation_dataset(cfg, _data_root(cfg))
     if backbone is None:
         backbone = load_backbone(cfg.backbone, cfg.weights, **cfg.backbone_kwargs)
     backbone = backbone.to(device)
@@ -285,7 +293,7 @@ def example_items(trained: TrainedRun, n: int, crop: bool = True) -> list[dict[s
     resize; ``crop=False``: as stored), each {"img", "label", "key", ...}; on the synthetic world with its
     exact depth ("depth", metres), so that depth figures can be drawn (real datasets: no "depth" key)."""
     cfg = trained.config
-    root = dataset_root(cfg, progress=False)
+    root = _data_root(cfg)
     source = trained.val_set
     if cfg.data_dir is None and (root / "depth_gt").is_dir():
         source = build_dataset(cfg.dataset, root, cfg.val_split, depth_dir=root / "depth_gt", classes=cfg.classes)

@@ -893,7 +893,8 @@ def plot_training_curves(
     ``records`` is one run (a list of records or a log path) or ``{run name: records or path}`` to overlay
     runs (one colour per series, one line style per run). Nested dicts are flattened with "/"
     (``{"train": {"total": 1}}`` → ``"train/total"``). ``keys`` picks the numeric series to draw (default:
-    every numeric key except ``x``); ``smooth`` > 1 applies a trailing moving average; panels wrap after
+    every numeric key except ``x``); ``smooth`` > 1 applies a trailing moving average (not to schedules:
+    series with at most 10 distinct values are drawn as steps, as they change); panels wrap after
     ``ncols`` per row; ``title`` goes above all panels. Records without a key simply leave a gap (losses
     every ``log_every`` steps, metrics every ``eval_every``). Returns the matplotlib figure.
     """
@@ -930,13 +931,16 @@ def plot_training_curves(
                 if not pts:
                     continue
                 xs, ys = map(np.asarray, zip(*pts))
-                if smooth > 1 and len(ys) >= smooth:
+                # a schedule (few distinct values: a weight, a sample count) is drawn as steps, never smoothed
+                schedule = len(ys) > 10 and len(np.unique(ys)) <= 10
+                if smooth > 1 and len(ys) >= smooth and not schedule:
                     kernel = np.ones(smooth) / smooth
                     ys = np.concatenate([np.cumsum(ys[: smooth - 1]) / np.arange(1, smooth),
                                          np.convolve(ys, kernel, "valid")])
                 label = f"{run}: {k}" if run else k
                 ax.plot(xs, ys, label=label, linewidth=1.2, color=colours[k_i % len(colours)],
-                        linestyle=styles[r_i % len(styles)], marker="o" if len(xs) < 20 else None, markersize=3)
+                        linestyle=styles[r_i % len(styles)], marker="o" if len(xs) < 20 else None, markersize=3,
+                        drawstyle="steps-post" if schedule else "default")
         ax.set_xlabel(x)
         ax.set_ylabel(name, fontsize=9)
         ax.set_title(name, fontsize=10)

@@ -335,3 +335,13 @@ def test_heatmap_and_correlation_colour_bars_are_labelled():
     viz.plot_correlation_query(axes[1], torch.rand(2, 2, 2, 2), (0, 0), colorbar="cosine similarity")
     labels = [ax.get_ylabel() for ax in fig.axes[2:]]
     assert labels == ["weight", "cosine similarity"]
+
+
+def test_training_curves_draw_schedules_as_steps_unsmoothed():
+    recs = [{"step": i, "w": 0.09 * 0.8 ** (i // 10), "loss": float(i % 3) + 1e-3 * i} for i in range(40)]
+    fig = viz.plot_training_curves(recs, groups={"λ": ["w"], "loss": ["loss"]}, smooth=5)
+    w_line, loss_line = fig.axes[0].lines[0], fig.axes[1].lines[0]
+    assert w_line.get_drawstyle() == "steps-post"
+    np.testing.assert_allclose(w_line.get_ydata(), [r["w"] for r in recs])  # not smoothed
+    assert loss_line.get_drawstyle() == "default"
+    assert loss_line.get_ydata()[10] == pytest.approx(np.mean([r["loss"] for r in recs[6:11]]))  # smoothed
