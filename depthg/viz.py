@@ -70,7 +70,6 @@ __all__ = [
     "save_figure",
     "sample_coverage",
     "open3d_farthest_point_indices",
-    "depth_errors",
     "plot_correlation_query",
     "plot_correlation_matrix",
     "plot_heatmap_on_image",
@@ -727,56 +726,6 @@ def open3d_farthest_point_indices(points: Any, n_samples: int, start_index: int 
     for i in range(len(pts) - 1, -1, -1):
         lookup[pts[i].tobytes()] = i
     return np.sort(np.asarray([lookup[p.tobytes()] for p in down], dtype=np.int64))
-
-
-def depth_errors(pred: Any, gt: Any, align: str = "none", max_depth: float | None = None) -> dict[str, float]:
-    """Standard monocular-depth errors of ``pred`` against a reference ``gt`` (same shape, larger = farther).
-
-    Valid pixels: finite ``gt`` > 0 (0 = invalid in every cache) and, with ``max_depth``, ``gt`` < max_depth
-    (e.g. the synthetic sky stored at the 200 m cap). ``align``:
-
-    - ``"none"``: metric predictions as they are;
-    - ``"median"``: scale ``pred`` by median(gt)/median(pred) over the valid pixels of each map (the usual
-      protocol for relative models; a relative model that predicts normalised inverse depth is only
-      partly aligned by a scale, so read its numbers as rough);
-    - ``"affine"``: least-squares scale and shift of ``pred`` onto ``gt`` per map.
-
-    Returns ``abs_rel`` = mean |p − g| / g, ``delta1`` = fraction with max(p/g, g/p) < 1.25 (in [0, 1]),
-    ``rmse`` and the number of valid pixels ``n`` (all pooled over the batch). Used by
-    ``notebooks/01_depth_estimation.ipynb`` to compare estimators with exact and stereo depth.
-    """
-    if align not in ("none", "median", "affine"):
-        raise VizError(f"depth_errors: align must be 'none', 'median' or 'affine', got {align!r}")
-    p = torch.as_tensor(_as_numpy(pred), dtype=torch.float64)
-    g = torch.as_tensor(_as_numpy(gt), dtype=torch.float64)
-    if p.shape != g.shape:
-        raise VizError(f"depth_errors: prediction {tuple(p.shape)} and reference {tuple(g.shape)} differ in shape")
-    if p.dim() == 2:
-        p, g = p[None], g[None]
-    p, g = p.reshape(p.shape[0], -1), g.reshape(g.shape[0], -1)
-    preds, gts = [], []
-    for pi, gi in zip(p, g):
-        valid = torch.isfinite(gi) & (gi > 0) & torch.isfinite(pi)
-        if max_depth is not None:
-            valid &= gi < max_depth
-        if not bool(valid.any()):
-            continue
-        pv, gv = pi[valid], gi[valid]
-        if align == "median":
-            pv = pv * (gv.median() / pv.median().clamp_min(1e-12))
-        elif align == "affine":
-            A = torch.stack([pv, torch.ones_like(pv)], dim=1)
-            coef = torch.linalg.lstsq(A, gv[:, None]).solution[:, 0]
-            pv = A @ coef
-        preds.append(pv)
-        gts.append(gv)
-    if not preds:
-        raise VizError("depth_errors: no valid reference pixels")
-    pv, gv = torch.cat(preds), torch.cat(gts)
-    pos = pv.clamp_min(1e-12)
-    ratio = torch.maximum(pos / gv, gv / pos)
-    return {"abs_rel": float(((pv - gv).abs() / gv).mean()), "delta1": float((ratio < 1.25).double().mean()),
-            "rmse": float((pv - gv).square().mean().sqrt()), "n": int(gv.numel())}
 
 
 # ----------------------------------------------------------------------------------------------------

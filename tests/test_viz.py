@@ -213,28 +213,6 @@ def test_training_log_reading_and_curves(tmp_path):
         viz.read_jsonl(tmp_path / "missing.jsonl")
 
 
-def test_depth_errors_by_hand():
-    gt = torch.tensor([[1.0, 2.0, 4.0, 0.0]])  # last pixel invalid
-    pred = torch.tensor([[1.0, 3.0, 4.0, 9.0]])
-    e = viz.depth_errors(pred, gt)
-    assert e["n"] == 3
-    assert e["abs_rel"] == pytest.approx((0 + 0.5 + 0) / 3)
-    assert e["delta1"] == pytest.approx(2 / 3)  # 3/2 = 1.5 fails the 1.25 test
-    assert e["rmse"] == pytest.approx((1 / 3) ** 0.5)
-    # a relative prediction off by a global scale is perfect after median scaling
-    e2 = viz.depth_errors(gt * 7.0, gt, align="median")
-    assert e2["abs_rel"] == pytest.approx(0.0, abs=1e-12) and e2["delta1"] == 1.0
-    # an affine distortion is undone by the affine fit
-    e3 = viz.depth_errors(gt * 0.5 + 3.0, gt, align="affine")
-    assert e3["abs_rel"] == pytest.approx(0.0, abs=1e-9)
-    # max_depth excludes capped pixels (the synthetic sky at 200 m)
-    assert viz.depth_errors(pred, torch.tensor([[1.0, 2.0, 200.0, 0.0]]), max_depth=200.0)["n"] == 2
-    with pytest.raises(ValueError, match="no valid"):
-        viz.depth_errors(pred, torch.zeros(1, 4))
-    with pytest.raises(ValueError, match="shape"):
-        viz.depth_errors(pred, torch.zeros(1, 3))
-
-
 def test_markdown_table_by_hand():
     rows = [{"a": 1.234, "b": None, "c": {"mean": 2.0, "std": 0.5}}, {"a": "x|y", "c": {"mean": 3.0, "std": float("nan")}}]
     text = viz.markdown_table(rows, ["a", "b", "c"], digits=2)
