@@ -40,6 +40,7 @@ import plotly.graph_objects as go
 import torch
 from cityscapesscripts.helpers.labels import id2label
 from matplotlib.colors import LogNorm, Normalize
+from matplotlib.ticker import MaxNLocator
 from plotly.offline import get_plotlyjs
 
 from depthg.data import PALETTES
@@ -496,11 +497,18 @@ def slider(description: str, value: float, min: float, max: float, step: float |
 def add_caption(fig, text: str, width: int = 160, fontsize: float = 7.0):
     """Lay the figure out, then write ``text`` (wrapped at ``width`` characters) *below* it.
 
-    The caption starts under the figure's bottom edge, so it never overlaps axis labels; saving with
+    The caption starts under the figure's bottom edge and under any figure legend placed there (the class
+    legend of :func:`plot_predictions`), so it never overlaps axis labels or legends; saving with
     :func:`save_figure` (``bbox_inches="tight"``) includes it. Returns the text artist.
     """
     fig.tight_layout()
-    return fig.text(0.01, -0.005, textwrap.fill(text, width), va="top", ha="left", fontsize=fontsize)
+    top = -0.005
+    if fig.legends:
+        renderer = fig.canvas.get_renderer()
+        for legend in fig.legends:
+            box = legend.get_window_extent(renderer).transformed(fig.transFigure.inverted())
+            top = min(top, box.y0 - 0.01)
+    return fig.text(0.01, top, textwrap.fill(text, width), va="top", ha="left", fontsize=fontsize)
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
@@ -539,8 +547,9 @@ def point_cloud_figure(
       highlighted points are always drawn.
 
     The camera's up vector is -Y so the scene appears upright (image rows grow downwards). The view is
-    framed on the data: the box is scaled to the points' extents (longest side 1) and the eye sits behind
-    and above the camera, outside the box, so the nearest points are in view. ``units`` (e.g. "m") goes
+    framed on the data: the box is scaled to the points' extents (longest side 1) and the eye sits behind,
+    above and to the left of the camera, outside the box and far enough away that the whole cloud, from the
+    nearest road to the farthest wall, is in view (checked in a browser for a 200 m street scene). ``units`` (e.g. "m") goes
     into the axis titles.
     """
     pts = _as_numpy(points).astype(np.float32)
@@ -577,10 +586,11 @@ def point_cloud_figure(
                                    marker=dict(size=highlight_size, color=palette[i % len(palette)],
                                                line=dict(color="black", width=1))))
     fig = go.Figure(traces)
-    # box proportional to the data with its longest side 1; eye above and 0.75 box-lengths behind the near face
+    # box proportional to the data with its longest side 1; the eye outside it, behind, above and to the left
+    # of the near face, far enough that the whole box (near road to far sky) stays in view
     extent = np.ptp(pts, axis=0) if len(pts) else np.ones(3)
     ratio = np.maximum(extent / max(float(extent.max()), 1e-12), 0.05)
-    eye = dict(x=0.0, y=-0.3 - 0.5 * float(ratio[1]), z=-0.5 * float(ratio[2]) - 0.75)
+    eye = dict(x=-0.5 * float(ratio[0]) - 0.9, y=-0.5 * float(ratio[1]) - 0.3, z=-0.5 * float(ratio[2]) - 0.35)
     unit = f" ({units})" if units else ""
     fig.update_layout(
         title=title, margin=dict(l=0, r=0, t=40 if title else 0, b=0), height=520,
@@ -600,14 +610,18 @@ def plot_point_cloud(
     title: str | None = None,
     point_size: float = 4.0,
     highlight_size: float = 28.0,
-    elev: float = -150.0,
-    azim: float = -70.0,
+    elev: float = 20.0,
+    azim: float = -40.0,
+    highlight_colors: Sequence[str] | None = None,
+    units: str = "m",
 ):
     """A static matplotlib 3D view of a point cloud with sample sets highlighted (the PNG counterpart of
     :func:`point_cloud_figure`, whose PNG export would need kaleido + Chrome).
 
     ``ax`` must be a 3D axes (``fig.add_subplot(projection="3d")``); points (N, 3) in camera coordinates
-    (Y down, Z forward); ``elev``/``azim`` default to a view from behind and above the camera.
+    (X right, Y down, Z forward). Drawn with height (−Y) up and the box proportional to the data's extent
+    in each direction, seen from behind and above the camera (``elev``/``azim``). ``highlight_colors``: one
+    colour per highlighted set (default red, cyan, lime, ...); ``units`` goes into the axis labels.
     """
     pts = _as_numpy(points).astype(np.float32).reshape(-1, 3)
     col = None
@@ -620,18 +634,22 @@ def plot_point_cloud(
             raise VizError(f"plot_point_cloud: {len(col)} colours for {len(pts)} points")
         if col.max() > 1.0:
             col = col / 255.0
-    ax.scatter(pts[:, 0], pts[:, 2], pts[:, 1], c=col if col is not None else pts[:, 2], s=point_size,
+    # matplotlib's axes: x = X (right), y = Z (depth), z = -Y (height)
+    ax.scatter(pts[:, 0], pts[:, 2], -pts[:, 1], c=col if col is not None else pts[:, 2], s=point_size,
                depthshade=False, linewidths=0)
-    palette = ["red", "cyan", "lime", "orange", "magenta"]
+    palette = list(highlight_colors) if highlight_colors else ["red", "cyan", "lime", "orange", "magenta"]
     for i, (name, idx) in enumerate((highlight or {}).items()):
         ix = _as_numpy(idx).astype(np.int64).reshape(-1)
         if ix.size and (ix.min() < 0 or ix.max() >= len(pts)):
             raise VizError(f"plot_point_cloud: highlight {name!r} has indices outside [0, {len(pts)})")
-        ax.scatter(pts[ix, 0], pts[ix, 2], pts[ix, 1], s=highlight_size, c=palette[i % len(palette)],
+        ax.scatter(pts[ix, 0], pts[ix, 2], -pts[ix, 1], s=highlight_size, c=palette[i % len(palette)],
                    edgecolors="black", linewidths=0.5, depthshade=False, label=name)
-    ax.set_xlabel("X")
-    ax.set_ylabel("Z (depth)")
-    ax.set_zlabel("Y")
+    extent = np.ptp(pts, axis=0) if len(pts) else np.ones(3)
+    ax.set_box_aspect((max(float(extent[0]), 1e-6), max(float(extent[2]), 1e-6), max(float(extent[1]), 1e-6)))
+    ax.xaxis.set_major_locator(MaxNLocator(3))  # the narrow side: few ticks, so they do not collide
+    ax.set_xlabel(f"X ({units})")
+    ax.set_ylabel(f"Z, depth ({units})")
+    ax.set_zlabel(f"height −Y ({units})")
     ax.view_init(elev=elev, azim=azim)
     if highlight:
         ax.legend(fontsize=8, loc="upper left")

@@ -323,3 +323,13 @@ def test_training_curves_draw_schedules_as_steps_unsmoothed():
     np.testing.assert_allclose(w_line.get_ydata(), [r["w"] for r in recs])  # not smoothed
     assert loss_line.get_drawstyle() == "default"
     assert loss_line.get_ydata()[10] == pytest.approx(np.mean([r["loss"] for r in recs[6:11]]))  # smoothed
+
+
+def test_caption_goes_below_a_figure_legend():
+    pal = viz.make_palette(3)
+    fig = viz.plot_predictions([torch.rand(3, 4, 4)], {"labels": [np.array([[0, 1], [2, 2]])]}, pal,
+                               class_names=["a", "b", "c"])
+    text = viz.add_caption(fig, "made by a test")
+    renderer = fig.canvas.get_renderer()
+    legend_box = fig.legends[0].get_window_extent(renderer)
+    assert text.get_window_extent(renderer).y1 <= legend_box.y0 + 1e-6
