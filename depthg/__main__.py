@@ -141,6 +141,7 @@ def cmd_ablate(args: argparse.Namespace) -> Any:
     result = run_ablation(
         variants=args.variants or list(DEFAULT_VARIANTS), seeds=args.seeds, base_preset=args.preset or "synthetic",
         steps=args.steps, out_dir=args.out_dir, overrides=args.overrides, progress=not args.no_progress,
+        world_seed=args.world_seed, dev_world_seed=args.dev_world_seed,
     )
     print(result["markdown"])
     return result
@@ -212,9 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("ablate", help="miniature reproduction: STEGO vs DepthG paper/released, random vs FPS")
+    p = sub.add_parser("ablate", help="miniature reproduction: STEGO vs DepthG variants over seeds, paired CIs")
     p.add_argument("--preset", choices=PRESETS, default="synthetic")
-    p.add_argument("--variants", nargs="*", default=None)
+    p.add_argument("--world-seed", type=int, default=None,
+                   help="synthetic world to train and evaluate on (kept in <cache_dir>/world<seed>)")
+    p.add_argument("--dev-world-seed", type=int, default=None,
+                   help="the development world the choices were made on; marks this run as the held-out test")
+    p.add_argument("--variants", nargs="*", default=None,
+                   help="variants (default: the held-out table); see depthg.ablation.VARIANTS")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: the preset's)")
     p.add_argument("--out-dir", default="runs/ablation")

@@ -1,21 +1,34 @@
-"""The miniature reproduction: STEGO vs DepthG (paper / released mode), random vs FPS sampling, over seeds.
+"""The miniature reproduction: does DepthG beat STEGO, and which part does it?
 
-Issue 7 asks whether depth guidance beats STEGO where anyone can rerun it: on the synthetic world with the
-embedded backbone, several variants of one base preset are trained over >= 3 seeds each, and the
-unsupervised (cluster, Hungarian) and linear accuracy / mIoU of the *final* weights on the validation
-split are reported as mean +- sample standard deviation. Nothing is tuned per variant: every variant is
-the base preset plus the few keys that define it (``VARIANTS``).
+Several variants of one base preset (``synthetic``: the synthetic street world, the embedded backbone, a
+2-core CPU) are trained over many seeds each, and the unsupervised (cluster, Hungarian) and linear-probe
+accuracy / mIoU of the *final* weights on the validation split are compared with STEGO seed by seed.
+Nothing is tuned per variant: every variant is the base preset plus the few keys that define it
+(``VARIANTS``).
 
-Cost: the world, its five-crops, the kNN file and the feature cache are prepared once and shared by all
-runs (the cache is keyed by backbone, resolution and resize mode, so ``released`` mode -- nearest-resized
-images, 0..255 depth -- gets its own), so each run costs only the head training.
+Held-out protocol. The synthetic world is generated from a world seed. Choices (the paper-mode depth
+similarity, shifts, weights) are made on a *development* world (``--world-seed D``); the table is then
+run once on a *test* world (``--world-seed T --dev-world-seed D``, T != D) that no choice looked at.
+Each world lives in its own cache folder (``<cache_dir>/world<seed>``), so the worlds never mix.
 
-Run: ``python -m depthg ablate --seeds 0 1 2`` (writes ``runs/ablation/ablation.{json,md}``).
-An interrupted ablation resumes: a run whose ``results.json`` exists with the same config is not redone.
+Statistics. Every variant runs the same seeds; a seed fixes the head initialisation, the data order and
+the sampling streams where the variant does not change them, so the per-seed difference to ``stego``
+is the fair comparison: :func:`paired_differences` reports its mean and 95 % t-interval
+(``scipy.stats.t``, n - 1 degrees of freedom).
+
+Cost: the world, its five-crops, the kNN file and the feature cache are prepared once per world and
+shared by all runs (the cache is keyed by backbone, resolution and resize mode, so ``released`` mode --
+nearest-resized images, 0..255 depth -- gets its own), so each run costs only the head training.
+An interrupted ablation resumes: a run whose ``results.json`` exists with the same config is not redone
+(use a fresh ``--out-dir`` to retrain and check a number).
+
+Run: ``python -m depthg ablate --world-seed 1 --dev-world-seed 0 --seeds 0 1 2 ...`` (writes
+``<out-dir>/ablation.{json,md}``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shlex
@@ -25,34 +38,57 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from depthg.config import Config, apply_overrides
+from depthg.backbone import EMBEDDED_DIR, EMBEDDED_JSON
+from depthg.config import DEPTH_SIMILARITY, PAPER_DEPTH_SIMILARITY, Config, apply_overrides
+from depthg.train import train
 from depthg.utils import DepthGError, atomic_write
 
-__all__ = ["VARIANTS", "DEFAULT_VARIANTS", "variant_config", "run_ablation", "summarise"]
+__all__ = ["VARIANTS", "DEFAULT_VARIANTS", "METRICS", "variant_config", "run_ablation", "summarise",
+           "paired_differences", "markdown_table", "backbone_sha256", "load_report", "report_rows",
+           "collect_runs"]
 
-#: name -> (mode, overrides, description)
+_PAPER_SIMILARITIES = tuple(s for s in DEPTH_SIMILARITY if s != "released")
+
+#: name -> (mode, overrides, description). ``depthg`` uses paper mode's default depth similarity.
 VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "stego": ("paper", {"use_depth": False, "depth_sampling": "random", "depth_weight": 0.0},
               "STEGO: no depth term, random sampling"),
-    "depthg_paper_fps": ("paper", {"depth_sampling": "fps"},
-                         "DepthG, paper mode: 3D-distance depth term + FPS"),
-    "depthg_paper_random": ("paper", {"depth_sampling": "random"},
-                            "DepthG, paper mode: 3D-distance depth term, random sampling"),
-    "depthg_released": ("released", {"depth_sampling": "fps"},
-                        "DepthG, released mode (constant depth term, transposed FPS, x3 schedules)"),
     "fps_only": ("paper", {"use_depth": True, "depth_sampling": "fps", "depth_weight": 0.0},
-                 "STEGO losses with FPS sampling only (no depth term)"),
+                 "STEGO losses with depth-guided FPS, no depth term"),
+    **{f"depth_{sim}": ("paper", {"depth_sampling": "random", "depth_similarity": sim},
+                        f"depth term only ({sim} similarity), random sampling")
+       for sim in _PAPER_SIMILARITIES},
+    **{f"depthg_{sim}": ("paper", {"depth_sampling": "fps", "depth_similarity": sim},
+                         f"DepthG, paper mode: {sim} depth term + FPS")
+       for sim in _PAPER_SIMILARITIES},
+    "depthg": ("paper", {"depth_sampling": "fps"},
+               f"DepthG, paper mode (default {PAPER_DEPTH_SIMILARITY} depth term + FPS, S=8)"),
+    "depthg_s5": ("paper", {"depth_sampling": "fps", "feature_samples": 5},
+                  "DepthG, paper mode, S=5 (25 sampled points)"),
+    "depthg_s11": ("paper", {"depth_sampling": "fps", "feature_samples": 11},
+                   "DepthG, paper mode, S=11 (121 sampled points)"),
+    "released": ("released", {"depth_sampling": "fps"},
+                 "DepthG, released mode (constant depth term, released FPS, x3 schedules)"),
 }
-DEFAULT_VARIANTS = ("stego", "depthg_paper_fps", "depthg_paper_random", "depthg_released")
+#: the held-out table (test world).
+DEFAULT_VARIANTS = ("stego", "fps_only", *(f"depth_{s}" for s in _PAPER_SIMILARITIES), "depthg",
+                    "depthg_s5", "depthg_s11", "released")
+#: (group, metric) pairs read from a run's final evaluation.
+METRICS = (("cluster", "miou"), ("cluster", "accuracy"), ("linear", "miou"), ("linear", "accuracy"))
 
 
 class AblationError(DepthGError, ValueError):
-    """Unknown variant or empty seed list."""
+    """Unknown variant, empty or repeated seed list, or a test world equal to the development world."""
 
 
 def variant_config(variant: str, seed: int, base_preset: str = "synthetic", steps: int | None = None,
-                   out_dir: str | Path = "runs/ablation", overrides: Sequence[str] = ()) -> Config:
-    """The config of one run: base preset in the variant's mode + the variant's keys + shared overrides."""
+                   out_dir: str | Path = "runs/ablation", overrides: Sequence[str] = (),
+                   world_seed: int | None = None) -> Config:
+    """The config of one run: base preset in the variant's mode + shared overrides + the variant's keys.
+
+    ``world_seed`` (synthetic world only) sets the world seed and puts that world, and every cache built
+    from it, in ``<cache_dir>/world<seed>``.
+    """
     if variant not in VARIANTS:
         raise AblationError(f"unknown ablation variant {variant!r}; known: {list(VARIANTS)}")
     mode, changes, _ = VARIANTS[variant]
@@ -60,9 +96,27 @@ def variant_config(variant: str, seed: int, base_preset: str = "synthetic", step
     cfg = apply_overrides(cfg, list(overrides))  # shared overrides first (e.g. cache_dir, device) ...
     values = {**cfg.to_dict(), **changes, "seed": seed, "name": f"{variant}_seed{seed}",
               "output_dir": str(Path(out_dir) / variant / f"seed{seed}")}
+    if world_seed is not None:
+        if cfg.data_dir is not None:
+            raise AblationError(f"--world-seed {world_seed} applies to the synthetic world, but data_dir is "
+                                f"set to {cfg.data_dir!r}")
+        values.update(world_seed=world_seed, cache_dir=str(Path(cfg.cache_dir) / f"world{world_seed}"))
     if steps is not None:
         values["steps"] = steps
     return Config(**values)  # ... the variant's defining keys win
+
+
+def backbone_sha256(cfg: Config) -> str | None:
+    """sha256 of the backbone weights file a run loads (the embedded backbone's .pth, or ``weights``);
+    None for a randomly initialised backbone."""
+    if cfg.backbone == "embedded":
+        meta = json.loads((Path(EMBEDDED_DIR) / EMBEDDED_JSON).read_text())
+        path = Path(EMBEDDED_DIR) / str(meta["weights"])
+    elif cfg.weights is not None and Path(cfg.weights).is_file():
+        path = Path(cfg.weights)
+    else:
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -71,16 +125,44 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"mean": mean, "std": std, "n": len(values)}
 
 
+def paired_differences(values: Sequence[float], base: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
+    """Mean of the per-seed differences ``values - base`` with its t confidence interval.
+
+    half_width = t_{(1+confidence)/2, n-1} * sd(diff) / sqrt(n); NaN with fewer than two seeds.
+    """
+    from scipy import stats
+
+    if len(values) != len(base):
+        raise AblationError(f"paired differences need the same seeds: {len(values)} vs {len(base)} values")
+    diffs = [a - b for a, b in zip(values, base)]
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    if n > 1:
+        half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * statistics.stdev(diffs) / math.sqrt(n)
+    else:
+        half = math.nan
+    return {"mean": mean, "half_width": half, "ci": [mean - half, mean + half], "n": n,
+            "confidence": confidence, "values": diffs}
+
+
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """mean +- std over seeds of the final-weights metrics, per variant."""
+    """mean +- std over seeds of the final-weights metrics per variant, and, when ``stego`` ran with the
+    same seeds, the paired per-seed differences to it (``paired_vs_stego``)."""
     out: dict[str, Any] = {}
     for variant, results in runs.items():
         row: dict[str, Any] = {"seeds": [r["seed"] for r in results]}
-        for group in ("cluster", "linear"):
-            for metric in ("accuracy", "miou"):
-                vals = [r["final"][group][metric] for r in results]
-                row[f"{group}_{metric}"] = {**_stats(vals), "values": vals}
+        for group, metric in METRICS:
+            vals = [r["final"][group][metric] for r in results]
+            row[f"{group}_{metric}"] = {**_stats(vals), "values": vals}
         out[variant] = row
+    if "stego" in out:
+        base = out["stego"]
+        for variant, row in out.items():
+            if variant == "stego" or row["seeds"] != base["seeds"]:
+                continue
+            row["paired_vs_stego"] = {f"{g}_{m}": paired_differences(row[f"{g}_{m}"]["values"],
+                                                                     base[f"{g}_{m}"]["values"])
+                                      for g, m in METRICS}
     return out
 
 
@@ -88,7 +170,14 @@ def _fmt(s: dict[str, float]) -> str:
     return f"{s['mean']:.2f} ± {s['std']:.2f}" if not math.isnan(s["std"]) else f"{s['mean']:.2f}"
 
 
-def markdown_table(summary: dict[str, Any], command: str) -> str:
+def _fmt_ci(d: dict[str, Any]) -> str:
+    if math.isnan(d["half_width"]):
+        return f"{d['mean']:+.2f}"
+    return f"{d['mean']:+.2f} ± {d['half_width']:.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]"
+
+
+def markdown_table(summary: dict[str, Any], command: str, protocol: dict[str, Any] | None = None) -> str:
+    """The results table, the paired differences to ``stego`` and the command, as markdown."""
     lines = [
         "| variant | description | seeds | unsup. Acc | unsup. mIoU | linear Acc | linear mIoU |",
         "|---|---|---|---|---|---|---|",
@@ -99,61 +188,99 @@ def markdown_table(summary: dict[str, Any], command: str) -> str:
             f"{_fmt(row['cluster_miou'])} | {_fmt(row['linear_accuracy'])} | {_fmt(row['linear_miou'])} |"
         )
     lines += ["", "Final-step weights on the validation split, percent, mean ± sample std over seeds "
-              "(no model selection).", "", f"Command: `{command}`"]
-    if "stego" in summary:
-        base = summary["stego"]["cluster_miou"]
-        lines.append("")
-        for variant, row in summary.items():
-            if variant == "stego":
-                continue
-            diff = row["cluster_miou"]["mean"] - base["mean"]
-            noise = max(row["cluster_miou"]["std"], base["std"])
-            line = f"- {variant} − stego, unsupervised mIoU: {diff:+.2f} points (largest seed std {noise:.2f})"
-            # The variants share seeds (same head init, data order and sampling streams where the
-            # variant does not change them), so the per-seed difference is the fairer noise estimate.
-            if row["seeds"] == summary["stego"]["seeds"] and len(row["seeds"]) > 1:
-                paired = _stats([a - b for a, b in zip(row["cluster_miou"]["values"], base["values"])])
-                line += f"; paired per seed {_fmt(paired)}"
-            lines.append(line)
+              "(no model selection)."]
+    paired = {v: r["paired_vs_stego"] for v, r in summary.items() if "paired_vs_stego" in r}
+    if paired:
+        lines += ["", "Paired per-seed difference to `stego` (points), mean ± 95 % t-interval half-width "
+                  "[interval]:", "",
+                  "| variant | unsup. mIoU | unsup. Acc | linear mIoU | linear Acc |", "|---|---|---|---|---|"]
+        for variant, d in paired.items():
+            lines.append(f"| {variant} − stego | {_fmt_ci(d['cluster_miou'])} | {_fmt_ci(d['cluster_accuracy'])} | "
+                         f"{_fmt_ci(d['linear_miou'])} | {_fmt_ci(d['linear_accuracy'])} |")
+    if protocol:
+        lines += ["", "Protocol: " + ", ".join(f"{k} = {v}" for k, v in protocol.items())]
+    lines += ["", f"Command: `{command}`"]
     return "\n".join(lines) + "\n"
+
+
+def _command(variants: Sequence[str], seeds: Sequence[int], base_preset: str, steps: int | None,
+             out_dir: Path, overrides: Sequence[str], world_seed: int | None, dev_world_seed: int | None) -> str:
+    args = ["--preset", base_preset]
+    if world_seed is not None:
+        args += ["--world-seed", str(world_seed)]
+    if dev_world_seed is not None:
+        args += ["--dev-world-seed", str(dev_world_seed)]
+    args += ["--variants", *variants, "--seeds", *map(str, seeds)]
+    args += (["--steps", str(steps)] if steps is not None else []) + ["--out-dir", str(out_dir), *overrides]
+    return "python -m depthg ablate " + shlex.join(args)
 
 
 def run_ablation(variants: Sequence[str] = DEFAULT_VARIANTS, seeds: Sequence[int] = (0, 1, 2),
                  base_preset: str = "synthetic", steps: int | None = None, out_dir: str | Path = "runs/ablation",
-                 overrides: Sequence[str] = (), progress: bool = True) -> dict[str, Any]:
-    """Train every (variant, seed), collect final metrics, write ``ablation.json`` and ``ablation.md``."""
-    from depthg.train import train
+                 overrides: Sequence[str] = (), progress: bool = True, world_seed: int | None = None,
+                 dev_world_seed: int | None = None) -> dict[str, Any]:
+    """Train every (variant, seed), collect final metrics, write ``ablation.json`` and ``ablation.md``.
 
+    ``world_seed``: the synthetic world to train and evaluate on (None = the preset's). ``dev_world_seed``
+    marks this run as the held-out test of choices made on that development world; it must differ from
+    ``world_seed``. Both are recorded in the report's ``protocol``.
+    """
+    seeds = [int(s) for s in seeds]
     if not seeds:
         raise AblationError("seeds must not be empty")
+    if len(set(seeds)) != len(seeds):
+        raise AblationError(f"seeds must not repeat, got {seeds}")
+    variants = list(variants)
     for v in variants:
         if v not in VARIANTS:
             raise AblationError(f"unknown ablation variant {v!r}; known: {list(VARIANTS)}")
+    if dev_world_seed is not None:
+        if world_seed is None:
+            raise AblationError("--dev-world-seed needs --world-seed: the test world to report on")
+        if dev_world_seed == world_seed:
+            raise AblationError(f"the test world (--world-seed {world_seed}) must differ from the development "
+                                f"world (--dev-world-seed {dev_world_seed})")
     out_dir = Path(out_dir)
-    command = "python -m depthg ablate " + shlex.join(
-        ["--preset", base_preset, "--variants", *variants, "--seeds", *map(str, seeds)]
-        + (["--steps", str(steps)] if steps is not None else []) + ["--out-dir", str(out_dir), *overrides])
+    command = _command(variants, seeds, base_preset, steps, out_dir, overrides, world_seed, dev_world_seed)
     t0 = time.time()
     runs: dict[str, list[dict[str, Any]]] = {}
+    shas: set[str | None] = set()
     for variant in variants:
         for seed in seeds:
-            cfg = variant_config(variant, seed, base_preset, steps, out_dir, overrides)
+            cfg = variant_config(variant, seed, base_preset, steps, out_dir, overrides, world_seed)
+            sha = backbone_sha256(cfg)
             results_path = Path(cfg.output_dir) / "results.json"
             result = None
             if results_path.is_file():
                 old = json.loads(results_path.read_text())
-                if old.get("config") == cfg.to_dict() and old.get("steps") == cfg.steps:
+                # reuse only a finished run of the same config and the same backbone weights
+                if (old.get("config") == cfg.to_dict() and old.get("steps") == cfg.steps
+                        and old.get("ablation_backbone_sha256", sha) == sha):
                     result = old
             if result is None:
                 print(f"[ablation] {variant} seed {seed}", file=sys.stderr)
                 result = train(cfg, progress=progress, overwrite=True)  # a stale or unfinished run is redone
+                # record the weights next to the run so a later reuse can check them
+                stamped = json.loads(results_path.read_text())
+                stamped["ablation_backbone_sha256"] = sha
+                with atomic_write(results_path, "w") as handle:
+                    json.dump(stamped, handle, indent=2, default=str)
+            shas.add(sha)
             runs.setdefault(variant, []).append({
                 "seed": seed, "final": result["final"]["metrics"], "wall_time_s": result["wall_time_s"],
-                "output_dir": cfg.output_dir,
+                "output_dir": cfg.output_dir, "backbone_sha256": sha,
             })
+    if len(shas) > 1:
+        raise AblationError(f"the runs used different backbone weights ({sorted(map(str, shas))}); rerun "
+                            "with a fresh --out-dir")
+    ref = variant_config(variants[0], seeds[0], base_preset, steps, out_dir, overrides, world_seed)
+    protocol = {"world_seed": ref.world_seed, "role": "test" if dev_world_seed is not None else "development",
+                "dev_world_seed": dev_world_seed if dev_world_seed is not None else ref.world_seed,
+                "test_world_seed": ref.world_seed if dev_world_seed is not None else None,
+                "steps": ref.steps, "backbone": ref.backbone, "backbone_sha256": shas.pop()}
     summary = summarise({v: [{"seed": r["seed"], "final": r["final"]} for r in rs] for v, rs in runs.items()})
-    md = markdown_table(summary, command)
-    report = {"command": command, "base_preset": base_preset, "steps": steps, "seeds": list(seeds),
+    md = markdown_table(summary, command, protocol)
+    report = {"command": command, "base_preset": base_preset, "seeds": seeds, "protocol": protocol,
               "variants": {v: VARIANTS[v][2] for v in variants}, "summary": summary, "runs": runs,
               "wall_time_s": time.time() - t0, "markdown": md}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -162,3 +289,69 @@ def run_ablation(variants: Sequence[str] = DEFAULT_VARIANTS, seeds: Sequence[int
     with atomic_write(out_dir / "ablation.md", "w") as handle:
         handle.write(md)
     return report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading results back (notebooks, docs)
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    """Read an ablation report (``ablation.json`` or ``benchmarks/results/miniature_*.json``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ablation report not found: {path}")
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise AblationError(f"{path} is not valid JSON ({err.msg})") from None
+    missing = [k for k in ("command", "seeds", "summary") if k not in report]
+    if missing:
+        raise AblationError(f"{path} is not an ablation report: missing key(s) {missing}")
+    return report
+
+
+def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per variant: description, seed count, the four metrics (mean/std dicts, which
+    ``depthg.viz.markdown_table`` prints as "mean ± std") and the paired differences to ``stego`` as text
+    "mean ± half-width [low, high]" (``d_unsup_miou``, ``d_unsup_acc``, ``d_linear_miou``)."""
+    rows = []
+    for variant, row in report["summary"].items():
+        paired = row.get("paired_vs_stego", {})
+        rows.append({
+            "variant": variant, "description": report.get("variants", {}).get(variant, ""),
+            "seeds": len(row["seeds"]), "unsup_acc": row["cluster_accuracy"], "unsup_miou": row["cluster_miou"],
+            "linear_acc": row["linear_accuracy"], "linear_miou": row["linear_miou"],
+            "d_unsup_miou": _fmt_ci(paired["cluster_miou"]) if "cluster_miou" in paired else None,
+            "d_unsup_acc": _fmt_ci(paired["cluster_accuracy"]) if "cluster_accuracy" in paired else None,
+            "d_linear_miou": _fmt_ci(paired["linear_miou"]) if "linear_miou" in paired else None,
+        })
+    return rows
+
+
+def collect_runs(root: str | Path) -> list[dict[str, Any]]:
+    """Every finished training run (``results.json`` written by ``depthg.train``) under ``root``: what made
+    it (dataset, backbone, mode, depth similarity, sampling, steps, seed) and its final metrics."""
+    root = Path(root)
+    runs = []
+    for path in sorted(root.rglob("results.json")) if root.is_dir() else []:
+        try:
+            result = json.loads(path.read_text())
+            cfg, final = result["config"], result["final"]["metrics"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # not a training run's results file
+        if final is None:
+            continue
+        random_weights = not cfg.get("weights") and cfg["backbone"] != "embedded"
+        runs.append({
+            "run": str(path.parent.relative_to(root)), "dataset": cfg["dataset"],
+            "data": "synthetic world" if cfg.get("data_dir") is None else cfg["data_dir"],
+            "world_seed": cfg.get("world_seed") if cfg.get("data_dir") is None else None,
+            "backbone": cfg["backbone"] + (" (random weights)" if random_weights else ""),
+            "mode": cfg["mode"],
+            "depth": "off" if not cfg.get("use_depth") or not cfg.get("depth_weight") else cfg["depth_similarity"],
+            "sampling": cfg["depth_sampling"], "steps": result.get("steps"), "seed": cfg.get("seed"),
+            "unsup_acc": final["cluster"]["accuracy"], "unsup_miou": final["cluster"]["miou"],
+            "linear_acc": final["linear"]["accuracy"], "linear_miou": final["linear"]["miou"],
+        })
+    return runs

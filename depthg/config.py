@@ -63,7 +63,12 @@ class ConfigError(DepthGError, ValueError):
 MODES = ("paper", "released")
 DATASETS = ("cityscapes", "cocostuff", "potsdam", "directory")
 DEPTH_SAMPLING = ("random", "fps")
-DEPTH_SIMILARITY = ("released", "product", "distance")
+# Depth similarities of the depth-feature term (formulas: depthg.losses.depth_similarity).
+DEPTH_SIMILARITY = ("released", "product", "distance", "centred", "quantile")
+# Paper mode's default, chosen on the development world of the miniature reproduction
+# (benchmarks/results/miniature_dev.md; the reason is in depthg.losses.depth_similarity's docstring);
+# depthg.losses.PAPER_DEPTH_SIMILARITY is this value.
+PAPER_DEPTH_SIMILARITY = "centred"
 CENTERING = ("paper", "released", "none")
 LHP_STRATEGIES = ("depth", "attention")
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
@@ -243,7 +248,7 @@ class Config:
         # Mode-dependent defaults (None) are resolved from the mode, so `Config(mode="released")` is
         # released everywhere unless a key is set explicitly.
         if self.depth_similarity is None:
-            self.depth_similarity = "released" if self.mode == "released" else "distance"
+            self.depth_similarity = "released" if self.mode == "released" else PAPER_DEPTH_SIMILARITY
         if self.amp is None:
             self.amp = "off" if self.mode == "released" else "auto"
         for key in ("name", "output_dir", "cache_dir", "backbone", "device", "train_split", "val_split",
@@ -376,7 +381,6 @@ class Config:
             if self.num_neighbors > n - 1:
                 raise ConfigError(f"config key 'num_neighbors' = {self.num_neighbors}: each of the {n} training "
                                   f"{'crops' if self.five_crop else 'images'} has {n - 1} others; expected at most {n - 1}")
-
 
     # ---- conversion -----------------------------------------------------------------------------------
     @classmethod
@@ -614,7 +618,7 @@ def _mode_values(values: dict[str, Any], mode: str, synthetic: bool = False) -> 
             out["sample_decay_every"] = values["sample_decay_every"] * RELEASED_STEPS_PER_ITERATION
         return out
     # paper: same events, counted in optimizer steps.
-    out["depth_similarity"] = "distance"
+    out["depth_similarity"] = PAPER_DEPTH_SIMILARITY
     out["amp"] = "auto"
     if not synthetic:
         out["depth_decay_every"] = global_steps_to_iterations(values["depth_decay_every"])

@@ -1,6 +1,6 @@
 """STEGO's correlation losses and DepthG's depth-feature correlation loss.
 
-Equations (our numbering, method.md §15):
+Equations (numbering of docs/method.md §12):
 
 * S1/S2  F = <f^_hw, g^_ij>, S = <s^_hw, t^_ij>: cosine similarity of every location pair
   (:func:`tensor_correlation`).
@@ -8,15 +8,14 @@ Equations (our numbering, method.md §15):
 * S4     L_corr(x, y, b) = -mean (F^SC - b) * max(S, 0) (:func:`correlation_loss`).
 * S5     L_STEGO = l_self L(x, x) + l_knn L(x, x_knn) + l_rand L(x, x_rand) (:class:`DepthGLoss`).
 * R1-R3  L_depth = -mean max(S_intra, 0) * (D - b_depth) (:func:`depth_feature_loss`), with the depth
-  similarity D chosen by :func:`depth_similarity`.
+  similarity D chosen by :func:`depth_similarity`; :func:`pull_push_fractions` counts the sampled pairs
+  that D pulls together (D > b_depth) and pushes apart (D < b_depth).
 * R5     the depth weight/shift decay (:class:`DepthDecaySchedule`).
 
-Fidelity modes (design.md): ``paper`` (default) follows the stated intent -- D depends on depth and is
-read at the same locations as the codes, negatives are a true derangement read at their own
-coordinates, schedules count optimizer steps. ``released`` reproduces leonsick/depthg@c284180: the
-depth similarity is a channel-normalised product of a one-channel map and therefore constant
-(method.md §3.2), negatives use ``super_perm`` and the positive's coordinates, schedules count three
-global steps per batch (method.md §5.3).
+Fidelity modes (docs/fidelity.md): ``paper`` (default) reads D from depth at the same locations as
+the codes, takes negatives from a true derangement read at their own coordinates and counts schedules
+in optimizer steps. ``released`` reproduces leonsick/depthg@c284180: a constant depth similarity,
+``super_perm`` negatives read at the positive's coordinates, three global steps per iteration.
 """
 
 from __future__ import annotations
@@ -29,11 +28,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from depthg.config import DEPTH_SIMILARITY
+from depthg.config import PAPER_DEPTH_SIMILARITY as _PAPER_DEFAULT
 from depthg.sampling import depth_to_points, sample
 from depthg.utils import DepthGError
 
 Centering = Literal["paper", "released", "none"]
-SimilarityKind = Literal["released", "product", "distance"]
+SimilarityKind = Literal["released", "product", "distance", "centred", "quantile"]
+#: every depth similarity :func:`depth_similarity` accepts (``depthg.config.DEPTH_SIMILARITY``).
+DEPTH_SIMILARITIES: tuple[str, ...] = DEPTH_SIMILARITY
+#: depth units beyond which the ``quantile`` similarity treats every point as equally far (metres in
+#: paper mode): monocular estimators such as ZoeDepth saturate around 80 m, and the synthetic sky sits
+#: at 200 m -- without a cap the sky alone would decide how far apart the street's points look.
+WORKING_RANGE = 80.0
+#: the per-image pair-distance quantile the ``quantile`` similarity uses as its unit distance.
+DISTANCE_QUANTILE = 0.5
+#: paper mode's default depth similarity (``depthg.config.PAPER_DEPTH_SIMILARITY``), chosen on the
+#: development world of the miniature reproduction (benchmarks/results/miniature_dev.md).
+PAPER_DEPTH_SIMILARITY: SimilarityKind = _PAPER_DEFAULT  # type: ignore[assignment]
 _EPS = 1e-10
 
 
@@ -61,8 +73,8 @@ def tensor_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of every location pair: (B, C, h, w) x (B, C, i, j) -> (B, h, w, i, j).
 
     Both inputs are L2-normalised over channels with eps 1e-10 (x / max(|x|, eps)), as STEGO's ``norm``
-    (method.md §2 S1/S2). With a single channel this normalisation is sign(x) -- the root of the
-    released depth term's degeneracy (method.md §3.2).
+    (docs/method.md §3.1). With a single channel this normalisation is sign(x) -- the root of the
+    released depth term's degeneracy (docs/fidelity.md §3.1).
     """
     _check_4d("a", a)
     _check_4d("b", b)
@@ -80,7 +92,7 @@ def correlation_loss(
     centering: Centering = "paper",
     zero_clamp: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """STEGO's correlation loss for one pair of (sampled) feature and code maps (method.md §2 S3-S4).
+    """STEGO's correlation loss for one pair of (sampled) feature and code maps (docs/method.md §3.2-3.3).
 
     Args:
         f1, f2: backbone features (B, C, h, w), (B, C, i, j); F is computed without gradient (the
@@ -89,7 +101,7 @@ def correlation_loss(
         shift: b, the attraction/repulsion threshold.
         centering: S3 spatial centring of F. ``"paper"``: subtract, for every query location (h, w),
             the mean of F over (i, j). ``"released"``: the same, then add back the global mean of F
-            (so the overall mean is unchanged; released_code.md §1.5 step 3). ``"none"``: no centring
+            (so the overall mean is unchanged; docs/fidelity.md §3.7). ``"none"``: no centring
             (Cityscapes was trained with ``pointwise=False``).
         zero_clamp: clamp S at 0 (released default True); False uses the released lower bound -9999.
 
@@ -118,30 +130,64 @@ def correlation_loss(
 # ----------------------------------------------------------------------------------------------------
 
 
+def _pair_distances(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
+    """Exact Euclidean distance of every point pair: (B, 3, h, w) x (B, 3, i, j) -> (B, hw, ij)."""
+    if p1.shape[1] != 3 or p2.shape[1] != 3:
+        raise LossError("this depth similarity expects sampled 3D points (B, 3, h, w), got "
+                        f"{tuple(p1.shape)} and {tuple(p2.shape)}")
+    a = p1.flatten(2).transpose(1, 2)  # (B, hw, 3)
+    c = p2.flatten(2).transpose(1, 2)  # (B, ij, 3)
+    return (a.unsqueeze(2) - c.unsqueeze(1)).square().sum(-1).sqrt()  # exact, no matmul trick
+
+
 def depth_similarity(
     p1: torch.Tensor,
     p2: torch.Tensor,
-    kind: SimilarityKind = "distance",
+    kind: SimilarityKind = PAPER_DEPTH_SIMILARITY,
     size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Pairwise depth similarity D (B, h, w, i, j) for the depth-feature loss (method.md §3).
+    """Pairwise depth similarity D (B, h, w, i, j) for the depth-feature loss (docs/method.md).
+
+    The loss is -mean max(S, 0) * (D - b_depth): a pair with D above the shift b_depth is *pulled*
+    (its code similarity S is raised), a pair below it is *pushed* (S is lowered while it is positive).
+    The paper's Figure 1 asks for both: points close in 3D pulled together, points far apart pushed
+    apart. :func:`pull_push_fractions` measures how many sampled pairs each option pulls and pushes.
 
     What ``p1`` / ``p2`` hold depends on ``kind``:
 
-    * ``"released"`` (method.md §3.2 R1/R2): full depth maps (B, 1, H, W). Each is resized to ``size``
-      (bilinear, ``align_corners=True``) -- a regular grid, *not* the sampled locations -- and D is
-      the channel-normalised product. One channel normalises to sign(d), so **D is exactly 1 wherever
-      both depths are positive and 0 where one is 0**: the term carries no depth information. Kept to
-      reproduce the released optimisation (it equals a shift of the self term, method.md §3.2).
-    * ``"product"`` (method.md §3.4): depths sampled at the code locations (B, 1, h, w), (B, 1, i, j).
-      Each image's samples are standardised (zero mean, unit std over its own samples; eps 1e-6) and
-      D = z1_hw * z2_ij: positive for two points on the same side of the image's mean depth. Unbounded;
-      not a 3D notion.
-    * ``"distance"`` (default in paper mode, method.md §3.4): camera-space 3D points sampled at the code
-      locations (B, 3, h, w), (B, 3, i, j). D = 1 - |P_hw - P_ij| / max over the image's pairs, in
-      [0, 1]: 1 for the same 3D point, 0 for the image's farthest pair -- high for points close in 3D,
-      low for points far apart (the Fig. 1 intuition). Normalising per image makes it independent of
-      the depth unit (0..255 in the released loaders, metres elsewhere).
+    * ``"released"``: full depth maps (B, 1, H, W). Each is resized to ``size`` (bilinear,
+      ``align_corners=True``) -- a regular grid, *not* the sampled locations -- and D is the
+      channel-normalised product. One channel normalises to sign(d), so **D is exactly 1 wherever both
+      depths are positive and 0 where one is 0**: the term carries no depth information and, with a
+      shift below 1, only pulls. Kept to reproduce the released optimisation (it equals a shift of the
+      self term; docs/fidelity.md).
+    * ``"product"``: depths sampled at the code locations (B, 1, h, w), (B, 1, i, j). Each image's
+      samples are standardised (zero mean, unit std over its own samples; eps 1e-6) and
+      D = z1_hw * z2_ij: positive for two points on the same side of the image's mean depth, negative
+      across it. Pulls and pushes (about half each) but is not a 3D notion and is unbounded.
+    * ``"distance"``: camera-space 3D points sampled at the code locations (B, 3, h, w), (B, 3, i, j).
+      D = 1 - |P_hw - P_ij| / (the image's largest pair distance), in [0, 1]: high for points close in
+      3D, low for points far apart (paper mode's default before the miniature reproduction's
+      development world chose ``centred``). Unit-free, but it almost never pushes: with a small shift (0.03 in
+      the presets) only pairs at > 97 % of the largest distance fall below it, and one far point (the
+      sky at 200 m) makes the whole street look "close".
+    * ``"centred"``: ``distance`` minus its mean over the other locations,
+      D_hwij = D^dist_hwij - (1/ij) sum_i'j' D^dist_hwi'j', the way STEGO centres the feature
+      correlation (S3). For every query point, partners closer than its average partner get D > 0
+      (pulled), farther ones D < 0 (pushed); the far-point scale of ``distance`` no longer shifts every
+      pair to the pulling side. Values lie in [-1, 1]. **Paper mode's default**
+      (``depthg.config.PAPER_DEPTH_SIMILARITY``), chosen on the development world of the miniature
+      reproduction by a rule fixed beforehand (benchmarks/results/miniature_dev.md): the three options that
+      pull and push (``centred``, ``quantile``, ``product``) were within noise of each other and of STEGO,
+      ``distance`` was lowest, and the tie went to the 3D option closest to the paper's Fig. 1 -- STEGO's
+      own centring applied to the 3D distance, pulling about half the sampled pairs and pushing the rest.
+    * ``"quantile"`` (range-aware): the 3D points are first brought within :data:`WORKING_RANGE` --
+      a point with Z > R is moved along its ray to Z = R (P * min(1, R / Z); with the pinhole
+      unprojection this is the same as clipping its depth to R) -- then
+      D = clamp(1 - |P_hw - P_ij| / q, -1, 1) with q the image's :data:`DISTANCE_QUANTILE` (median)
+      pair distance. Pairs closer than the image's typical pair are pulled, farther ones pushed, and
+      neither the sky nor a single far point sets the scale; the clamp keeps far pairs from
+      dominating the mean. Needs metric depth (paper mode's depth is in metres).
 
     The similarity never needs gradients (depth is an input), so it is computed under ``no_grad``.
     """
@@ -166,21 +212,68 @@ def depth_similarity(
 
             z1, z2 = standardise(p1), standardise(p2)
             return torch.einsum("nhw,nij->nhwij", z1[:, 0], z2[:, 0])
-        if kind == "distance":
-            if p1.shape[1] != 3 or p2.shape[1] != 3:
-                raise LossError("depth_similarity(kind='distance') expects sampled 3D points (B, 3, h, w)")
-            b, _, h, w = p1.shape
-            i, j = p2.shape[-2:]
-            a = p1.flatten(2).transpose(1, 2)  # (B, hw, 3)
-            c = p2.flatten(2).transpose(1, 2)  # (B, ij, 3)
-            dist = (a.unsqueeze(2) - c.unsqueeze(1)).square().sum(-1).sqrt()  # exact, no matmul trick
-            scale = dist.flatten(1).amax(1).clamp_min(_EPS).view(b, 1, 1)
-            return (1.0 - dist / scale).view(b, h, w, i, j)
-        raise LossError(f"kind must be 'released', 'product' or 'distance', got {kind!r}")
+        if kind not in ("distance", "centred", "quantile"):
+            raise LossError(f"kind must be one of {list(DEPTH_SIMILARITIES)}, got {kind!r}")
+        b, _, h, w = p1.shape
+        i, j = p2.shape[-2:]
+        if kind == "quantile":
+            # move points beyond the working range back along their ray (Z is channel 2, Z = depth)
+            p1 = p1 * (WORKING_RANGE / p1[:, 2:3].clamp_min(_EPS)).clamp(max=1.0)
+            p2 = p2 * (WORKING_RANGE / p2[:, 2:3].clamp_min(_EPS)).clamp(max=1.0)
+        dist = _pair_distances(p1, p2)  # (B, hw, ij)
+        if kind == "quantile":
+            scale = torch.quantile(dist.flatten(1), DISTANCE_QUANTILE, dim=1).clamp_min(_EPS).view(b, 1, 1)
+            return (1.0 - dist / scale).clamp(-1.0, 1.0).view(b, h, w, i, j)
+        sim = 1.0 - dist / dist.flatten(1).amax(1).clamp_min(_EPS).view(b, 1, 1)
+        if kind == "centred":
+            sim = sim - sim.mean(dim=2, keepdim=True)  # mean over the other image's locations (i, j)
+        return sim.view(b, h, w, i, j)
+
+
+def pull_push_fractions(depth_sim: torch.Tensor, shift: float) -> dict[str, float]:
+    """Fractions of the sampled pairs that the depth term pulls together and pushes apart.
+
+    In L_depth = -mean max(S, 0) * (D - shift) a pair with D > shift raises its code similarity S
+    (pulled), a pair with D < shift lowers it while S > 0 (pushed), a pair with D == shift is left
+    alone. Every entry of ``depth_sim`` (B, h, w, i, j) counts, self-pairs included, since the loss
+    averages over all of them.
+
+    Returns:
+        ``{"pulled": ..., "pushed": ...}``, each in [0, 1]; they sum to 1 minus the fraction at the shift.
+    """
+    if not isinstance(depth_sim, torch.Tensor) or depth_sim.numel() == 0:
+        raise LossError("pull_push_fractions needs a non-empty similarity tensor")
+    n = depth_sim.numel()
+    return {"pulled": int((depth_sim > shift).sum()) / n, "pushed": int((depth_sim < shift).sum()) / n}
+
+
+def sampled_depth_similarity(depth: torch.Tensor, grid: torch.Tensor, grid_hw: tuple[int, int],
+                             kind: SimilarityKind = PAPER_DEPTH_SIMILARITY, fov_deg: float = 90.0) -> torch.Tensor:
+    """D (B, S, S, S, S) of one crop's depth read at its sampled locations, as the paper-mode loss builds it.
+
+    Args:
+        depth: (B, 1, H, W) depth, larger = farther (metres in paper mode).
+        grid: (B, S, S, 2) sample coordinates (random or FPS, ``align_corners=True``).
+        grid_hw: the feature grid (h, w); the depth is average-pooled to it first, as FPS does.
+        kind: the similarity (:func:`depth_similarity`). ``released`` ignores ``grid`` and resizes the
+            whole map to S x S; ``product`` reads the pooled depth; the others read the pooled depth's
+            camera-space points (paper pinhole with ``fov_deg``).
+    """
+    _check_4d("depth", depth)
+    n_h, n_w = grid.shape[1:3]
+    if kind == "released":
+        return depth_similarity(depth, depth, "released", size=(n_h, n_w))
+    pooled = F.adaptive_avg_pool2d(depth, grid_hw)
+    if kind == "product":
+        values = sample(pooled, grid)
+    else:
+        pts = depth_to_points(pooled, fov_deg=fov_deg, mode="paper")
+        values = sample(pts.transpose(1, 2).reshape(depth.shape[0], 3, *grid_hw), grid)
+    return depth_similarity(values, values, kind)
 
 
 def depth_feature_loss(code_s: torch.Tensor, depth_sim: torch.Tensor, shift: float) -> torch.Tensor:
-    """Depth-feature correlation loss (method.md §3 R3): -mean clamp(S_intra, 0) * (D - shift).
+    """Depth-feature correlation loss (docs/method.md §4.2, R3): -mean clamp(S_intra, 0) * (D - shift).
 
     Args:
         code_s: the anchor's sampled code (B, D, S, S); S_intra is its correlation with itself.
@@ -203,7 +296,7 @@ def depth_feature_loss(code_s: torch.Tensor, depth_sim: torch.Tensor, shift: flo
 
 
 def super_perm(size: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """The released negative permutation (released_code.md §1.5 step 4): a randperm whose fixed points
+    """The released negative permutation (docs/fidelity.md §3.6): a randperm whose fixed points
     are bumped by one (mod B). No image is its own negative, but indices can repeat."""
     gen_device = generator.device if generator is not None else torch.device("cpu")
     perm = torch.randperm(size, generator=generator, device=gen_device)
@@ -232,12 +325,12 @@ def derangement(size: int, generator: torch.Generator | None = None, device=None
 
 
 class DepthGLoss(nn.Module):
-    """STEGO's three correlation terms plus DepthG's depth-feature term (method.md §2 S5, §4 R4).
+    """STEGO's three correlation terms plus DepthG's depth-feature term (docs/method.md §3.4, §5).
 
     total = w_intra * pos_intra + w_inter * pos_inter + w_neg * neg_inter + depth_weight * depth
     (``correspondence_weight`` = 1; the probe losses are the trainer's business).
 
-    Constructor values are the fixed weights/shifts (method.md §4.1). The depth weight and shift decay,
+    Constructor values are the fixed weights/shifts (docs/method.md §11). The depth weight and shift decay,
     so they are passed to :meth:`forward` at every step (see :class:`DepthDecaySchedule`).
 
     Args:
@@ -247,8 +340,8 @@ class DepthGLoss(nn.Module):
         neg_samples: number of random negative pairings (5).
         centering: S3 spatial centring (``"paper"``, ``"released"`` or ``"none"``); defaults to the mode.
         zero_clamp: clamp code correlations at 0 (True in every config).
-        depth_similarity: ``"released"``, ``"product"`` or ``"distance"``; defaults to ``"distance"``
-            in paper mode and ``"released"`` in released mode.
+        depth_similarity: one of :data:`DEPTH_SIMILARITIES` (see :func:`depth_similarity`); defaults to
+            :data:`PAPER_DEPTH_SIMILARITY` in paper mode and ``"released"`` in released mode.
         fov_deg: field of view used to unproject depth for the ``distance`` similarity (paper pinhole).
         mode: ``"paper"`` or ``"released"``.
     """
@@ -281,9 +374,10 @@ class DepthGLoss(nn.Module):
         if self.centering not in ("paper", "released", "none"):
             raise LossError(f"centering must be 'paper', 'released' or 'none', got {centering!r}")
         self.zero_clamp = bool(zero_clamp)
-        self.depth_similarity: SimilarityKind = depth_similarity or ("distance" if mode == "paper" else "released")
-        if self.depth_similarity not in ("released", "product", "distance"):
-            raise LossError(f"depth_similarity must be 'released', 'product' or 'distance', got {depth_similarity!r}")
+        self.depth_similarity: SimilarityKind = depth_similarity or (
+            PAPER_DEPTH_SIMILARITY if mode == "paper" else "released")
+        if self.depth_similarity not in DEPTH_SIMILARITIES:
+            raise LossError(f"depth_similarity must be one of {list(DEPTH_SIMILARITIES)}, got {depth_similarity!r}")
         self.fov_deg = float(fov_deg)
 
     def extra_repr(self) -> str:
@@ -298,9 +392,9 @@ class DepthGLoss(nn.Module):
         is transposed over the S x S grid, because the released sampler transposes the grid the codes
         are read at (code[h, w] meets depth[w, h]); this matters only where the resized depth has exact
         zeros (otherwise D is all ones). See docs/released_golden.md.
-        ``product`` / ``distance``: the depth is average-pooled to the feature grid ``grid_hw`` (as FPS
-        does), unprojected with the paper pinhole (``distance``), and read at ``grid`` -- the very
-        coordinates the code was read at.
+        The others: the depth is average-pooled to the feature grid ``grid_hw`` (as FPS does),
+        unprojected with the paper pinhole (every kind but ``product``), and read at ``grid`` -- the
+        very coordinates the code was read at.
         """
         n_h, n_w = code_s.shape[-2:]
         if self.depth_similarity == "released":
@@ -339,7 +433,7 @@ class DepthGLoss(nn.Module):
 
         Args:
             feats, feats_pos: backbone features of the anchor and its kNN positive, (B, C, h, w)
-                (during training the dropout-perturbed ones, method.md §2 S4).
+                (during training the dropout-perturbed ones, docs/method.md §3.3).
             code, code_pos: head outputs (B, D, h, w) on the same grid.
             depth, depth_pos: (B, 1, H, W) depth (larger = farther) or None when ``depth_weight`` is 0.
                 Only the anchor's depth enters the depth term (as released); ``depth_pos`` is accepted
@@ -356,7 +450,7 @@ class DepthGLoss(nn.Module):
         Negatives: ``paper`` pairs image k with image perm[k] of a true derangement and reads the
         negative at *its own* coordinates, grid1[perm] (for FPS: the cells chosen on the negative's
         own depth), i.e. the anchor's sampled maps permuted. ``released`` uses ``super_perm`` and reads
-        the permuted full maps at the positive's coordinates ``grid2`` (released_code.md §1.5 step 4).
+        the permuted full maps at the positive's coordinates ``grid2`` (docs/fidelity.md §3.6).
         """
         for name, t in (("feats", feats), ("feats_pos", feats_pos), ("code", code), ("code_pos", code_pos)):
             _check_4d(name, t)
@@ -402,14 +496,14 @@ class DepthGLoss(nn.Module):
 
 @dataclass(frozen=True)
 class DepthDecaySchedule:
-    """Depth weight and shift decay w <- factor*w, b <- factor*b (method.md §5.1 R5), a pure function.
+    """Depth weight and shift decay w <- factor*w, b <- factor*b (docs/method.md §8.1, R5), a pure function.
 
     ``.at(iteration)`` returns (w_depth, b_depth) used at that (0-based) training iteration.
 
     * ``paper``: counted in optimizer steps, one per iteration: k = iteration // every decays
       (never at iteration 0), value w0 * factor**k.
     * ``released``: the rule runs after the loss with ``global_step = 3 * iteration`` and fires when
-      ``global_step % every == 0 and global_step > 0``, acting from the next iteration (method.md §5.3):
+      ``global_step % every == 0 and global_step > 0``, acting from the next iteration (docs/fidelity.md §3.9):
       it fires every every/gcd(3, every) iterations -- every 100 iterations for every=300. COCO ViT-S
       (0.19, x0.6 every 250) has decayed 9 times by its last iteration (2333): 0.19*0.6**9 = 0.0019.
 

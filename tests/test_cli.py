@@ -8,6 +8,7 @@ import warnings
 import pytest
 
 from depthg.__main__ import build_parser, main
+from depthg.utils import DepthGError
 
 TINY = "backbone_kwargs={embed_dim: 32, depth: 2, num_heads: 2, mlp_ratio: 2, img_size: 64}"
 
@@ -66,9 +67,21 @@ def test_bad_override_is_a_clear_error(tmp_path):
 def test_ablate_runs_and_writes_table(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = main(["ablate", "--variants", "stego", "depthg_paper_fps", "--seeds", "0", "1", "--steps", "1",
-                       "--out-dir", str(tmp_path / "abl"), "--no-progress", *tiny_overrides(tmp_path)])
-    assert set(report["summary"]) == {"stego", "depthg_paper_fps"}
+        report = main(["ablate", "--world-seed", "3", "--dev-world-seed", "2", "--variants", "stego", "depthg",
+                       "--seeds", "0", "1", "--steps", "1", "--out-dir", str(tmp_path / "abl"), "--no-progress",
+                       *tiny_overrides(tmp_path)])
+    assert set(report["summary"]) == {"stego", "depthg"}
     assert report["summary"]["stego"]["cluster_miou"]["n"] == 2
+    # the held-out protocol is recorded, and the test world lives in its own cache folder
+    assert report["protocol"]["test_world_seed"] == 3 and report["protocol"]["dev_world_seed"] == 2
+    assert report["protocol"]["steps"] == 1 and report["protocol"]["backbone_sha256"] is None  # random init
+    worlds = list((tmp_path / "cache" / "world3").glob("synthetic_world*/world.json"))
+    assert worlds and json.loads(worlds[0].read_text())["seed"] == 3
+    paired = report["summary"]["depthg"]["paired_vs_stego"]["cluster_miou"]
+    stego, depthg = (report["summary"][v]["cluster_miou"]["values"] for v in ("stego", "depthg"))
+    assert paired["values"] == [a - b for a, b in zip(depthg, stego)]
     table = (tmp_path / "abl" / "ablation.md").read_text()
-    assert "| stego |" in table and "Command: `python -m depthg ablate" in table
+    assert "| stego |" in table and "Command: `python -m depthg ablate --preset synthetic --world-seed 3" in table
+    # the same world as development and test is refused
+    with pytest.raises(DepthGError, match="must differ"):
+        main(["ablate", "--world-seed", "2", "--dev-world-seed", "2", "--seeds", "0"])

@@ -51,7 +51,7 @@ def test_modes_differ_in_fixes_not_in_timing():
         rel_events = [k for k in range(1, rel.steps) if rel.depth_decay_every and (3 * k) % rel.depth_decay_every == 0]
         pap_events = [k for k in range(1, pap.steps) if pap.depth_decay_every and k % pap.depth_decay_every == 0]
         assert rel_events == pap_events
-        assert (rel.depth_similarity, pap.depth_similarity) == ("released", "distance")
+        assert (rel.depth_similarity, pap.depth_similarity) == ("released", "centred")
         assert rel.pos_intra_shift == pap.pos_intra_shift and rel.dim == pap.dim
     assert global_steps_to_iterations(300) == 100 and global_steps_to_iterations(250) == 250
 
@@ -131,6 +131,6 @@ def test_mode_switch_converts_dependent_keys():
 
     assert events(switched) == events(released)
     back = apply_overrides(switched, ["mode=paper"])
-    assert back.depth_similarity == "distance" and back.depth_decay_every == 250
+    assert back.depth_similarity == "centred" and back.depth_decay_every == 250
     assert Config(mode="released").depth_similarity == "released"
-    assert Config(mode="paper").depth_similarity == "distance"
+    assert Config(mode="paper").depth_similarity == "centred"

@@ -236,7 +236,7 @@ def test_released_depth_term_equals_shifted_self_term():
 
 def test_paper_depth_term_uses_3d_distance_at_the_code_locations():
     feats, feats_pos, code, code_pos, depth, depth_pos, grid1, grid2 = _step_inputs(seed=4)
-    loss_fn = DepthGLoss(mode="paper")
+    loss_fn = DepthGLoss(mode="paper", depth_similarity="distance")
     assert loss_fn.depth_similarity == "distance"
     out = loss_fn(feats, feats_pos, code, code_pos, depth, depth_pos, grid1, grid2,
                   depth_weight=1.0, depth_shift=0.3)

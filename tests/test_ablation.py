@@ -1,0 +1,98 @@
+"""depthg.ablation without training: variant configs, paired t-intervals, summaries, reading reports."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from depthg.ablation import (
+    DEFAULT_VARIANTS,
+    VARIANTS,
+    AblationError,
+    collect_runs,
+    load_report,
+    markdown_table,
+    paired_differences,
+    report_rows,
+    summarise,
+    variant_config,
+)
+from depthg.config import PAPER_DEPTH_SIMILARITY
+
+
+def test_paired_differences_hand_example():
+    # differences 1, 2, 3: mean 2, sd 1, n 3; t_{0.975, 2} = 4.302652729911275 (statistical tables)
+    d = paired_differences([11.0, 12.0, 13.0], [10.0, 10.0, 10.0])
+    assert d["values"] == [1.0, 2.0, 3.0] and d["n"] == 3
+    assert math.isclose(d["mean"], 2.0)
+    assert math.isclose(d["half_width"], 4.302652729911275 / math.sqrt(3), rel_tol=1e-9)
+    assert math.isclose(d["ci"][0], 2.0 - d["half_width"]) and math.isclose(d["ci"][1], 2.0 + d["half_width"])
+    assert math.isnan(paired_differences([1.0], [0.0])["half_width"])
+    with pytest.raises(AblationError, match="same seeds"):
+        paired_differences([1.0, 2.0], [1.0])
+
+
+def test_variants_cover_the_protocol():
+    for name in ("stego", "fps_only", "depth_distance", "depth_product", "depth_centred", "depth_quantile",
+                 "depthg", "depthg_s5", "depthg_s11", "released"):
+        assert name in VARIANTS and name in DEFAULT_VARIANTS
+    cfg = variant_config("depthg", 4)
+    assert cfg.depth_similarity == PAPER_DEPTH_SIMILARITY and cfg.depth_sampling == "fps" and cfg.seed == 4
+    assert variant_config("depthg_s5", 0).feature_samples == 5
+    assert variant_config("depthg_s11", 0).feature_samples == 11
+    only = variant_config("depth_centred", 0)
+    assert only.depth_similarity == "centred" and only.depth_sampling == "random" and only.depth_weight > 0
+    assert variant_config("fps_only", 0).depth_weight == 0 and variant_config("fps_only", 0).depth_sampling == "fps"
+    rel = variant_config("released", 0)
+    assert rel.mode == "released" and rel.depth_similarity == "released"
+    with pytest.raises(AblationError, match="unknown ablation variant"):
+        variant_config("nope", 0)
+
+
+def test_world_seed_gets_its_own_cache_folder():
+    a = variant_config("stego", 0, overrides=["cache_dir=/tmp/c"], world_seed=5)
+    assert a.world_seed == 5 and a.cache_dir == "/tmp/c/world5"
+    assert variant_config("stego", 0).cache_dir == ".depthg_cache"  # no world seed: the preset's cache
+    with pytest.raises(AblationError, match="data_dir"):
+        variant_config("stego", 0, overrides=["data_dir=/data/cityscapes"], world_seed=1)
+
+
+def _runs(values):
+    metrics = lambda v: {"cluster": {"miou": v, "accuracy": 2 * v}, "linear": {"miou": v + 1, "accuracy": v + 2}}
+    return {variant: [{"seed": s, "final": metrics(v)} for s, v in zip((0, 1, 2), vals)]
+            for variant, vals in values.items()}
+
+
+def test_summary_pairs_only_identical_seed_lists(tmp_path):
+    summary = summarise(_runs({"stego": [1.0, 2.0, 3.0], "depthg": [2.0, 2.5, 5.0]}))
+    paired = summary["depthg"]["paired_vs_stego"]
+    assert paired["cluster_miou"]["values"] == [1.0, 0.5, 2.0]
+    assert paired["cluster_accuracy"]["values"] == [2.0, 1.0, 4.0]
+    assert "paired_vs_stego" not in summary["stego"]
+    table = markdown_table(summary, "python -m depthg ablate", {"test_world_seed": 1})
+    assert "| depthg − stego | +1.17 ±" in table and "test_world_seed = 1" in table
+    # a report on disk reads back into rows with the paired interval as text
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"command": "c", "seeds": [0, 1, 2], "summary": summary}))
+    rows = report_rows(load_report(path))
+    assert rows[0]["d_unsup_miou"] is None and rows[1]["d_unsup_miou"].startswith("+1.17 ± ")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"summary": {}}))
+    with pytest.raises(AblationError, match="missing key"):
+        load_report(bad)
+
+
+def test_collect_runs_reads_results_files(tmp_path):
+    run = tmp_path / "a" / "seed0"
+    run.mkdir(parents=True)
+    cfg = variant_config("depth_centred", 0).to_dict()
+    final = {"cluster": {"miou": 5.0, "accuracy": 30.0}, "linear": {"miou": 6.0, "accuracy": 40.0}}
+    (run / "results.json").write_text(json.dumps({"config": cfg, "final": {"metrics": final}, "steps": 300}))
+    (tmp_path / "other.json").write_text("{}")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "results.json").write_text(json.dumps({"something": "else"}))  # not a training run
+    (rows,) = collect_runs(tmp_path)
+    assert rows["run"] == "a/seed0" and rows["depth"] == "centred" and rows["sampling"] == "random"
+    assert rows["unsup_miou"] == 5.0 and rows["world_seed"] == 0 and rows["backbone"] == "embedded"
