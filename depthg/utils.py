@@ -157,7 +157,7 @@ def build_lock(target: str | os.PathLike, what: str = "artefact") -> Iterator[No
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(target) + ".lock")
     try:
-        lock.acquire(timeout=2)
+        lock.acquire(timeout=0)
     except Timeout:
         note(f"waiting for another process that is building the {what} {target} ...")
         lock.acquire()

@@ -18,6 +18,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
+from queue import Empty
 
 import numpy as np
 import pytest
@@ -222,15 +223,18 @@ def test_other_backbone_weights_recompute_the_knn(tmp_path, capfd):
 # 2. concurrency: two processes preparing one cache
 # ------------------------------------------------------------------------------------------------
 def _prepare_and_cache(cfg_dict: dict, barrier, queue) -> None:
+    import io
+
     torch.set_num_threads(1)
     cfg = Config(**cfg_dict)
     backbone = tiny_backbone()
+    sys.stderr = io.StringIO()  # the notes, for the parent
     barrier.wait()  # start together
     data = prepare_training_data(cfg, backbone=backbone, progress=False)
     crops = CroppedDataset(data["crop_dir"], "train")
     cache = build_feature_cache(backbone, crops, Path(cfg.cache_dir) / "features", {"test": 1}, device="cpu",
                                 transform=lambda it: resize_center_crop(it, 32), progress=False)
-    queue.put((str(cache.root), cache.manifest["files"], str(data["knn_path"])))
+    queue.put(((str(cache.root), cache.manifest["files"], str(data["knn_path"])), sys.stderr.getvalue()))
 
 
 def test_two_processes_building_one_cache_both_get_the_same_valid_cache(world, tmp_path):
@@ -240,10 +244,23 @@ def test_two_processes_building_one_cache_both_get_the_same_valid_cache(world, t
     procs = [ctx.Process(target=_prepare_and_cache, args=(cfg.to_dict(), barrier, queue)) for _ in range(2)]
     for p in procs:
         p.start()
-    results = [queue.get(timeout=300) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got = []
+    try:
+        while len(got) < len(procs):
+            try:
+                got.append(queue.get(timeout=2))
+            except Empty:  # a builder that died never answers
+                codes = [p.exitcode for p in procs]
+                assert all(c in (None, 0) for c in codes), f"a builder process failed (exit codes {codes})"
+        for p in procs:
+            p.join(timeout=60)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+    results, notes = zip(*got)
+    print("".join(notes))  # usually one process waited for the other ("waiting for another process ...")
     assert results[0] == results[1]  # one folder, the same file hashes, the same kNN file
     root = Path(results[0][0])
     assert cache_problem(root, verify=True) is None
