@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from scipy import stats
+
 from depthg.backbone import EMBEDDED_DIR, EMBEDDED_JSON
 from depthg.config import DEPTH_SIMILARITY, PAPER_DEPTH_SIMILARITY, Config, apply_overrides
 from depthg.train import train
@@ -130,8 +132,6 @@ def paired_differences(values: Sequence[float], base: Sequence[float], confidenc
 
     half_width = t_{(1+confidence)/2, n-1} * sd(diff) / sqrt(n); NaN with fewer than two seeds.
     """
-    from scipy import stats
-
     if len(values) != len(base):
         raise AblationError(f"paired differences need the same seeds: {len(values)} vs {len(base)} values")
     diffs = [a - b for a, b in zip(values, base)]

@@ -28,13 +28,16 @@ import inspect
 import json
 import math
 import os
+import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator, Literal, Sequence
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
+from huggingface_hub import constants, try_to_load_from_cache
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -395,10 +398,6 @@ def _offline() -> bool:
     ``TRANSFORMERS_OFFLINE``), or ``huggingface_hub``'s own flag, which it reads once at import."""
     if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
         return True
-    try:
-        from huggingface_hub import constants
-    except ImportError:  # pragma: no cover - a pinned dependency
-        return False
     return bool(getattr(constants, "HF_HUB_OFFLINE", False))
 
 
@@ -422,17 +421,12 @@ def repo_root() -> Path:
 
 
 def _hub_endpoint() -> str:
-    from huggingface_hub import constants
-
     return str(getattr(constants, "ENDPOINT", "https://huggingface.co"))
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether a TCP connection to the Hugging Face endpoint (or the HTTPS proxy, when one is set) opens
     within ``timeout`` seconds. One quick probe instead of the hub client's retries with back-off."""
-    import socket
-    from urllib.parse import urlsplit
-
     proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
     url = urlsplit(proxy if proxy else _hub_endpoint())
     host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
@@ -446,15 +440,11 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _hf_cache_dir() -> str:
-    from huggingface_hub import constants
-
     return str(constants.HF_HUB_CACHE)
 
 
 def _in_hf_cache(repo_id: str) -> bool:
     """Whether ``repo_id``'s config.json is in the local Hugging Face cache (no network)."""
-    from huggingface_hub import try_to_load_from_cache
-
     try:
         found = try_to_load_from_cache(repo_id, "config.json")
     except Exception:  # an id the hub client rejects (e.g. a path with three parts) is not cached

@@ -36,6 +36,7 @@ from depthg.data.transforms import resize_center_crop
 from depthg.depth import repo_root
 from depthg.evaluate import predict_batch
 from depthg.utils import get_device, sha256_file
+from depthg.viz import get_palette
 
 __all__ = ["SMOKE", "RANDOM_BACKBONE", "at_root", "backbone_problem", "RunChoice", "choose_run", "TrainedRun",
            "load_trained", "predict_examples", "as_overrides", "figure_runs", "describe_run", "example_items"]
@@ -183,8 +184,6 @@ def load_trained(run: str | os.PathLike | dict[str, Any], device: str | torch.de
     the config. The learned local-hidden-positive buffers (``lhp.*``) are not needed to predict and are
     skipped.
     """
-    from depthg.viz import get_palette
-
     if not isinstance(run, dict):
         path = at_root(run)
         run = json.loads((path if path.suffix == ".json" else path / "results.json").read_text())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from depthg.utils import DepthGError
@@ -117,8 +118,6 @@ def sgbm_disparity(
         ``min_disparity - 1``: failed uniqueness or left-right check, speckles, and the leftmost
         ``min_disparity + num_disparities`` columns, whose match could lie outside the right image.
     """
-    import cv2
-
     modes = {"sgbm": cv2.STEREO_SGBM_MODE_SGBM, "hh": cv2.STEREO_SGBM_MODE_HH, "3way": cv2.STEREO_SGBM_MODE_SGBM_3WAY}
     if mode not in modes:
         raise StereoError(f"mode must be one of {sorted(modes)}, got {mode!r}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import pickle
 import shutil
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 import torch
+from filelock import FileLock, Timeout
 
 
 class DepthGError(Exception):
@@ -138,8 +140,6 @@ def file_identity(path: str | os.PathLike) -> list[int]:
 
 def digest(value: Any) -> str:
     """Hex SHA-256 of a JSON-serialisable value (sorted keys): a stable key of what made an artefact."""
-    import json
-
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -151,8 +151,6 @@ def build_lock(target: str | os.PathLike, what: str = "artefact") -> Iterator[No
     is released when the block ends, however it ends. Not re-entrant across different lock objects, so
     nested builds must lock different targets.
     """
-    from filelock import FileLock, Timeout
-
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(target) + ".lock")

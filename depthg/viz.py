@@ -865,7 +865,6 @@ def plot_training_curves(
     ``ncols`` per row; ``title`` goes above all panels. Records without a key simply leave a gap (losses
     every ``log_every`` steps, metrics every ``eval_every``). Returns the matplotlib figure.
     """
-    import matplotlib.pyplot as plt
 
     def load(r: Any) -> list[dict[str, Any]]:
         r = read_jsonl(r) if isinstance(r, (str, os.PathLike)) else list(r)
@@ -1036,8 +1035,6 @@ def plot_predictions(
     maps (and black, when some pixel is ignored or unmatched); ``title`` goes above the grid (say what is
     compared). Returns the figure.
     """
-    import matplotlib.pyplot as plt
-
     n = len(images)
     for name, maps in columns.items():
         if len(maps) != n:
@@ -1062,8 +1059,6 @@ def add_class_legend(fig, palette: np.ndarray, class_names: Sequence[str], ids: 
     """A legend of class colours under the figure: one patch per class id in ``ids`` (default: all), in
     ``palette``'s colour with its name from ``class_names``; a negative id adds a black ``ignore_label``
     patch. Returns the legend."""
-    import matplotlib.patches as mpatches
-
     names = list(class_names)
     ids = sorted({int(i) for i in (range(len(names)) if ids is None else ids)})
     handles = [mpatches.Patch(facecolor=np.asarray(palette[i]) / 255.0, edgecolor="black", linewidth=0.3,

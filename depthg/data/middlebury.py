@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from skimage.data import stereo_motorcycle
 
 from depthg.sampling import depth_to_points_intrinsics
 from depthg.stereo import StereoCalibration, StereoError
@@ -107,11 +108,6 @@ def load_motorcycle() -> StereoScene:
 
     Needs ``scikit-image`` (a pinned dependency); reads the files from the installed package, no network.
     """
-    try:
-        from skimage.data import stereo_motorcycle
-    except ImportError as err:
-        raise StereoError(f"the Middlebury pair ships with scikit-image, which is not importable ({err}); "
-                          "install the pinned environment (./setup.sh or pip install -r requirements.txt)") from None
     left, right, disparity = stereo_motorcycle()
     return StereoScene("Middlebury 2014 Motorcycle (741x500)", np.ascontiguousarray(left), np.ascontiguousarray(right),
                        np.asarray(disparity, dtype=np.float32), MOTORCYCLE_CALIBRATION)
