@@ -47,6 +47,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
@@ -392,7 +393,11 @@ def _read_weights_file(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights not found: {path}")
     if path.suffix == ".safetensors":
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except SafetensorError as err:  # a truncated or damaged file
+            raise BackboneError(f"{path}: not a readable safetensors file ({err}); expected a complete "
+                                ".safetensors file of ViT weights") from None
     with torch.serialization.safe_globals([argparse.Namespace]):
         return safe_torch_load(path, map_location="cpu")
 

@@ -350,3 +350,14 @@ def test_saved_file_is_plain_and_official(tiny_vit_kwargs, tmp_path):
     assert list(state) == list(source.state_dict())
     assert "mean" not in state and all(type(v) is torch.Tensor for v in state.values())
     assert [p.name for p in tmp_path.iterdir()] == ["a.pth"], "no temporary file is left behind"
+
+
+def test_truncated_safetensors_is_a_clear_backbone_error(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "vit.safetensors"
+    save_file({"pos_embed": torch.zeros(1, 5, 8)}, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(bb.BackboneError, match="not a readable safetensors file"):
+        load_backbone("vit_small_patch8_224", weights=str(path))
