@@ -72,6 +72,7 @@ import argparse
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -646,7 +647,7 @@ def pretrain(
         torch.set_rng_state(ckpt["torch_rng"])
         start_step, n_rendered = int(ckpt["step"]), int(ckpt["n_rendered"])
     elif resume:
-        print(f"resume: no checkpoint at {ckpt_path}, starting from scratch")
+        print(f"resume: no checkpoint at {ckpt_path}, starting from scratch", file=sys.stderr)
     if n_rendered == 0:
         for k in tqdm(range(pool_size), desc="rendering image pool", disable=not progress):
             render_into(pool, k, render(seed, k))
@@ -734,7 +735,7 @@ def pretrain(
         if done % export_every == 0 or done == last_stop or out_of_time:
             export_backbone(teacher, hp, out_dir, done)
         if out_of_time:
-            print(f"max_minutes={max_minutes} reached after step {done}; checkpoint and teacher saved")
+            print(f"max_minutes={max_minutes} reached after step {done}; checkpoint and teacher saved", file=sys.stderr)
             step = done
             break
         step = done
