@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -194,7 +195,10 @@ def load_trained(run: str | os.PathLike | dict[str, Any], device: str | torch.de
     device = get_device(device if device != "auto" else cfg.device)
     val_set = validation_dataset(cfg, _data_root(cfg))
     if backbone is None:
-        backbone = load_backbone(cfg.backbone, cfg.weights, **cfg.backbone_kwargs)
+        with warnings.catch_warnings():
+            # training already warned that a random backbone means nothing; loading it again need not repeat it
+            warnings.filterwarnings("ignore", message=".*has random weights", category=UserWarning)
+            backbone = load_backbone(cfg.backbone, cfg.weights, **cfg.backbone_kwargs)
     backbone = backbone.to(device)
     model = build_models(cfg, backbone.embed_dim, int(val_set.n_classes))
     state = load_checkpoint(Path(cfg.output_dir) / checkpoint)["model"]

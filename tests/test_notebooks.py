@@ -163,3 +163,34 @@ def test_notebook_runs_in_smoke_mode(name, tmp_path, shared, monkeypatch):
         p.name for p in NB_DIR.iterdir() if not p.name.startswith(".") and (p.suffix == ".ipynb")
     ), f"{name}: wrote files into notebooks/"
     assert os.environ.get("MPLBACKEND") == "Agg"
+
+
+def test_at_root_resolves_against_the_repository_root(tmp_path, monkeypatch):
+    from depthg.notebook import at_root
+
+    monkeypatch.chdir(ROOT)
+    assert at_root("runs/x") == Path("runs/x")  # in the root: stays relative, as the CLI writes it
+    monkeypatch.chdir(NB_DIR)
+    assert at_root("runs/x") == ROOT / "runs/x"  # Jupyter runs notebooks in notebooks/
+    assert at_root(tmp_path) == tmp_path and at_root(None) is None
+
+
+def test_choose_run_says_why_and_builds_the_same_configs(tmp_path):
+    from depthg.config import Config, apply_overrides
+    from depthg.notebook import SMOKE, as_overrides, choose_run
+
+    common = dict(mode="paper", seed=3, device="cpu", output_dir=tmp_path / "out", cache_dir=tmp_path / "cache")
+    fallback = choose_run("Cityscapes", "cityscapes_vitb8", None, None, **common)
+    assert not fallback.real and len(fallback.reasons) == 2
+    assert fallback.config.to_dict() == Config.preset("synthetic", mode="paper", seed=3, device="cpu",
+                                                      output_dir=str(tmp_path / "out"),
+                                                      cache_dir=str(tmp_path / "cache")).to_dict()
+    assert "NOT running the Cityscapes preset: dataset not found" in fallback.explain()
+    smoke = choose_run("Cityscapes", "cityscapes_vitb8", tmp_path / "missing", "dino", smoke=True, steps=7, **common)
+    assert smoke.config.steps == 7 and smoke.config.world_size == SMOKE["world_size"] and "smoke run" in smoke.explain()
+    real = choose_run("Cityscapes", "cityscapes_vitb8", tmp_path, "embedded", **common)
+    assert real.real and real.reasons == [] and real.config.data_dir == str(tmp_path)
+    assert real.config.backbone == "embedded" and real.explain().startswith("RUNNING the 'cityscapes_vitb8' preset")
+    # the smoke sizes as CLI overrides give the same config as replacing them directly
+    base = Config.preset("synthetic")
+    assert apply_overrides(base, as_overrides(SMOKE)).to_dict() == base.replace(**SMOKE).to_dict()
