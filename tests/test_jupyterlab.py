@@ -41,6 +41,8 @@ def test_output_problems_flags_errors_and_library_noise():
     assert "library noise" in check.output_problems([noise])[0]
     warning = _cell({"name": "stderr", "text": "/x.py:3: UserWarning: something\n  warnings.warn(\n"})
     assert check.output_problems([warning])[0].startswith("cell 3: stderr output")
+    note = _cell({"name": "stderr", "text": "[ablation] stego seed 0\n"})  # the workbench's own progress note
+    assert check.output_problems([note]) == []
 
 
 def test_jupyterlab_in_a_browser(tmp_path):
@@ -55,7 +57,8 @@ def test_jupyterlab_in_a_browser(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     reports = json.loads(report.read_text())
     assert reports[0]["notebook"] == "(JupyterLab start-up)" and not reports[0]["problems"]
-    opened = {r["notebook"] for r in reports[1:]}
+    assert reports[-1]["notebook"] == "(repository untouched)" and not reports[-1]["problems"]
+    opened = {r["notebook"] for r in reports[1:-1]}
     assert opened == {p.name for p in (ROOT / "notebooks").glob("*.ipynb")}
     ran = [r for r in reports if r["run"]]
     assert [r["notebook"] for r in ran] == ["02_fps_point_clouds.ipynb"]
