@@ -228,6 +228,10 @@ def predict_examples(trained: TrainedRun, assignment: Any, n: int = 4) -> dict[s
             "cluster": list(matched), "linear": list(linear_logp.argmax(1).cpu())}
 
 
+# config keys that say where a run lives or runs, not what it is
+_WHERE = ("output_dir", "cache_dir", "data_dir", "device")
+
+
 def as_overrides(values: Mapping[str, Any]) -> list[str]:
     """{key: value} as the ``key=value`` strings the CLI and :mod:`depthg.ablation` take (values as JSON,
     which the config parses as YAML)."""
@@ -235,13 +239,16 @@ def as_overrides(values: Mapping[str, Any]) -> list[str]:
 
 
 def figure_runs(variants: Mapping[str, str], seed: int, runs_dir: str | os.PathLike, cache_dir: str | os.PathLike,
-                steps: int | None = None, smoke: bool = False, train_if_missing: bool = True) -> dict[str, dict]:
+                steps: int | None = None, smoke: bool = False, train_if_missing: bool = True,
+                world_seed: int | None = None) -> dict[str, dict]:
     """The finished runs of the miniature reproduction that the figures show, {label: results dict + "dir"}.
 
     ``variants`` = {label: ablation variant}, e.g. {"STEGO": "stego", "DepthG": "depthg_paper_fps"}. Each
     run is read from ``runs_dir/ablation/<variant>/seed<seed>/results.json`` (what ``python -m depthg
     ablate`` writes); missing runs are trained here with :func:`depthg.ablation.run_ablation` (same
     configs, same folders), or, with ``train_if_missing=False``, reported with the command that makes them.
+    A folder that holds a run with another config (a smoke run, other steps) is an error, never reused.
+    ``world_seed``: the synthetic world the runs were trained on (``ablate --world-seed``; None: the preset's).
     ``smoke`` shrinks everything to :data:`SMOKE`; without the embedded weights :data:`RANDOM_BACKBONE`
     stands in (said on stdout).
     """
@@ -254,8 +261,17 @@ def figure_runs(variants: Mapping[str, str], seed: int, runs_dir: str | os.PathL
         print(f"The embedded backbone is not available ({problem}).\n-> runs trained here use a small RANDOM "
               "ViT; their figures show mechanics, not semantics.")
         overrides += as_overrides(RANDOM_BACKBONE)
-    paths = {label: Path(variant_config(v, seed, steps=steps, out_dir=runs_dir / "ablation",
-                                        overrides=overrides).output_dir) / "results.json" for label, v in variants.items()}
+    configs = {label: variant_config(v, seed, steps=steps, out_dir=runs_dir / "ablation", overrides=overrides,
+                                     world_seed=world_seed) for label, v in variants.items()}
+    paths = {label: Path(cfg.output_dir) / "results.json" for label, cfg in configs.items()}
+    for label, path in paths.items():
+        if path.is_file():  # a run in that folder must be the one asked for (not, e.g., a smoke run)
+            stored = Config.from_dict(json.loads(path.read_text())["config"]).to_dict()
+            wanted = configs[label].to_dict()
+            differ = sorted(k for k in wanted if k not in _WHERE and stored.get(k) != wanted[k])
+            if differ:
+                raise FileExistsError(f"{path} holds a run with another config (differs in {', '.join(differ)}); "
+                                      "move it away or give another runs_dir")
     missing = [variants[label] for label, p in paths.items() if not p.is_file()]
     if missing and not train_if_missing:
         raise FileNotFoundError(f"no runs at {[str(p) for p in paths.values()]}; make them with: python -m depthg "
@@ -264,7 +280,7 @@ def figure_runs(variants: Mapping[str, str], seed: int, runs_dir: str | os.PathL
         print(f"training {missing} (seed {seed}) with depthg.ablation.run_ablation -- the same runs "
               "`python -m depthg ablate` makes")
         run_ablation(variants=missing, seeds=(seed,), steps=steps, out_dir=runs_dir / "ablation", overrides=overrides,
-                     progress=not smoke)
+                     progress=not smoke, world_seed=world_seed)
     results = {}
     for label, path in paths.items():
         print(f"{label}: reading {path}")

@@ -194,3 +194,19 @@ def test_choose_run_says_why_and_builds_the_same_configs(tmp_path):
     # the smoke sizes as CLI overrides give the same config as replacing them directly
     base = Config.preset("synthetic")
     assert apply_overrides(base, as_overrides(SMOKE)).to_dict() == base.replace(**SMOKE).to_dict()
+
+
+def test_figure_runs_never_reuse_a_run_with_another_config(tmp_path):
+    from depthg.ablation import variant_config
+    from depthg.notebook import SMOKE, as_overrides, figure_runs
+
+    cache = tmp_path / "cache"
+    overrides = [f"cache_dir={cache}"] + as_overrides({k: v for k, v in SMOKE.items() if k != "steps"})
+    wanted = variant_config("stego", 0, steps=SMOKE["steps"], out_dir=tmp_path / "ablation", overrides=overrides)
+    folder = Path(wanted.output_dir)
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"config": wanted.replace(world_n_train=9).to_dict()}))
+    with pytest.raises(FileExistsError, match="differs in world_n_train"):
+        figure_runs({"STEGO": "stego"}, 0, tmp_path, cache, smoke=True, train_if_missing=False)
+    (folder / "results.json").write_text(json.dumps({"config": wanted.to_dict(), "steps": 4}))
+    assert figure_runs({"STEGO": "stego"}, 0, tmp_path, cache, smoke=True, train_if_missing=False)["STEGO"]["steps"] == 4
