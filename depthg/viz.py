@@ -649,7 +649,7 @@ def plot_point_cloud(
     ax.xaxis.set_major_locator(MaxNLocator(3))  # the narrow side: few ticks, so they do not collide
     ax.set_xlabel(f"X ({units})")
     ax.set_ylabel(f"Z, depth ({units})")
-    ax.set_zlabel(f"height −Y ({units})")
+    ax.set_zlabel(f"height ({units})", labelpad=2)
     ax.view_init(elev=elev, azim=azim)
     if highlight:
         ax.legend(fontsize=8, loc="upper left")
