@@ -243,7 +243,7 @@ def figure_runs(variants: Mapping[str, str], seed: int, runs_dir: str | os.PathL
                 world_seed: int | None = None) -> dict[str, dict]:
     """The finished runs of the miniature reproduction that the figures show, {label: results dict + "dir"}.
 
-    ``variants`` = {label: ablation variant}, e.g. {"STEGO": "stego", "DepthG": "depthg_paper_fps"}. Each
+    ``variants`` = {label: ablation variant}, e.g. {"STEGO": "stego", "DepthG": "depthg"}. Each
     run is read from ``runs_dir/ablation/<variant>/seed<seed>/results.json`` (what ``python -m depthg
     ablate`` writes); missing runs are trained here with :func:`depthg.ablation.run_ablation` (same
     configs, same folders), or, with ``train_if_missing=False``, reported with the command that makes them.
