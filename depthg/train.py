@@ -1,6 +1,8 @@
 """Train a DepthG / STEGO segmentation head on a frozen backbone -- one plain PyTorch loop.
 
-Read it top to bottom (nanoGPT style): ``train(cfg)`` does
+Read it top to bottom (nanoGPT style) in three parts: *build* (``build_run``: config -> a ``Run`` of objects),
+*step* (``train_step``: one iteration, batch -> losses -> optimisers) and *loop* (``train_loop``: logging,
+validation, checkpoints). ``train(cfg)`` does
 
 1. set up (optional) DDP; seed everything *after* the data/cache preparation below (building a cache
    draws from the global RNG, reusing one does not);
@@ -9,7 +11,7 @@ Read it top to bottom (nanoGPT style): ``train(cfg)`` does
    (``depthg.features``: the backbone is frozen and the crops are fixed, so this is exact);
 4. build the segmentation head, the cluster probe and the linear probe with their own Adam optimisers
    (head lr 5e-4, probes 5e-3, no schedule; docs/method.md §5);
-5. per iteration: read the batch and its kNN positives, perturb the
+5. per iteration (``train_step``): read the batch and its kNN positives, perturb the
    correlation-target features with Dropout2d(p) independently of the head's own dropouts, pick the
    sampling grids (random or depth-guided FPS), compute the STEGO + DepthG losses with the depth weight
    and shift of this step and the probe losses on the *detached* code, backward, step all three
@@ -54,10 +56,10 @@ import random
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -180,11 +182,6 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int, nns: np.ndarray
     idx = perm[within * batch_size : (within + 1) * batch_size]
     pos = torch.from_numpy(np.asarray(nns)[idx.numpy(), ranks[idx].numpy()].astype(np.int64))
     return idx, pos
-
-
-# ----------------------------------------------------------------------------------------------------
-# models
-# ----------------------------------------------------------------------------------------------------
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -372,7 +369,7 @@ def train(cfg: Config, resume: bool = False, *, progress: bool = True, data: dic
 
 def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: dict[str, Any] | None = None,
            overwrite: bool = False) -> dict[str, Any]:
-    """The run itself (:func:`train` only manages the thread count).
+    """The run itself (:func:`train` only manages the thread count): build -> loop -> final evaluation.
 
     Args:
         cfg: the run's configuration (``depthg.config.Config``).
@@ -385,7 +382,117 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
 
     Writes ``output_dir/{config.yaml, log.jsonl, checkpoint_last.pt, checkpoint_best.pt, results.json}``.
     """
-    t_start = time.time()
+    state = LoopState(t_start=time.time())
+    # build: config -> objects; every check runs before anything is written into the run folder
+    place = setup_place(cfg, progress)
+    ckpt = checkpoint_to_resume(cfg, place, resume, overwrite)
+    run = build_run(cfg, place, data)
+    if ckpt is not None:
+        restore(run, state, ckpt)
+        ckpt = None  # free the checkpoint's tensors before the loop
+    open_run_folder(run, state, overwrite)
+    # loop: train_step, logging, validation, checkpoints
+    train_loop(run, state)
+    # final evaluation of the last and the best weights with the full protocol (rank 0)
+    result = final_results(run, state) if place.dinfo.is_main else {}
+    if place.dinfo.initialised_here:
+        dist.destroy_process_group()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# build: config -> the run's objects
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Place:
+    """Where the run executes and writes: device, process group, this rank's batch rows, run folder."""
+
+    device: torch.device
+    dinfo: DistInfo
+    local_b: int  # this rank's share b of the global batch
+    rows: slice  # this rank's rows of the global batch: [rank * b, (rank + 1) * b)
+    out_dir: Path
+    progress: bool  # progress bars (rank 0 only)
+
+    @property
+    def ckpt_last(self) -> Path:
+        return self.out_dir / "checkpoint_last.pt"
+
+    @property
+    def ckpt_best(self) -> Path:
+        return self.out_dir / "checkpoint_best.pt"
+
+
+@dataclass
+class Generators:
+    """The run's explicit random streams; the global torch RNG drives only the head's dropout."""
+
+    sample: torch.Generator  # grids and FPS starts, drawn for the global batch (the same on every rank)
+    dropout: torch.Generator  # target dropout masks, drawn for the global batch (the same on every rank)
+    loss: torch.Generator  # negative permutations (one stream per rank)
+
+    def named(self) -> dict[str, torch.Generator]:
+        """The streams by name, as the checkpoint stores them."""
+        return {"sample": self.sample, "dropout": self.dropout, "loss": self.loss}
+
+
+@dataclass
+class Optimizers:
+    """One Adam per trained part (docs/method.md §5): head (+ LHP projection), cluster probe, linear probe."""
+
+    head: torch.optim.Optimizer
+    cluster: torch.optim.Optimizer
+    linear: torch.optim.Optimizer
+
+    def named(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimisers by name, in stepping order, as the checkpoint stores them."""
+        return {"head": self.head, "cluster": self.cluster, "linear": self.linear}
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of, built once from the config by :func:`build_run`."""
+
+    cfg: Config
+    place: Place
+    # the frozen side: backbone, its precision, the training features and the validation split
+    backbone: nn.Module
+    amp: Precision
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    data: dict[str, Any]  # prepare_training_data's paths
+    source: CropSource | CachedSource
+    nns: np.ndarray  # (N, >= num_neighbors + 1) kNN indices of the training crops, rank 0 = itself
+    run_data: dict[str, str]  # fingerprints of data and backbone, recorded in every checkpoint
+    val_set: Any
+    n_classes: int
+    # the trained side
+    model: Segmenter
+    ddp_model: nn.Module  # ``model`` itself, or its DDP wrapper
+    lhp: LocalHiddenPositives | None
+    optimizers: Optimizers
+    # the objective, its schedules (pure functions of the iteration) and the random streams
+    loss_fn: L.DepthGLoss
+    depth_sched: L.DepthDecaySchedule
+    sample_sched: S.SampleCountSchedule
+    gens: Generators
+    grid_hw: tuple[int, int]  # (h, w) feature-grid size of a training crop
+
+
+@dataclass
+class LoopState:
+    """What the loop changes: the step, the best validation so far, the last logged losses, the log writer."""
+
+    t_start: float
+    step: int = 0
+    best: dict[str, Any] = field(default_factory=lambda: {"step": None, "metric": -math.inf, "metrics": None})
+    last_losses: dict[str, float] = field(default_factory=dict)
+    writer: Any = None  # TensorBoard SummaryWriter on rank 0 when installed
+
+
+def setup_place(cfg: Config, progress: bool) -> Place:
+    """Device and (optional) DDP process group; the global batch must split evenly over the ranks."""
     device = get_device(cfg.device)
     dinfo = init_distributed(device)
     if dinfo.enabled and device.type == "cuda":
@@ -394,82 +501,119 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
     if cfg.batch_size % dinfo.world_size:
         raise TrainError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({dinfo.world_size})")
     local_b = cfg.batch_size // dinfo.world_size
-    out_dir = Path(cfg.output_dir)
-    ckpt_last, ckpt_best = out_dir / "checkpoint_last.pt", out_dir / "checkpoint_best.pt"
-    # The run folder: checked here, written only after validation and data preparation have passed.
+    rows = slice(dinfo.rank * local_b, (dinfo.rank + 1) * local_b)
+    return Place(device, dinfo, local_b, rows, Path(cfg.output_dir), progress and dinfo.is_main)
+
+
+def checkpoint_to_resume(cfg: Config, place: Place, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Check the run folder (touching nothing) and, on ``resume``, load and check its last checkpoint."""
+    out_dir = place.out_dir
     check_run_folder(out_dir, resume, overwrite)
     if cfg.data_dir is not None and inside(out_dir, cfg.data_dir):
         raise TrainError(f"output_dir {out_dir} is inside the dataset folder data_dir={cfg.data_dir}; "
                          "nothing is written into a dataset: choose an output_dir outside it")
-    ckpt = None
-    if resume:
-        if not ckpt_last.is_file():
-            raise TrainError(f"resume=True but there is no checkpoint at {ckpt_last}")
-        ckpt = load_checkpoint(ckpt_last)
-        changed = {k for k, v in ckpt["config"].items() if cfg.to_dict().get(k) != v} - RESUMABLE_CHANGES
-        if changed:
-            raise TrainError(f"cannot resume {ckpt_last}: config keys changed since it was written: {sorted(changed)}")
-        if int(ckpt["step"]) > cfg.steps:
-            raise TrainError(f"cannot resume {ckpt_last} at step {int(ckpt['step'])} with steps={cfg.steps}: "
-                             "the checkpoint is already past the end; raise steps")
+    if not resume:
+        return None
+    if not place.ckpt_last.is_file():
+        raise TrainError(f"resume=True but there is no checkpoint at {place.ckpt_last}")
+    ckpt = load_checkpoint(place.ckpt_last)
+    changed = {k for k, v in ckpt["config"].items() if cfg.to_dict().get(k) != v} - RESUMABLE_CHANGES
+    if changed:
+        raise TrainError(f"cannot resume {place.ckpt_last}: config keys changed since it was written: {sorted(changed)}")
+    if int(ckpt["step"]) > cfg.steps:
+        raise TrainError(f"cannot resume {place.ckpt_last} at step {int(ckpt['step'])} with steps={cfg.steps}: "
+                         "the checkpoint is already past the end; raise steps")
+    return ckpt
 
-    # 2. frozen backbone, then the data (rank 0 prepares; the others wait, then read the same files).
-    backbone = load_backbone(cfg.backbone, cfg.weights, **cfg.backbone_kwargs).to(device)
-    amp, scaler = amp_context(cfg, device)
+
+def _rank0_first(dinfo: DistInfo, make: Callable[[], Any]) -> Any:
+    """``make()`` on rank 0 first; the other ranks wait, then call it and find rank 0's files."""
+    if dinfo.is_main:
+        made = make()
+    _barrier(dinfo)
+    if not dinfo.is_main:
+        made = make()
+    return made
+
+
+def build_run(cfg: Config, place: Place, data: dict[str, Any] | None) -> Run:
+    """Backbone, data, feature source, seeds, models, optimisers, loss and schedules, in this order.
+
+    The seeds are set *after* the data and cache preparation: those steps draw from the global torch RNG
+    only when they actually build something (e.g. the kNN DataLoader's base seed), so seeding before them
+    would make the head-dropout stream depend on whether the caches already existed.
+    """
+    # frozen backbone, then the data (rank 0 prepares; the others wait, then read the same files)
+    backbone = load_backbone(cfg.backbone, cfg.weights, **cfg.backbone_kwargs).to(place.device)
+    amp, scaler = amp_context(cfg, place.device)
     if data is None:
-        if dinfo.is_main:
-            data = prepare_training_data(cfg, backbone=backbone, progress=progress)
-        _barrier(dinfo)
-        if not dinfo.is_main:
-            data = prepare_training_data(cfg, backbone=backbone, progress=False)
+        data = _rank0_first(place.dinfo, partial(prepare_training_data, cfg, backbone=backbone,
+                                                 progress=place.progress))
     crops = training_dataset(cfg, data)
-    nns, _ = load_knn(data["knn_path"])
-    if nns.shape[0] != len(crops) or nns.shape[1] < cfg.num_neighbors + 1:
-        raise TrainError(f"kNN file {data['knn_path']} has shape {nns.shape}; expected ({len(crops)}, >= "
-                         f"{cfg.num_neighbors + 1}): lower num_neighbors or raise knn_k")
+    nns = _load_neighbours(cfg, data, len(crops))
     # What the run trains on, recorded in every checkpoint: a resume must continue on the same data and
     # backbone, and evaluation must use the backbone the head was trained on.
     run_data = {"content": dataset_digest(crops), "knn_sha256": hashlib.sha256(nns.tobytes()).hexdigest(),
                 "backbone_sha256": backbone_fingerprint(backbone)}
     val_set = validation_dataset(cfg, data["data_dir"])
     n_classes = n_classes_of(val_set)
-
-    # 3. optional feature cache: the backbone is frozen and the crops fixed, so caching is exact (fp16).
-    if cfg.feature_cache:
-        # keyed by the crops' content (file hashes; or source identity + class mapping without crops)
-        info = {"backbone": cfg.backbone, "backbone_kwargs": cfg.backbone_kwargs,
-                "res": cfg.res, "mode": cfg.mode, "depth_normalization": depth_normalization(cfg, data),
-                "content": dataset_digest(crops), "split": cfg.train_split}
-        transform = partial(resize_center_crop, res=cfg.res, mode=cfg.mode)
-        cache_root = Path(cfg.cache_dir) / "features"
-        if dinfo.is_main:
-            cache = build_feature_cache(backbone, crops, cache_root, info, device=device, transform=transform,
-                                        progress=progress, precision=amp)
-        _barrier(dinfo)
-        if not dinfo.is_main:
-            cache = build_feature_cache(backbone, crops, cache_root, info, device=device, transform=transform,
-                                        progress=False, precision=amp)
-        source: Any = CachedSource(cache, device)
-    else:
-        source = CropSource(crops, backbone, cfg.res, cfg.mode, device, amp)
+    source = _feature_source(cfg, place, crops, data, backbone, amp)
     if cfg.lhp and cfg.lhp_strategy == "attention" and cfg.feature_cache:
         raise TrainError("lhp_strategy='attention' needs the backbone's attention each step: set feature_cache=false")
 
-    # 1. seeds: global RNGs (head dropout) per rank, explicit generators for everything else. Seeded
-    # here, *after* the data and cache preparation: those steps draw from the global torch RNG only when
-    # they actually build something (e.g. the kNN DataLoader's base seed), so seeding before them made
-    # the head-dropout stream depend on whether the caches already existed (first run vs later runs).
+    gens = _seed_everything(cfg, place.dinfo.rank)
+    model, lhp, optimizers = _trainable(cfg, backbone.embed_dim, n_classes, place.device)
+    ddp_model: nn.Module = model
+    if place.dinfo.enabled:
+        device_ids = [place.device.index] if place.device.type == "cuda" else None
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    loss_fn, depth_sched, sample_sched = _objective(cfg)
+    patch = backbone.patch_size
+    return Run(cfg=cfg, place=place, backbone=backbone, amp=amp, scaler=scaler, data=data, source=source, nns=nns,
+               run_data=run_data, val_set=val_set, n_classes=n_classes, model=model, ddp_model=ddp_model, lhp=lhp,
+               optimizers=optimizers, loss_fn=loss_fn, depth_sched=depth_sched, sample_sched=sample_sched,
+               gens=gens, grid_hw=(cfg.res // patch, cfg.res // patch))
+
+
+def _load_neighbours(cfg: Config, data: dict[str, Any], n_crops: int) -> np.ndarray:
+    """The (N, k+1) kNN table of the training crops, checked against N and ``num_neighbors``."""
+    nns, _ = load_knn(data["knn_path"])
+    if nns.shape[0] != n_crops or nns.shape[1] < cfg.num_neighbors + 1:
+        raise TrainError(f"kNN file {data['knn_path']} has shape {nns.shape}; expected ({n_crops}, >= "
+                         f"{cfg.num_neighbors + 1}): lower num_neighbors or raise knn_k")
+    return nns
+
+
+def _feature_source(cfg: Config, place: Place, crops: Any, data: dict[str, Any], backbone: nn.Module,
+                    amp: Precision) -> CropSource | CachedSource:
+    """The training features: precomputed once (exact: the backbone is frozen and the crops are fixed)
+    when ``feature_cache`` is on, else the backbone's forward on the crops each step."""
+    if not cfg.feature_cache:
+        return CropSource(crops, backbone, cfg.res, cfg.mode, place.device, amp)
+    # keyed by the crops' content (file hashes; or source identity + class mapping without crops)
+    info = {"backbone": cfg.backbone, "backbone_kwargs": cfg.backbone_kwargs,
+            "res": cfg.res, "mode": cfg.mode, "depth_normalization": depth_normalization(cfg, data),
+            "content": dataset_digest(crops), "split": cfg.train_split}
+    transform = partial(resize_center_crop, res=cfg.res, mode=cfg.mode)
+    make = partial(build_feature_cache, backbone, crops, Path(cfg.cache_dir) / "features", info, device=place.device,
+                   transform=transform, progress=place.progress, precision=amp)
+    return CachedSource(_rank0_first(place.dinfo, make), place.device)
+
+
+def _seed_everything(cfg: Config, rank: int) -> Generators:
+    """Seed the global RNGs (head dropout, per rank) and make the explicit generators for everything else."""
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed + dinfo.rank)
-    gens = {
-        "sample": torch.Generator().manual_seed(cfg.seed + 1),  # grids, FPS starts (global batch, shared)
-        "dropout": torch.Generator().manual_seed(cfg.seed + 2),  # target dropout masks (global, shared)
-        "loss": torch.Generator().manual_seed(cfg.seed + 3 + 1000 * dinfo.rank),  # negatives (per rank)
-    }
+    torch.manual_seed(cfg.seed + rank)
+    return Generators(sample=torch.Generator().manual_seed(cfg.seed + 1),
+                      dropout=torch.Generator().manual_seed(cfg.seed + 2),
+                      loss=torch.Generator().manual_seed(cfg.seed + 3 + 1000 * rank))
 
-    # 4. head + probes + optimisers.
-    model = build_models(cfg, backbone.embed_dim, n_classes).to(device)
+
+def _trainable(cfg: Config, in_dim: int, n_classes: int,
+               device: torch.device) -> tuple[Segmenter, LocalHiddenPositives | None, Optimizers]:
+    """Head + probes (+ the LHP projection, seeded on its own stream) and their Adam optimisers."""
+    model = build_models(cfg, in_dim, n_classes).to(device)
     lhp = None
     if cfg.lhp:
         with torch.random.fork_rng(devices=[]):
@@ -477,15 +621,16 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
             lhp = LocalHiddenPositives(cfg.dim, strategy=cfg.lhp_strategy, quantile=cfg.lhp_quantile, mode=cfg.mode,
                                        fov_deg=cfg.fov_deg).to(device)
         model.add_module("lhp", lhp)
+    # the LHP projection trains with the head, at the head's learning rate
     head_params = list(model.head.parameters()) + (list(lhp.parameters()) if lhp is not None else [])
-    opt_head = torch.optim.Adam(head_params, lr=cfg.lr)
-    opt_cluster = torch.optim.Adam(model.cluster.parameters(), lr=cfg.probe_lr)
-    opt_linear = torch.optim.Adam(model.linear.parameters(), lr=cfg.probe_lr)
-    optimizers = {"head": opt_head, "cluster": opt_cluster, "linear": opt_linear}
-    ddp_model: nn.Module = model
-    if dinfo.enabled:
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizers = Optimizers(head=torch.optim.Adam(head_params, lr=cfg.lr),
+                            cluster=torch.optim.Adam(model.cluster.parameters(), lr=cfg.probe_lr),
+                            linear=torch.optim.Adam(model.linear.parameters(), lr=cfg.probe_lr))
+    return model, lhp, optimizers
 
+
+def _objective(cfg: Config) -> tuple[L.DepthGLoss, L.DepthDecaySchedule, S.SampleCountSchedule]:
+    """The STEGO + DepthG loss, the depth weight/shift schedule and the sample-count schedule."""
     loss_fn = L.DepthGLoss(
         pos_intra_weight=cfg.pos_intra_weight, pos_intra_shift=cfg.pos_intra_shift,
         pos_inter_weight=cfg.pos_inter_weight, pos_inter_shift=cfg.pos_inter_shift,
@@ -493,215 +638,177 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
         neg_samples=cfg.neg_samples, centering=cfg.centering, zero_clamp=cfg.zero_clamp,
         depth_similarity=cfg.depth_similarity, fov_deg=cfg.fov_deg, mode=cfg.mode,
     )
-    depth_sched = L.DepthDecaySchedule(cfg.depth_weight, cfg.depth_shift, cfg.depth_decay_factor, cfg.depth_decay_every, mode=cfg.mode)
+    depth_sched = L.DepthDecaySchedule(cfg.depth_weight, cfg.depth_shift, cfg.depth_decay_factor,
+                                       cfg.depth_decay_every, mode=cfg.mode)
     sample_sched = S.SampleCountSchedule(cfg.feature_samples, factor=cfg.sample_decay_factor,
                                          every=cfg.sample_decay_every, min_side=cfg.sample_min_side, mode=cfg.mode)
+    return loss_fn, depth_sched, sample_sched
 
-    # 5. resume.
-    step = 0
-    best: dict[str, Any] = {"step": None, "metric": -math.inf, "metrics": None}
-    resumed_losses: dict[str, float] = {}
-    if ckpt is not None:  # resume (checked at the start)
-        changed_data = [k for k, v in (ckpt.get("data") or {}).items() if run_data.get(k) != v]
-        if changed_data:
-            raise TrainError(f"cannot resume {ckpt_last}: the training data changed since it was written "
-                             f"({', '.join(changed_data)} differ); start a new run (another output_dir or --overwrite)")
-        model.load_state_dict(ckpt["model"])
-        for k, opt in optimizers.items():
-            opt.load_state_dict(ckpt["optimizers"][k])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        rng = ckpt["rng"][dinfo.rank] if len(ckpt["rng"]) == dinfo.world_size else ckpt["rng"][0]
-        _set_rng_state(rng, gens)
-        step, best = int(ckpt["step"]), ckpt["best"]
-        if best["metric"] is None:
-            best["metric"] = -math.inf
-        resumed_losses = dict(ckpt.get("last_train_losses") or {})
-        ckpt = None
-    if dinfo.is_main:
+
+def restore(run: Run, state: LoopState, ckpt: dict[str, Any]) -> None:
+    """Continue from ``ckpt``: weights, optimisers, scaler, every RNG stream, step, best and last losses."""
+    changed_data = [k for k, v in (ckpt.get("data") or {}).items() if run.run_data.get(k) != v]
+    if changed_data:
+        raise TrainError(f"cannot resume {run.place.ckpt_last}: the training data changed since it was written "
+                         f"({', '.join(changed_data)} differ); start a new run (another output_dir or --overwrite)")
+    run.model.load_state_dict(ckpt["model"])
+    for k, opt in run.optimizers.named().items():
+        opt.load_state_dict(ckpt["optimizers"][k])
+    if run.scaler is not None and ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
+    # each rank continues its own streams (or rank 0's when the world size changed)
+    dinfo = run.place.dinfo
+    rng = ckpt["rng"][dinfo.rank] if len(ckpt["rng"]) == dinfo.world_size else ckpt["rng"][0]
+    _set_rng_state(rng, run.gens.named())
+    state.step, state.best = int(ckpt["step"]), ckpt["best"]
+    if state.best["metric"] is None:
+        state.best["metric"] = -math.inf
+    # a run resumed after its last step keeps the last logged losses
+    state.last_losses = dict(ckpt.get("last_train_losses") or {})
+
+
+def open_run_folder(run: Run, state: LoopState, overwrite: bool) -> None:
+    """Rank 0 writes the run folder: old run removed (``overwrite``), config saved, log trimmed to ``step``."""
+    out_dir = run.place.out_dir
+    if run.place.dinfo.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if overwrite:  # validation and preparation passed: now the previous run's files go
             for old in _run_files(out_dir):
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
-        cfg.save(out_dir / "config.yaml")
-        _trim_log(out_dir / "log.jsonl", step)  # a fresh run starts a new log; a resumed one drops later lines
-    writer = _tensorboard(out_dir) if dinfo.is_main else None
-
-    def evaluate_now(flip: bool, crf: bool) -> dict[str, Any]:
-        model.eval()
-        # Evaluation must not move the training RNG streams (its DataLoader draws a base seed from the
-        # global torch RNG), so eval_every stays result-neutral (RESUMABLE_CHANGES).
-        with torch.random.fork_rng(devices=[]):
-            metrics = evaluate_model(backbone, model.head, model.cluster, model.linear, val_set, res=cfg.eval_res,
-                                     mode=cfg.mode, flip=flip, crf=crf, batch_size=cfg.eval_batch_size,
-                                     device=device, max_images=cfg.eval_max_images, progress=False, amp=amp)
-        model.train()
-        return metrics
-
-    def save_checkpoint(path: Path, at_step: int, best_so_far: dict[str, Any]) -> None:
-        """Atomic checkpoint; the RNG states of every rank are gathered so that DDP resumes exactly."""
-        states = [_rng_state(gens)]
-        if dinfo.enabled:
-            gathered: list[Any] = [None] * dinfo.world_size
-            dist.all_gather_object(gathered, states[0])
-            states = gathered
-        if dinfo.is_main:
-            metric = best_so_far["metric"]
-            atomic_torch_save({
-                "format": "depthg-train-v1", "step": at_step, "config": cfg.to_dict(),
-                "model": model.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                "scaler": scaler.state_dict() if scaler is not None else None, "rng": states,
-                "best": {**best_so_far, "metric": None if metric == -math.inf else metric},
-                "in_dim": backbone.embed_dim, "n_classes": n_classes, "last_train_losses": last_losses,
-                "data": run_data,
-            }, path)
-
-    def validate(at_step: int, best_so_far: dict[str, Any]) -> dict[str, Any]:
-        """Fast validation (no flip, no CRF) on rank 0; best checkpoint on improvement."""
-        improved = False
-        if dinfo.is_main:
-            metrics = evaluate_now(flip=False, crf=False)
-            summary = _summary(metrics)
-            _write_jsonl(out_dir / "log.jsonl", {"step": at_step, "time": time.time() - t_start, "val": summary})
-            if writer is not None:
-                for k, v in summary.items():
-                    writer.add_scalar(f"val/{k}", v, at_step)
-            # The released checkpoint callback monitors cluster mIoU, on Potsdam cluster accuracy;
-            # the same monitor here keeps "best" comparable.
-            monitor = "accuracy" if cfg.dataset == "potsdam" else "miou"
-            if metrics["cluster"][monitor] > best_so_far["metric"]:
-                improved = True
-                best_so_far = {"step": at_step, "metric": metrics["cluster"][monitor], "metric_name": monitor,
-                               "metrics": summary}
-        if dinfo.enabled:  # rank 0 decided; NCCL needs the flag on the rank's CUDA device
-            improved = broadcast_flag(improved, device)
-        if improved:
-            save_checkpoint(ckpt_best, at_step, best_so_far)
-        return best_so_far
-
-    # 6. the loop.
-    model.train()
-    patch = backbone.patch_size
-    grid_hw = (cfg.res // patch, cfg.res // patch)
-    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc=cfg.name,
-               disable=not (progress and dinfo.is_main), dynamic_ncols=True)
-    last_losses: dict[str, float] = resumed_losses  # a run resumed after its last step keeps the last logged ones
-    for it in bar:
-        # -- batch: this rank's rows of the global batch, anchors and their kNN positives
-        idx, pos = batch_indices(it, len(source), cfg.batch_size, cfg.seed, nns, cfg.num_neighbors)
-        rows = slice(dinfo.rank * local_b, (dinfo.rank + 1) * local_b)
-        batch = source.fetch(torch.cat([idx[rows], pos[rows]]))
-        feats, feats_pos = batch["feats"].float().split(local_b)
-        label = batch["label"][:local_b]
-        depth = depth_pos = None
-        if "depth" in batch:
-            depth, depth_pos = batch["depth"].split(local_b)
-
-        # -- correlation targets: Dropout2d on the features, independent of the head's dropouts
-        masks = dropout_masks(2 * cfg.batch_size, feats.shape[1], cfg.dropout, gens["dropout"])
-        if masks is not None:
-            m_anchor, m_pos = masks[: cfg.batch_size][rows], masks[cfg.batch_size :][rows]
-        else:
-            m_anchor = m_pos = None
-        target, target_pos = channel_dropout(feats, m_anchor), channel_dropout(feats_pos, m_pos)
-
-        # -- where the losses look: random (STEGO) or depth-guided FPS grids, (x, y), align_corners=True
-        n_side = sample_sched.at(it)
-        grid1, grid2 = _grids(cfg, S, n_side, grid_hw, depth, depth_pos, gens["sample"], rows, device)
-
-        # -- forward: head on anchors and positives together, probes on the detached anchor code
-        with amp():
-            out = ddp_model(torch.cat([feats, feats_pos]), label)
-        code, code_pos = out["code"].float().split(local_b)
-        depth_weight, depth_shift = depth_sched.at(it)
-        terms = _call_loss(loss_fn, target, target_pos, code, code_pos, depth, depth_pos, grid1, grid2,
-                           depth_weight, depth_shift, gens["loss"], cfg)
-        loss = terms["total"]
-        if lhp is not None:
-            loss = _lhp_loss(cfg, S, lhp, loss, target, target_pos, code, code_pos, depth, depth_pos, backbone,
-                             batch, n_side, grid_hw, depth_weight, depth_shift, gens, rows, device, loss_fn, terms)
-        total = loss + out["cluster_loss"] + out["linear_loss"]
-
-        # -- backward, three optimiser steps
-        for opt in optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(total).backward()
-            for opt in optimizers.values():
-                scaler.step(opt)
-            scaler.update()
-        else:
-            total.backward()
-            for opt in optimizers.values():
-                opt.step()
-        step = it + 1
-
-        # -- logging, evaluation, checkpoints
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            # Reading the losses is a device sync: do it once (one tolist) and only on logging steps.
-            named = {**terms, "cluster": out["cluster_loss"], "linear": out["linear_loss"]}
-            values = torch.stack([v.detach().float().reshape(()) for v in named.values()]).tolist()
-            last_losses = dict(zip(named, values))
-            last_losses.update(n_side=n_side, depth_weight=float(depth_weight))
-            if dinfo.is_main:
-                bar.set_postfix({k: f"{v:.3f}" for k, v in last_losses.items()
-                                 if k in ("total", "pos_intra", "pos_inter", "neg_inter", "depth")})
-                _write_jsonl(out_dir / "log.jsonl", {"step": step, "time": time.time() - t_start, "train": last_losses})
-                if writer is not None:
-                    for k, v in last_losses.items():
-                        writer.add_scalar(f"train/{k}", v, step)
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            best = validate(step, best)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            save_checkpoint(ckpt_last, step, best)
-    bar.close()
-    save_checkpoint(ckpt_last, step, best)
-
-    # 7. final evaluation with the full protocol of cfg (flip, CRF) of the final and the best weights.
-    result: dict[str, Any] = {}
-    if dinfo.is_main:
-        final_metrics = evaluate_now(flip=cfg.eval_flip, crf=cfg.eval_crf)
-        best_metrics = None
-        if best["step"] is not None and ckpt_best.is_file():
-            if best["step"] == step:
-                best_metrics = final_metrics
-            else:
-                current = {k: v.clone() for k, v in model.state_dict().items()}
-                model.load_state_dict(load_checkpoint(ckpt_best)["model"])
-                best_metrics = evaluate_now(flip=cfg.eval_flip, crf=cfg.eval_crf)
-                model.load_state_dict(current)
-        result = {
-            "name": cfg.name, "mode": cfg.mode, "steps": step, "wall_time_s": time.time() - t_start,
-            "protocol": {"flip": cfg.eval_flip, "crf": cfg.eval_crf, "eval_res": cfg.eval_res, "split": cfg.val_split},
-            "final": {"step": step, "note": "weights after the last step (no model selection)",
-                      "metrics": final_metrics},
-            "best_on_val": {"step": best["step"], "selected_by": "validation cluster mIoU (no flip, no CRF)",
-                            "note": "selected on the validation split itself, as the released code does: "
-                                    "optimistic, not a held-out number",
-                            "metrics": best_metrics},
-            "last_train_losses": last_losses,
-            "paths": {"output_dir": str(out_dir), "checkpoint_last": str(ckpt_last),
-                      "checkpoint_best": str(ckpt_best) if best["step"] is not None and ckpt_best.is_file() else None,
-                      "log": str(out_dir / "log.jsonl"), **{k: str(v) for k, v in data.items()}},
-            "config": cfg.to_dict(),
-        }
-        with atomic_write(out_dir / "results.json", "w") as handle:
-            json.dump(result, handle, indent=2, default=_json_default)
-        if writer is not None:
-            writer.close()
-    if dinfo.initialised_here:
-        dist.destroy_process_group()
-    return result
+        run.cfg.save(out_dir / "config.yaml")
+        _trim_log(out_dir / "log.jsonl", state.step)  # a fresh run starts a new log; a resumed one drops later lines
+        state.writer = _tensorboard(out_dir)
 
 
 # ----------------------------------------------------------------------------------------------------
-# step helpers
+# one training step
 # ----------------------------------------------------------------------------------------------------
 
 
-def _grids(cfg: Config, S: Any, n_side: int, grid_hw: tuple[int, int], depth: torch.Tensor | None,
-           depth_pos: torch.Tensor | None, gen: torch.Generator, rows: slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampling grids for anchors and positives, drawn for the *global* batch and sliced to this rank."""
+@dataclass
+class Batch:
+    """This rank's share (b rows) of one global batch: the anchors and their kNN positives.
+
+    ``feats``, ``feats_pos``: (b, C, h, w) frozen backbone features (float32); ``label``: (b, H, W) the
+    anchors' labels (probes only); ``depth``, ``depth_pos``: (b, H, W) or None; ``img``: (2b, 3, H, W) the
+    crops, anchors first (per-step features only, else None).
+    """
+
+    feats: torch.Tensor
+    feats_pos: torch.Tensor
+    label: torch.Tensor
+    depth: torch.Tensor | None
+    depth_pos: torch.Tensor | None
+    img: torch.Tensor | None
+
+
+@dataclass
+class LossInputs:
+    """What one STEGO + DepthG loss call compares, anchors first, then their kNN positives.
+
+    ``target``, ``target_pos``: (b, C, h, w) correlation-target features; ``code``, ``code_pos``: (b, D, h, w)
+    the head's codes; ``depth``, ``depth_pos``: (b, H, W) or None.
+    """
+
+    target: torch.Tensor
+    target_pos: torch.Tensor
+    code: torch.Tensor
+    code_pos: torch.Tensor
+    depth: torch.Tensor | None
+    depth_pos: torch.Tensor | None
+
+
+@dataclass
+class StepOut:
+    """What a step hands to logging: every loss term (on the device, not synchronised) and its schedules."""
+
+    losses: dict[str, torch.Tensor]
+    n_side: int
+    depth_weight: float
+
+
+def train_step(run: Run, it: int) -> StepOut:
+    """Iteration ``it``: batch -> correlation targets -> grids -> head -> losses -> backward -> optimisers.
+
+    Shapes per rank (b = batch_size / world size): features (b, C, h, w), codes (b, D, h, w), depth
+    (b, H, W), grids (b, n_side, n_side, 2); the losses are scalars.
+    """
+    cfg, b = run.cfg, run.place.local_b
+    # -- batch: this rank's rows of the global batch, anchors and their kNN positives
+    batch = fetch_batch(run, it)
+
+    # -- correlation targets: Dropout2d on the features, independent of the head's own dropouts
+    target, target_pos = correlation_targets(run, batch)
+
+    # -- where the losses look: random (STEGO) or depth-guided FPS grids, (x, y), align_corners=True
+    n_side = run.sample_sched.at(it)
+    grids = sampling_grids(run, n_side, batch.depth, batch.depth_pos)
+
+    # -- forward: head on anchors and positives together, probes on the detached anchor code
+    with run.amp():
+        out = run.ddp_model(torch.cat([batch.feats, batch.feats_pos]), batch.label)
+    code, code_pos = out["code"].float().split(b)
+
+    # -- losses: STEGO + DepthG with this step's depth weight and shift
+    depth_weight, depth_shift = run.depth_sched.at(it)
+    x = LossInputs(target, target_pos, code, code_pos, batch.depth, batch.depth_pos)
+    terms = depthg_loss(run, x, grids, depth_weight, depth_shift)
+    loss = terms["total"]
+    # -- local hidden positives (docs/method.md §7): the loss again on propagated codes with new grids
+    if run.lhp is not None:
+        lhp_terms = lhp_loss(run, x, batch.img, n_side, depth_weight * cfg.lhp_depth_weight, depth_shift)
+        terms.update({f"lhp_{k}": v for k, v in lhp_terms.items()})
+        main = (1.0 - cfg.lhp_weight) * loss if cfg.lhp_weight_balance else loss
+        loss = main + cfg.lhp_weight * lhp_terms["total"]
+    total = loss + out["cluster_loss"] + out["linear_loss"]
+
+    # -- backward, three optimiser steps (through the GradScaler under fp16)
+    optimizers = list(run.optimizers.named().values())
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    if run.scaler is not None:
+        run.scaler.scale(total).backward()
+        for opt in optimizers:
+            run.scaler.step(opt)
+        run.scaler.update()
+    else:
+        total.backward()
+        for opt in optimizers:
+            opt.step()
+    # -- every loss term for logging (read only on logging steps: reading them is a device sync)
+    losses = {**terms, "cluster": out["cluster_loss"], "linear": out["linear_loss"]}
+    return StepOut(losses, n_side, depth_weight)
+
+
+def fetch_batch(run: Run, it: int) -> Batch:
+    """This rank's rows of the global batch of iteration ``it`` (a pure function of seed and ``it``)."""
+    cfg, b, rows = run.cfg, run.place.local_b, run.place.rows
+    idx, pos = batch_indices(it, len(run.source), cfg.batch_size, cfg.seed, run.nns, cfg.num_neighbors)
+    # one fetch for anchors and positives: rows [0, b) are the anchors, [b, 2b) their positives
+    raw = run.source.fetch(torch.cat([idx[rows], pos[rows]]))
+    feats, feats_pos = raw["feats"].float().split(b)
+    depth = depth_pos = None
+    if "depth" in raw:
+        depth, depth_pos = raw["depth"].split(b)
+    return Batch(feats, feats_pos, raw["label"][:b], depth, depth_pos, raw.get("img"))
+
+
+def correlation_targets(run: Run, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anchor and positive features after Dropout2d(cfg.dropout), masks drawn for the global batch."""
+    cfg, rows = run.cfg, run.place.rows
+    masks = dropout_masks(2 * cfg.batch_size, batch.feats.shape[1], cfg.dropout, run.gens.dropout)
+    if masks is not None:
+        m_anchor, m_pos = masks[: cfg.batch_size][rows], masks[cfg.batch_size :][rows]
+    else:
+        m_anchor = m_pos = None
+    return channel_dropout(batch.feats, m_anchor), channel_dropout(batch.feats_pos, m_pos)
+
+
+def sampling_grids(run: Run, n_side: int, depth: torch.Tensor | None,
+                   depth_pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, n_side, n_side, 2) sampling grids for anchors and positives, drawn for the *global* batch and
+    sliced to this rank: uniform random (STEGO) or farthest-point sampling on the depth (DepthG)."""
+    cfg, rows, device, gen = run.cfg, run.place.rows, run.place.device, run.gens.sample
     if cfg.depth_sampling == "random":
         g1 = S.random_grid(cfg.batch_size, n_side, generator=gen)[rows]
         g2 = S.random_grid(cfg.batch_size, n_side, generator=gen)[rows]
@@ -711,43 +818,177 @@ def _grids(cfg: Config, S: Any, n_side: int, grid_hw: tuple[int, int], depth: to
     start1: int | torch.Tensor = 0
     start2: int | torch.Tensor = 0
     if cfg.fps_random_start and cfg.mode == "paper":
-        n_cells = grid_hw[0] * grid_hw[1]
+        n_cells = run.grid_hw[0] * run.grid_hw[1]
         start1 = torch.randint(0, n_cells, (cfg.batch_size,), generator=gen)[rows].to(depth.device)
         start2 = torch.randint(0, n_cells, (cfg.batch_size,), generator=gen)[rows].to(depth.device)
-    g1 = S.fps_grid(depth, grid_hw, n_side, fov_deg=cfg.fov_deg, mode=cfg.mode, start=start1)
-    g2 = S.fps_grid(depth_pos, grid_hw, n_side, fov_deg=cfg.fov_deg, mode=cfg.mode, start=start2)
+    g1 = S.fps_grid(depth, run.grid_hw, n_side, fov_deg=cfg.fov_deg, mode=cfg.mode, start=start1)
+    g2 = S.fps_grid(depth_pos, run.grid_hw, n_side, fov_deg=cfg.fov_deg, mode=cfg.mode, start=start2)
     return g1.to(device), g2.to(device)
 
 
-def _call_loss(loss_fn: nn.Module, target: torch.Tensor, target_pos: torch.Tensor, code: torch.Tensor,
-               code_pos: torch.Tensor, depth: torch.Tensor | None, depth_pos: torch.Tensor | None,
-               grid1: torch.Tensor, grid2: torch.Tensor, depth_weight: float, depth_shift: float,
-               gen: torch.Generator, cfg: Config) -> dict[str, torch.Tensor]:
-    if not cfg.use_depth:
+def depthg_loss(run: Run, x: LossInputs, grids: tuple[torch.Tensor, torch.Tensor], depth_weight: float,
+                depth_shift: float) -> dict[str, torch.Tensor]:
+    """The STEGO + DepthG loss terms (``"total"`` among them); the depth term is off without ``use_depth``."""
+    if not run.cfg.use_depth:
         depth_weight = 0.0
-    return loss_fn(target, target_pos, code, code_pos, depth, depth_pos, grid1, grid2,
-                   depth_weight=depth_weight, depth_shift=depth_shift, generator=gen)
+    return run.loss_fn(x.target, x.target_pos, x.code, x.code_pos, x.depth, x.depth_pos, grids[0], grids[1],
+                       depth_weight=depth_weight, depth_shift=depth_shift, generator=run.gens.loss)
 
 
-def _lhp_loss(cfg: Config, S: Any, lhp: nn.Module, loss: torch.Tensor, target: torch.Tensor, target_pos: torch.Tensor,
-              code: torch.Tensor, code_pos: torch.Tensor, depth: torch.Tensor | None, depth_pos: torch.Tensor | None,
-              backbone: nn.Module, batch: dict[str, torch.Tensor], n_side: int, grid_hw: tuple[int, int],
-              depth_weight: float, depth_shift: float, gens: dict[str, torch.Generator], rows: slice,
-              device: torch.device, loss_fn: nn.Module, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Local hidden positives (docs/method.md §7): the loss again on propagated codes with new grids."""
+def lhp_loss(run: Run, x: LossInputs, img: torch.Tensor | None, n_side: int, depth_weight: float,
+             depth_shift: float) -> dict[str, torch.Tensor]:
+    """Local hidden positives (docs/method.md §7): the loss terms on the propagated codes, new grids."""
+    assert run.lhp is not None
     attention = None
-    if cfg.lhp_strategy == "attention":
+    if run.cfg.lhp_strategy == "attention":
         with torch.no_grad():
-            attention = backbone.patch_attention(batch["img"][: code.shape[0]])
-    code_lhp = lhp(code, depth=depth, attention=attention)
-    code_pos_lhp = lhp.project(code_pos) if hasattr(lhp, "project") else code_pos
-    g1, g2 = _grids(cfg, S, n_side, grid_hw, depth, depth_pos, gens["sample"], rows, device)
-    lhp_terms = _call_loss(loss_fn, target, target_pos, code_lhp, code_pos_lhp, depth, depth_pos, g1, g2,
-                           depth_weight * cfg.lhp_depth_weight, depth_shift, gens["loss"], cfg)
-    for k, v in lhp_terms.items():
-        terms[f"lhp_{k}"] = v
-    main = (1.0 - cfg.lhp_weight) * loss if cfg.lhp_weight_balance else loss
-    return main + cfg.lhp_weight * lhp_terms["total"]
+            attention = run.backbone.patch_attention(img[: x.code.shape[0]])
+    code_lhp = run.lhp(x.code, depth=x.depth, attention=attention)
+    code_pos_lhp = run.lhp.project(x.code_pos) if hasattr(run.lhp, "project") else x.code_pos
+    grids = sampling_grids(run, n_side, x.depth, x.depth_pos)
+    return depthg_loss(run, replace(x, code=code_lhp, code_pos=code_pos_lhp), grids, depth_weight, depth_shift)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the loop: steps, logging, validation, checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+
+def train_loop(run: Run, state: LoopState) -> None:
+    """Steps ``state.step`` .. ``cfg.steps``; log, validate and checkpoint on their schedules."""
+    cfg = run.cfg
+    run.model.train()
+    bar = tqdm(range(state.step, cfg.steps), initial=state.step, total=cfg.steps, desc=cfg.name,
+               disable=not run.place.progress, dynamic_ncols=True)
+    for it in bar:
+        out = train_step(run, it)
+        state.step = step = it + 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            log_losses(run, state, out, bar)
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            validate(run, state)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            save_checkpoint(run, state, run.place.ckpt_last)
+    bar.close()
+    save_checkpoint(run, state, run.place.ckpt_last)
+
+
+def log_losses(run: Run, state: LoopState, out: StepOut, bar: Any) -> None:
+    """Read the step's losses (every rank) and log them (rank 0: progress bar, log.jsonl, TensorBoard)."""
+    # Reading the losses is a device sync: do it once (one tolist) and only on logging steps.
+    values = torch.stack([v.detach().float().reshape(()) for v in out.losses.values()]).tolist()
+    state.last_losses = dict(zip(out.losses, values))
+    state.last_losses.update(n_side=out.n_side, depth_weight=float(out.depth_weight))
+    if not run.place.dinfo.is_main:
+        return
+    bar.set_postfix({k: f"{v:.3f}" for k, v in state.last_losses.items()
+                     if k in ("total", "pos_intra", "pos_inter", "neg_inter", "depth")})
+    record = {"step": state.step, "time": time.time() - state.t_start, "train": state.last_losses}
+    _write_jsonl(run.place.out_dir / "log.jsonl", record)
+    if state.writer is not None:
+        for k, v in state.last_losses.items():
+            state.writer.add_scalar(f"train/{k}", v, state.step)
+
+
+def evaluate_now(run: Run, flip: bool, crf: bool) -> dict[str, Any]:
+    """Evaluate the current head and probes on the validation split (the training RNG streams untouched)."""
+    cfg, model = run.cfg, run.model
+    model.eval()
+    # Evaluation must not move the training RNG streams (its DataLoader draws a base seed from the
+    # global torch RNG), so eval_every stays result-neutral (RESUMABLE_CHANGES).
+    with torch.random.fork_rng(devices=[]):
+        metrics = evaluate_model(run.backbone, model.head, model.cluster, model.linear, run.val_set, res=cfg.eval_res,
+                                 mode=cfg.mode, flip=flip, crf=crf, batch_size=cfg.eval_batch_size,
+                                 device=run.place.device, max_images=cfg.eval_max_images, progress=False, amp=run.amp)
+    model.train()
+    return metrics
+
+
+def validate(run: Run, state: LoopState) -> None:
+    """Fast validation (no flip, no CRF) on rank 0; the best checkpoint is written on improvement."""
+    improved = False
+    if run.place.dinfo.is_main:
+        metrics = evaluate_now(run, flip=False, crf=False)
+        summary = _summary(metrics)
+        record = {"step": state.step, "time": time.time() - state.t_start, "val": summary}
+        _write_jsonl(run.place.out_dir / "log.jsonl", record)
+        if state.writer is not None:
+            for k, v in summary.items():
+                state.writer.add_scalar(f"val/{k}", v, state.step)
+        # The released checkpoint callback monitors cluster mIoU, on Potsdam cluster accuracy;
+        # the same monitor here keeps "best" comparable.
+        monitor = "accuracy" if run.cfg.dataset == "potsdam" else "miou"
+        if metrics["cluster"][monitor] > state.best["metric"]:
+            improved = True
+            state.best = {"step": state.step, "metric": metrics["cluster"][monitor], "metric_name": monitor,
+                          "metrics": summary}
+    if run.place.dinfo.enabled:  # rank 0 decided; NCCL needs the flag on the rank's CUDA device
+        # (only rank 0 tracks state.best: it alone writes checkpoints)
+        improved = broadcast_flag(improved, run.place.device)
+    if improved:
+        save_checkpoint(run, state, run.place.ckpt_best)
+
+
+def save_checkpoint(run: Run, state: LoopState, path: Path) -> None:
+    """Atomic checkpoint at ``state.step``; the RNG states of every rank are gathered so that DDP resumes exactly."""
+    dinfo = run.place.dinfo
+    states = [_rng_state(run.gens.named())]
+    if dinfo.enabled:
+        gathered: list[Any] = [None] * dinfo.world_size
+        dist.all_gather_object(gathered, states[0])
+        states = gathered
+    if dinfo.is_main:
+        metric = state.best["metric"]
+        atomic_torch_save({
+            "format": "depthg-train-v1", "step": state.step, "config": run.cfg.to_dict(),
+            "model": run.model.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in run.optimizers.named().items()},
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None, "rng": states,
+            "best": {**state.best, "metric": None if metric == -math.inf else metric},
+            "in_dim": run.backbone.embed_dim, "n_classes": run.n_classes, "last_train_losses": state.last_losses,
+            "data": run.run_data,
+        }, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the final evaluation
+# ----------------------------------------------------------------------------------------------------
+
+
+def final_results(run: Run, state: LoopState) -> dict[str, Any]:
+    """Rank 0: the last and the best weights under the full protocol of cfg (flip, CRF) -> results.json."""
+    cfg, place, best, step = run.cfg, run.place, state.best, state.step
+    final_metrics = evaluate_now(run, flip=cfg.eval_flip, crf=cfg.eval_crf)
+    has_best = best["step"] is not None and place.ckpt_best.is_file()
+    best_metrics = None
+    if has_best:
+        if best["step"] == step:
+            best_metrics = final_metrics
+        else:  # evaluate the best checkpoint's weights, then put the last ones back
+            current = {k: v.clone() for k, v in run.model.state_dict().items()}
+            run.model.load_state_dict(load_checkpoint(place.ckpt_best)["model"])
+            best_metrics = evaluate_now(run, flip=cfg.eval_flip, crf=cfg.eval_crf)
+            run.model.load_state_dict(current)
+    result = {
+        "name": cfg.name, "mode": cfg.mode, "steps": step, "wall_time_s": time.time() - state.t_start,
+        "protocol": {"flip": cfg.eval_flip, "crf": cfg.eval_crf, "eval_res": cfg.eval_res, "split": cfg.val_split},
+        "final": {"step": step, "note": "weights after the last step (no model selection)",
+                  "metrics": final_metrics},
+        "best_on_val": {"step": best["step"], "selected_by": "validation cluster mIoU (no flip, no CRF)",
+                        "note": "selected on the validation split itself, as the released code does: "
+                                "optimistic, not a held-out number",
+                        "metrics": best_metrics},
+        "last_train_losses": state.last_losses,
+        "paths": {"output_dir": str(place.out_dir), "checkpoint_last": str(place.ckpt_last),
+                  "checkpoint_best": str(place.ckpt_best) if has_best else None,
+                  "log": str(place.out_dir / "log.jsonl"), **{k: str(v) for k, v in run.data.items()}},
+        "config": cfg.to_dict(),
+    }
+    with atomic_write(place.out_dir / "results.json", "w") as handle:
+        json.dump(result, handle, indent=2, default=_json_default)
+    if state.writer is not None:
+        state.writer.close()
+    return result
 
 
 def _tensorboard(out_dir: Path) -> Any:
