@@ -25,7 +25,8 @@ NOTEBOOKS = sorted(p.name for p in NB_DIR.glob("*.ipynb"))
 # in that order; run alone, reproduce_tables shows its "no run yet" cells instead).
 SMOKE_PARAMS = {
     "01_depth_estimation.ipynb": lambda tmp, shared: {"output_dir": str(tmp / "out")},
-    "02_fps_point_clouds.ipynb": lambda tmp, shared: {"output_dir": str(tmp / "html")},
+    # live ipywidgets.interact can hang nbclient's execution (jupyter/nbclient#312); the browser check moves them
+    "02_fps_point_clouds.ipynb": lambda tmp, shared: {"output_dir": str(tmp / "html"), "sliders": False},
     "train_cityscapes.ipynb": lambda tmp, shared: {"output_dir": str(tmp / "out"), "cache_dir": str(shared / "cache")},
     "train_cocostuff.ipynb": lambda tmp, shared: {"output_dir": str(tmp / "out"), "cache_dir": str(shared / "cache")},
     "train_potsdam.ipynb": lambda tmp, shared: {"output_dir": str(tmp / "out"), "cache_dir": str(shared / "cache")},
