@@ -28,29 +28,12 @@ from depthg.config import Config
 from depthg.features import FULL_PRECISION, Precision, backbone_features, build_feature_cache
 from depthg.train import CropSource, TrainError, broadcast_flag, collective_device, load_checkpoint, train
 
-TINY = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2, img_size=64)
+# the trainer tests' tiny set-up: a 2+2-image world, a 2-block random ViT, 32-px crops
+from test_train import TINY, _quiet_train, tiny_config  # noqa: E402
+
 BF16_CPU = Precision("cpu", torch.bfloat16)
 FP16_REL = 2.0**-11  # float16 round-to-nearest: relative error <= half an ulp (10 fraction bits)
 FP16_ABS = 2.0**-25  # ... and half the spacing of float16's subnormals below 2**-14
-
-
-def tiny_config(cache_dir, output_dir, **changes) -> Config:
-    """A tiny synthetic world (2+2 images of 64x128 -> 10 crops), a 2-block ViT, 32-px crops (4x4 grid)."""
-    values = dict(
-        name="tiny", dataset="cityscapes", data_dir=None, cache_dir=str(cache_dir), output_dir=str(output_dir),
-        classes="world", depth_source="gt", backbone="vit_small_patch8_224", backbone_kwargs=TINY,
-        res=32, eval_res=32, world_n_train=2, world_n_val=2, world_size=[64, 128], dim=8, batch_size=4,
-        steps=2, feature_samples=3, knn_k=5, num_neighbors=2, eval_every=0, checkpoint_every=0,
-        device="cpu", feature_cache=True, sample_decay_every=0, eval_batch_size=4, threads=1,
-    )
-    values.update(changes)
-    return Config(**values)
-
-
-def _quiet_train(cfg: Config, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random-init backbone warning
-        return train(cfg, progress=False, **kw)
 
 
 def _tiny_backbone(device: str = "cpu") -> torch.nn.Module:
@@ -283,8 +266,8 @@ def test_cuda_amp_cache_and_recomputation_agree(tmp_path, amp):
 @needs_cuda
 def test_cuda_training_from_cache_equals_recomputation_with_amp(prepared):
     changes = dict(steps=1, device="cuda", amp="bf16")
-    cached = _quiet_train(tiny_config(prepared / "cache", prepared / "cuda_cached", feature_cache=True, **changes))
-    direct = _quiet_train(tiny_config(prepared / "cache", prepared / "cuda_direct", feature_cache=False, **changes))
+    cached = _quiet_train(tiny_config(prepared / "cache", prepared / "cuda_cached", steps=2, feature_cache=True, **changes))
+    direct = _quiet_train(tiny_config(prepared / "cache", prepared / "cuda_direct", steps=2, feature_cache=False, **changes))
     for key in ("pos_intra", "pos_inter", "neg_inter", "depth", "total"):
         a, b = cached["last_train_losses"][key], direct["last_train_losses"][key]
         assert abs(a - b) <= 2e-3 * max(1.0, abs(b)), (key, a, b)
