@@ -26,7 +26,7 @@ import argparse
 import importlib.util
 import json
 import sys
-from typing import Any, Callable
+from typing import Any
 
 from depthg.ablation import DEFAULT_VARIANTS, run_ablation
 from depthg.backbone import load_backbone
@@ -157,10 +157,21 @@ def _pretrain_available() -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m depthg`` parser: one subcommand per command, each with ``func`` set to its handler."""
     parser = argparse.ArgumentParser(prog="python -m depthg", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", metavar="command", required=True)
-    handlers: dict[str, Callable[[argparse.Namespace], Any]] = {}
+    # subcommands are added in the order `--help` lists them
+    _add_synthesize_parser(sub)
+    _add_preparation_parsers(sub)
+    _add_train_parser(sub)
+    _add_eval_parser(sub)
+    _add_ablate_parser(sub)
+    _add_pretrain_parser(sub)
+    return parser
 
+
+def _add_synthesize_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """``synthesize``: render the synthetic world; it needs no config."""
     p = sub.add_parser("synthesize", help="render the synthetic street world (Cityscapes layout)")
     p.add_argument("root", help="output folder")
     p.add_argument("--n-train", type=int, default=48)
@@ -172,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_synthesize)
 
+
+def _add_preparation_parsers(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """``prepare`` (the whole chain) and its single steps ``depth``, ``crop``, ``knn``, each on a config."""
     p = sub.add_parser("prepare", help="depth -> five-crop -> kNN for a config's training split (idempotent)")
     _add_config_args(p)
     p.set_defaults(func=cmd_prepare)
@@ -197,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npz")
     p.set_defaults(func=cmd_knn)
 
+
+def _add_train_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """``train``: a config plus whether to resume or replace an existing run."""
     p = sub.add_parser("train", help="train a segmentation head (torchrun for multi-GPU)")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint_last.pt")
@@ -204,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the run in output_dir (its files go only after the new run's config and data passed)")
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """``eval``: a checkpoint (its config travels with it) plus overrides."""
     p = sub.add_parser("eval", help="evaluate a checkpoint (resize, flip, CRF, Hungarian) -> JSON")
     p.add_argument("checkpoint")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval_crf=false")
@@ -213,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_ablate_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """``ablate``: the miniature reproduction over variants and seeds."""
     p = sub.add_parser("ablate", help="miniature reproduction: STEGO vs DepthG variants over seeds, paired CIs")
     p.add_argument("--preset", choices=PRESETS, default="synthetic")
     p.add_argument("--world-seed", type=int, default=None,
@@ -228,15 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_ablate)
 
-    if _pretrain_available():
-        try:  # imported only to add its options; a broken optional module must not break the CLI
-            from depthg import pretrain as P
-        except ImportError:  # pragma: no cover
-            return parser
-        p = sub.add_parser("pretrain", help="DINO pretraining of the embedded backbone on the synthetic world")
-        P.add_pretrain_arguments(p)
-        p.set_defaults(func=lambda a: P.run_pretrain_from_args(a))
-    return parser
+
+def _add_pretrain_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """``pretrain``, only when the optional module is present and imports."""
+    if not _pretrain_available():
+        return
+    try:  # imported only to add its options; a broken optional module must not break the CLI
+        from depthg import pretrain as P
+    except ImportError:  # pragma: no cover
+        return
+    p = sub.add_parser("pretrain", help="DINO pretraining of the embedded backbone on the synthetic world")
+    P.add_pretrain_arguments(p)
+    p.set_defaults(func=lambda a: P.run_pretrain_from_args(a))
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -202,98 +202,71 @@ class Config:
     # ---- validation ---------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first impossible value (key, value, allowed)."""
+        # The order of these steps is the order in which errors are detected: keep it.
+        self._resolve_mode_defaults()
+        self._validate_strings_and_choices()
+        self._validate_integers()
+        self._validate_numbers()
+        self._validate_flags_and_shapes()
+        self._validate_depth_needs()
+        self._validate_against_data()
 
-        def choice(key: str, allowed: tuple) -> None:
-            value = getattr(self, key)
-            if value not in allowed:
-                raise ConfigError(f"config key {key!r} = {value!r}: expected one of {list(allowed)}")
-
-        def integer(key: str, lo: int | None = None, hi: int | None = None, none_ok: bool = False) -> None:
-            value = getattr(self, key)
-            if value is None and none_ok:
-                return
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"config key {key!r} = {value!r}: expected an integer")
-            if (lo is not None and value < lo) or (hi is not None and value > hi):
-                rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-                raise ConfigError(f"config key {key!r} = {value!r}: expected an integer in {rng}")
-
-        def number(key: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> None:
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"config key {key!r} = {value!r}: expected a number")
-            if isinstance(value, int):
-                value = float(value)
-                setattr(self, key, value)
-            if not math.isfinite(value):
-                raise ConfigError(f"config key {key!r} = {value!r}: expected a finite number")
-            if lo is not None and (value < lo or (lo_open and value == lo)):
-                raise ConfigError(
-                    f"config key {key!r} = {value!r}: expected a number {'>' if lo_open else '>='} {lo}"
-                )
-            if hi is not None and value > hi:
-                raise ConfigError(f"config key {key!r} = {value!r}: expected a number <= {hi}")
-
-        def boolean(key: str) -> None:
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"config key {key!r} = {getattr(self, key)!r}: expected true or false")
-
-        def string(key: str, none_ok: bool = False) -> None:
-            value = getattr(self, key)
-            if value is None and none_ok:
-                return
-            if not isinstance(value, str) or not value:
-                raise ConfigError(f"config key {key!r} = {value!r}: expected a non-empty string")
-
-        # Mode-dependent defaults (None) are resolved from the mode, so `Config(mode="released")` is
-        # released everywhere unless a key is set explicitly.
+    def _resolve_mode_defaults(self) -> None:
+        """Fill the mode-dependent defaults (None) from the mode."""
+        # so `Config(mode="released")` is released everywhere unless a key is set explicitly
         if self.depth_similarity is None:
             self.depth_similarity = "released" if self.mode == "released" else PAPER_DEPTH_SIMILARITY
         if self.amp is None:
             self.amp = "off" if self.mode == "released" else "auto"
+
+    def _validate_strings_and_choices(self) -> None:
+        """Names and paths are non-empty strings; enumerated keys hold one of their allowed values."""
         for key in ("name", "output_dir", "cache_dir", "backbone", "device", "train_split", "val_split",
                     "depth_source"):
-            string(key)
+            self._expect_string(key)
         for key in ("data_dir", "weights", "depth_model"):
-            string(key, none_ok=True)
-        choice("mode", MODES)
-        choice("dataset", DATASETS)
-        choice("depth_sampling", DEPTH_SAMPLING)
-        choice("depth_similarity", DEPTH_SIMILARITY)
-        choice("centering", CENTERING)
-        choice("lhp_strategy", LHP_STRATEGIES)
-        choice("amp", AMP_CHOICES)
-        choice("depth_normalization", ("auto", "none", "minmax", "minmax255"))
+            self._expect_string(key, none_ok=True)
+        self._expect_choice("mode", MODES)
+        self._expect_choice("dataset", DATASETS)
+        self._expect_choice("depth_sampling", DEPTH_SAMPLING)
+        self._expect_choice("depth_similarity", DEPTH_SIMILARITY)
+        self._expect_choice("centering", CENTERING)
+        self._expect_choice("lhp_strategy", LHP_STRATEGIES)
+        self._expect_choice("amp", AMP_CHOICES)
+        self._expect_choice("depth_normalization", ("auto", "none", "minmax", "minmax255"))
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
             raise ConfigError(f"config key 'device' = {self.device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if isinstance(self.classes, bool) or not (
             (isinstance(self.classes, int) and self.classes >= 2) or self.classes == "world"
         ):
             raise ConfigError(f"config key 'classes' = {self.classes!r}: expected an integer >= 2 or 'world'")
-        integer("seed", 0)
-        integer("res", 8)
-        integer("eval_res", 8)
-        integer("knn_k", 1)
-        integer("num_neighbors", 1)
-        integer("num_workers", 0)
-        integer("world_n_train", 1)
-        integer("world_n_val", 1)
-        integer("world_seed", 0)
-        integer("dim", 1)
-        integer("extra_clusters", 0)
-        integer("steps", 0)
-        integer("batch_size", 1)
-        integer("feature_samples", 1)
-        integer("neg_samples", 0)
-        integer("depth_decay_every", 0)
-        integer("sample_decay_every", 0)
-        integer("sample_min_side", 0)
-        integer("eval_every", 0)
-        integer("eval_batch_size", 1)
-        integer("eval_max_images", 1, none_ok=True)
-        integer("threads", 1, none_ok=True)
-        integer("checkpoint_every", 0)
-        integer("log_every", 1)
+
+    def _validate_integers(self) -> None:
+        """Counts, sizes and intervals are integers in range, and the kNN/sampling counts fit each other."""
+        self._expect_integer("seed", 0)
+        self._expect_integer("res", 8)
+        self._expect_integer("eval_res", 8)
+        self._expect_integer("knn_k", 1)
+        self._expect_integer("num_neighbors", 1)
+        self._expect_integer("num_workers", 0)
+        self._expect_integer("world_n_train", 1)
+        self._expect_integer("world_n_val", 1)
+        self._expect_integer("world_seed", 0)
+        self._expect_integer("dim", 1)
+        self._expect_integer("extra_clusters", 0)
+        self._expect_integer("steps", 0)
+        self._expect_integer("batch_size", 1)
+        self._expect_integer("feature_samples", 1)
+        self._expect_integer("neg_samples", 0)
+        self._expect_integer("depth_decay_every", 0)
+        self._expect_integer("sample_decay_every", 0)
+        self._expect_integer("sample_min_side", 0)
+        self._expect_integer("eval_every", 0)
+        self._expect_integer("eval_batch_size", 1)
+        self._expect_integer("eval_max_images", 1, none_ok=True)
+        self._expect_integer("threads", 1, none_ok=True)
+        self._expect_integer("checkpoint_every", 0)
+        self._expect_integer("log_every", 1)
         if self.num_neighbors > self.knn_k:
             raise ConfigError(
                 f"config key 'num_neighbors' = {self.num_neighbors}: must be <= knn_k = {self.knn_k} "
@@ -304,26 +277,32 @@ class Config:
                 f"config key 'sample_min_side' = {self.sample_min_side}: must be <= feature_samples = "
                 f"{self.feature_samples}"
             )
-        number("crop_ratio", 0.0, 1.0, lo_open=True)
-        number("dropout", 0.0, 1.0)
+
+    def _validate_numbers(self) -> None:
+        """Rates, weights, shifts and factors are finite numbers in range (integers become floats)."""
+        self._expect_number("crop_ratio", 0.0, 1.0, lo_open=True)
+        self._expect_number("dropout", 0.0, 1.0)
         if self.dropout >= 1.0:
             raise ConfigError(f"config key 'dropout' = {self.dropout}: expected a probability in [0, 1)")
-        number("lr", 0.0, lo_open=True)
-        number("probe_lr", 0.0, lo_open=True)
-        number("fov_deg", 0.0, 180.0, lo_open=True)
+        self._expect_number("lr", 0.0, lo_open=True)
+        self._expect_number("probe_lr", 0.0, lo_open=True)
+        self._expect_number("fov_deg", 0.0, 180.0, lo_open=True)
         if self.fov_deg >= 180.0:
             raise ConfigError(f"config key 'fov_deg' = {self.fov_deg}: expected a field of view in (0, 180) degrees")
         for key in ("pos_intra_weight", "pos_inter_weight", "neg_inter_weight", "depth_weight",
                     "lhp_weight", "lhp_depth_weight"):
-            number(key, 0.0)
+            self._expect_number(key, 0.0)
         for key in ("pos_intra_shift", "pos_inter_shift", "neg_inter_shift", "depth_shift"):
-            number(key, -1.0, 1.0)
-        number("depth_decay_factor", 0.0, 1.0)
-        number("sample_decay_factor", 0.0, 1.0, lo_open=True)
-        number("lhp_quantile", 0.0, 1.0, lo_open=True)
+            self._expect_number(key, -1.0, 1.0)
+        self._expect_number("depth_decay_factor", 0.0, 1.0)
+        self._expect_number("sample_decay_factor", 0.0, 1.0, lo_open=True)
+        self._expect_number("lhp_quantile", 0.0, 1.0, lo_open=True)
+
+    def _validate_flags_and_shapes(self) -> None:
+        """Switches are booleans, backbone_kwargs a mapping, world_size a [height, width] list."""
         for key in ("five_crop", "zero_clamp", "use_depth", "fps_random_start", "lhp", "lhp_weight_balance",
                     "feature_cache", "eval_crf", "eval_flip"):
-            boolean(key)
+            self._expect_bool(key)
         if not isinstance(self.backbone_kwargs, dict):
             raise ConfigError(f"config key 'backbone_kwargs' = {self.backbone_kwargs!r}: expected a mapping")
         if (
@@ -332,14 +311,17 @@ class Config:
             or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 16 for v in self.world_size)
         ):
             raise ConfigError(f"config key 'world_size' = {self.world_size!r}: expected [height, width] >= 16")
+        # stored as a list whichever sequence was given (e.g. a tuple from Python code)
         self.world_size = list(self.world_size)
+
+    def _validate_depth_needs(self) -> None:
+        """Options that use depth need use_depth=true."""
         if self.depth_sampling == "fps" and not self.use_depth:
             raise ConfigError(
                 "config key 'depth_sampling' = 'fps' needs depth: set use_depth=true or depth_sampling=random"
             )
         if self.lhp and self.lhp_strategy == "depth" and not self.use_depth:
             raise ConfigError("config key 'lhp_strategy' = 'depth' needs depth: set use_depth=true")
-        self._validate_against_data()
 
     def _validate_against_data(self) -> None:
         """What can be checked before any data is prepared, so a run fails in seconds, not after minutes of
@@ -381,6 +363,55 @@ class Config:
             if self.num_neighbors > n - 1:
                 raise ConfigError(f"config key 'num_neighbors' = {self.num_neighbors}: each of the {n} training "
                                   f"{'crops' if self.five_crop else 'images'} has {n - 1} others; expected at most {n - 1}")
+
+    # ---- validation primitives: each raises ConfigError naming the key, its value and what is allowed ---
+    def _expect_choice(self, key: str, allowed: tuple) -> None:
+        """``key`` holds one of ``allowed``."""
+        value = getattr(self, key)
+        if value not in allowed:
+            raise ConfigError(f"config key {key!r} = {value!r}: expected one of {list(allowed)}")
+
+    def _expect_integer(self, key: str, lo: int | None = None, hi: int | None = None, none_ok: bool = False) -> None:
+        """``key`` is an integer (not a bool) in [lo, hi], or None where ``none_ok``."""
+        value = getattr(self, key)
+        if value is None and none_ok:
+            return
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key!r} = {value!r}: expected an integer")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+            raise ConfigError(f"config key {key!r} = {value!r}: expected an integer in {rng}")
+
+    def _expect_number(self, key: str, lo: float | None = None, hi: float | None = None,
+                       lo_open: bool = False) -> None:
+        """``key`` is a finite number in [lo, hi] (lo excluded where ``lo_open``); an integer is stored as float."""
+        value = getattr(self, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key!r} = {value!r}: expected a number")
+        if isinstance(value, int):
+            value = float(value)
+            setattr(self, key, value)
+        if not math.isfinite(value):
+            raise ConfigError(f"config key {key!r} = {value!r}: expected a finite number")
+        if lo is not None and (value < lo or (lo_open and value == lo)):
+            raise ConfigError(
+                f"config key {key!r} = {value!r}: expected a number {'>' if lo_open else '>='} {lo}"
+            )
+        if hi is not None and value > hi:
+            raise ConfigError(f"config key {key!r} = {value!r}: expected a number <= {hi}")
+
+    def _expect_bool(self, key: str) -> None:
+        """``key`` is true or false (not 0/1)."""
+        if not isinstance(getattr(self, key), bool):
+            raise ConfigError(f"config key {key!r} = {getattr(self, key)!r}: expected true or false")
+
+    def _expect_string(self, key: str, none_ok: bool = False) -> None:
+        """``key`` is a non-empty string, or None where ``none_ok``."""
+        value = getattr(self, key)
+        if value is None and none_ok:
+            return
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"config key {key!r} = {value!r}: expected a non-empty string")
 
     # ---- conversion -----------------------------------------------------------------------------------
     @classmethod
