@@ -140,6 +140,106 @@ def _pair_distances(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
     return (a.unsqueeze(2) - c.unsqueeze(1)).square().sum(-1).sqrt()  # exact, no matmul trick
 
 
+def _released_similarity(p1: torch.Tensor, p2: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    """``"released"``: full depth maps (B, 1, H, W) -> D (B, S, S, S, S) with ``size = (S, S)``.
+
+    Each map is resized to ``size`` (bilinear, ``align_corners=True``) -- a regular grid, *not* the
+    sampled locations -- and D is the channel-normalised product. One channel normalises to sign(d), so
+    **D is exactly 1 wherever both depths are positive and 0 where one is 0**: the term carries no depth
+    information and, with a shift below 1, only pulls. Kept to reproduce the released optimisation (it
+    equals a shift of the self term; docs/fidelity.md).
+    """
+    if size is None:
+        raise LossError("depth_similarity(kind='released') needs size=(S, S) to resize the depth to")
+    if p1.shape[1] != 1 or p2.shape[1] != 1:
+        raise LossError("depth_similarity(kind='released') expects depth maps (B, 1, H, W)")
+    # resize the whole maps to the S x S grid, as the released code does
+    d1 = F.interpolate(p1, size=size, mode="bilinear", align_corners=True)
+    d2 = F.interpolate(p2, size=size, mode="bilinear", align_corners=True)
+    return tensor_correlation(d1, d2)
+
+
+def _product_similarity(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
+    """``"product"``: sampled depths (B, 1, h, w), (B, 1, i, j) -> D (B, h, w, i, j).
+
+    Each image's samples are standardised (zero mean, unit std over its own samples; eps 1e-6) and
+    D = z1_hw * z2_ij: positive for two points on the same side of the image's mean depth, negative
+    across it. Pulls and pushes (about half each) but is not a 3D notion and is unbounded.
+    """
+    if p1.shape[1] != 1 or p2.shape[1] != 1:
+        raise LossError("depth_similarity(kind='product') expects sampled depths (B, 1, h, w)")
+
+    def standardise(d: torch.Tensor) -> torch.Tensor:
+        flat = d.flatten(1)
+        return ((flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True).clamp_min(1e-6)).view_as(d)
+
+    z1, z2 = standardise(p1), standardise(p2)
+    return torch.einsum("nhw,nij->nhwij", z1[:, 0], z2[:, 0])
+
+
+def _scaled_closeness(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
+    """1 - |P_hw - P_ij| / (the image's largest pair distance): (B, 3, h, w) x (B, 3, i, j) -> (B, hw, ij)."""
+    b = p1.shape[0]
+    dist = _pair_distances(p1, p2)  # (B, hw, ij)
+    return 1.0 - dist / dist.flatten(1).amax(1).clamp_min(_EPS).view(b, 1, 1)
+
+
+def _distance_similarity(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
+    """``"distance"``: camera-space 3D points (B, 3, h, w), (B, 3, i, j) -> D (B, h, w, i, j).
+
+    D = 1 - |P_hw - P_ij| / (the image's largest pair distance), in [0, 1]: high for points close in
+    3D, low for points far apart (paper mode's default before the miniature reproduction's
+    development world chose ``centred``). Unit-free, but it almost never pushes: with a small shift (0.03 in
+    the presets) only pairs at > 97 % of the largest distance fall below it, and one far point (the
+    sky at 200 m) makes the whole street look "close".
+    """
+    b, _, h, w = p1.shape
+    i, j = p2.shape[-2:]
+    return _scaled_closeness(p1, p2).view(b, h, w, i, j)
+
+
+def _centred_similarity(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
+    """``"centred"``: camera-space 3D points (B, 3, h, w), (B, 3, i, j) -> D (B, h, w, i, j).
+
+    ``distance`` minus its mean over the other locations,
+    D_hwij = D^dist_hwij - (1/ij) sum_i'j' D^dist_hwi'j', the way STEGO centres the feature
+    correlation (S3). For every query point, partners closer than its average partner get D > 0
+    (pulled), farther ones D < 0 (pushed); the far-point scale of ``distance`` no longer shifts every
+    pair to the pulling side. Values lie in [-1, 1]. **Paper mode's default**
+    (``depthg.config.PAPER_DEPTH_SIMILARITY``), chosen on the development world of the miniature
+    reproduction by a rule fixed beforehand (benchmarks/results/miniature_dev.md): the three options that
+    pull and push (``centred``, ``quantile``, ``product``) were within noise of each other and of STEGO,
+    ``distance`` was lowest, and the tie went to the 3D option closest to the paper's Fig. 1 -- STEGO's
+    own centring applied to the 3D distance, pulling about half the sampled pairs and pushing the rest.
+    """
+    b, _, h, w = p1.shape
+    i, j = p2.shape[-2:]
+    sim = _scaled_closeness(p1, p2)  # (B, hw, ij)
+    sim = sim - sim.mean(dim=2, keepdim=True)  # mean over the other image's locations (i, j)
+    return sim.view(b, h, w, i, j)
+
+
+def _quantile_similarity(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
+    """``"quantile"`` (range-aware): camera-space 3D points (B, 3, h, w), (B, 3, i, j) -> D (B, h, w, i, j).
+
+    The 3D points are first brought within :data:`WORKING_RANGE` -- a point with Z > R is moved along
+    its ray to Z = R (P * min(1, R / Z); with the pinhole unprojection this is the same as clipping its
+    depth to R) -- then D = clamp(1 - |P_hw - P_ij| / q, -1, 1) with q the image's
+    :data:`DISTANCE_QUANTILE` (median) pair distance. Pairs closer than the image's typical pair are
+    pulled, farther ones pushed, and neither the sky nor a single far point sets the scale; the clamp
+    keeps far pairs from dominating the mean. Needs metric depth (paper mode's depth is in metres).
+    """
+    b, _, h, w = p1.shape
+    i, j = p2.shape[-2:]
+    # move points beyond the working range back along their ray (Z is channel 2, Z = depth)
+    p1 = p1 * (WORKING_RANGE / p1[:, 2:3].clamp_min(_EPS)).clamp(max=1.0)
+    p2 = p2 * (WORKING_RANGE / p2[:, 2:3].clamp_min(_EPS)).clamp(max=1.0)
+    dist = _pair_distances(p1, p2)  # (B, hw, ij)
+    # the image's typical (median) pair distance is the unit
+    scale = torch.quantile(dist.flatten(1), DISTANCE_QUANTILE, dim=1).clamp_min(_EPS).view(b, 1, 1)
+    return (1.0 - dist / scale).clamp(-1.0, 1.0).view(b, h, w, i, j)
+
+
 def depth_similarity(
     p1: torch.Tensor,
     p2: torch.Tensor,
@@ -153,81 +253,37 @@ def depth_similarity(
     The paper's Figure 1 asks for both: points close in 3D pulled together, points far apart pushed
     apart. :func:`pull_push_fractions` measures how many sampled pairs each option pulls and pushes.
 
-    What ``p1`` / ``p2`` hold depends on ``kind``:
+    What ``p1`` / ``p2`` hold depends on ``kind`` (each option's formula and the reason for it are in
+    the docstring of its function):
 
-    * ``"released"``: full depth maps (B, 1, H, W). Each is resized to ``size`` (bilinear,
-      ``align_corners=True``) -- a regular grid, *not* the sampled locations -- and D is the
-      channel-normalised product. One channel normalises to sign(d), so **D is exactly 1 wherever both
-      depths are positive and 0 where one is 0**: the term carries no depth information and, with a
-      shift below 1, only pulls. Kept to reproduce the released optimisation (it equals a shift of the
-      self term; docs/fidelity.md).
-    * ``"product"``: depths sampled at the code locations (B, 1, h, w), (B, 1, i, j). Each image's
-      samples are standardised (zero mean, unit std over its own samples; eps 1e-6) and
-      D = z1_hw * z2_ij: positive for two points on the same side of the image's mean depth, negative
-      across it. Pulls and pushes (about half each) but is not a 3D notion and is unbounded.
-    * ``"distance"``: camera-space 3D points sampled at the code locations (B, 3, h, w), (B, 3, i, j).
-      D = 1 - |P_hw - P_ij| / (the image's largest pair distance), in [0, 1]: high for points close in
-      3D, low for points far apart (paper mode's default before the miniature reproduction's
-      development world chose ``centred``). Unit-free, but it almost never pushes: with a small shift (0.03 in
-      the presets) only pairs at > 97 % of the largest distance fall below it, and one far point (the
-      sky at 200 m) makes the whole street look "close".
-    * ``"centred"``: ``distance`` minus its mean over the other locations,
-      D_hwij = D^dist_hwij - (1/ij) sum_i'j' D^dist_hwi'j', the way STEGO centres the feature
-      correlation (S3). For every query point, partners closer than its average partner get D > 0
-      (pulled), farther ones D < 0 (pushed); the far-point scale of ``distance`` no longer shifts every
-      pair to the pulling side. Values lie in [-1, 1]. **Paper mode's default**
-      (``depthg.config.PAPER_DEPTH_SIMILARITY``), chosen on the development world of the miniature
-      reproduction by a rule fixed beforehand (benchmarks/results/miniature_dev.md): the three options that
-      pull and push (``centred``, ``quantile``, ``product``) were within noise of each other and of STEGO,
-      ``distance`` was lowest, and the tie went to the 3D option closest to the paper's Fig. 1 -- STEGO's
-      own centring applied to the 3D distance, pulling about half the sampled pairs and pushing the rest.
-    * ``"quantile"`` (range-aware): the 3D points are first brought within :data:`WORKING_RANGE` --
-      a point with Z > R is moved along its ray to Z = R (P * min(1, R / Z); with the pinhole
-      unprojection this is the same as clipping its depth to R) -- then
-      D = clamp(1 - |P_hw - P_ij| / q, -1, 1) with q the image's :data:`DISTANCE_QUANTILE` (median)
-      pair distance. Pairs closer than the image's typical pair are pulled, farther ones pushed, and
-      neither the sky nor a single far point sets the scale; the clamp keeps far pairs from
-      dominating the mean. Needs metric depth (paper mode's depth is in metres).
+    * ``"released"``: full depth maps (B, 1, H, W), resized to ``size``; D is exactly 1 wherever both
+      depths are positive, so the term only pulls (:func:`_released_similarity`).
+    * ``"product"``: depths sampled at the code locations (B, 1, h, w), (B, 1, i, j); D is the product of
+      the per-image standardised depths (:func:`_product_similarity`).
+    * ``"distance"``: camera-space 3D points sampled at the code locations (B, 3, h, w), (B, 3, i, j);
+      D = 1 - pair distance / the image's largest one, in [0, 1] (:func:`_distance_similarity`).
+    * ``"centred"``: as ``distance``, minus its mean over the other locations, in [-1, 1]; **paper mode's
+      default** (``depthg.config.PAPER_DEPTH_SIMILARITY``; :func:`_centred_similarity`).
+    * ``"quantile"`` (range-aware): 3D points capped at :data:`WORKING_RANGE`; D = clamp(1 - pair distance
+      / the image's median one, -1, 1). Needs metric depth (:func:`_quantile_similarity`).
 
     The similarity never needs gradients (depth is an input), so it is computed under ``no_grad``.
     """
     _check_4d("p1", p1)
     _check_4d("p2", p2)
     with torch.no_grad():
+        # one private function per option; "released" alone needs the target size
         if kind == "released":
-            if size is None:
-                raise LossError("depth_similarity(kind='released') needs size=(S, S) to resize the depth to")
-            if p1.shape[1] != 1 or p2.shape[1] != 1:
-                raise LossError("depth_similarity(kind='released') expects depth maps (B, 1, H, W)")
-            d1 = F.interpolate(p1, size=size, mode="bilinear", align_corners=True)
-            d2 = F.interpolate(p2, size=size, mode="bilinear", align_corners=True)
-            return tensor_correlation(d1, d2)
+            return _released_similarity(p1, p2, size)
         if kind == "product":
-            if p1.shape[1] != 1 or p2.shape[1] != 1:
-                raise LossError("depth_similarity(kind='product') expects sampled depths (B, 1, h, w)")
-
-            def standardise(d: torch.Tensor) -> torch.Tensor:
-                flat = d.flatten(1)
-                return ((flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True).clamp_min(1e-6)).view_as(d)
-
-            z1, z2 = standardise(p1), standardise(p2)
-            return torch.einsum("nhw,nij->nhwij", z1[:, 0], z2[:, 0])
-        if kind not in ("distance", "centred", "quantile"):
-            raise LossError(f"kind must be one of {list(DEPTH_SIMILARITIES)}, got {kind!r}")
-        b, _, h, w = p1.shape
-        i, j = p2.shape[-2:]
-        if kind == "quantile":
-            # move points beyond the working range back along their ray (Z is channel 2, Z = depth)
-            p1 = p1 * (WORKING_RANGE / p1[:, 2:3].clamp_min(_EPS)).clamp(max=1.0)
-            p2 = p2 * (WORKING_RANGE / p2[:, 2:3].clamp_min(_EPS)).clamp(max=1.0)
-        dist = _pair_distances(p1, p2)  # (B, hw, ij)
-        if kind == "quantile":
-            scale = torch.quantile(dist.flatten(1), DISTANCE_QUANTILE, dim=1).clamp_min(_EPS).view(b, 1, 1)
-            return (1.0 - dist / scale).clamp(-1.0, 1.0).view(b, h, w, i, j)
-        sim = 1.0 - dist / dist.flatten(1).amax(1).clamp_min(_EPS).view(b, 1, 1)
+            return _product_similarity(p1, p2)
+        if kind == "distance":
+            return _distance_similarity(p1, p2)
         if kind == "centred":
-            sim = sim - sim.mean(dim=2, keepdim=True)  # mean over the other image's locations (i, j)
-        return sim.view(b, h, w, i, j)
+            return _centred_similarity(p1, p2)
+        if kind == "quantile":
+            return _quantile_similarity(p1, p2)
+        raise LossError(f"kind must be one of {list(DEPTH_SIMILARITIES)}, got {kind!r}")
 
 
 def pull_push_fractions(depth_sim: torch.Tensor, shift: float) -> dict[str, float]:

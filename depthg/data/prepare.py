@@ -42,6 +42,7 @@ import re
 import shutil
 import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -764,6 +765,97 @@ def _depth_model_identity(name: str) -> str:
     return "hub:" + target
 
 
+@dataclass(frozen=True)
+class _TrainSplit:
+    """The training split :func:`prepare_training_data` prepares, and where its caches go."""
+
+    name: str  # the dataset's name (``cfg.dataset``)
+    root: Path  # its root folder (``data_dir`` or the synthetic world)
+    split: str  # ``cfg.train_split``
+    kwargs: dict[str, Any]  # the class arguments of :func:`dataset_kwargs`
+    cache_dir: Path  # ``cfg.cache_dir``
+    tag: str  # "<dataset>-<hash of the root>": every cache name of this data starts with it
+
+    def build(self, **extra: Any) -> Any:
+        """The split's dataset at full resolution; ``extra`` goes to its constructor (e.g. ``depth_dir``)."""
+        return build_dataset(self.name, self.root, self.split, **self.kwargs, **extra)
+
+
+def _prepare_depth(cfg: Any, data: _TrainSplit, raw: Any, progress: bool) -> Path | None:
+    """Step 1: the training split's depth folder (a :class:`DepthCache`), or None without depth.
+
+    ``depth_source`` "gt" reads the synthetic world's ``root/depth_gt``; "disparity" converts Cityscapes
+    stereo into ``cache_dir/depth/<tag>/disparity``; any other source but "none" is a depth model whose
+    estimates go to ``cache_dir/depth/<tag>/<model>`` (only the keys that are missing or stale are redone).
+    """
+    get = lambda name, default: getattr(cfg, name, default)  # noqa: E731
+    source = str(get("depth_source", "gt") or "none")
+    if not get("use_depth", True):
+        source = "none"
+    if source == "none":
+        return None
+    if source == "gt":
+        depth_dir = data.root / "depth_gt"
+        DepthCache(depth_dir)  # fails clearly when there is no ground truth
+        return depth_dir
+    if source == "disparity":
+        depth_dir = data.cache_dir / "depth" / data.tag / "disparity"
+        stereo_depth_for_dataset(raw, depth_dir, progress=progress)
+        return depth_dir
+    model_name = str(get("depth_model", None) or source)
+    depth_dir = data.cache_dir / "depth" / data.tag / _slug(model_name)
+    identity = _depth_model_identity(model_name)
+    # load the model only when some key has no estimate from these weights yet
+    if stale_depth_keys(raw, depth_dir, identity):
+        model = load_depth_model(model_name, get("device", "auto"))
+        estimate_depth_for_dataset(raw, model, depth_dir, progress=progress, model_identity=identity)
+    return depth_dir
+
+
+def _prepare_crops(cfg: Any, data: _TrainSplit, raw: Any, depth_dir: Path | None, progress: bool) -> Path | None:
+    """Step 2: the five-crop folder of the split with its depth, or None when ``cfg.five_crop`` is off.
+
+    Incremental: items whose image, label or depth changed are recropped (:func:`five_crop`). The folder's
+    name holds the data, the class list, the depth folder and the crop ratio.
+    """
+    get = lambda name, default: getattr(cfg, name, default)  # noqa: E731
+    depth_tag = "nodepth" if depth_dir is None else f"depth-{_short_hash(depth_dir.resolve())}"
+    ratio = float(get("crop_ratio", 0.5))
+    if not get("five_crop", True):
+        return None
+    classes_tag = f"{_slug(str(get('classes', 27)))}-{_short_hash(*raw.class_names)}"  # e.g. a world's own class list
+    crop_dir = data.cache_dir / "crops" / f"{data.tag}_{classes_tag}_{depth_tag}_five_crop_{ratio}"
+    five_crop(data.build(depth_dir=depth_dir), crop_dir, ratio, progress=progress)
+    return crop_dir
+
+
+def _prepare_knn(cfg: Any, data: _TrainSplit, knn_data: Any, crop_dir: Path | None,
+                 backbone: torch.nn.Module | None, progress: bool) -> Path:
+    """Step 3: the kNN file of ``knn_data`` (the crops, or the full images without five-crop).
+
+    Keyed by the images' content, k, res, mode and the backbone's weights (:func:`compute_knn`); its name
+    holds the image set, the backbone, the resolution and the split. The backbone is loaded from
+    ``cfg.backbone`` when none is passed in.
+    """
+    get = lambda name, default: getattr(cfg, name, default)  # noqa: E731
+    res = int(get("res", 224))
+    k = max(int(get("knn_k", 30)), int(get("num_neighbors", 7)))
+    bb_name, weights = str(get("backbone", "vit_small_patch8_224")), get("weights", None)
+    bb_tag = _slug(bb_name) + "-" + _short_hash(bb_name, weights, sorted(dict(get("backbone_kwargs", {}) or {}).items()))
+    set_tag = crop_dir.name if crop_dir is not None else f"{data.tag}_{_slug(str(get('classes', 27)))}_full"
+    mode = str(get("mode", "paper"))
+    released = "_released" if mode == "released" else ""
+    knn_path = data.cache_dir / "knn" / f"nns_{set_tag}_{bb_tag}_{res}{released}_{data.split}.npz"
+    # at most every other image can be a neighbour
+    k = min(k, len(knn_data) - 1)
+    if backbone is None:
+        backbone = load_backbone(bb_name, weights, **dict(get("backbone_kwargs", {}) or {}))
+    compute_knn(knn_data, backbone, knn_path, k=k, res=res,
+                batch_size=int(get("batch_size", 32)), device=get("device", "auto"),
+                num_workers=int(get("num_workers", 0)), progress=progress, mode=mode)  # type: ignore[arg-type]
+    return knn_path
+
+
 def prepare_training_data(
     cfg: Any,
     backbone: torch.nn.Module | None = None,
@@ -806,56 +898,14 @@ def prepare_training_data(
     if cache_dir.exists() and not cache_dir.is_dir():
         raise PreparationError(f"cache_dir {cache_dir} exists and is not a folder")
     root = dataset_root(cfg, progress=progress)
-
-    classes = get("classes", 27)
     kwargs = dataset_kwargs(cfg)
-    data_tag = f"{name}-{_short_hash(root.resolve())}"
+    data = _TrainSplit(name, root, split, kwargs, cache_dir, tag=f"{name}-{_short_hash(root.resolve())}")
+    raw = data.build()
 
-    # 1. depth ------------------------------------------------------------------------------------
-    source = str(get("depth_source", "gt") or "none")
-    if not get("use_depth", True):
-        source = "none"
-    depth_dir: Path | None = None
-    raw = build_dataset(name, root, split, **kwargs)
-    if source == "gt":
-        depth_dir = root / "depth_gt"
-        DepthCache(depth_dir)  # fails clearly when there is no ground truth
-    elif source == "disparity":
-        depth_dir = cache_dir / "depth" / data_tag / "disparity"
-        stereo_depth_for_dataset(raw, depth_dir, progress=progress)
-    elif source != "none":
-        model_name = str(get("depth_model", None) or source)
-        depth_dir = cache_dir / "depth" / data_tag / _slug(model_name)
-        identity = _depth_model_identity(model_name)
-        if stale_depth_keys(raw, depth_dir, identity):
-            model = load_depth_model(model_name, get("device", "auto"))
-            estimate_depth_for_dataset(raw, model, depth_dir, progress=progress, model_identity=identity)
-    depth_tag = "nodepth" if depth_dir is None else f"depth-{_short_hash(depth_dir.resolve())}"
-
-    # 2. five-crop (incremental: items whose image, label or depth changed are recropped) --------------
-    crop_dir: Path | None = None
-    ratio = float(get("crop_ratio", 0.5))
-    if get("five_crop", True):
-        classes_tag = f"{_slug(str(classes))}-{_short_hash(*raw.class_names)}"  # e.g. a world's own class list
-        crop_dir = cache_dir / "crops" / f"{data_tag}_{classes_tag}_{depth_tag}_five_crop_{ratio}"
-        five_crop(build_dataset(name, root, split, depth_dir=depth_dir, **kwargs), crop_dir, ratio, progress=progress)
-        knn_data: Any = CroppedDataset(crop_dir, split, with_depth=False)
-    else:
-        knn_data = raw
-
-    # 3. kNN (keyed by the images' content, k, res, mode and the backbone's weights) -----------------
-    res = int(get("res", 224))
-    k = max(int(get("knn_k", 30)), int(get("num_neighbors", 7)))
-    bb_name, weights = str(get("backbone", "vit_small_patch8_224")), get("weights", None)
-    bb_tag = _slug(bb_name) + "-" + _short_hash(bb_name, weights, sorted(dict(get("backbone_kwargs", {}) or {}).items()))
-    set_tag = crop_dir.name if crop_dir is not None else f"{data_tag}_{_slug(str(classes))}_full"
-    mode = str(get("mode", "paper"))
-    knn_path = cache_dir / "knn" / f"nns_{set_tag}_{bb_tag}_{res}{'_released' if mode == 'released' else ''}_{split}.npz"
-    k = min(k, len(knn_data) - 1)
-    if backbone is None:
-        backbone = load_backbone(bb_name, weights, **dict(get("backbone_kwargs", {}) or {}))
-    compute_knn(knn_data, backbone, knn_path, k=k, res=res,
-                batch_size=int(get("batch_size", 32)), device=get("device", "auto"),
-                num_workers=int(get("num_workers", 0)), progress=progress, mode=mode)  # type: ignore[arg-type]
+    depth_dir = _prepare_depth(cfg, data, raw, progress)
+    crop_dir = _prepare_crops(cfg, data, raw, depth_dir, progress)
+    # the kNN are computed over the crops when there are crops, else over the full images
+    knn_data = raw if crop_dir is None else CroppedDataset(crop_dir, split, with_depth=False)
+    knn_path = _prepare_knn(cfg, data, knn_data, crop_dir, backbone, progress)
     return {"data_dir": root, "dataset": name, "dataset_kwargs": kwargs, "train_split": split,
             "depth_dir": depth_dir, "crop_dir": crop_dir, "knn_path": knn_path, "synthetic": synthetic}
