@@ -14,7 +14,7 @@
     under 30 minutes on one H100-class GPU.
 
     .venv/bin/python benchmarks/gpu.py                                # on a CUDA machine (<= 8 min)
-    .venv/bin/python benchmarks/gpu.py --dry-run --out /tmp/gpu.json  # same code, tiny shapes, CPU, < 1 min
+    .venv/bin/python benchmarks/gpu.py --dry-run --out runs/gpu_dry_run.json  # same code, tiny shapes, CPU, < 1 min
 
 The projection is linear in what was measured and says what it leaves out (depth estimation of the real
 images, the dense CRF of the final evaluation). Writes ``benchmarks/results/gpu.json`` (or ``--out``).

@@ -15,7 +15,7 @@ each run notebook and checks that its figure is redrawn, once, on release. It fa
 
     .venv/bin/python scripts/check_jupyterlab.py                      # open all, Run All on 02 (full)
     .venv/bin/python scripts/check_jupyterlab.py --smoke --run 02_fps_point_clouds.ipynb
-    .venv/bin/python scripts/check_jupyterlab.py --run all --screenshots /tmp/shots
+    .venv/bin/python scripts/check_jupyterlab.py --run all --screenshots ~/depthg_shots
 
 Nothing in the repository is written: JupyterLab serves a copy of the notebooks, the run notebooks get their
 output folders (``output_dir``, ``runs_dir``) pointed into a temporary folder, injected after their

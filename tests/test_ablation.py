@@ -52,8 +52,8 @@ def test_variants_cover_the_protocol():
 
 
 def test_world_seed_gets_its_own_cache_folder():
-    a = variant_config("stego", 0, overrides=["cache_dir=/tmp/c"], world_seed=5)
-    assert a.world_seed == 5 and a.cache_dir == "/tmp/c/world5"
+    a = variant_config("stego", 0, overrides=["cache_dir=caches/c"], world_seed=5)
+    assert a.world_seed == 5 and a.cache_dir == "caches/c/world5"
     assert variant_config("stego", 0).cache_dir == ".depthg_cache"  # no world seed: the preset's cache
     with pytest.raises(AblationError, match="data_dir"):
         variant_config("stego", 0, overrides=["data_dir=/data/cityscapes"], world_seed=1)
