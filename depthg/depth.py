@@ -540,9 +540,10 @@ def load_depth_model(
     return DepthModel(model, processor, name, kind or _depth_kind(model.config), dev)
 
 
-def build_tiny_random_depth_model(folder: str | os.PathLike) -> Path:
+def build_tiny_random_depth_model(folder: str | os.PathLike, kind: str = "relative") -> Path:
     """Write a tiny **randomly initialised** Depth Anything (about 140k parameters) with its processor
-    into ``folder`` and return the folder, for :func:`load_depth_model`.
+    into ``folder`` and return the folder, for :func:`load_depth_model`. ``kind``: "relative" or
+    "metric" (metric heads predict up to 80 m).
 
     For smoke tests only: it exercises the real ``transformers`` loading and inference path on machines
     without weights; its depth is noise and must never be reported as a result.
@@ -557,7 +558,8 @@ def build_tiny_random_depth_model(folder: str | os.PathLike) -> Path:
                                 reshape_hidden_states=False)
         config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, patch_size=14,
                                      neck_hidden_sizes=[8, 16, 32, 32], reassemble_factors=[4, 2, 1, 0.5],
-                                     fusion_hidden_size=16, head_hidden_size=8, depth_estimation_type="relative")
+                                     fusion_hidden_size=16, head_hidden_size=8, depth_estimation_type=kind,
+                                     max_depth=1 if kind == "relative" else 80)
         DepthAnythingForDepthEstimation(config).save_pretrained(folder)
     DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14,
                       do_pad=False).save_pretrained(folder)

@@ -16,6 +16,7 @@ from depthg.depth import (
     DepthCacheError,
     DepthModelNotFoundError,
     InvalidDepthError,
+    build_tiny_random_depth_model,
     disparity_to_depth,
     estimate_depth,
     estimate_depth_for_dataset,
@@ -93,21 +94,8 @@ def test_disparity_to_depth(tmp_path):
 # transformers models
 # ------------------------------------------------------------------------------------------------
 def tiny_depth_anything(folder: Path, kind: str = "relative") -> Path:
-    """Tiny random Depth Anything + processor, saved with save_pretrained."""
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
-
-    torch.manual_seed(0)
-    backbone = Dinov2Config(image_size=56, patch_size=14, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                            intermediate_size=64, out_features=["stage1", "stage2", "stage3", "stage4"],
-                            reshape_hidden_states=False)
-    config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, patch_size=14,
-                                 neck_hidden_sizes=[8, 16, 32, 32], reassemble_factors=[4, 2, 1, 0.5],
-                                 fusion_hidden_size=16, head_hidden_size=8, depth_estimation_type=kind,
-                                 max_depth=1 if kind == "relative" else 80)
-    DepthAnythingForDepthEstimation(config).save_pretrained(folder)
-    DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14,
-                      do_pad=False).save_pretrained(folder)
-    return folder
+    """Tiny random Depth Anything + processor, saved with save_pretrained (the library's smoke-test model)."""
+    return build_tiny_random_depth_model(folder, kind)
 
 
 @pytest.fixture(scope="module")
