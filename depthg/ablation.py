@@ -28,7 +28,6 @@ Run: ``python -m depthg ablate --world-seed 1 --dev-world-seed 0 --seeds 0 1 2 .
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shlex
@@ -43,7 +42,7 @@ from scipy import stats
 from depthg.backbone import EMBEDDED_DIR, EMBEDDED_JSON
 from depthg.config import DEPTH_SIMILARITY, PAPER_DEPTH_SIMILARITY, Config, apply_overrides
 from depthg.train import train
-from depthg.utils import DepthGError, atomic_write
+from depthg.utils import DepthGError, atomic_write, sha256_file
 
 __all__ = ["VARIANTS", "DEFAULT_VARIANTS", "METRICS", "variant_config", "run_ablation", "summarise",
            "paired_differences", "markdown_table", "backbone_sha256", "load_report", "report_rows",
@@ -118,7 +117,7 @@ def backbone_sha256(cfg: Config) -> str | None:
         path = Path(cfg.weights)
     else:
         return None
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256_file(path)
 
 
 def _stats(values: list[float]) -> dict[str, float]:
