@@ -1,32 +1,8 @@
 """Frozen DINO ViT backbone through timm: weights, patch features and last-layer attention.
 
-DepthG, like STEGO, never trains the backbone: a DINO ViT-S/8 or ViT-B/8 gives the patch features
-``f`` that the segmentation head projects and that the correlation loss uses as its target
-(docs/method.md §5). This module builds the ViT with timm (``pretrained=False``, so timm never
-touches the network) and loads the weights with our own code, so that every official DINO file format
-works offline and nothing is ever unpickled unsafely:
-
-* an official DINO "backbone only" ``.pth`` (a plain ``state_dict`` whose key names are timm's),
-* an official DINO full training checkpoint (``{"teacher": {"module.backbone.…": …}, "student": …,
-  "args": Namespace, …}``): the teacher is taken, ``module.``/``backbone.`` prefixes are stripped and the
-  DINO projection head (``head.*``) is dropped,
-* a ``.safetensors`` file,
-* an ``http(s)://`` or ``file://`` URL, downloaded once into ``torch.hub.get_dir()/checkpoints``,
-* ``"dino"`` or an official file stem such as ``"dino_vitbase8_pretrain"``: the official release URL,
-* ``None``: random initialisation, with a warning that the features mean nothing.
-
-Relation to the released code:
-
-* The released code runs its own copy of DINO's ``vision_transformer.py``. timm's ViT has the same
-  keys and, on the native grid, the same outputs. Off the native grid (the 320 px evaluation → 40×40)
-  timm's ``dynamic_img_size`` resampling differs from DINO's (antialiased bicubic uses another kernel
-  and there is no +0.1 offset), so :class:`Backbone` adds the positional embedding DINO's way
-  (:func:`interpolate_pos_embed`) and matches the released features there too;
-  ``Backbone.pos_embed_interpolation = "timm"`` switches to timm's resampling.
-* Deliberate difference: the released code downloads the DINO weights again every time a model is
-  built or a checkpoint restored; here a URL is downloaded once into the torch hub cache.
-* The default for ``weights="dino"`` is the file the released code downloads, which for ViT-S/8 is
-  the 300-epoch ``dino_deitsmall8_300ep_pretrain`` (timm's ``.dino`` tag is the other ViT-S/8 file).
+Builds the ViT with timm (``pretrained=False``, never touching the network) and loads every official
+DINO file format offline with our own, pickle-safe loader. Which weights load, and how the ViT is run
+off its native grid, is in docs/backbones.md.
 """
 
 from __future__ import annotations
@@ -79,10 +55,8 @@ ALIASES: dict[str, str] = {
 
 DINO_URL_ROOT = "https://dl.fbaipublicfiles.com/dino"
 
-#: Official DINO (v1) "backbone only" release files per timm architecture. The first entry is what
-#: ``weights="dino"`` resolves to: the file the released DepthG/STEGO code downloads
-#: (ViT-S/8 = ``dino_deitsmall8_300ep_pretrain``, ViT-B/8 = ``dino_vitbase8_pretrain``). timm's own ``.dino`` tag for ViT-S/8 is the other ViT-S/8 file,
-#: ``dino_deitsmall8_pretrain``; pass that stem explicitly to get it.
+#: Official DINO "backbone only" files per architecture; the first is what ``weights="dino"`` loads
+#: (the file the released code downloads, docs/backbones.md).
 DINO_FILES: dict[str, tuple[str, ...]] = {
     "vit_small_patch8_224": ("dino_deitsmall8_300ep_pretrain", "dino_deitsmall8_pretrain"),
     "vit_base_patch8_224": ("dino_vitbase8_pretrain",),
@@ -90,8 +64,7 @@ DINO_FILES: dict[str, tuple[str, ...]] = {
     "vit_base_patch16_224": ("dino_vitbase16_pretrain",),
 }
 
-#: Folder holding the workbench's own pretrained tiny ViT (``embedded_vit.json`` + its ``.pth``),
-#: written by ``python -m depthg pretrain``. A module attribute so tests can point it elsewhere.
+#: Folder of the embedded tiny ViT (``embedded_vit.json`` + ``.pth``); an attribute so tests can move it.
 EMBEDDED_DIR = Path(__file__).resolve().parent / "weights"
 EMBEDDED_JSON = "embedded_vit.json"
 
@@ -100,18 +73,11 @@ class BackboneError(DepthGError, RuntimeError):
     """A backbone name, weights file or input the loader cannot use (the message says which and why)."""
 
 
-# --------------------------------------------------------------------------------------------------
-# The frozen module
-# --------------------------------------------------------------------------------------------------
-
-
 class Backbone(nn.Module):
     """A frozen timm ViT that maps images in [0, 1] to last-layer patch features.
 
-    Frozen means: every parameter has ``requires_grad=False`` and the module stays in eval mode even
-    when a parent calls ``.train()`` (as released: its own dropout/drop-path never fire). The channel dropout of STEGO/DepthG (Dropout2d, p=0.1)
-    is *not* applied here: it belongs to the training path (the head's inputs and the correlation
-    target, docs/method.md §3.3) and is done by :class:`depthg.head.SegmentationHead` and the trainer.
+    Parameters never get gradients and the module stays in eval mode even under a parent's ``.train()``;
+    STEGO's channel dropout is the head's and the trainer's job, not this module's.
 
     Attributes:
         timm_model: the underlying ``timm.models.vision_transformer.VisionTransformer``.
@@ -135,11 +101,6 @@ class Backbone(nn.Module):
         self.patch_size = int(patch[0])
         self.embed_dim = int(timm_model.embed_dim)
         self.num_heads = int(timm_model.blocks[-1].attn.num_heads)
-        #: How the positional embedding is resized for inputs off the native grid (e.g. 40x40 at the
-        #: 320 px evaluation): "dino" (default) = DINO's interpolate_pos_encoding, as the released code
-        #: runs it; "timm" = timm's dynamic_img_size resampling (bicubic with antialias, whose kernel
-        #: differs, and no +0.1 offset). Both leave the native grid untouched.
-        self.pos_embed_interpolation: str = "dino"
         # Non-persistent: they are constants, not weights, and must not appear in saved state dicts.
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -150,8 +111,6 @@ class Backbone(nn.Module):
     def train(self, mode: bool = True) -> Backbone:
         """No-op: the backbone is always in eval mode (it is frozen)."""
         return super().train(False)
-
-    # -- inputs ------------------------------------------------------------------------------------
 
     def _check_image(self, img: torch.Tensor) -> None:
         if not isinstance(img, torch.Tensor) or img.ndim != 4 or img.shape[1] != 3:
@@ -164,8 +123,7 @@ class Backbone(nn.Module):
             raise BackboneError(
                 f"img: H and W must be divisible by the patch size {self.patch_size}, got {h}x{w}"
             )
-        # Catch images that were ImageNet-normalised already (they reach about -2.1 and 2.6). The
-        # tolerance leaves room for the small overshoot of antialiased resizing.
+        # ImageNet-normalised images reach about -2.1 and 2.6; the slack allows antialiasing overshoot.
         lo, hi = torch.stack(torch.aminmax(img.detach())).tolist()  # one host sync
         if lo < -0.05 or hi > 1.05:
             raise BackboneError(
@@ -178,14 +136,9 @@ class Backbone(nn.Module):
         self._check_image(img)
         x = (img - self.mean.to(img.dtype)) / self.std.to(img.dtype)
         m = self.timm_model
-        if self.pos_embed_interpolation not in ("dino", "timm"):
-            raise BackboneError(
-                f"pos_embed_interpolation must be 'dino' or 'timm', got {self.pos_embed_interpolation!r}"
-            )
-        if self.pos_embed_interpolation == "timm" or not self._dino_compatible():
+        if not self._dino_compatible():
             return m.forward_features(x)
-        # DINO's forward (vision_transformer.py prepare_tokens): patchify, prepend CLS, add the
-        # positional embedding interpolated DINO's way, then the blocks and the final norm.
+        # DINO's forward: patchify, prepend CLS, add the positional embedding resized DINO's way.
         x = m.patch_embed(x)
         if x.ndim == 4:  # dynamic_img_size gives NHWC
             x = x.flatten(1, 2)
@@ -212,14 +165,8 @@ class Backbone(nn.Module):
         patches = tokens[:, self.timm_model.num_prefix_tokens :, :]
         return patches.reshape(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
 
-    # -- outputs -----------------------------------------------------------------------------------
-
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        """Patch features ``(B, C, H/p, W/p)``: last block, after the final LayerNorm, CLS dropped.
-
-        This is the released code's feature type ``"feat"``. Any H, W divisible
-        by the patch size works (the positional embedding is resampled by timm's dynamic_img_size).
-        """
+        """Patch features ``(B, C, H/p, W/p)``: last block after the final LayerNorm, CLS dropped."""
         tokens = self._tokens(img)
         return self._to_map(tokens, self.grid_size(img))
 
@@ -229,14 +176,7 @@ class Backbone(nn.Module):
 
     @contextlib.contextmanager
     def _capture_last_attention(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Materialise the last block's softmaxed attention for one forward pass.
-
-        timm uses fused scaled-dot-product attention, so the attention matrix never exists. For this
-        pass only, the last block falls back to the explicit path and a hook on ``attn_drop`` (an
-        identity at p=0 in eval mode) receives the softmax output. The
-        other blocks keep the fused kernel, and normal :meth:`forward` calls never pay for the
-        (B, heads, N, N) matrix.
-        """
+        """Materialise the last block's softmaxed attention for one pass (unfused path + ``attn_drop`` hook)."""
         attn = self.timm_model.blocks[-1].attn
         if not hasattr(attn, "fused_attn") or not hasattr(attn, "attn_drop"):
             raise BackboneError(
@@ -268,35 +208,15 @@ class Backbone(nn.Module):
             raise BackboneError(f"backbone {self.name!r}: the last-layer attention was not captured")
         return self._to_map(tokens, self.grid_size(img)), captured["attn"]
 
-    def forward_with_attention(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features and the last layer's CLS → patch attention ``(B, heads, h, w)``.
-
-        The DINO attention maps (``attn[:, :, 0, 1:]``), as in DINO's ``get_last_selfattention``.
-        They do not sum to 1 over the patches, because the CLS → CLS entry is left out.
-        """
-        feats, attn = self.last_attention(img)
-        h, w = self.grid_size(img)
-        npt = self.timm_model.num_prefix_tokens
-        if npt < 1:
-            raise BackboneError(f"backbone {self.name!r} has no CLS token, so it has no CLS attention")
-        cls_attn = attn[:, :, 0, npt:].reshape(attn.shape[0], attn.shape[1], h, w)
-        return feats, cls_attn
-
     def patch_attention(self, img: torch.Tensor) -> torch.Tensor:
         """Last-layer patch → patch attention averaged over heads, ``(B, h*w, h*w)``, row-major cells.
 
-        Row p is how much patch p attends to every patch q (index ``r * w + c``). The prefix token
-        columns are dropped and the rows are *not* renormalised: the attention-guided local hidden
-        positives min-max normalise each row themselves (docs/method.md §7).
+        Row p is how much patch p attends to patch q (index ``r * w + c``); prefix columns are dropped and
+        rows are not renormalised (the local hidden positives min-max normalise them, docs/method.md §7).
         """
         _, attn = self.last_attention(img)
         npt = self.timm_model.num_prefix_tokens
         return attn[:, :, npt:, npt:].mean(dim=1)
-
-
-# --------------------------------------------------------------------------------------------------
-# Names and weights
-# --------------------------------------------------------------------------------------------------
 
 
 def interpolate_pos_embed(
@@ -305,13 +225,10 @@ def interpolate_pos_embed(
     new_grid: tuple[int, int],
     num_prefix_tokens: int = 1,
 ) -> torch.Tensor:
-    """Resize a ViT positional embedding ``(1, prefix + gh*gw, C)`` to a new patch grid, DINO's way.
+    """Resize a positional embedding ``(1, prefix + gh*gw, C)`` to ``new_grid`` exactly as DINO does.
 
-    DINO's ``interpolate_pos_encoding`` (which the released code uses for its 320 px evaluation) calls bicubic ``F.interpolate`` (no antialias) with
-    ``scale_factor = (new + 0.1) / old``; the 0.1 avoids floating-point rounding of the output size,
-    and because PyTorch maps coordinates with the given scale factor it also shifts the sampling
-    positions slightly. This function reproduces that exactly; the prefix (CLS) entries are kept.
-    The native grid is returned unchanged.
+    Bicubic with ``scale_factor = (new + 0.1) / old`` (docs/backbones.md); prefix entries are kept and
+    the native grid is returned unchanged.
     """
     if tuple(new_grid) == tuple(old_grid):
         return pos_embed
@@ -341,11 +258,7 @@ def resolve_name(name: str) -> str:
 
 
 def dino_url(arch: str, which: str = "dino") -> str:
-    """Official DINO release URL for a timm architecture.
-
-    ``which`` is ``"dino"`` (the file the released DepthG code uses, see :data:`DINO_FILES`) or an
-    official file stem such as ``"dino_deitsmall8_pretrain"``.
-    """
+    """Official DINO release URL for an architecture: ``which`` = ``"dino"`` (the default file) or a file stem."""
     arch = resolve_name(arch)
     if arch not in DINO_FILES:
         raise BackboneError(
@@ -384,12 +297,7 @@ def _download_once(url: str) -> Path:
 
 
 def _read_weights_file(path: Path) -> Any:
-    """Read a ``.safetensors`` or ``torch.save`` file without unpickling arbitrary objects.
-
-    DINO's full training checkpoints store their command line as an ``argparse.Namespace``; that one
-    class is allow-listed (rebuilding it only sets attributes, it runs no code). Anything else that
-    needs unpickling is refused by :func:`depthg.utils.safe_torch_load`.
-    """
+    """Read a ``.safetensors`` or ``torch.save`` file; only ``argparse.Namespace`` may be unpickled."""
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights not found: {path}")
     if path.suffix == ".safetensors":
@@ -403,13 +311,7 @@ def _read_weights_file(path: Path) -> Any:
 
 
 def _extract_backbone_state(obj: Any, source: str, model_keys: set[str]) -> dict[str, torch.Tensor]:
-    """Pull the ViT ``state_dict`` out of any official DINO file layout.
-
-    * full DINO training checkpoint → its ``teacher`` (the EMA model DINO evaluates and releases);
-    * generic wrappers ``{"state_dict": …}`` / ``{"model": …}``;
-    * then strip ``module.`` (DDP) and ``backbone.`` (DINO's MultiCropWrapper) prefixes and drop the
-      DINO projection head ``head.*`` when the ViT itself has no ``head`` parameters.
-    """
+    """Pull the ViT ``state_dict`` out of any DINO file layout (teacher, wrappers, prefixes, head dropped)."""
     if not isinstance(obj, Mapping):
         raise BackboneError(f"{source}: expected a state_dict (a dict of tensors), got {type(obj).__name__}")
     if "teacher" in obj:
@@ -448,7 +350,6 @@ def _load_into(model: VisionTransformer, state: dict[str, torch.Tensor], source:
             raise BackboneError(
                 f"{source}: pos_embed {tuple(old.shape)} cannot be resampled to {tuple(new.shape)}"
             )
-        # Bicubic, like DINO's interpolate_pos_encoding.
         state = dict(state)
         state["pos_embed"] = interpolate_pos_embed(
             old, (old_side, old_side), tuple(model.patch_embed.grid_size), num_prefix_tokens=npt
@@ -499,8 +400,7 @@ def _create(arch: str, timm_kwargs: dict[str, Any]) -> VisionTransformer:
             "pass the weights as weights='dino' / a file / a URL instead of pretrained=..."
         )
     kwargs = {"num_classes": 0, "dynamic_img_size": True, **timm_kwargs}
-    # Random init uses a fixed seed on a forked RNG: the same (random) backbone every time, and the
-    # caller's global RNG stream is left untouched.
+    # A fixed seed on a forked RNG: the same random init every time, the caller's RNG untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         try:
@@ -546,17 +446,12 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None, **timm_kw
     """Build a frozen :class:`Backbone`.
 
     Args:
-        name: a timm ViT name (``vit_small_patch8_224``), an alias (``vits8``, ``vitb8``, ``vits16``,
-            ``vitb16``) or ``"embedded"`` (the workbench's own pretrained tiny ViT described by
-            ``depthg/weights/embedded_vit.json``; it brings its own weights).
-        weights: see the module docstring. ``None`` gives random weights and a warning.
-        **timm_kwargs: passed to ``timm.create_model`` (``num_classes=0`` and ``dynamic_img_size=True``
-            are the defaults; tests pass a tiny architecture here).
+        name: a timm ViT name, an alias (``vits8``, ``vitb8``, ``vits16``, ``vitb16``) or ``"embedded"``.
+        weights: a DINO file, URL, ``"dino"``/file stem, or None for random weights (docs/backbones.md).
+        **timm_kwargs: passed to ``timm.create_model`` (tests pass a tiny architecture here).
 
-    Raises:
-        BackboneError (a DepthGError) for unknown names, unusable files and key/shape mismatches, with
-        the missing and unexpected keys listed; FileNotFoundError for a missing local file;
-        depthg.utils.UnsafeCheckpointError for a file that needs arbitrary unpickling.
+    Raises BackboneError for unknown names, unusable files and key/shape mismatches, FileNotFoundError
+    for a missing file and UnsafeCheckpointError for a file that needs arbitrary unpickling.
     """
     if name == "embedded":
         if weights is not None:
@@ -590,12 +485,7 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None, **timm_kw
 def save_backbone_dino_format(
     model_or_state: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike
 ) -> Path:
-    """Write a DINO "backbone only" ``.pth``: a plain ``state_dict`` of tensors, official key names.
-
-    timm's ViT key names are DINO's, so the file loads both here and in
-    DINO's own ``vision_transformer.py``. Accepts a :class:`Backbone`, a timm ViT or a state dict. The
-    file is written atomically (temporary name, then rename).
-    """
+    """Write a :class:`Backbone`, timm ViT or state dict as a DINO "backbone only" ``.pth``, atomically."""
     if isinstance(model_or_state, Backbone):
         state = model_or_state.timm_model.state_dict()
     elif isinstance(model_or_state, nn.Module):

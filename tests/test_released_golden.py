@@ -226,7 +226,8 @@ def compare_vit(fx: Fixture, monkeypatch=None, tmp_dir: Path | None = None):
         # the released ViT was fed ImageNet-normalised images; the workbench normalises internally
         yield f"vit.in.r{res}.img_imagenet", (img - mean) / std, fx[f"vit.in.r{res}.img_imagenet"], 1e-6
         with torch.no_grad():
-            feat, cls_attn = backbone.forward_with_attention(img)
+            feat, attn = backbone.last_attention(img)
+            cls_attn = attn[:, :, 0, 1:].reshape(*attn.shape[:2], *backbone.grid_size(img))  # DINO's CLS maps
             patch_attn = backbone.patch_attention(img)
         yield f"vit.out.r{res}.feat", feat, fx[f"vit.out.r{res}.feat"], TOL_VIT_FEAT
         yield f"vit.out.r{res}.cls_attn", cls_attn, fx[f"vit.out.r{res}.cls_attn"], TOL_VIT_ATTN
