@@ -1,20 +1,8 @@
-"""Unsupervised segmentation metrics: Hungarian-matched pixel accuracy and mIoU (docs/method.md §9).
+"""Segmentation metrics (Hungarian-matched accuracy and mIoU, docs/method.md §9) and depth errors.
 
-The evaluation accumulates one confusion matrix ``stats[cluster, class]`` over the **whole** split, then
-matches clusters to classes once with the Hungarian algorithm (maximising the matched pixel count)
-and reports, in percent,
-
-* accuracy = matched pixels / all valid pixels,
-* IoU_c = tp / (tp + fp + fn) per class, and mIoU = the mean over classes whose IoU is not NaN
-  (a class absent from both ground truth and prediction is left out), as released.
-
-The linear probe is scored by the same class with ``hungarian=False`` (identity mapping).
-
-Difference from the released ``UnsupervisedMetrics`` (``utils.py:202-277``): the released code masks
-out every pixel whose prediction is ``>= n_classes``, so with ``extra_clusters > 0`` the pixels given to
-the extra clusters silently vanish from the denominators. Here every valid pixel counts: pixels of
-unmatched clusters are errors (they lower accuracy and are false negatives of their true class). With
-``extra_clusters = 0`` — every released run — the two agree exactly.
+One confusion matrix is accumulated over the whole split and clusters are matched to classes once.
+Unlike the released metrics, pixels of unmatched extra clusters count as errors (docs/fidelity.md §4;
+identical with ``extra_clusters = 0``).
 """
 
 from __future__ import annotations
@@ -39,14 +27,11 @@ class UnsupervisedMetrics:
     """Accumulate a (clusters × classes) confusion matrix over a split; score it with or without matching.
 
     Args:
-        n_classes: number of ground-truth classes; targets outside ``[0, n_classes)`` are ignored.
-        extra_clusters: clusters beyond ``n_classes`` (over-clustering); predictions must lie in
-            ``[0, n_classes + extra_clusters)``.
-        hungarian: True → Hungarian matching of clusters to classes (cluster probe); False → identity
-            mapping, cluster k is class k (linear probe).
+        n_classes: ground-truth classes; targets outside ``[0, n_classes)`` are ignored.
+        extra_clusters: clusters beyond ``n_classes``; predictions lie in ``[0, n_classes + extra_clusters)``.
+        hungarian: True = Hungarian matching (cluster probe); False = cluster k is class k (linear probe).
 
-    ``stats`` is the int64 confusion matrix ``(n_clusters, n_classes)``, rows = predictions, columns =
-    ground truth; for multi-process evaluation sum it across processes before :meth:`compute`.
+    ``stats`` is the int64 ``(n_clusters, n_classes)`` matrix, rows = predictions, columns = ground truth.
     """
 
     def __init__(self, n_classes: int, extra_clusters: int = 0, hungarian: bool = True) -> None:
@@ -61,16 +46,11 @@ class UnsupervisedMetrics:
         self.hungarian = bool(hungarian)
         self.stats = torch.zeros(self.n_clusters, self.n_classes, dtype=torch.int64)
 
-    def reset(self) -> None:
-        """Forget everything accumulated so far."""
-        self.stats.zero_()
-
     @torch.no_grad()
     def update(self, preds: torch.Tensor | np.ndarray, targets: torch.Tensor | np.ndarray) -> None:
-        """Add a batch: ``preds`` cluster ids and ``targets`` class ids of the same shape (e.g. (B, H, W)).
+        """Add integer ``preds`` (cluster ids) and ``targets`` (class ids) of one shape, e.g. (B, H, W).
 
-        Targets outside ``[0, n_classes)`` (-1 = ignore, 255, ...) are skipped. Predictions must be
-        integers in ``[0, n_clusters)`` everywhere; anything else is a bug upstream and raises.
+        Targets outside ``[0, n_classes)`` are skipped; predictions outside ``[0, n_clusters)`` raise.
         """
         preds = torch.as_tensor(preds)
         targets = torch.as_tensor(targets)
@@ -107,15 +87,9 @@ class UnsupervisedMetrics:
     def compute(self) -> dict[str, Any]:
         """Score everything accumulated.
 
-        Returns a dict with
-            ``accuracy``, ``miou``: floats in percent;
-            ``iou``: list of per-class IoU in percent (``nan`` for a class absent from both
-            ground truth and matched prediction), so that ``miou`` = nan-mean of ``iou``;
-            ``assignment``: list, cluster → class (-1 = unmatched);
-            ``confusion``: int64 tensor ``(n_classes, n_classes)``, rows = predicted class after
-            matching, columns = ground truth (the released ``histogram`` orientation); pixels of
-            unmatched clusters are not in it (they are in ``cluster_confusion``);
-            ``cluster_confusion``: the raw ``(n_clusters, n_classes)`` matrix.
+        Returns ``accuracy`` and ``miou`` (percent), ``iou`` (per class, percent, nan for a class absent
+        from ground truth and prediction), ``assignment`` (cluster → class, -1 = unmatched), ``confusion``
+        ``(n_classes, n_classes)`` after matching (rows = predicted class) and the raw ``cluster_confusion``.
         """
         total = int(self.stats.sum())
         if total == 0:
@@ -143,16 +117,8 @@ class UnsupervisedMetrics:
         }
 
 
-# ----------------------------------------------------------------------------------------------------
-# Depth errors against a reference (AbsRel, delta < 1.25): the standard monocular-depth metrics
-# ----------------------------------------------------------------------------------------------------
-
-
 def _depth_pairs(pred: Any, gt: Any, valid: Any | None) -> tuple[np.ndarray, np.ndarray]:
-    """The (prediction, reference) values of the scored pixels, float64, flattened.
-
-    Scored: ``valid`` (if given) and a finite reference > 0 and a finite prediction.
-    """
+    """Flat float64 (prediction, reference) of the scored pixels: ``valid``, finite gt > 0, finite pred."""
     p = np.asarray(pred.detach().cpu() if isinstance(pred, torch.Tensor) else pred, dtype=np.float64)
     g = np.asarray(gt.detach().cpu() if isinstance(gt, torch.Tensor) else gt, dtype=np.float64)
     if p.shape != g.shape:
@@ -171,21 +137,15 @@ def _depth_pairs(pred: Any, gt: Any, valid: Any | None) -> tuple[np.ndarray, np.
 
 
 def depth_abs_rel(pred: Any, gt: Any, valid: Any | None = None) -> float:
-    """Mean absolute relative error, ``mean(|pred - gt| / gt)`` over the scored pixels (0 = perfect).
-
-    pred, gt: depth maps of one shape (any units, the same for both); valid: optional bool mask.
-    Scored pixels: ``valid`` and finite ``gt`` > 0 and finite ``pred``.
-    """
+    """Mean absolute relative error ``mean(|pred - gt| / gt)`` over the scored pixels (0 = perfect)."""
     p, g = _depth_pairs(pred, gt, valid)
     return float(np.mean(np.abs(p - g) / g))
 
 
 def depth_delta(pred: Any, gt: Any, valid: Any | None = None, threshold: float = 1.25) -> float:
-    """Threshold accuracy: the fraction of scored pixels with ``max(pred / gt, gt / pred) < threshold``.
+    """Fraction of scored pixels with ``max(pred / gt, gt / pred) < threshold`` (delta_1 at 1.25).
 
-    ``threshold`` 1.25 gives the usual delta_1 (1.25**2, 1.25**3 give delta_2, delta_3); in [0, 1], 1 =
-    perfect. A prediction <= 0 never counts as within the threshold. Scored pixels as in
-    :func:`depth_abs_rel`.
+    A prediction <= 0 never counts as within the threshold.
     """
     if not threshold > 1:
         raise MetricsInputError(f"threshold must be > 1, got {threshold}")
@@ -198,18 +158,10 @@ def depth_delta(pred: Any, gt: Any, valid: Any | None = None, threshold: float =
 def align_depth(pred: Any, gt: Any, valid: Any | None = None, align: str = "none") -> tuple[np.ndarray, dict[str, float]]:
     """Fit a prediction to a reference on the scored pixels and apply the fit to the whole map.
 
-    align:
-
-    - ``"none"``: metric predictions as they are;
-    - ``"median"``: multiply the prediction by ``median(gt) / median(pred)`` (for networks that know depth
-      only up to scale);
-    - ``"inverse_affine"``: fit ``a * pred + b`` to the reference's inverse depth ``1 / gt`` by least squares
-      and return ``1 / (a * pred + b)`` (the scale-and-shift-in-disparity protocol for relative networks
-      such as MiDaS/DPT and Depth Anything, whose output is affine in inverse depth; the workbench's
-      relative maps ``1 - minmax(disparity)`` are too). Where the fit is <= 0 the result is 0 (no depth).
-
-    Returns the aligned map (float64, the shape of ``pred``) and ``{"scale", "shift"}`` (1 and 0 for
-    ``"none"``; ``a`` and ``b`` for ``"inverse_affine"``). Scored pixels as in :func:`depth_abs_rel`.
+    ``align``: ``"none"`` (metric predictions), ``"median"`` (scale by ``median(gt) / median(pred)``) or
+    ``"inverse_affine"`` (least-squares ``a * pred + b ≈ 1 / gt``, returning ``1 / (a * pred + b)``, 0
+    where that is <= 0: the protocol for relative networks whose output is affine in inverse depth).
+    Returns the aligned float64 map and ``{"scale", "shift"}``.
     """
     if align not in ("none", "median", "inverse_affine"):
         raise MetricsInputError(f"align must be 'none', 'median' or 'inverse_affine', got {align!r}")
@@ -230,10 +182,7 @@ def align_depth(pred: Any, gt: Any, valid: Any | None = None, align: str = "none
 
 
 def depth_scores(pred: Any, gt: Any, valid: Any | None = None, align: str = "none") -> dict[str, float]:
-    """AbsRel and delta < 1.25 of a depth map against a reference, after :func:`align_depth`.
-
-    Returns ``abs_rel``, ``delta1``, ``n`` (scored pixels) and the alignment's ``scale`` and ``shift``.
-    """
+    """``abs_rel``, ``delta1``, ``n`` (scored pixels), ``scale`` and ``shift`` after :func:`align_depth`."""
     aligned, fit = align_depth(pred, gt, valid, align)
     p, g = _depth_pairs(aligned, gt, valid)
     return {"abs_rel": depth_abs_rel(p, g), "delta1": depth_delta(p, g), "n": int(g.size), **fit}
