@@ -1,20 +1,9 @@
 """Dense-CRF refinement of per-pixel class scores with the released evaluation's parameters.
 
-The released evaluation (STEGO/DepthG ``crf.py``; docs/method.md §9) refines both the
-cluster and the linear output with a fully connected CRF (Krähenbühl & Koltun, pydensecrf):
-
-* unary = -log softmax(logits), the logits bilinearly resized (``align_corners=False``) to the image;
-* Gaussian pairwise term: sxy = 1, compat = 3;
-* bilateral pairwise term: sxy = 67, srgb = 3, compat = 4, on the 8-bit RGB image;
-* 10 mean-field iterations; the argmax is taken by the caller.
-
-pydensecrf is an optional dependency (the ``crf`` extra, package ``pydensecrf2``, a source build).
-Notes on fidelity:
-
-* The released code converts the image RGB → BGR first. The bilateral kernel uses the same ``srgb`` for
-  all three channels, so the channel order does not change the result; this module keeps RGB.
-* A float image is turned into 8 bits as the released code does (``to_pil_image``: ``x * 255``
-  truncated), after checking it lies in [0, 1].
+Unary = -log softmax of the bilinearly resized logits; Gaussian (sxy 1, compat 3) and bilateral (sxy 67,
+srgb 3, compat 4) pairwise terms on the 8-bit RGB image; 10 mean-field iterations (docs/method.md §9).
+The released code feeds BGR, which gives the same result since ``srgb`` is shared by all channels.
+pydensecrf is optional (the ``crf`` extra).
 """
 
 from __future__ import annotations
@@ -29,7 +18,7 @@ from depthg.utils import DepthGError
 
 __all__ = ["CRF_PARAMS", "CRFInputError", "dense_crf"]
 
-#: The released evaluation's settings (``crf.py:13-18``).
+#: The released evaluation's settings.
 CRF_PARAMS = {
     "iterations": 10,
     "gaussian_sxy": 1,
@@ -87,17 +76,12 @@ def dense_crf(
     """Refine ``logits`` (C, h, w) with a dense CRF on ``image``; return probabilities (C, H, W).
 
     Args:
-        image: uint8 (H, W, 3) RGB, or float (3, H, W) in [0, 1] (the workbench's image convention).
-        logits: unnormalised scores or log-probabilities (softmax is taken), (C, h, w); resized to
-            (H, W) bilinearly (``align_corners=False``) when the sizes differ, as released.
+        image: uint8 (H, W, 3) RGB, or float (3, H, W) in [0, 1] (turned into 8 bits as released: x * 255
+            truncated).
+        logits: (C, h, w) scores or log-probabilities, resized bilinearly to (H, W) when sizes differ.
 
-    Returns:
-        float32 probabilities (C, H, W), summing to 1 over C at every pixel; a torch tensor on the
-        logits' device if ``logits`` is a tensor, else a NumPy array.
-
-    Raises:
-        ImportError naming ``pip install -e '.[crf]'`` when pydensecrf is missing; CRFInputError for
-        malformed inputs.
+    Returns float32 probabilities summing to 1 over C: a tensor on the logits' device for tensor logits,
+    else a NumPy array.
     """
     dcrf, unary_from_softmax = _import_pydensecrf()
     rgb = _image_to_uint8(image)
