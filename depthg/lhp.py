@@ -1,28 +1,6 @@
-"""Local hidden positives (LHP): propagate each location's code to its neighbours in 3D or in attention.
+"""Local hidden positives: propagate each cell's code to its neighbours in 3D or in attention, then project.
 
-The DepthG project page says the method "propagates the learning signal to neighbouring regions of the
-sampled patches"; the released code has a module for it (``LocalHiddenPositiveProjection``), switched
-off in every released training command (docs/method.md §7). Here it is a small module:
-
-1. weights W (B, hw, hw) between every pair of feature cells (:meth:`propagation_weights`):
-   * ``strategy="depth"``: pool the depth to the feature grid, unproject it
-     (:func:`depthg.sampling.depth_to_points`), take all pairwise 3D distances, min-max normalise each
-     row to [0, 1] and keep the entries at or below the row's ``quantile`` (0.01 keeps about the 8
-     nearest cells of 784, self included); w = 1 - normalised distance.
-   * ``strategy="attention"``: the backbone's last-layer patch->patch attention (mean over heads),
-     min-max normalised per row. ``paper`` mode keeps the *most* attended ``quantile`` of each row
-     (hidden positives = the patches a patch attends to most). ``released`` mode reproduces the
-     released code, which zeroes the top 1% and keeps the weakest 99% -- the opposite of hidden
-     positives, most likely a bug (docs/fidelity.md §3.12).
-2. propagated code at p = sum_q W_pq code_q / norm, as one batched matrix product (``torch.bmm``;
-   the released code built a 784 x 784 x dim broadcast per image in a Python loop). ``paper`` mode
-   normalises by sum_q W_pq (a weighted mean); ``released`` divides by hw = 784, which shrinks the
-   code ~100x so the projection's bias dominates.
-3. a 2-layer 1x1-conv MLP projection dim -> dim -> dim (ReLU in between).
-
-The trainer recomputes the correlation losses on the propagated code with fresh coordinates and adds
-them with ``lhp_weight``; the positive image gets the projection only
-(:meth:`LocalHiddenPositives.project`).
+docs/method.md §7 gives the method, docs/fidelity.md §3.12 the released variants (``mode="released"``).
 """
 
 from __future__ import annotations
@@ -45,11 +23,9 @@ class LHPError(DepthGError, ValueError):
 
 
 def row_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
-    """The ``q`` quantile of every row of ``x`` (..., n) with linear interpolation, shape (..., 1).
+    """``torch.quantile(x, q, dim=-1, keepdim=True)`` (linear) for (..., n) inputs of any size.
 
-    Same definition as ``torch.quantile`` / ``numpy.quantile`` (default 'linear'), computed with two
-    ``kthvalue`` calls because ``torch.quantile`` refuses inputs above 2**24 elements (B * 784**2
-    exceeds that at B = 32).
+    Two ``kthvalue`` calls, because ``torch.quantile`` refuses more than 2**24 elements (B * 784**2 at B = 32).
     """
     n = x.shape[-1]
     pos = q * (n - 1)
@@ -73,10 +49,10 @@ class LocalHiddenPositives(nn.Module):
 
     Args:
         dim: code dimension D.
-        strategy: ``"depth"`` (the released default) or ``"attention"``.
-        quantile: fraction of each row kept (depth: the nearest; attention: see the module docstring).
-        mode: ``"paper"`` (sum-of-weights normalisation, pinhole unprojection, most attended kept) or
-            ``"released"`` (1/hw normalisation, released unprojection, top-1% attention zeroed).
+        strategy: ``"depth"`` (nearest cells in 3D) or ``"attention"`` (most attended cells).
+        quantile: fraction of each row kept.
+        mode: ``"paper"`` (weighted mean, pinhole unprojection, most attended kept) or ``"released"``
+            (sum / hw, released unprojection, weakest 99% of attention kept).
         fov_deg: field of view for the depth unprojection.
     """
 
@@ -110,11 +86,8 @@ class LocalHiddenPositives(nn.Module):
     ) -> torch.Tensor:
         """The (B, hw, hw) weights W: row p holds how much of every cell q's code flows into p.
 
-        Args:
-            grid_hw: (h, w) of the code's grid.
-            depth: (B, 1, H, W) depth for ``strategy="depth"`` (pooled to (h, w) by adaptive average).
-            attention: (B, hw, hw) patch->patch attention (e.g. ``Backbone.patch_attention``) for
-                ``strategy="attention"``.
+        ``depth`` (B, 1, H, W) is average-pooled to ``grid_hw``; ``attention`` (B, hw, hw) is
+        ``Backbone.patch_attention``.
         """
         h, w = grid_hw
         if self.strategy == "depth":
