@@ -1,12 +1,6 @@
-"""STEGO segmentation head, cluster probe and linear probe (the only trainable parts of DepthG).
+"""STEGO segmentation head, cluster probe and linear probe: the only trainable parts (docs/method.md §5).
 
-* :class:`SegmentationHead` projects frozen DINO features to the segmentation code (docs/method.md §5).
-* :class:`ClusterProbe` is spherical k-means with learnable centroids trained by gradient; it gives the
-  unsupervised segmentation (docs/method.md §5, §9).
-* :class:`LinearProbe` is a 1×1 convolution trained with labels on the detached code; it is only an
-  evaluation instrument (docs/method.md §5).
-
-Both probes are trained on *detached* codes by the trainer, so nothing flows back into the head.
+Both probes are trained by the trainer on detached codes, so nothing flows back into the head.
 """
 
 from __future__ import annotations
@@ -34,12 +28,7 @@ def _as_generator(generator: torch.Generator | int | None) -> torch.Generator | 
 
 
 def _reset_conv_(conv: nn.Conv2d, generator: torch.Generator | None) -> None:
-    """PyTorch's default Conv2d initialisation, drawn from ``generator``.
-
-    Same distributions as ``nn.Conv2d.reset_parameters`` (kaiming-uniform with a=√5 for the weight,
-    U(±1/√fan_in) for the bias), so a head built with a generator matches the released code's
-    initialisation in distribution while being reproducible from an explicit seed.
-    """
+    """``nn.Conv2d.reset_parameters``' distributions drawn from ``generator`` (reproducible from a seed)."""
     nn.init.kaiming_uniform_(conv.weight, a=math.sqrt(5), generator=generator)
     if conv.bias is not None:
         fan_in = conv.weight.shape[1] * conv.weight[0, 0].numel()
@@ -54,16 +43,10 @@ def _check_map(name: str, x: torch.Tensor, channels: int) -> None:
 
 
 class SegmentationHead(nn.Module):
-    """STEGO's projection head: ``code = L(drop1(f)) + N(drop2(f))``.
+    """STEGO's projection head: ``code = L(drop1(f)) + N(drop2(f))`` on the feature grid.
 
-    * L: 1×1 conv ``in_dim → dim`` (the linear path);
-    * N: 1×1 conv ``in_dim → in_dim``, ReLU, 1×1 conv ``in_dim → dim`` (the nonlinear path; hidden width
-      equals the feature width);
-    * drop1, drop2: channel dropout (``Dropout2d``, p = ``dropout`` = 0.1), drawn independently for the
-      two paths and active only in ``train()`` mode.
-
-    The released code uses one ``Dropout2d`` module called twice, which is the same thing: each call
-    draws its own mask. The code stays on the feature grid (28×28 at 224 px).
+    L is a 1×1 conv ``in_dim → dim``; N is 1×1 conv ``in_dim → in_dim``, ReLU, 1×1 conv ``in_dim → dim``;
+    drop1 and drop2 are independent channel dropouts (``Dropout2d``), active only in training.
     """
 
     def __init__(
@@ -100,15 +83,9 @@ class SegmentationHead(nn.Module):
 
 
 class ClusterProbe(nn.Module):
-    """Cosine k-means with learnable centroids (the released ``ClusterLookup``).
+    """Spherical k-means with ``n_classes + extra_clusters`` learnable centroids (``randn`` init, as released).
 
-    ``n_clusters = n_classes + extra_clusters`` centroids of width ``dim``, initialised from a standard
-    normal (``randn``, as released), drawn from ``generator`` (a ``torch.Generator`` or an int seed;
-    None = the global RNG). Codes and centroids are L2-normalised, so scores are cosine similarities.
-
-    Training (``alpha=None``): hard assignment, loss = ``-mean over pixels of max_k cos(code, μ_k)``;
-    minimising it by gradient is mini-batch spherical k-means (only the argmax centroid gets gradient).
-    Evaluation uses ``alpha=2`` and takes ``log_softmax(2 · cos)`` (docs/method.md §9).
+    Minimising ``-mean max_k cos(code, μ_k)`` by gradient is mini-batch spherical k-means.
     """
 
     def __init__(
@@ -135,13 +112,11 @@ class ClusterProbe(nn.Module):
         return torch.einsum("bchw,kc->bkhw", F.normalize(code, dim=1), centroids)
 
     def forward(self, code: torch.Tensor, alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(loss, probs)``.
+        """Return ``(loss, probs)`` for a ``(B, dim, h, w)`` code.
 
-        * ``alpha=None`` (training): ``probs`` is the one-hot hard assignment ``(B, K, h, w)`` and
-          ``loss = -mean_pixels max_k cos``.
-        * ``alpha`` given (evaluation, alpha=2): ``probs`` is ``log_softmax(alpha · cos)`` over clusters
-          — *log*-probabilities, as the released evaluation requests them (``log_probs=True``) — and
-          ``loss`` is the soft version ``-mean_pixels Σ_k softmax(alpha · cos)_k · cos_k``.
+        ``alpha=None`` (training): one-hot ``(B, K, h, w)`` assignment, ``loss = -mean max_k cos``.
+        ``alpha`` given (evaluation, 2): ``log_softmax(alpha · cos)`` and the soft loss
+        ``-mean Σ_k softmax(alpha · cos)_k · cos_k``.
         """
         cos = self.cosine(code)
         if alpha is None:
@@ -152,18 +127,9 @@ class ClusterProbe(nn.Module):
         loss = -(logits.softmax(dim=1) * cos).sum(dim=1).mean()
         return loss, logits.log_softmax(dim=1)
 
-    def predict(self, code: torch.Tensor) -> torch.Tensor:
-        """Hard cluster index per pixel, ``(B, h, w)`` int64."""
-        return self.cosine(code).argmax(dim=1)
-
 
 class LinearProbe(nn.Module):
-    """A 1×1 convolution ``dim → n_classes`` on the detached code (docs/method.md §5).
-
-    Trained with cross-entropy on labels in ``[0, n_classes)``; other labels (-1 = ignore, and any
-    id outside the class range) are left out. The logits are bilinearly upsampled
-    (``align_corners=False``) to the label size before the loss, as released.
-    """
+    """A 1×1 convolution ``dim → n_classes`` on the detached code, trained with cross-entropy."""
 
     def __init__(self, dim: int, n_classes: int, *, generator: torch.Generator | int | None = None) -> None:
         super().__init__()
@@ -181,10 +147,9 @@ class LinearProbe(nn.Module):
         return self.conv(code)
 
     def loss(self, code: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over pixels whose label is in ``[0, n_classes)``.
+        """Cross-entropy of the logits upsampled bilinearly to ``label`` (B, H, W), over labels in range.
 
-        ``label`` is ``(B, H, W)`` int64. With no valid pixel the loss is an exact 0 that still depends
-        on the parameters (so ``backward`` works); the released code would produce NaN there.
+        With no valid pixel the loss is an exact 0 that keeps the graph (the released code gives NaN).
         """
         if label.ndim != 3 or label.shape[0] != code.shape[0] or label.is_floating_point():
             raise HeadInputError(
@@ -199,7 +164,3 @@ class LinearProbe(nn.Module):
             return logits.sum() * 0.0
         flat_logits = logits.permute(0, 2, 3, 1)[valid]
         return F.cross_entropy(flat_logits, label[valid])
-
-    def predict(self, code: torch.Tensor) -> torch.Tensor:
-        """Class index per code cell, ``(B, h, w)`` int64."""
-        return self(code).argmax(dim=1)
