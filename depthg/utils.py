@@ -1,11 +1,8 @@
-"""Small shared helpers: errors, atomic writes and builds, file identity, safe checkpoint loading, devices, seeds.
+"""Shared helpers: errors, atomic writes and builds, file identity, safe checkpoint loading, devices.
 
-Every file the workbench writes goes through :func:`atomic_write` or :func:`atomic_torch_save`: the data
-lands under a temporary name in the same folder and is renamed into place, so a killed run never leaves
-a half-written file behind. Derived folders (crops, feature caches, the synthetic world) are built under
-an inter-process lock (:func:`build_lock`) in ``<folder>.partial`` and swapped into place when complete
-(:func:`publish_dir`), so two processes never build one artefact at once and a reader never sees half of
-one. :func:`file_identity` is what the caches record about their sources (size and modification time).
+Every file is written under a temporary name and renamed into place (:func:`atomic_write`); derived
+folders are built under a lock (:func:`build_lock`) in ``<folder>.partial`` and swapped in whole
+(:func:`publish_dir`), so a killed run or a second process never leaves or sees half an artefact.
 """
 
 from __future__ import annotations
@@ -52,10 +49,7 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temporary file next to ``path``; on success rename it onto ``path``.
-
-    On an exception the temporary file is removed and ``path`` is left untouched.
-    """
+    """Open a temporary file next to ``path``; rename it onto ``path`` on success, remove it on error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -81,11 +75,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """Load a ``torch.save`` file with ``weights_only=True``.
-
-    Files that would need arbitrary unpickling (custom classes, lambdas, ...) are refused with
-    :class:`UnsafeCheckpointError`; nothing in them is executed.
-    """
+    """Load a ``torch.save`` file with ``weights_only=True``; arbitrary unpickling raises UnsafeCheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -109,8 +99,7 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def _torch_file_kind(path: Path) -> str:
-    """"ok" when ``path`` looks like a ``torch.save`` file (a complete zip archive, or a legacy pickle),
-    else what it is instead (empty, truncated, YAML/text), so that no non-checkpoint reaches the unpickler."""
+    """"ok" for a complete zip archive or legacy pickle, else what the file is instead (empty, truncated, text)."""
     size = path.stat().st_size
     if size == 0:
         return "the file is empty"
@@ -145,11 +134,9 @@ def digest(value: Any) -> str:
 
 @contextlib.contextmanager
 def build_lock(target: str | os.PathLike, what: str = "artefact") -> Iterator[None]:
-    """Hold the inter-process lock ``<target>.lock`` (a ``filelock.FileLock``) while building ``target``.
+    """Hold the inter-process lock ``<target>.lock`` while building ``target``; a second process waits.
 
-    A second process asking for the same lock waits (with one line on stderr) instead of racing; the lock
-    is released when the block ends, however it ends. Not re-entrant across different lock objects, so
-    nested builds must lock different targets.
+    Not re-entrant across lock objects, so nested builds must lock different targets.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -172,11 +159,7 @@ def partial_dir(target: str | os.PathLike) -> Path:
 
 
 def publish_dir(built: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Move the finished folder ``built`` to ``target`` (call under :func:`build_lock`).
-
-    An old ``target`` is first renamed aside and then deleted, so ``target`` is at every moment either
-    the old complete folder, briefly absent, or the new complete folder -- never a mix of the two.
-    """
+    """Move the finished folder ``built`` to ``target`` (under :func:`build_lock`), never mixing old and new."""
     built, target = Path(built), Path(target)
     old = None
     if target.exists():
