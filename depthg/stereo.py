@@ -1,19 +1,8 @@
-"""Depth from a rectified stereo pair: calibration, disparity -> metric depth, and a weight-free matcher.
+"""Depth from a rectified stereo pair: calibration, disparity -> metric depth, and OpenCV's SGBM matcher.
 
-A rectified pair sees a point at column ``x_l`` in the left image and ``x_r = x_l - d`` in the right one;
-with focal length f (pixels), baseline B and the principal points' column offset ``doffs = cx_r - cx_l``
-(Middlebury's convention; 0 for most rigs), its depth is
-
-    Z = B * f / (d + doffs).
-
-:class:`StereoCalibration` holds these numbers plus the left camera's intrinsics (for unprojection,
-:func:`depthg.sampling.depth_to_points_intrinsics`). :func:`sgbm_disparity` runs OpenCV's semi-global
-block matcher (Hirschmüller's SGM, ``cv2.StereoSGBM``): a classical depth source that needs no network
-weights, used by ``notebooks/01_depth_estimation.ipynb`` as the baseline every monocular network is
-compared with.
-
-Depth maps here are (H, W) float32 metres with a boolean mask of valid pixels; invalid pixels hold 0,
-the "no depth" value of the workbench's depth caches (``depthg.depth.DepthCache``).
+A point at column ``x_l`` in the left image and ``x_l - d`` in the right has depth
+``Z = baseline * f / (d + doffs)`` (``doffs`` = principal points' column offset, Middlebury's convention).
+Depth maps are (H, W) float32 metres with a bool mask; invalid pixels hold 0 ("no depth").
 """
 
 from __future__ import annotations
@@ -34,14 +23,7 @@ class StereoError(DepthGError, ValueError):
 
 @dataclass(frozen=True)
 class StereoCalibration:
-    """A rectified stereo rig: the left camera's pinhole intrinsics, the baseline and the disparity offset.
-
-    Attributes:
-        fx, fy: focal lengths in pixels (equal for square pixels).
-        cx, cy: principal point of the left camera in pixels (column, row; pixel centres at integers).
-        baseline: distance between the camera centres in metres.
-        doffs: column offset of the principal points, right minus left, in pixels (Middlebury's ``doffs``).
-    """
+    """A rectified rig: left-camera intrinsics ``fx, fy, cx, cy`` (pixels), ``baseline`` (metres), ``doffs``."""
 
     fx: float
     fy: float
@@ -57,20 +39,13 @@ class StereoCalibration:
 
     @property
     def intrinsics(self) -> tuple[float, float, float, float]:
-        """(fx, fy, cx, cy) in pixels, the arguments of :func:`depthg.sampling.depth_to_points_intrinsics`."""
+        """(fx, fy, cx, cy) in pixels."""
         return (self.fx, self.fy, self.cx, self.cy)
 
     def disparity_to_depth(self, disparity: np.ndarray, valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Metric depth from a left-image disparity map.
+        """(H, W) disparity in pixels (+ optional bool mask) -> (depth metres float32, valid bool).
 
-        Args:
-            disparity: (H, W) disparity in pixels; NaN/inf mark pixels without a value.
-            valid: optional (H, W) bool mask of pixels the matcher trusts (ANDed with the finite check).
-
-        Returns:
-            depth (H, W) float32 in metres, ``baseline * fx / (disparity + doffs)``, 0 where invalid;
-            valid (H, W) bool. A pixel is invalid when its disparity is not finite, masked out, or
-            ``disparity + doffs <= 0`` (a point at or behind infinity: no finite positive depth).
+        Invalid: a non-finite or masked disparity, or ``disparity + doffs <= 0`` (no finite positive depth).
         """
         d = np.asarray(disparity, dtype=np.float64)
         if d.ndim != 2:
@@ -102,21 +77,12 @@ def sgbm_disparity(
     """Left-image disparity of a rectified pair with OpenCV's semi-global block matcher (no weights).
 
     Args:
-        left, right: (H, W, 3) uint8 RGB or (H, W) uint8 grey images of a rectified pair.
-        num_disparities: size of the searched disparity range, a positive multiple of 16; the range is
-            ``[min_disparity, min_disparity + num_disparities)`` pixels and must contain the scene's
-            disparities (the Middlebury motorcycle at 741x500 spans about 7..60 px).
-        block_size: odd matching window size; smoothness penalties follow OpenCV's recommendation,
-            P1 = 8 * channels * block_size**2 and P2 = 32 * channels * block_size**2.
-        min_disparity, uniqueness_ratio, speckle_window_size, speckle_range: OpenCV's settings of the
-            same names (uniqueness check, speckle filter of small disparity islands).
-        mode: "sgbm" (5 directions), "hh" (full 8-direction SGM, Hirschmüller's original) or "3way".
+        left, right: (H, W, 3) uint8 RGB or (H, W) uint8 grey images.
+        num_disparities: searched range ``[min_disparity, min_disparity + num_disparities)``, a multiple of 16.
+        block_size: odd window; P1, P2 = 8 and 32 * channels * block_size**2 (OpenCV's recommendation).
+        mode: "sgbm" (5 directions), "hh" (full 8-direction SGM) or "3way"; the rest are OpenCV's settings.
 
-    Returns:
-        disparity (H, W) float32 in pixels (OpenCV's 4-bit fixed point divided by 16), NaN where the
-        matcher gives no value; valid (H, W) bool. Invalid are the pixels OpenCV marks with
-        ``min_disparity - 1``: failed uniqueness or left-right check, speckles, and the leftmost
-        ``min_disparity + num_disparities`` columns, whose match could lie outside the right image.
+    Returns (H, W) float32 disparity in pixels (NaN where the matcher gives none) and the bool mask.
     """
     modes = {"sgbm": cv2.STEREO_SGBM_MODE_SGBM, "hh": cv2.STEREO_SGBM_MODE_HH, "3way": cv2.STEREO_SGBM_MODE_SGBM_3WAY}
     if mode not in modes:

@@ -1,15 +1,9 @@
 """Real data out of the box: the Middlebury 2014 "Motorcycle" stereo pair shipped with scikit-image.
 
-``skimage.data.stereo_motorcycle()`` returns a rectified left/right pair and the ground-truth disparity of
-the left image at 741x500 pixels (the benchmark's images down-sampled by 4; Scharstein et al., GCPR
-2014). Its calibration for this size is in :data:`MOTORCYCLE_CALIBRATION`: the full-resolution
-``calib.txt`` divided by 4 (focal length, principal point, ``doffs``), the baseline unchanged. With it the
-disparity becomes metric depth, ``Z = baseline * f / (d + doffs)`` (about 2.1 to 5.0 m here), and the
-depth an exact-enough 3D point cloud of a real scene. No download: the files ship inside scikit-image.
-
-:func:`load_motorcycle` returns a :class:`StereoScene`; ``scene.depth`` / ``scene.valid`` are the
-reference for depth estimators (``notebooks/01_depth_estimation.ipynb``) and ``scene.point_cloud()`` is
-the real cloud that ``notebooks/02_fps_point_clouds.ipynb`` samples with FPS.
+``skimage.data.stereo_motorcycle()`` is a rectified pair with the left image's ground-truth disparity at
+741x500 (the benchmark's images down-sampled by 4; Scharstein et al., GCPR 2014). Its calibration here is
+the full-resolution ``calib.txt`` divided by 4 (baseline unchanged), giving metric depth of about 2.1 to
+5.0 m: the depth reference and the real point cloud the notebooks use. No download.
 """
 
 from __future__ import annotations
@@ -32,14 +26,8 @@ MOTORCYCLE_CALIBRATION = StereoCalibration(fx=994.978, fy=994.978, cx=311.193, c
 
 @dataclass(frozen=True)
 class StereoScene:
-    """A rectified stereo pair with ground-truth disparity and calibration.
-
-    Attributes:
-        name: a short label for titles and result files.
-        left, right: (H, W, 3) uint8 RGB images.
-        disparity: (H, W) float32 ground-truth disparity of the left image in pixels, NaN where unknown.
-        calibration: the rig (:class:`depthg.stereo.StereoCalibration`).
-    """
+    """A rectified pair: ``left``, ``right`` (H, W, 3) uint8, ground-truth ``disparity`` (H, W) float32
+    (NaN = unknown) of the left image, and its ``calibration``."""
 
     name: str
     left: np.ndarray
@@ -73,17 +61,11 @@ class StereoScene:
         return torch.from_numpy(self.left).permute(2, 0, 1).float() / 255.0
 
     def point_cloud(self, stride: int = 1, offset: int | None = None) -> dict[str, np.ndarray]:
-        """Unproject the ground-truth depth of every ``stride``-th pixel to 3D with the real intrinsics.
+        """Unproject the ground-truth depth of pixels (offset + i*stride, offset + j*stride) to 3D.
 
-        Args:
-            stride: keep pixels (offset + i*stride, offset + j*stride); 1 = every pixel.
-            offset: first kept row/column; default ``stride // 2`` (the centre of each stride x stride cell,
-                like one point per backbone patch).
-
-        Returns:
-            ``points`` (N, 3) float32 metres (X right, Y down, Z forward from the left camera), ``colors``
-            (N, 3) uint8 RGB of those pixels, ``pixels`` (N, 2) int64 (row, col) in the full image, for the
-            N kept pixels that have ground truth, in row-major order.
+        ``offset`` defaults to ``stride // 2`` (cell centres, like one point per patch). Returns, for the N
+        kept pixels with ground truth in row-major order, ``points`` (N, 3) float32 metres (X right, Y down,
+        Z forward), ``colors`` (N, 3) uint8 and ``pixels`` (N, 2) int64 (row, col).
         """
         if stride < 1:
             raise StereoError(f"stride must be >= 1, got {stride}")
@@ -104,10 +86,7 @@ class StereoScene:
 
 
 def load_motorcycle() -> StereoScene:
-    """The Middlebury 2014 "Motorcycle" pair shipped with scikit-image, with its 741x500 calibration.
-
-    Needs ``scikit-image`` (a pinned dependency); reads the files from the installed package, no network.
-    """
+    """The Middlebury 2014 "Motorcycle" pair shipped with scikit-image, with its 741x500 calibration."""
     left, right, disparity = stereo_motorcycle()
     return StereoScene("Middlebury 2014 Motorcycle (741x500)", np.ascontiguousarray(left), np.ascontiguousarray(right),
                        np.asarray(disparity, dtype=np.float32), MOTORCYCLE_CALIBRATION)
