@@ -1,29 +1,25 @@
-"""Are the embedded backbone's features meaningful? Linear and kNN probes on synthetic-world labels.
+"""Do a backbone's patch features carry the scene? Linear and kNN probes on synthetic-world labels.
 
-Issue 7 asks for evidence that the workbench's own DINO-pretrained ViT (``load_backbone("embedded")``,
-trained by ``depthg/pretrain.py``) gives features that mean something. This script renders a fresh
-small synthetic world (``make_world`` with a seed the pretraining stream never used), extracts frozen
-patch features for every image, and scores two standard probes at the patch level:
+Renders a small synthetic world (``make_world`` with a seed of its own), extracts frozen patch
+features for every image, and scores two standard probes at the patch level:
 
-* **linear probe**: multinomial logistic regression on the (standardised) patch features, trained on
-  the train split, scored on the val split;
-* **kNN probe**: each val patch takes the majority label of its k=20 most cosine-similar train
-  patches (DINO's k-NN evaluation, at patch level).
+* **linear probe**: multinomial logistic regression (L-BFGS) on standardised patch features, trained
+  on the train split, scored on the val split;
+* **kNN probe**: each val patch takes the majority label of its k=20 most cosine-similar train patches.
 
-The target of a patch is the majority label of its 8x8 pixels (Cityscapes label ids mapped to
-0..K-1 through ``world.json``; pixels of other ids are ignored, as is a patch with none labelled).
-Accuracy = fraction of val patches correct, mIoU = mean over the classes present in the val
-targets of TP / (TP + FP + FN), both in percent.
+The target of a patch is the majority label of its 8x8 pixels (pixels of unlisted ids are ignored, as
+is a patch with none labelled). Accuracy = fraction of val patches correct; mIoU = mean over the classes
+present in the val targets of TP / (TP + FP + FN); both in percent. The same probes run on the same
+architecture at random initialisation (timm's init, seed 0) and on raw pixels (each patch's 8x8x3
+values), so a backbone's gain is read against both.
 
-The same probes run on the same architecture at random initialisation (``load_backbone(timm_name,
-weights=None, **timm_kwargs)``, timm's init with seed 0) and on raw pixels (each patch's 8x8x3
-RGB values, the same 192 numbers a ViT-S/8 patch embedding sees), so the gain of pretraining is read
-against both.
+``--backbone`` takes ``depthg/weights/embedded_vit.json`` (default) or the ``teacher_backbone.json`` a
+pretraining run exports every few steps, so progress can be checked during pretraining. World seeds:
+1234 is the probe world on which recipe choices were made; 777 is the held-out world of the reported
+numbers (see depthg/weights/MODEL_CARD.md). Usage::
 
-Usage (numbers in depthg/weights/MODEL_CARD.md come from this exact command)::
-
-    .venv/bin/python benchmarks/probe_backbone.py --world-dir ~/.cache/depthg/probe_world \\
-        --out benchmarks/results/probe_backbone.json
+    .venv/bin/python benchmarks/probe_backbone.py --world-seed 777 --role "held-out world: report" \\
+        --world-dir ~/.cache/depthg/probe_world_777 --out benchmarks/results/probe_backbone.json
 """
 
 from __future__ import annotations
@@ -157,18 +153,52 @@ def probe(name: str, feats_tr: torch.Tensor, feats_va: torch.Tensor, ytr: torch.
     return result
 
 
+def load_named_backbone(meta_path: Path) -> tuple[object, dict]:
+    """The backbone an architecture JSON (``embedded_vit.json`` or a pretraining run's
+    ``teacher_backbone.json``) describes, loaded the way ``load_backbone("embedded")`` loads it."""
+    saved = backbone_mod.EMBEDDED_DIR, backbone_mod.EMBEDDED_JSON
+    backbone_mod.EMBEDDED_DIR, backbone_mod.EMBEDDED_JSON = meta_path.parent, meta_path.name
+    try:
+        return backbone_mod.load_backbone("embedded"), json.loads(meta_path.read_text())
+    finally:
+        backbone_mod.EMBEDDED_DIR, backbone_mod.EMBEDDED_JSON = saved
+
+
+def markdown(report: dict) -> str:
+    """The report as a markdown table (percent)."""
+    w = report["world"]
+    lines = [f"# Backbone probe: world seed {w['seed']} ({w['role']})", "",
+             f"Command: `{report['command']}`", "",
+             f"World: `make_world` seed {w['seed']}, {w['n_train']} train / {w['n_val']} val images at "
+             f"{w['size'][0]}x{w['size'][1]}, {w['n_classes']} classes; patch grid "
+             f"{report['patch_grid'][0]}x{report['patch_grid'][1]}; target = majority label of each 8x8 patch.",
+             f"Backbone: `{report['backbone']['path']}` (sha256 `{report['backbone']['weights_sha256'][:16]}...`, "
+             f"exported at step {report['backbone'].get('step', '?')}).", "",
+             "| features | linear acc | linear mIoU | kNN acc | kNN mIoU |", "|---|---|---|---|---|"]
+    for name, r in report["results"].items():
+        lines.append(f"| {name} | {r['linear']['accuracy']:.2f} | {r['linear']['miou']:.2f} | "
+                     f"{r['knn']['accuracy']:.2f} | {r['knn']['miou']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world-dir", default=str(Path.home() / ".cache" / "depthg" / "probe_world"),
                         help="where the probe world is rendered (reused if it exists with these arguments)")
     parser.add_argument("--world-seed", type=int, default=1234)
+    parser.add_argument("--role", default="probe world: recipe choices",
+                        help="what this world is used for (written into the report)")
     parser.add_argument("--n-train", type=int, default=120)
     parser.add_argument("--n-val", type=int, default=40)
     parser.add_argument("--size", type=int, nargs=2, default=(128, 256), metavar=("H", "W"))
     parser.add_argument("--k", type=int, default=20)
-    parser.add_argument("--weights-dir", default=None,
-                        help="folder with embedded_vit.json/.pth (default: depthg/weights)")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "probe_backbone.json"))
+    parser.add_argument("--backbone", default=str(REPO / "depthg" / "weights" / "embedded_vit.json"),
+                        help="architecture JSON of the backbone to probe: depthg/weights/embedded_vit.json "
+                             "or a pretraining run's teacher_backbone.json (any checkpoint during training)")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="skip the random-init and raw-pixel baselines (faster progress checks)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "probe_backbone.json"),
+                        help="JSON report; the markdown table goes next to it (.md)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
 
@@ -181,30 +211,34 @@ def main(argv: list[str] | None = None) -> dict:
     img_va, lab_va = load_split(Path(root), "val", label_ids)
     ytr, yva = patch_targets(lab_tr, n_classes), patch_targets(lab_va, n_classes)
 
-    if args.weights_dir:
-        backbone_mod.EMBEDDED_DIR = Path(args.weights_dir)
-    meta_path = Path(backbone_mod.EMBEDDED_DIR) / backbone_mod.EMBEDDED_JSON
-    meta = json.loads(meta_path.read_text())
-    embedded = backbone_mod.load_backbone("embedded")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the random-weights warning is the point here
-        random_init = backbone_mod.load_backbone(meta["timm_name"], weights=None, **meta["timm_kwargs"])
+    meta_path = Path(args.backbone)
+    if not meta_path.is_file():
+        raise SystemExit(f"depthg: error: no backbone JSON at {meta_path} (expected embedded_vit.json or "
+                         "teacher_backbone.json)")
+    backbone, meta = load_named_backbone(meta_path)
+    candidates = [("backbone", backbone)]
+    if not args.no_baselines:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the random-weights warning is the point here
+            random_init = backbone_mod.load_backbone(meta["timm_name"], weights=None, **meta["timm_kwargs"])
+        candidates += [("random_init", random_init), ("pixels", pixel_patches)]
 
     results: dict = {}
-    for name, fn in (("embedded", embedded), ("random_init", random_init), ("pixels", pixel_patches)):
+    for name, fn in candidates:
         results[name] = probe(name, extract(fn, img_tr), extract(fn, img_va), ytr, yva, n_classes, args.k)
-
+    step_file = meta_path.parent / "teacher_backbone_step.json"
     report = {
         "command": "python benchmarks/probe_backbone.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "world": {"seed": args.world_seed, "n_train": args.n_train, "n_val": args.n_val,
+        "world": {"seed": args.world_seed, "role": args.role, "n_train": args.n_train, "n_val": args.n_val,
                   "size": list(args.size), "generator_version": GENERATOR_VERSION,
                   "n_classes": n_classes, "label_ids": label_ids},
         "patch_grid": [args.size[0] // PATCH, args.size[1] // PATCH],
         "protocol": {"target": "majority label of each 8x8 patch", "knn_k": args.k,
                      "knn_metric": "cosine", "linear": "logistic regression, L-BFGS, standardised features",
                      "units": "percent"},
-        "backbone": {"timm_name": meta["timm_name"], "timm_kwargs": meta["timm_kwargs"],
-                     "weights_sha256": sha256_file(meta_path.parent / meta["weights"])},
+        "backbone": {"path": meta_path.name, "timm_name": meta["timm_name"], "timm_kwargs": meta["timm_kwargs"],
+                     "weights_sha256": sha256_file(meta_path.parent / meta["weights"]),
+                     **(json.loads(step_file.read_text()) if step_file.is_file() else {})},
         "results": results,
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
@@ -213,7 +247,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     with atomic_write(out, "w") as handle:
         json.dump(report, handle, indent=2)
-    print(f"wrote {out}")
+    with atomic_write(out.with_suffix(".md"), "w") as handle:
+        handle.write(markdown(report))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
     return report
 
 

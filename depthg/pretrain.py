@@ -1,69 +1,31 @@
-"""DINO self-distillation of a small ViT on freshly rendered synthetic-world images.
+"""Self-supervised pretraining of the embedded ViT on freshly rendered synthetic-world images.
 
-Why this file exists: without DINO weights (no network here) every run on the embedded default would
-use a random ViT whose features mean nothing. This file trains the workbench's *own* small
-self-supervised backbone, the ``embedded`` backbone of ``depthg.backbone.load_backbone`` (issue 7),
-with the recipe of DINO (Caron et al., ICCV 2021, facebookresearch/dino ``main_dino.py``), written
-from the paper's description in one flat file:
+Without DINO weights every run on the embedded default would read a random ViT. This module trains
+the workbench's own small backbone (``load_backbone("embedded")``) with two self-distillation
+objectives between a student ViT and its EMA teacher:
 
-* **student / teacher**: two ViTs of the same architecture (timm ``VisionTransformer``, patch 8, so
-  the feature grid at 128 px is 16x16, the role ViT-S/8 plays at 224 px) each followed by a DINO
-  head (MLP -> bottleneck -> L2-normalised prototypes = a weight-normalised linear layer whose norm
-  is fixed to 1). Only the student gets gradients; the teacher is an exponential moving average
-  (EMA) of the student with a momentum that follows a cosine schedule to 1 (from 0.992, DINOv2's
-  default; DINO v1 uses 0.996 with far longer runs).
-* **centring and sharpening**: the teacher's outputs are centred and sharpened with a low
-  temperature (DINO: 0.04 warmed up linearly to 0.07; default here: constant 0.02, see "Collapse");
-  the student uses 0.1. The loss is the cross-entropy between the teacher's distribution on each
-  global crop and the student's on every *other* crop. Centring is either DINO v1's (``centering="ema"``: subtract an EMA of the batch
-  mean) or DINOv2's Sinkhorn-Knopp balanced assignment (``centering="sinkhorn"``, the default),
-  plus DINOv2's KoLeo regulariser on the student's CLS tokens (``koleo_weight=0.1``).
-* **multi-crop**: 2 global crops and ``n_local`` small local crops per image, each with random
-  resized cropping, flips, colour jitter, grayscale, Gaussian blur and (second global crop only)
-  solarisation -- all vectorised over the batch and driven by one ``torch.Generator``.
-* **schedules**: AdamW, learning rate with linear warm-up then cosine decay, weight decay cosine
-  from 0.04 to 0.4, per-parameter gradient clipping, and the last head layer frozen during the
-  first epoch-equivalent (DINO's ``freeze_last_layer``).
+* **image level (DINO)**: the student's CLS token on every crop predicts the teacher's CLS
+  distribution on the *other* global crops (2 global + ``n_local`` local crops, DINO's augmentations);
+* **patch level (iBOT / DINOv2)**: on half of the global crops a random set of blocks of patches is
+  replaced by a learned mask token before the student sees them; the student's output at each masked
+  patch predicts the teacher's output at the same patch of the unmasked crop. This is the objective that
+  makes *patch* features carry the scene, which is what STEGO and DepthG read.
 
-Collapse, and why the defaults differ from DINO v1's. On this budget (~1,000 steps of batch 32 on
-one shared CPU core, ~100x fewer images than one ImageNet epoch of DINO) five runs were stopped
-after 100-400 steps because the teacher drifted to the *uniform* output: its per-sample entropy
-rose towards ln(out_dim), the loss sat at ~ln(out_dim), and linear / kNN probes of the teacher equal
-those of a random ViT. DINO v1's EMA centring with out_dim 2048 (teacher temperature 0.04->0.07 or
-constant 0.04, momentum 0.996 or 0.99, lr 3e-4 or 5e-4; after 200 steps the teacher mapped all images
-to nearly the same bottleneck vector, mean cosine 0.94), Sinkhorn-Knopp + KoLeo with out_dim 2048
-and 0.04->0.07, and with out_dim 256 at 0.04, all did so. What trained was DINOv2's Sinkhorn-Knopp
-centring + KoLeo with few prototypes (256, bottleneck 64) and a sharper teacher (constant 0.02):
-the teacher's entropy then *falls* (4.2 -> ~3.8 nats of ln 256 = 5.55 by step 570) and the probes
-rise above random init. These are the defaults; ``centering="ema"``, ``koleo_weight=0``,
-``out_dim=65536``, ``teacher_temp=0.07``, ``warmup_teacher_temp=0.04`` and
-``momentum_teacher=0.996`` give DINO v1's recipe for longer runs (e.g. on a GPU). The logs of all
-six runs are summarised in depthg/weights/MODEL_CARD.md.
+Both heads are DINO heads (MLP -> bottleneck -> L2-normalised prototypes); the teacher's outputs are
+centred with DINOv2's Sinkhorn-Knopp balanced assignment (or DINO v1's EMA centre for the CLS head),
+and the student's CLS tokens get DINOv2's KoLeo regulariser. Schedules (learning rate, weight decay,
+teacher momentum and temperature) are pure functions of the step, and the image stream, crops and
+masks come from one ``torch.Generator``: a resumed run is bit-identical to an uninterrupted one.
 
-Data: a *pool* of images rendered by ``depthg.data.synthetic.render_scene`` (the same procedural
-street world the workbench trains and evaluates on). Rendering costs ~0.04 s per 128x256 image on
-this CPU (measured), far more than one crop, so the pool is filled once and then refreshed gradually: every step the
-``refresh_per_step`` oldest images are replaced by new renders (round robin). This is done in the
-main loop, not a background thread, so that a run is a pure function of its seed and a resumed
-run is bit-identical to an uninterrupted one on the same machine. Image ``k`` of the stream is
-rendered from the seed sequence ``(seed, 7919, k)``, so the stream never repeats an image and never
-reproduces an image of ``make_world`` (whose images use ``(seed, 0 | 1, index)`` for train | val).
-Refreshing 8 images per step costs ~0.3 s against ~1.5 s of training compute per step.
+Data: a pool of ``pool_size`` rendered images, ``refresh_per_step`` of which are replaced by new
+renders every step. Image ``k`` of the stream is rendered from the seed sequence ``(seed, 7919, k)``,
+so it never repeats and never reproduces an image of ``make_world`` (which uses ``(seed, 0|1, i)``).
 
-Outputs (all under ``out_dir``, written atomically; nothing goes into the repository):
-
-* ``checkpoint.pth`` -- the full training state (student, teacher, optimiser, step, centre, image
-  pool, RNG states), plain tensors only so it loads with ``weights_only=True``;
-* ``teacher_backbone.pth`` + ``teacher_backbone.json`` -- the teacher ViT in the official DINO
-  "backbone only" format (a flat state_dict with DINO / timm key names: ``cls_token``,
-  ``pos_embed``, ``patch_embed.proj.weight``, ``blocks.0.attn.qkv.weight``, ..., ``norm.bias``) and the
-  architecture ``{"timm_name", "timm_kwargs", "weights"}`` that ``load_backbone("embedded")`` reads. Exported every ``export_every`` steps, so a run cut
-  short still leaves its latest teacher behind;
-* ``log.jsonl`` -- one JSON line per ``log_every`` steps (loss, schedules, teacher entropy, speed).
-
-Run it with ``python -m depthg pretrain ...`` or ``python -m depthg.pretrain ...``; see
-``add_pretrain_arguments`` for the options and ``depthg/weights/MODEL_CARD.md`` for the command that
-produced the committed weights.
+Outputs under ``out_dir`` (written atomically; nothing goes into the repository): ``checkpoint.pth``
+(full state, plain tensors, loads with ``weights_only=True``), ``teacher_backbone.pth`` + ``.json``
+(the teacher ViT in DINO's backbone-only format, exported every ``export_every`` steps) and
+``log.jsonl``. The recipe of the committed weights, its wall time and its probes are in
+``depthg/weights/MODEL_CARD.md``; why the defaults differ from DINO v1's is in ``docs/backbones.md``.
 """
 
 from __future__ import annotations
@@ -74,6 +36,8 @@ import math
 import shutil
 import sys
 import time
+from dataclasses import dataclass
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any, Callable
 
@@ -95,19 +59,27 @@ CHECKPOINT_NAME = "checkpoint.pth"
 BACKBONE_NAME = "teacher_backbone.pth"
 BACKBONE_JSON = "teacher_backbone.json"
 LOG_NAME = "log.jsonl"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
-# Hyper-parameters that define the run. A resumed run must agree on all of them (the schedules and
-# the data stream depend on every one); the others (device, stop_at, checkpoint_every, ...) may
-# change between a run and its resumption.
-RUN_KEYS = (
-    "steps", "batch_size", "seed", "embed_dim", "depth", "num_heads", "mlp_ratio", "drop_path",
-    "global_size", "local_size", "n_local", "global_scale", "local_scale", "render_size",
-    "pool_size", "refresh_per_step", "renderer", "out_dim", "head_hidden_dim", "bottleneck_dim",
-    "lr", "min_lr", "warmup_steps", "weight_decay", "weight_decay_end", "momentum_teacher",
-    "student_temp", "teacher_temp", "warmup_teacher_temp", "warmup_teacher_temp_steps",
-    "center_momentum", "centering", "koleo_weight", "clip_grad", "freeze_last_layer_steps",
+#: The recipe: every value that defines a run (schedules and data stream depend on all of them), so a
+#: resumed run must agree on each. These are the settings of the committed weights.
+DEFAULTS: dict[str, Any] = dict(
+    steps=800, batch_size=16, seed=0,
+    # ViT-Tiny width at half depth, patch 8
+    embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0, drop_path=0.1,
+    # multi-crop: global crops at the resolution the backbone is used at (128 px = 16 patches)
+    global_size=128, local_size=48, n_local=4, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25),
+    render_size=(128, 256), pool_size=512, refresh_per_step=8, renderer="synthetic",
+    # DINO (CLS) head and iBOT (patch) head
+    out_dim=256, head_hidden_dim=512, bottleneck_dim=64, ibot_out_dim=256, ibot_weight=1.0,
+    mask_prob=0.5, mask_ratio=(0.1, 0.5),
+    # optimisation
+    lr=5e-4, min_lr=1e-6, warmup_steps=None, weight_decay=0.04, weight_decay_end=0.4,
+    momentum_teacher=0.992, student_temp=0.1, teacher_temp=0.02, warmup_teacher_temp=0.02,
+    warmup_teacher_temp_steps=None, center_momentum=0.9, centering="sinkhorn", koleo_weight=0.1,
+    clip_grad=3.0, freeze_last_layer_steps=None,
 )
+RUN_KEYS = tuple(DEFAULTS)
 
 
 class PretrainError(DepthGError, ValueError):
@@ -195,16 +167,19 @@ class DINOHead(nn.Module):
         return x @ F.normalize(self.last_layer, dim=-1).t()
 
 
-def vit_tokens(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """All output tokens (B, 1 + h*w, C) of a timm ViT, after the final LayerNorm, computed DINO's
-    way: the positional embedding is resized to the crop's patch grid with DINO's bicubic
-    ``interpolate_pos_encoding`` (``depthg.backbone.interpolate_pos_embed``), exactly as
-    ``depthg.backbone.Backbone`` does at inference, so the exported weights are used at other
-    resolutions the same way they were trained on crops of other sizes.
+def vit_tokens(vit: nn.Module, x: torch.Tensor, mask: torch.Tensor | None = None,
+               mask_token: torch.Tensor | None = None) -> torch.Tensor:
+    """All output tokens (B, 1 + h*w, C) of a timm ViT after the final LayerNorm.
+
+    The position embedding is resized to the crop's grid with DINO's bicubic interpolation, exactly as
+    ``depthg.backbone.Backbone`` does at inference. ``mask`` (B, h*w) bool replaces those patch
+    embeddings by ``mask_token`` (C,) before the position embedding is added (iBOT / DINOv2).
     """
     tokens = vit.patch_embed(x)  # (B, h, w, C) with dynamic_img_size=True
     grid = tuple(tokens.shape[1:3])
     tokens = tokens.flatten(1, 2)
+    if mask is not None:
+        tokens = torch.where(mask[..., None], mask_token.to(tokens.dtype), tokens)
     pos = interpolate_pos_embed(vit.pos_embed, tuple(vit.patch_embed.grid_size), grid,
                                 num_prefix_tokens=1)
     tokens = torch.cat([vit.cls_token.expand(len(tokens), -1, -1), tokens], dim=1) + pos
@@ -213,19 +188,18 @@ def vit_tokens(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class DINOModel(nn.Module):
-    """Backbone + head, run on a list of crops grouped by resolution (DINO's MultiCropWrapper)."""
+    """Backbone + CLS head (+ optional patch head and mask token for the iBOT objective)."""
 
-    def __init__(self, backbone: nn.Module, head: DINOHead) -> None:
+    def __init__(self, backbone: nn.Module, head: DINOHead, patch_head: DINOHead | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.patch_head = patch_head
+        self.mask_token = nn.Parameter(torch.zeros(backbone.embed_dim)) if patch_head else None
 
     def forward(self, crops: list[torch.Tensor], return_cls: bool = False):
-        """Head outputs (sum of crop batches, K); with ``return_cls`` also the backbone CLS tokens.
-
-        One backbone call per resolution (crops of the same size are concatenated), then one head
-        call for all CLS tokens. Output rows follow the order of ``crops``.
-        """
+        """CLS head outputs (sum of crop batches, K), rows in the order of ``crops``; with
+        ``return_cls`` also the backbone CLS tokens. One backbone call per crop size."""
         cls_tokens, start = [], 0
         while start < len(crops):
             end = start
@@ -290,6 +264,19 @@ def dino_loss(student_out: torch.Tensor, teacher_probs: torch.Tensor, n_crops: i
             total = total + torch.sum(-q * F.log_softmax(student[v], dim=-1), dim=-1).mean()
             n_terms += 1
     return total / n_terms
+
+
+def ibot_loss(student_patch: torch.Tensor, teacher_probs: torch.Tensor,
+              student_temp: float) -> torch.Tensor:
+    """Cross-entropy between the teacher's targets and the student's outputs at the masked patches.
+
+    Both are (M, K): one row per masked patch of the student's input (the teacher saw it unmasked).
+    Returns 0 when no patch is masked.
+    """
+    if len(student_patch) == 0:
+        return student_patch.sum()
+    log_p = F.log_softmax(student_patch / student_temp, dim=-1)
+    return torch.sum(-teacher_probs.detach() * log_p, dim=-1).mean()
 
 
 def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -462,6 +449,30 @@ def multi_crop(images: torch.Tensor, hp: dict[str, Any], gen: torch.Generator) -
     return crops
 
 
+def block_masks(n: int, grid: tuple[int, int], prob: float, ratio: tuple[float, float],
+                gen: torch.Generator) -> torch.Tensor:
+    """iBOT's block-wise masks (n, h*w) bool: each crop is masked with probability ``prob``; a masked
+    crop gets random rectangles (>= 4 patches, aspect 0.3-3.3) until a fraction drawn uniformly from
+    ``ratio`` of its patches is covered."""
+    h, w = grid
+    masks = torch.zeros(n, h, w, dtype=torch.bool)
+    chosen = torch.rand(n, generator=gen) < prob
+    targets = (_uniform(n, *ratio, gen) * h * w).round().long()
+    for i in torch.nonzero(chosen).flatten().tolist():
+        for _ in range(50):  # attempts; each adds one rectangle
+            missing = int(targets[i]) - int(masks[i].sum())
+            if missing <= 0:
+                break
+            area = float(_uniform(1, 4.0, max(4.0, float(missing)), gen))
+            aspect = math.exp(float(_uniform(1, math.log(0.3), math.log(1 / 0.3), gen)))
+            bh = min(h, max(1, round(math.sqrt(area * aspect))))
+            bw = min(w, max(1, round(math.sqrt(area / aspect))))
+            top = int(torch.randint(0, h - bh + 1, (1,), generator=gen))
+            left = int(torch.randint(0, w - bw + 1, (1,), generator=gen))
+            masks[i, top:top + bh, left:left + bw] = True
+    return masks.flatten(1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 
@@ -526,230 +537,237 @@ def export_embedded(out_dir: str | Path, weights_dir: str | Path) -> tuple[Path,
     return weights_dir / "embedded_vit.pth", weights_dir / "embedded_vit.json"
 
 
-def pretrain(
-    out_dir: str | Path,
-    steps: int = 950,
-    batch_size: int = 32,
-    *,
-    embed_dim: int = 192,
-    depth: int = 6,
-    num_heads: int = 3,
-    mlp_ratio: float = 4.0,
-    drop_path: float = 0.1,
-    global_size: int = 64,
-    local_size: int = 32,
-    n_local: int = 6,
-    global_scale: tuple[float, float] = (0.25, 1.0),
-    local_scale: tuple[float, float] = (0.03, 0.25),
-    render_size: tuple[int, int] = (128, 256),
-    pool_size: int = 512,
-    refresh_per_step: int = 8,
-    renderer: str = "synthetic",
-    out_dim: int = 256,
-    head_hidden_dim: int = 512,
-    bottleneck_dim: int = 64,
-    lr: float = 5e-4,
-    min_lr: float = 1e-6,
-    warmup_steps: int | None = None,
-    weight_decay: float = 0.04,
-    weight_decay_end: float = 0.4,
-    momentum_teacher: float = 0.992,
-    student_temp: float = 0.1,
-    teacher_temp: float = 0.02,
-    warmup_teacher_temp: float = 0.02,
-    warmup_teacher_temp_steps: int | None = None,
-    center_momentum: float = 0.9,
-    centering: str = "sinkhorn",
-    koleo_weight: float = 0.1,
-    clip_grad: float = 3.0,
-    freeze_last_layer_steps: int | None = None,
-    seed: int = 0,
-    device: str = "auto",
-    resume: bool = False,
-    stop_at: int | None = None,
-    max_minutes: float | None = None,
-    checkpoint_every: int = 50,
-    export_every: int = 50,
-    log_every: int = 10,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train a small ViT with DINO on rendered synthetic-world images; return a summary dict.
+@dataclass
+class State:
+    """Everything a checkpoint holds: models, optimiser, centre, image pool, RNGs and counters."""
 
-    ``steps`` optimiser steps of ``batch_size`` images each define every schedule. ``warmup_steps``
-    (LR) defaults to 10% of ``steps``, ``warmup_teacher_temp_steps`` to 30% (DINO: 10 and 30 of 100
-    epochs), ``freeze_last_layer_steps`` to one epoch-equivalent, ``pool_size // batch_size``.
-    ``render_size`` is (H, W) of the rendered images; ``global_scale`` / ``local_scale`` are area
-    fractions of them. ``resume=True`` continues from ``out_dir/checkpoint.pth`` (the run's
-    hyper-parameters must match). ``stop_at`` stops after that many steps (checkpointing and
-    exporting first) without changing the schedules, and ``max_minutes`` does the same when the
-    wall-clock budget of this process is used up -- both for time-boxed sessions and tests.
-    """
-    out_dir = Path(out_dir)
-    hp: dict[str, Any] = dict(
-        steps=steps, batch_size=batch_size, seed=seed, embed_dim=embed_dim, depth=depth,
-        num_heads=num_heads, mlp_ratio=mlp_ratio, drop_path=drop_path, global_size=global_size,
-        local_size=local_size, n_local=n_local, global_scale=list(global_scale),
-        local_scale=list(local_scale), render_size=list(render_size), pool_size=pool_size,
-        refresh_per_step=refresh_per_step, renderer=renderer, out_dim=out_dim,
-        head_hidden_dim=head_hidden_dim, bottleneck_dim=bottleneck_dim, lr=lr, min_lr=min_lr,
-        warmup_steps=max(1, steps // 10) if warmup_steps is None else warmup_steps,
-        weight_decay=weight_decay, weight_decay_end=weight_decay_end,
-        momentum_teacher=momentum_teacher, student_temp=student_temp, teacher_temp=teacher_temp,
-        warmup_teacher_temp=warmup_teacher_temp,
-        warmup_teacher_temp_steps=(max(1, (3 * steps) // 10) if warmup_teacher_temp_steps is None
-                                   else warmup_teacher_temp_steps),
-        center_momentum=center_momentum, centering=centering, koleo_weight=koleo_weight,
-        clip_grad=clip_grad,
-        freeze_last_layer_steps=(max(1, pool_size // batch_size) if freeze_last_layer_steps is None
-                                 else freeze_last_layer_steps),
-    )
+    student: DINOModel
+    teacher: DINOModel
+    optimizer: torch.optim.Optimizer
+    center: torch.Tensor  # (1, out_dim) DINO v1's EMA centre of the teacher's CLS outputs
+    pool: torch.Tensor  # (pool_size, 3, H, W) uint8 rendered images
+    gen: torch.Generator  # data, crops and masks
+    step: int = 0
+    n_rendered: int = 0
+
+
+def resolve_hparams(options: dict[str, Any]) -> dict[str, Any]:
+    """The run's hyper-parameters: ``DEFAULTS`` updated by ``options``, derived defaults filled in,
+    tuples as lists (as they are stored in JSON), validated."""
+    unknown = [k for k in options if k not in DEFAULTS]
+    if unknown:
+        hint = get_close_matches(unknown[0], DEFAULTS, n=1)
+        raise PretrainError(f"unknown pretraining option {unknown[0]!r}"
+                            + (f"; did you mean {hint[0]!r}?" if hint else ""))
+    hp = {k: list(v) if isinstance(v, tuple) else v for k, v in {**DEFAULTS, **options}.items()}
+    steps = hp["steps"]
+    if hp["warmup_steps"] is None:  # DINO: 10 of 100 epochs
+        hp["warmup_steps"] = max(1, steps // 10)
+    if hp["warmup_teacher_temp_steps"] is None:  # DINO: 30 of 100 epochs
+        hp["warmup_teacher_temp_steps"] = max(1, (3 * steps) // 10)
+    if hp["freeze_last_layer_steps"] is None:  # one epoch-equivalent of the pool
+        hp["freeze_last_layer_steps"] = max(1, hp["pool_size"] // hp["batch_size"])
     _validate(hp)
-    dev = get_device(device)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return hp
 
-    # --- models: student and teacher start identical; only the student is optimised ----------
-    torch.manual_seed(seed)  # parameter init and timm's DropPath use the global torch RNG
-    gen = torch.Generator().manual_seed(seed)  # everything about the data and augmentations
-    student = DINOModel(
-        build_vit(embed_dim, depth, num_heads, mlp_ratio, global_size, drop_path),
-        DINOHead(embed_dim, out_dim, head_hidden_dim, bottleneck_dim),
-    )
-    teacher = DINOModel(
-        build_vit(embed_dim, depth, num_heads, mlp_ratio, global_size, 0.0),
-        DINOHead(embed_dim, out_dim, head_hidden_dim, bottleneck_dim),
-    )
+
+def build_state(hp: dict[str, Any], dev: torch.device) -> State:
+    """Student and teacher start identical (seeded), the pool empty; only the student is optimised."""
+    torch.manual_seed(hp["seed"])  # parameter init and timm's DropPath use the global torch RNG
+    gen = torch.Generator().manual_seed(hp["seed"])  # everything about data, crops and masks
+
+    def model(drop_path: float) -> DINOModel:
+        vit = build_vit(hp["embed_dim"], hp["depth"], hp["num_heads"], hp["mlp_ratio"],
+                        hp["global_size"], drop_path)
+        head = DINOHead(hp["embed_dim"], hp["out_dim"], hp["head_hidden_dim"], hp["bottleneck_dim"])
+        patch_head = (DINOHead(hp["embed_dim"], hp["ibot_out_dim"], hp["head_hidden_dim"],
+                               hp["bottleneck_dim"]) if hp["ibot_weight"] > 0 else None)
+        return DINOModel(vit, head, patch_head)
+
+    student, teacher = model(hp["drop_path"]), model(0.0)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     student.to(dev).train()
-    teacher.to(dev).eval()  # no dropout / BN in the ViT, so eval vs train only affects DropPath (0)
-    optimizer = torch.optim.AdamW(_param_groups(student), lr=0.0)  # lr/wd set every step
-    center = torch.zeros(1, out_dim, device=dev)
+    teacher.to(dev).eval()  # no dropout / BN in the ViT: eval only switches DropPath off
+    optimizer = torch.optim.AdamW(_param_groups(student), lr=0.0)  # lr / wd are set every step
+    h, w = hp["render_size"]
+    pool = torch.zeros(hp["pool_size"], 3, h, w, dtype=torch.uint8)
+    return State(student, teacher, optimizer, torch.zeros(1, hp["out_dim"], device=dev), pool, gen)
 
-    # --- the image pool ------------------------------------------------------------------------
-    render = render_fn(renderer, tuple(render_size))
-    pool = torch.zeros(pool_size, 3, render_size[0], render_size[1], dtype=torch.uint8)
-    start_step, n_rendered = 0, 0
+
+def save_checkpoint(state: State, hp: dict[str, Any], path: Path) -> None:
+    atomic_torch_save({
+        "version": torch.tensor(CHECKPOINT_VERSION),
+        "hparams_json": torch.tensor(list(json.dumps(hp).encode()), dtype=torch.uint8),
+        "step": torch.tensor(state.step), "n_rendered": torch.tensor(state.n_rendered),
+        "student": state.student.state_dict(), "teacher": state.teacher.state_dict(),
+        "optimizer": state.optimizer.state_dict(), "center": state.center.cpu(), "pool": state.pool,
+        "data_rng": state.gen.get_state(), "torch_rng": torch.get_rng_state(),
+    }, path)
+
+
+def load_checkpoint(state: State, hp: dict[str, Any], path: Path) -> None:
+    """Restore ``state`` from ``path``; refuse a checkpoint of another recipe or format."""
+    ckpt = safe_torch_load(path)
+    saved = json.loads(bytes(ckpt["hparams_json"].tolist()).decode())
+    diff = [k for k in RUN_KEYS if saved.get(k) != hp[k]]
+    if int(ckpt.get("version", 1)) != CHECKPOINT_VERSION or diff:
+        reason = (", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {hp[k]!r})" for k in diff)
+                  or f"checkpoint format {int(ckpt.get('version', 1))}, expected {CHECKPOINT_VERSION}")
+        raise PretrainError(f"cannot resume from {path}: hyper-parameters differ: {reason}")
+    state.student.load_state_dict(ckpt["student"])
+    state.teacher.load_state_dict(ckpt["teacher"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.center.copy_(ckpt["center"])
+    state.pool.copy_(ckpt["pool"])
+    state.gen.set_state(ckpt["data_rng"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    state.step, state.n_rendered = int(ckpt["step"]), int(ckpt["n_rendered"])
+
+
+def train_step(state: State, hp: dict[str, Any], render: Callable[[int, int], np.ndarray],
+               dev: torch.device) -> dict[str, Any]:
+    """One optimiser step: refresh the pool -> crops and masks -> teacher targets -> student losses
+    -> backward -> AdamW -> EMA teacher. Returns the step's log record."""
+    t0, step, b = time.time(), state.step, hp["batch_size"]
+    # refresh the oldest pool images (round robin) with new renders of the stream
+    for _ in range(hp["refresh_per_step"]):
+        render_into(state.pool, state.n_rendered % hp["pool_size"], render(hp["seed"], state.n_rendered))
+        state.n_rendered += 1
+    idx = torch.randperm(hp["pool_size"], generator=state.gen)[:b]
+    crops = [c.to(dev) for c in multi_crop(state.pool[idx].float() / 255.0, hp, state.gen)]
+    grid = (hp["global_size"] // 8, hp["global_size"] // 8)
+    mask = block_masks(2 * b, grid, hp["mask_prob"], tuple(hp["mask_ratio"]), state.gen).to(dev)
+    use_ibot = state.student.patch_head is not None
+
+    # schedules: pure functions of the step
+    lr = cosine_schedule(step, hp["steps"], hp["lr"], hp["min_lr"], hp["warmup_steps"])
+    wd = cosine_schedule(step, hp["steps"], hp["weight_decay"], hp["weight_decay_end"])
+    momentum = cosine_schedule(step, hp["steps"], hp["momentum_teacher"], 1.0)
+    temp = teacher_temperature(step, hp["warmup_teacher_temp"], hp["teacher_temp"],
+                               hp["warmup_teacher_temp_steps"])
+    state.optimizer.param_groups[0].update(lr=lr, weight_decay=wd)
+    state.optimizer.param_groups[1].update(lr=lr)
+
+    # teacher: CLS targets on the 2 unmasked global crops, patch targets where the student is masked
+    globals_ = torch.cat(crops[:2])  # (2B, 3, S, S), crop-major
+    with torch.no_grad():
+        t_tokens = vit_tokens(state.teacher.backbone, globals_)
+        t_cls = state.teacher.head(t_tokens[:, 0])
+        if hp["centering"] == "sinkhorn":
+            targets = sinkhorn_targets(t_cls, temp)
+        else:
+            targets = ema_centered_targets(t_cls, state.center, temp)
+        if use_ibot:
+            patch_targets = sinkhorn_targets(state.teacher.patch_head(t_tokens[:, 1:][mask]), temp)
+
+    # student: masked global crops and unmasked local crops
+    s_tokens = vit_tokens(state.student.backbone, globals_, mask if use_ibot else None,
+                          state.student.mask_token)
+    s_cls = [s_tokens[:, 0]]
+    if hp["n_local"]:
+        s_cls.append(vit_tokens(state.student.backbone, torch.cat(crops[2:]))[:, 0])
+    loss_dino = dino_loss(state.student.head(torch.cat(s_cls)), targets, 2 + hp["n_local"],
+                          hp["student_temp"])
+    loss_ibot = (ibot_loss(state.student.patch_head(s_tokens[:, 1:][mask]), patch_targets,
+                           hp["student_temp"]) if use_ibot else loss_dino.new_zeros(()))
+    loss_koleo = sum(koleo_loss(c) for c in s_tokens[:, 0].chunk(2))
+    loss = loss_dino + hp["ibot_weight"] * loss_ibot + hp["koleo_weight"] * loss_koleo
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"pretraining loss is {loss.item()} at step {step}; stopping")
+
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clip_gradients(state.student, hp["clip_grad"])
+    if step < hp["freeze_last_layer_steps"]:  # AdamW skips parameters without a gradient
+        state.student.head.last_layer.grad = None
+        if use_ibot:
+            state.student.patch_head.last_layer.grad = None
+    state.optimizer.step()
+    ema_update(state.student, state.teacher, momentum)
+    with torch.no_grad():
+        state.center.mul_(hp["center_momentum"]).add_(t_cls.mean(0, keepdim=True),
+                                                      alpha=1 - hp["center_momentum"])
+    state.step += 1
+    return dict(step=state.step, loss=round(loss.item(), 5), dino=round(loss_dino.item(), 5),
+                ibot=round(loss_ibot.item(), 5), koleo=round(float(loss_koleo.detach()), 5),
+                lr=lr, wd=round(wd, 5), momentum=round(momentum, 6), teacher_temp=round(temp, 5),
+                **_entropies(targets), masked=int(mask.sum()) if use_ibot else 0,
+                step_s=round(time.time() - t0, 3), n_rendered=state.n_rendered)
+
+
+def _entropies(probs: torch.Tensor) -> dict[str, float]:
+    """Mean per-sample entropy of the teacher's targets, and the entropy of their batch mean (nats):
+    a collapsing teacher shows the first rising to ln K, or the second falling towards 0."""
+    mean_p = probs.mean(0)
+    return dict(teacher_entropy=round(-(probs * torch.log(probs + 1e-12)).sum(-1).mean().item(), 4),
+                teacher_batch_entropy=round(-(mean_p * torch.log(mean_p + 1e-12)).sum().item(), 4))
+
+
+def pretrain(out_dir: str | Path, *, device: str = "auto", resume: bool = False,
+             stop_at: int | None = None, max_minutes: float | None = None, checkpoint_every: int = 50,
+             export_every: int = 50, log_every: int = 10, progress: bool = True,
+             **options: Any) -> dict[str, Any]:
+    """Pretrain the embedded ViT; return a summary dict.
+
+    ``options`` are recipe values overriding ``DEFAULTS`` (``steps`` defines every schedule).
+    ``resume=True`` continues from ``out_dir/checkpoint.pth`` (the recipe must match). ``stop_at``
+    stops after that many steps without changing the schedules, and ``max_minutes`` does the same when
+    this process's wall-clock budget is used up; both checkpoint and export first.
+    """
+    hp = resolve_hparams(options)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = get_device(device)
+    state = build_state(hp, dev)
+    render = render_fn(hp["renderer"], tuple(hp["render_size"]))
     ckpt_path = out_dir / CHECKPOINT_NAME
     if resume and ckpt_path.is_file():
-        ckpt = safe_torch_load(ckpt_path)
-        saved = json.loads(bytes(ckpt["hparams_json"].tolist()).decode())
-        diff = [k for k in RUN_KEYS if saved.get(k) != hp[k]]
-        if diff:
-            raise PretrainError(
-                f"cannot resume from {ckpt_path}: hyper-parameters differ: "
-                + ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {hp[k]!r})" for k in diff))
-        student.load_state_dict(ckpt["student"])
-        teacher.load_state_dict(ckpt["teacher"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        center.copy_(ckpt["center"])
-        pool.copy_(ckpt["pool"])
-        gen.set_state(ckpt["data_rng"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        start_step, n_rendered = int(ckpt["step"]), int(ckpt["n_rendered"])
+        load_checkpoint(state, hp, ckpt_path)
     elif resume:
         print(f"resume: no checkpoint at {ckpt_path}, starting from scratch", file=sys.stderr)
-    if n_rendered == 0:
-        for k in tqdm(range(pool_size), desc="rendering image pool", disable=not progress):
-            render_into(pool, k, render(seed, k))
-        n_rendered = pool_size
+    if state.n_rendered == 0:
+        for k in tqdm(range(hp["pool_size"]), desc="rendering image pool", disable=not progress):
+            render_into(state.pool, k, render(hp["seed"], k))
+        state.n_rendered = hp["pool_size"]
     with atomic_write(out_dir / "hparams.json", "w") as handle:
         json.dump(hp, handle, indent=2)
 
-    def save_checkpoint(step: int) -> None:
-        atomic_torch_save({
-            "version": torch.tensor(CHECKPOINT_VERSION),
-            "hparams_json": torch.tensor(list(json.dumps(hp).encode()), dtype=torch.uint8),
-            "step": torch.tensor(step), "n_rendered": torch.tensor(n_rendered),
-            "student": student.state_dict(), "teacher": teacher.state_dict(),
-            "optimizer": optimizer.state_dict(), "center": center.cpu(), "pool": pool,
-            "data_rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
-        }, ckpt_path)
-
-    # --- training loop -------------------------------------------------------------------------
-    n_crops = 2 + n_local
-    last_stop = steps if stop_at is None else min(stop_at, steps)
-    t_start = time.time()
-    step, record = start_step, {}
-    bar = tqdm(range(start_step, last_stop), desc="DINO pretraining", disable=not progress,
-               initial=start_step, total=steps, mininterval=5.0)
-    if start_step >= last_stop:
-        save_checkpoint(step)  # e.g. stop_at=0 saves the initial state
-    for step in bar:
-        t0 = time.time()
-        # refresh the oldest pool images (round robin) with new renders
-        for _ in range(refresh_per_step):
-            render_into(pool, n_rendered % pool_size, render(seed, n_rendered))
-            n_rendered += 1
-        idx = torch.randperm(pool_size, generator=gen)[:batch_size]
-        crops = [c.to(dev) for c in multi_crop(pool[idx].float() / 255.0, hp, gen)]
-
-        lr_now = cosine_schedule(step, steps, lr, min_lr, hp["warmup_steps"])
-        wd_now = cosine_schedule(step, steps, weight_decay, weight_decay_end)
-        m_now = cosine_schedule(step, steps, momentum_teacher, 1.0)
-        temp_now = teacher_temperature(step, warmup_teacher_temp, teacher_temp,
-                                       hp["warmup_teacher_temp_steps"])
-        optimizer.param_groups[0].update(lr=lr_now, weight_decay=wd_now)
-        optimizer.param_groups[1].update(lr=lr_now)
-
-        with torch.no_grad():
-            teacher_out = teacher(crops[:2])
-            if centering == "sinkhorn":
-                targets = sinkhorn_targets(teacher_out, temp_now)
-            else:
-                targets = ema_centered_targets(teacher_out, center, temp_now)
-        student_out, student_cls = student(crops, return_cls=True)
-        loss_dino = dino_loss(student_out, targets, n_crops, student_temp)
-        loss_koleo = sum(koleo_loss(c) for c in student_cls[: 2 * batch_size].chunk(2))
-        loss = loss_dino + koleo_weight * loss_koleo
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"pretraining loss is {loss.item()} at step {step}; stopping")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_gradients(student, clip_grad)
-        if step < hp["freeze_last_layer_steps"]:
-            student.head.last_layer.grad = None  # AdamW skips parameters without a gradient
-        optimizer.step()
-        ema_update(student, teacher, m_now)
-        with torch.no_grad():
-            center.mul_(center_momentum).add_(teacher_out.mean(0, keepdim=True),
-                                               alpha=1 - center_momentum)
-            probs = targets
-            entropy = -(probs * torch.log(probs + 1e-12)).sum(-1).mean().item()
-            mean_p = probs.mean(0)
-            batch_entropy = -(mean_p * torch.log(mean_p + 1e-12)).sum().item()
-
-        done = step + 1
-        record = dict(step=done, loss=round(loss.item(), 5), dino=round(loss_dino.item(), 5),
-                      koleo=round(float(loss_koleo.detach()), 5), lr=lr_now, wd=round(wd_now, 5),
-                      momentum=round(m_now, 6), teacher_temp=round(temp_now, 5),
-                      teacher_entropy=round(entropy, 4), teacher_batch_entropy=round(batch_entropy, 4),
-                      step_s=round(time.time() - t0, 3), elapsed_s=round(time.time() - t_start, 1),
-                      n_rendered=n_rendered)
-        bar.set_postfix(loss=f"{loss.item():.3f}", H=f"{entropy:.2f}", Hb=f"{batch_entropy:.2f}")
-        if done % log_every == 0 or done == last_stop:
+    last = hp["steps"] if stop_at is None else min(stop_at, hp["steps"])
+    t_start, record = time.time(), {}
+    bar = tqdm(total=hp["steps"], initial=state.step, desc="pretraining", disable=not progress,
+               mininterval=5.0)
+    if state.step >= last:  # e.g. stop_at=0 saves the initial state
+        save_checkpoint(state, hp, ckpt_path)
+        export_backbone(state.teacher, hp, out_dir, state.step)
+    while state.step < last:
+        record = train_step(state, hp, render, dev)
+        record["elapsed_s"] = round(time.time() - t_start, 1)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", H=f"{record['teacher_entropy']:.2f}")
+        done = state.step
+        if done % log_every == 0 or done == last:
             with open(out_dir / LOG_NAME, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
         out_of_time = max_minutes is not None and time.time() - t_start > 60 * max_minutes
-        if done % checkpoint_every == 0 or done == last_stop or out_of_time:
-            save_checkpoint(done)
-        if done % export_every == 0 or done == last_stop or out_of_time:
-            export_backbone(teacher, hp, out_dir, done)
+        if done % checkpoint_every == 0 or done == last or out_of_time:
+            save_checkpoint(state, hp, ckpt_path)
+        if done % export_every == 0 or done == last or out_of_time:
+            export_backbone(state.teacher, hp, out_dir, done)
         if out_of_time:
-            print(f"max_minutes={max_minutes} reached after step {done}; checkpoint and teacher saved", file=sys.stderr)
-            step = done
+            print(f"max_minutes={max_minutes} reached after step {done}; checkpoint and teacher saved",
+                  file=sys.stderr)
             break
-        step = done
     bar.close()
-    if start_step >= last_stop:
-        export_backbone(teacher, hp, out_dir, step)
-    return {"step": step, "steps": steps, "out_dir": str(out_dir),
+    return {"step": state.step, "steps": hp["steps"], "out_dir": str(out_dir),
             "backbone": str(out_dir / BACKBONE_NAME), "checkpoint": str(ckpt_path),
             "wall_s": round(time.time() - t_start, 1), "last": record}
 
 
 def _validate(hp: dict[str, Any]) -> None:
-    """Clear errors for arguments that would otherwise fail deep inside the loop."""
-    for key in ("steps", "batch_size", "pool_size", "embed_dim", "depth", "num_heads", "out_dim"):
+    """Clear errors for values that would otherwise fail deep inside the loop."""
+    for key in ("steps", "batch_size", "pool_size", "embed_dim", "depth", "num_heads", "out_dim",
+                "ibot_out_dim"):
         if not isinstance(hp[key], int) or hp[key] < (0 if key == "steps" else 1):
             raise PretrainError(f"{key} must be a positive integer, got {hp[key]!r}")
     if hp["batch_size"] > hp["pool_size"]:
@@ -761,10 +779,13 @@ def _validate(hp: dict[str, Any]) -> None:
         if hp[key] % 8 or hp[key] < 8:
             raise PretrainError(f"{key} must be a positive multiple of the patch size 8, "
                                 f"got {hp[key]}")
-    for key in ("global_scale", "local_scale"):
+    for key in ("global_scale", "local_scale", "mask_ratio"):
         lo, hi = hp[key]
         if not 0 < lo <= hi <= 1:
             raise PretrainError(f"{key} must satisfy 0 < low <= high <= 1, got {hp[key]}")
+    if not 0 <= hp["mask_prob"] <= 1 or hp["ibot_weight"] < 0:
+        raise PretrainError(f"mask_prob must be in [0, 1] and ibot_weight >= 0, got "
+                            f"{hp['mask_prob']} and {hp['ibot_weight']}")
     if hp["centering"] not in ("sinkhorn", "ema"):
         raise PretrainError(f"centering must be 'sinkhorn' or 'ema', got {hp['centering']!r}")
     if hp["n_local"] < 0 or hp["refresh_per_step"] < 0:
@@ -774,49 +795,43 @@ def _validate(hp: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------
 # Command line (used by `python -m depthg pretrain` and `python -m depthg.pretrain`)
 
+_HELP = {
+    "steps": "optimiser steps (every schedule depends on it)",
+    "global_size": "global crop side in px (multiple of 8)",
+    "local_size": "local crop side in px (multiple of 8)",
+    "n_local": "local crops per image",
+    "pool_size": "rendered images kept in memory",
+    "refresh_per_step": "pool images re-rendered per step",
+    "out_dim": "prototypes of the CLS (DINO) head",
+    "ibot_out_dim": "prototypes of the patch (iBOT) head",
+    "ibot_weight": "weight of the masked-patch loss (0 = DINO only)",
+    "mask_prob": "fraction of global crops the student sees masked",
+    "mask_ratio": "range of the masked fraction of a masked crop's patches",
+    "lr": "peak learning rate",
+    "warmup_steps": "learning-rate warm-up (default 10%% of steps)",
+    "warmup_teacher_temp_steps": "default 30%% of steps",
+    "centering": "CLS teacher centring: DINOv2's Sinkhorn-Knopp or DINO v1's EMA centre",
+    "koleo_weight": "DINOv2 KoLeo regulariser (0 = off)",
+    "freeze_last_layer_steps": "default: one epoch-equivalent = pool_size // batch_size",
+}
+_CHOICES = {"renderer": ("synthetic", "noise"), "centering": ("sinkhorn", "ema")}
+
 
 def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the pretraining options to ``parser`` (defaults = the recipe of the committed weights)."""
+    """Add one option per recipe value (defaults: ``DEFAULTS``) and the run options to ``parser``."""
     a = parser.add_argument
     a("--out-dir", default=str(Path.home() / ".cache" / "depthg" / "pretrain"),
       help="where checkpoint, exported teacher and log go (default: ~/.cache/depthg/pretrain)")
-    a("--steps", type=int, default=950, help="optimiser steps (all schedules depend on it)")
-    a("--batch-size", type=int, default=32)
-    a("--embed-dim", type=int, default=192)
-    a("--depth", type=int, default=6)
-    a("--num-heads", type=int, default=3)
-    a("--mlp-ratio", type=float, default=4.0)
-    a("--drop-path", type=float, default=0.1)
-    a("--global-size", type=int, default=64, help="global crop side in px (multiple of 8)")
-    a("--local-size", type=int, default=32, help="local crop side in px (multiple of 8)")
-    a("--n-local", type=int, default=6, help="local crops per image")
-    a("--global-scale", type=float, nargs=2, default=(0.25, 1.0))
-    a("--local-scale", type=float, nargs=2, default=(0.03, 0.25))
-    a("--render-size", type=int, nargs=2, default=(128, 256), metavar=("H", "W"))
-    a("--pool-size", type=int, default=512, help="rendered images kept in memory")
-    a("--refresh-per-step", type=int, default=8, help="pool images re-rendered per step")
-    a("--renderer", choices=("synthetic", "noise"), default="synthetic")
-    a("--out-dim", type=int, default=256, help="DINO head prototypes")
-    a("--head-hidden-dim", type=int, default=512)
-    a("--bottleneck-dim", type=int, default=64)
-    a("--lr", type=float, default=5e-4, help="peak learning rate")
-    a("--min-lr", type=float, default=1e-6)
-    a("--warmup-steps", type=int, default=None, help="LR warm-up (default 10%% of steps)")
-    a("--weight-decay", type=float, default=0.04)
-    a("--weight-decay-end", type=float, default=0.4)
-    a("--momentum-teacher", type=float, default=0.992)
-    a("--student-temp", type=float, default=0.1)
-    a("--teacher-temp", type=float, default=0.02)
-    a("--warmup-teacher-temp", type=float, default=0.02)
-    a("--warmup-teacher-temp-steps", type=int, default=None, help="default 30%% of steps")
-    a("--center-momentum", type=float, default=0.9)
-    a("--centering", choices=("sinkhorn", "ema"), default="sinkhorn",
-      help="teacher centring: DINOv2's Sinkhorn-Knopp or DINO v1's EMA centre")
-    a("--koleo-weight", type=float, default=0.1, help="DINOv2 KoLeo regulariser (0 = off)")
-    a("--clip-grad", type=float, default=3.0)
-    a("--freeze-last-layer-steps", type=int, default=None,
-      help="default: one epoch-equivalent = pool_size // batch_size")
-    a("--seed", type=int, default=0)
+    for key, value in DEFAULTS.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, tuple):
+            kind = int if isinstance(value[0], int) else float
+            a(flag, type=kind, nargs=len(value), default=value, help=_HELP.get(key))
+        elif key in _CHOICES:
+            a(flag, choices=_CHOICES[key], default=value, help=_HELP.get(key))
+        else:
+            kind = int if key.endswith("_steps") or value is None or isinstance(value, int) else type(value)
+            a(flag, type=kind, default=value, help=_HELP.get(key))
     a("--device", default="auto")
     a("--threads", type=int, default=None,
       help="torch CPU threads (1 is far faster than 2 on a CPU shared with other processes)")
@@ -836,26 +851,11 @@ def run_pretrain_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Run :func:`pretrain` with parsed :func:`add_pretrain_arguments` options; print a summary."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    summary = pretrain(
-        args.out_dir, args.steps, args.batch_size, embed_dim=args.embed_dim, depth=args.depth,
-        num_heads=args.num_heads, mlp_ratio=args.mlp_ratio, drop_path=args.drop_path,
-        global_size=args.global_size, local_size=args.local_size, n_local=args.n_local,
-        global_scale=tuple(args.global_scale), local_scale=tuple(args.local_scale),
-        render_size=tuple(args.render_size), pool_size=args.pool_size,
-        refresh_per_step=args.refresh_per_step, renderer=args.renderer, out_dim=args.out_dim,
-        head_hidden_dim=args.head_hidden_dim, bottleneck_dim=args.bottleneck_dim, lr=args.lr,
-        min_lr=args.min_lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        weight_decay_end=args.weight_decay_end, momentum_teacher=args.momentum_teacher,
-        student_temp=args.student_temp, teacher_temp=args.teacher_temp,
-        warmup_teacher_temp=args.warmup_teacher_temp,
-        warmup_teacher_temp_steps=args.warmup_teacher_temp_steps,
-        center_momentum=args.center_momentum, centering=args.centering,
-        koleo_weight=args.koleo_weight, clip_grad=args.clip_grad,
-        freeze_last_layer_steps=args.freeze_last_layer_steps, seed=args.seed, device=args.device,
-        resume=args.resume, stop_at=args.stop_at, max_minutes=args.max_minutes,
-        checkpoint_every=args.checkpoint_every, export_every=args.export_every,
-        log_every=args.log_every, progress=not args.no_progress,
-    )
+    recipe = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in DEFAULTS}
+    summary = pretrain(args.out_dir, device=args.device, resume=args.resume, stop_at=args.stop_at,
+                       max_minutes=args.max_minutes, checkpoint_every=args.checkpoint_every,
+                       export_every=args.export_every, log_every=args.log_every,
+                       progress=not args.no_progress, **recipe)
     if args.export_embedded:
         pth, js = export_embedded(args.out_dir, args.export_embedded)
         summary["exported"] = [str(pth), str(js)]

@@ -18,7 +18,7 @@ from depthg import pretrain as P
 from depthg.utils import safe_torch_load
 
 try:  # prefer tiny renders of the synthetic world; smooth noise only if the generator is unavailable
-    from depthg.data.synthetic import render_scene  # noqa: F401
+    from depthg.world.synthetic import render_scene  # noqa: F401
 
     RENDERER = "synthetic"
 except ImportError:
@@ -261,3 +261,61 @@ def test_cli_arguments_round_trip(tmp_path):
     meta = json.loads((tmp_path / "w" / "embedded_vit.json").read_text())
     assert meta["weights"] == "embedded_vit.pth" and meta["timm_kwargs"]["embed_dim"] == 16
     assert (tmp_path / "w" / "embedded_vit.pth").is_file()
+
+
+# ------------------------------------------------------------------------------ masked patches (iBOT)
+
+
+def test_block_masks_cover_the_drawn_fraction():
+    gen = torch.Generator().manual_seed(0)
+    masks = P.block_masks(400, (16, 16), 0.5, (0.1, 0.5), gen)
+    assert masks.shape == (400, 256) and masks.dtype == torch.bool
+    covered = masks.float().mean(1)
+    masked = covered > 0
+    # about half of the crops are masked; a masked crop covers at least 10 % (the lower bound of the
+    # range) and rarely much more than 50 % (a last rectangle may overshoot the drawn target)
+    assert 0.4 < masked.float().mean() < 0.6
+    assert covered[masked].min() >= 0.1 - 1 / 256
+    assert covered[masked].median() < 0.5
+    assert torch.equal(P.block_masks(400, (16, 16), 0.5, (0.1, 0.5), torch.Generator().manual_seed(0)),
+                       masks)
+    assert not P.block_masks(20, (4, 4), 0.0, (0.1, 0.5), gen).any()
+
+
+def test_ibot_loss_matches_brute_force():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(5, 4, generator=g), torch.softmax(torch.randn(5, 4, generator=g), -1)
+    ref = sum(-sum(t[i, j].item() * (s[i, j].item() / 0.1 - math.log(sum(
+        math.exp(s[i, k].item() / 0.1) for k in range(4)))) for j in range(4)) for i in range(5)) / 5
+    assert P.ibot_loss(s, t, 0.1).item() == pytest.approx(ref, rel=1e-5)
+    assert P.ibot_loss(s[:0], t[:0], 0.1).item() == 0.0
+
+
+def test_masked_patches_do_not_see_their_pixels():
+    # the student's masked tokens are replaced before the transformer: changing the pixels under a
+    # masked patch changes nothing, changing an unmasked patch does
+    torch.manual_seed(0)
+    vit = P.build_vit(16, 1, 2, 2.0, 16)
+    token = torch.randn(16)
+    x = torch.rand(1, 3, 16, 16)
+    mask = torch.zeros(1, 4, dtype=torch.bool)
+    mask[0, 0] = True  # top-left 8x8 patch
+    y = x.clone()
+    y[..., :8, :8] = torch.rand(3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(P.vit_tokens(vit, x, mask, token), P.vit_tokens(vit, y, mask, token))
+        assert not torch.allclose(P.vit_tokens(vit, x), P.vit_tokens(vit, y))
+        assert torch.equal(P.vit_tokens(vit, x, torch.zeros_like(mask), token), P.vit_tokens(vit, x))
+
+
+def test_unknown_recipe_option_is_named(tmp_path):
+    with pytest.raises(P.PretrainError, match="did you mean 'mask_ratio'"):
+        P.pretrain(tmp_path, **tiny_run_kwargs(mask_ratios=(0.1, 0.2)))
+
+
+def test_dino_only_recipe_has_no_patch_head(tmp_path):
+    P.pretrain(tmp_path, **tiny_run_kwargs(ibot_weight=0.0, stop_at=1))
+    state = safe_torch_load(tmp_path / P.CHECKPOINT_NAME)
+    assert not any(k.startswith("patch_head") or k == "mask_token" for k in state["student"])
+    log = [json.loads(x) for x in (tmp_path / P.LOG_NAME).read_text().splitlines()]
+    assert log[-1]["ibot"] == 0.0 and log[-1]["masked"] == 0
