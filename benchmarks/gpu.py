@@ -225,8 +225,8 @@ def seconds_per_iteration(train_t: dict[int, float], val_t: dict[int, float]) ->
 
 
 def run_section(device: torch.device, size: dict[str, Any], work: Path) -> dict[str, Any]:
-    from depthg.data import make_world
     from depthg.data.prepare import prepare_training_data
+    from depthg.world import make_world
 
     # data: render the world in parallel (same bytes as a serial render) and use it as the dataset folder;
     # then five-crop + kNN. Depth is the world's exact depth: no depth model runs.

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from depthg.data.synthetic import GENERATOR_VERSION, make_world, render_scene
 from depthg.utils import atomic_write
+from depthg.world.synthetic import GENERATOR_VERSION, make_world, render_scene
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Commands (each a thin wrapper around one library function, so notebooks and the CLI run the same code):
 
-* ``synthesize`` -- render the synthetic street world in the Cityscapes layout (``depthg.data.make_world``);
+* ``synthesize`` -- render the synthetic street world in the Cityscapes layout (``depthg.world.make_world``);
 * ``prepare``    -- the whole idempotent preparation chain of a config: depth -> five-crop -> kNN
   (``depthg.data.prepare_training_data``; ``train`` runs it too);
 * ``depth``      -- estimate (or convert from stereo) depth for one split into a depth cache;
@@ -32,12 +32,13 @@ from depthg.ablation import DEFAULT_VARIANTS, run_ablation
 from depthg.backbone import load_backbone
 from depthg.build import dataset_kwargs
 from depthg.config import MODES, PRESETS, Config, ConfigError, apply_overrides, load_config
-from depthg.data import build_dataset, make_world
+from depthg.data import build_dataset
 from depthg.data.prepare import CroppedDataset, compute_knn, five_crop, prepare_training_data, stereo_depth_for_dataset
 from depthg.depth import estimate_depth_for_dataset, load_depth_model
 from depthg.evaluate import evaluate_checkpoint
 from depthg.train import train
 from depthg.utils import DepthGError
+from depthg.world import make_world
 
 
 def _config_from_args(args: argparse.Namespace) -> Config:

@@ -130,7 +130,7 @@ class DepthCache:
     that two different estimators can never be mixed in one folder.
 
     The synthetic world writes its exact depth in this format at ``root/depth_gt`` (contract,
-    ``depthg/data/synthetic.py``), so it is read by the same class.
+    ``depthg/world/synthetic.py``), so it is read by the same class.
     """
 
     def __init__(

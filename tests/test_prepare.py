@@ -225,7 +225,7 @@ def test_prepare_training_data_disparity_chain(tmp_path):
 
 
 def test_prepare_training_data_synthetic_world(tmp_path, capsys):
-    pytest.importorskip("depthg.data.synthetic")
+    pytest.importorskip("depthg.world.synthetic")
     cfg = SimpleNamespace(dataset="cityscapes", data_dir=None, cache_dir=str(tmp_path), classes="world",
                           depth_source="gt", five_crop=True, crop_ratio=0.5, knn_k=4, num_neighbors=2, res=16,
                           device="cpu", world_n_train=2, world_n_val=1, world_size=[32, 64], world_seed=0)

@@ -27,12 +27,13 @@ from PIL import Image
 from torch import nn
 
 from depthg.config import Config, ConfigError
-from depthg.data import ImageDirectory, make_world
+from depthg.data import ImageDirectory
 from depthg.data.common import CorruptFileError, read_image
 from depthg.data.prepare import CroppedDataset, PreparationError, compute_knn, load_knn, prepare_training_data
 from depthg.data.transforms import resize_center_crop
 from depthg.features import FeatureCache, FeatureCacheError, build_feature_cache, cache_problem
 from depthg.train import TrainError, load_checkpoint, train
+from depthg.world import make_world
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2, img_size=64)
 

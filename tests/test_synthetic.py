@@ -1,4 +1,4 @@
-"""Tests of the synthetic world (depthg/data/synthetic.py): determinism, file formats, geometry.
+"""Tests of the synthetic world (depthg/world/synthetic.py): determinism, file formats, geometry.
 
 Every check compares against an independent reference: the Cityscapes disparity formula applied to
 the written files, the analytic depth of a flat ground plane seen by a pitched pinhole camera, and
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from depthg.data.synthetic import (
+from depthg.world.synthetic import (
     DEPTH_SCALE,
     MAX_DEPTH,
     SKY,

@@ -1,6 +1,6 @@
 """Cityscapes in its official (torchvision) layout, with the paper's 27-class mapping.
 
-Layout under ``root`` (the synthetic world writes the same, contract ``depthg/data/synthetic.py``)::
+Layout under ``root`` (the synthetic world writes the same, contract ``depthg/world/synthetic.py``)::
 
     leftImg8bit/{split}/{city}/{city}_{seq}_{frame}_leftImg8bit.png
     gtFine/{split}/{city}/{city}_{seq}_{frame}_gtFine_labelIds.png
@@ -72,7 +72,7 @@ _LUT_19 = _lut([(lab.id, lab.trainId) for lab in CS_LABELS if 0 <= lab.trainId <
 _HOW_TO_GET = (
     "Download leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from https://www.cityscapes-dataset.com "
     "(or `csDownload` from cityscapesscripts) and pass the folder that contains leftImg8bit/ and gtFine/; "
-    "or build the embedded synthetic world with `python -m depthg synthesize` (depthg.data.make_world)."
+    "or build the embedded synthetic world with `python -m depthg synthesize` (depthg.world.make_world)."
 )
 
 
@@ -111,7 +111,7 @@ class Cityscapes(SegmentationDataset):
         """Label ids listed in ``root/world.json`` (the synthetic world's class list)."""
         path = Path(root) / "world.json"
         if not path.is_file():
-            raise FileNotFoundError(f"classes='world' needs {path} (written by depthg.data.make_world); it does not exist")
+            raise FileNotFoundError(f"classes='world' needs {path} (written by depthg.world.make_world); it does not exist")
         try:
             ids = [int(i) for i in json.loads(path.read_text())["label_ids"]]
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:

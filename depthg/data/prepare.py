@@ -75,9 +75,9 @@ from ..utils import (
     partial_dir,
     publish_dir,
 )
+from ..world.synthetic import GENERATOR_VERSION, make_world
 from .common import CorruptFileError, image_to_tensor, read_image, read_label
 from .registry import build_dataset
-from .synthetic import GENERATOR_VERSION, make_world
 from .transforms import resize_center_crop
 
 __all__ = [
@@ -874,7 +874,7 @@ def prepare_training_data(
     [(256, 512)], ``world_seed`` [0].
 
     * ``data_dir=None`` with ``dataset="cityscapes"``: the synthetic world is built (resumably) with
-      :func:`depthg.data.make_world` in :func:`world_folder` and used.
+      :func:`depthg.world.make_world` in :func:`world_folder` and used.
     * ``depth_source``: "gt" = the synthetic world's exact depth (``root/depth_gt``); "disparity" =
       Cityscapes stereo; "none" (or ``use_depth=False``) = no depth; anything else is a
       ``transformers`` model (alias, hub id or folder; ``depth_model`` overrides it when set).

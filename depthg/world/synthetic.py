@@ -692,13 +692,25 @@ class _Builder:
         self.add(prim)
 
 
-def _build_scene(rng: np.random.Generator, objects: bool = True) -> _Scene:
-    """Lay out one random street scene (geometry, materials, lighting) from ``rng``.
+def _near(interval: tuple[float, float] | None, y: float, margin: float) -> bool:
+    """True when y lies inside ``interval`` widened by ``margin`` metres on both ends (False: no interval)."""
+    return interval is not None and interval[0] - margin < y < interval[1] + margin
 
-    With ``objects=False`` only the ground plane (road / parking / terrain bands) and the sky are
-    rendered: the flat world used to check the pinhole geometry analytically.
-    """
-    b = _Builder(rng)
+
+def _clear_of(cross: tuple[float, float] | None, y0: float, y1: float) -> list[tuple[float, float]]:
+    """The parts of the interval [y0, y1] outside the cross street."""
+    if cross is None or y1 <= cross[0] or y0 >= cross[1]:
+        return [(y0, y1)]
+    parts = []
+    if y0 < cross[0]:
+        parts.append((y0, cross[0]))
+    if y1 > cross[1]:
+        parts.append((cross[1], y1))
+    return parts
+
+
+def _lanes(rng: np.random.Generator) -> tuple[list[float], float, bool, float]:
+    """Lane centres (x), the road's half width, whether traffic is two-way, and the camera's lane."""
     n_lanes = int(rng.choice([2, 2, 3, 4]))
     lane_w = rng.uniform(2.9, 3.6)
     road_half = n_lanes * lane_w / 2
@@ -707,10 +719,17 @@ def _build_scene(rng: np.random.Generator, objects: bool = True) -> _Scene:
     # the camera drives on the right: in one of the lanes going its way (+y)
     own_lanes = [x for x in lanes if x > 0] if two_way else lanes
     cam_lane = own_lanes[-1] if rng.random() < 0.6 else own_lanes[int(rng.integers(len(own_lanes)))]
-    # camera, light and atmosphere are drawn before the objects, so ``objects=False`` renders the
-    # same camera and light over an empty street
-    camera = Camera(height=rng.uniform(1.2, 1.6), pitch=rng.uniform(-0.01, 0.07), yaw=rng.uniform(-0.06, 0.06),
-                    x=cam_lane + rng.uniform(-0.4, 0.4), fx=1.0, fy=1.0, u0=0.0, v0=0.0)
+    return lanes, road_half, two_way, cam_lane
+
+
+def _camera(rng: np.random.Generator, cam_lane: float) -> Camera:
+    """The camera's pose in its lane; the intrinsics are set by ``_render`` from the image size."""
+    return Camera(height=rng.uniform(1.2, 1.6), pitch=rng.uniform(-0.01, 0.07), yaw=rng.uniform(-0.06, 0.06),
+                  x=cam_lane + rng.uniform(-0.4, 0.4), fx=1.0, fy=1.0, u0=0.0, v0=0.0)
+
+
+def _sky_and_light(rng: np.random.Generator) -> dict:
+    """Sun, sky colours, fog, exposure and noise seed: the lighting keyword arguments of ``_Scene``."""
     overcast = rng.random() < 0.35
     elevation = rng.uniform(0.25, 1.1)
     azimuth = rng.uniform(0, 2 * math.pi)
@@ -724,9 +743,14 @@ def _build_scene(rng: np.random.Generator, objects: bool = True) -> _Scene:
         horizon = np.array([0.72, 0.80, 0.90]) + rng.normal(0, 0.03, 3)
         sun_strength, ambient = rng.uniform(0.6, 0.95), rng.uniform(0.35, 0.55)
     fog_color = np.clip(horizon * rng.uniform(0.9, 1.05), 0, 1)
-    atmosphere = dict(cloudiness=rng.uniform(0.0, 0.7), fog_distance=rng.uniform(90, 400), exposure=rng.uniform(0.85, 1.15),
-                      noise_seed=int(rng.integers(1 << 30)))
+    return dict(sun=sun, sun_strength=sun_strength, ambient=ambient,
+                sky_zenith=np.clip(zenith, 0, 1).astype(np.float32), sky_horizon=np.clip(horizon, 0, 1).astype(np.float32),
+                fog_color=fog_color.astype(np.float32), cloudiness=rng.uniform(0.0, 0.7),
+                fog_distance=rng.uniform(90, 400), exposure=rng.uniform(0.85, 1.15), noise_seed=int(rng.integers(1 << 30)))
 
+
+def _crossings(rng: np.random.Generator) -> tuple[tuple[float, float] | None, tuple[float, float] | None, float | None]:
+    """y intervals of the cross street and of a zebra crossing (None: none), and where the street ends."""
     cross: tuple[float, float] | None = None
     crosswalk: tuple[float, float] | None = None
     if rng.random() < 0.45:
@@ -737,157 +761,212 @@ def _build_scene(rng: np.random.Generator, objects: bool = True) -> _Scene:
         c0 = rng.uniform(12, 45)
         crosswalk = (c0, c0 + rng.uniform(3.0, 4.5))
     far_end = rng.uniform(90, 170) if rng.random() < 0.6 else None
-    y_end = far_end if far_end is not None else 230.0
+    return cross, crosswalk, far_end
 
-    def clear_of_cross(y0: float, y1: float) -> list[tuple[float, float]]:
-        """Split the interval [y0, y1] around the cross street."""
-        if cross is None or y1 <= cross[0] or y0 >= cross[1]:
-            return [(y0, y1)]
-        parts = []
-        if y0 < cross[0]:
-            parts.append((y0, cross[0]))
-        if y1 > cross[1]:
-            parts.append((cross[1], y1))
-        return parts
 
-    parking: list[tuple[float, float]] = []
-    layout = _Layout(road_half, n_lanes, two_way, parking, cross, crosswalk, road_tone=rng.uniform(0.26, 0.46),
-                     road_seed=int(rng.integers(1 << 30)), terrain_color=_pick(rng, _GRASS, 0.03))
+@dataclass
+class _Sidewalk:
+    """One side's sidewalk: the slab spans |x| in [x_in, x_out]; a grass verge of width ``verge`` lies inside it."""
 
-    if objects:
-        for side in (-1, 1):
-            edge = road_half  # distance of the current band's inner edge from the street axis
-            has_parking = rng.random() < 0.25
-            if has_parking:
-                w = rng.uniform(2.2, 2.8)
-                parking.append((edge, edge + w) if side > 0 else (-edge - w, -edge))
-                y = rng.uniform(3, 12)
-                while y < 80:
-                    if rng.random() < 0.6 and (cross is None or not (cross[0] - 3 < y < cross[1] + 3)):
-                        b.car(side * (edge + w / 2), y, oncoming=bool(rng.random() < 0.5))
-                    y += rng.uniform(5.5, 8)
-                edge += w
-            verge = rng.uniform(1.0, 3.0) if rng.random() < 0.3 else 0.0
-            curb = rng.uniform(0.1, 0.18) if rng.random() < 0.85 else 0.02
-            walk = rng.uniform(1.8, 5.0)
-            x_in, x_out = edge + verge, edge + verge + walk
-            for y0, y1 in clear_of_cross(-15, y_end):
-                lo, hi = (min(side * x_in, side * x_out), y0, 0.0), (max(side * x_in, side * x_out), y1, curb)
-                b.add(_box(lo, hi, SIDEWALK, "paving", _pick(rng, _GREYS + [(0.60, 0.55, 0.50)], 0.03),
-                           tile=rng.uniform(0.3, 1.0), seams=bool(rng.random() < 0.7)))
-            if verge:
-                y = rng.uniform(2, 10)
-                while y < min(y_end, 120):
-                    if cross is None or not (cross[0] - 2 < y < cross[1] + 2):
-                        if rng.random() < 0.6:
-                            b.tree(side * (edge + verge / 2), y, 0.0)
-                        else:
-                            b.bush(side * (edge + verge / 2), y, 0.0)
-                    y += rng.uniform(6, 14)
-            # street furniture on the sidewalk, near the curb
-            x_furn = side * (x_in + 0.4)
-            y = rng.uniform(4, 20)
-            while y < min(y_end, 140):
-                if cross is None or not (cross[0] - 1 < y < cross[1] + 1):
-                    b.lamp(x_furn, y, curb, towards_road=-side)
-                y += rng.uniform(18, 35)
-            for _ in range(int(rng.integers(0, 3))):
-                ys = rng.uniform(6, 60)
-                if cross is None or not (cross[0] - 1 < ys < cross[1] + 1):
-                    b.sign(x_furn, ys, curb)
-            if verge == 0 and rng.random() < 0.35:
-                y = rng.uniform(3, 12)
-                while y < min(y_end, 100):
-                    if cross is None or not (cross[0] - 3 < y < cross[1] + 3):
-                        b.tree(side * (x_in + 1.0), y, curb)
-                    y += rng.uniform(7, 15)
-            # pedestrians and parked bicycles
-            for _ in range(int(rng.poisson(2.5))):
-                yp = rng.uniform(3, 50)
-                if cross is None or not (cross[0] < yp < cross[1]):
-                    b.person(side * rng.uniform(x_in + 0.4, x_out - 0.3), yp, curb)
-            if rng.random() < 0.2:
-                b.bicycle(side * (x_out - 0.5), rng.uniform(5, 30), curb)
+    side: int  # -1 left of the road, +1 right
+    edge: float  # |x| where the verge (or, without one, the sidewalk) starts
+    verge: float  # verge width [m]; 0 = none
+    curb: float  # slab height [m]
+    x_in: float
+    x_out: float
 
-            # frontage beyond the sidewalk
-            front = x_out + (rng.uniform(0, 3) if rng.random() < 0.3 else 0.0)
-            style = rng.choice(["buildings", "park", "lot"], p=[0.65, 0.2, 0.15])
-            for y0, y1 in clear_of_cross(-20, y_end):
-                y = y0
-                while y < y1:
-                    seg = min(rng.uniform(8, 30), y1 - y)
-                    gap = rng.random() < (0.25 if style == "buildings" else 0.8)
-                    if style == "buildings" and not gap:
-                        b.building(side, front + (rng.uniform(0, 2) if rng.random() < 0.3 else 0), y, y + seg)
-                    else:
-                        fill = rng.random()
-                        if fill < 0.35:
-                            b.wall(side, side * (front + 0.2), y, y + seg, 0.0)
-                        elif fill < 0.7:
-                            b.fence(side * (front + 0.1), y, y + seg, 0.0)
-                        for _ in range(int(rng.integers(0, 4))):
-                            xt, yt = side * (front + rng.uniform(2, 20)), rng.uniform(y, y + seg)
-                            if rng.random() < 0.6:
-                                b.tree(xt, yt, 0.0)
-                            else:
-                                b.bush(xt, yt, 0.0)
-                        if style != "buildings" and rng.random() < 0.6:  # buildings further back
-                            b.building(side, front + rng.uniform(15, 40), y, y + seg)
-                    y += seg
 
-        # the cross street: traffic lights at the corners, buildings closing the view down it
-        if cross is not None:
-            for side in (-1, 1):
-                if rng.random() < 0.8:
-                    b.traffic_light(side * (road_half + 0.6), cross[0] - 1.0, 0.12,
-                                    overhang=-side * rng.uniform(2, road_half) if rng.random() < 0.4 else 0.0)
-                far = rng.uniform(25, 70)
-                b.building(side, far, cross[0] - 10, cross[1] + 10)
-                for _ in range(int(rng.integers(0, 3))):
-                    b.person(side * rng.uniform(road_half + 1, road_half + 8), rng.uniform(*cross), 0.0)
-            if rng.random() < 0.5:
-                b.traffic_light(-road_half - 0.6, cross[1] + 1.0, 0.12)
-        elif crosswalk is not None and rng.random() < 0.7:
-            for side in (-1, 1):
-                b.traffic_light(side * (road_half + 0.6), crosswalk[0] - 0.5, 0.12)
-        if crosswalk is not None:
-            for _ in range(int(rng.integers(0, 4))):
-                b.person(rng.uniform(-road_half + 0.5, road_half - 0.5), rng.uniform(*crosswalk), 0.0)
+def _parking_strip(b: _Builder, layout: _Layout, side: int) -> float:
+    """Maybe a parking strip with parked cars beside the road; returns |x| of its outer edge."""
+    rng = b.rng
+    edge = layout.road_half  # distance of the current band's inner edge from the street axis
+    if rng.random() < 0.25:
+        w = rng.uniform(2.2, 2.8)
+        layout.parking.append((edge, edge + w) if side > 0 else (-edge - w, -edge))
+        y = rng.uniform(3, 12)
+        while y < 80:
+            if rng.random() < 0.6 and not _near(layout.cross, y, 3):
+                b.car(side * (edge + w / 2), y, oncoming=bool(rng.random() < 0.5))
+            y += rng.uniform(5.5, 8)
+        edge += w
+    return edge
 
-        # far backdrop closing the main street
-        if far_end is not None:
-            x = -80.0
-            while x < 80:
-                w = rng.uniform(10, 30)
-                if rng.random() < 0.8:
-                    b.add(_box((x, far_end, 0), (x + w, far_end + 15, rng.uniform(8, 35)), BUILDING, "facade", _pick(rng, _FACADES, 0.05),
-                               floor=3.2, spacing=rng.uniform(2, 4), win_w=0.5, win_h=0.5, brick=False, shop=False,
-                               glass=np.array([0.2, 0.22, 0.25], np.float32)))
+
+def _sidewalk(b: _Builder, layout: _Layout, side: int, edge: float, y_end: float) -> _Sidewalk:
+    """The raised sidewalk slabs (split around the cross street), with trees and bushes on a verge."""
+    rng = b.rng
+    verge = rng.uniform(1.0, 3.0) if rng.random() < 0.3 else 0.0
+    curb = rng.uniform(0.1, 0.18) if rng.random() < 0.85 else 0.02
+    walk = rng.uniform(1.8, 5.0)
+    x_in, x_out = edge + verge, edge + verge + walk
+    for y0, y1 in _clear_of(layout.cross, -15, y_end):
+        lo, hi = (min(side * x_in, side * x_out), y0, 0.0), (max(side * x_in, side * x_out), y1, curb)
+        b.add(_box(lo, hi, SIDEWALK, "paving", _pick(rng, _GREYS + [(0.60, 0.55, 0.50)], 0.03),
+                   tile=rng.uniform(0.3, 1.0), seams=bool(rng.random() < 0.7)))
+    if verge:
+        y = rng.uniform(2, 10)
+        while y < min(y_end, 120):
+            if not _near(layout.cross, y, 2):
+                if rng.random() < 0.6:
+                    b.tree(side * (edge + verge / 2), y, 0.0)
                 else:
-                    b.tree(x + w / 2, far_end + 3, 0.0)
-                x += w
+                    b.bush(side * (edge + verge / 2), y, 0.0)
+            y += rng.uniform(6, 14)
+    return _Sidewalk(side, edge, verge, curb, x_in, x_out)
 
-        # traffic in the lanes (the camera's lane is kept clear close to the camera)
-        for lane in lanes:
-            same_dir = (lane > 0) or not two_way
-            y = rng.uniform(3, 20) if abs(lane - cam_lane) > 0.1 else rng.uniform(9, 30)
-            while y < 130:
-                blocked = (cross is not None and cross[0] - 6 < y < cross[1] + 6) or (
-                    crosswalk is not None and crosswalk[0] - 7 < y < crosswalk[1] + 7)
-                if rng.random() < (0.55 if same_dir else 0.45) and not blocked:
-                    length = b.vehicle(lane + rng.uniform(-0.3, 0.3), y, oncoming=not same_dir)
-                    y += length
-                y += rng.uniform(4, 25)
-        if rng.random() < 0.4:  # a cyclist at the right edge of the road
-            b.cyclist(road_half - 0.7, rng.uniform(8, 40), 0.0)
-        if rng.random() < 0.15:
-            b.cyclist(-road_half + 0.7, rng.uniform(8, 40), 0.0)
 
-    return _Scene(
-        camera=camera, prims=b.prims, layout=layout, sun=sun, sun_strength=sun_strength, ambient=ambient,
-        sky_zenith=np.clip(zenith, 0, 1).astype(np.float32), sky_horizon=np.clip(horizon, 0, 1).astype(np.float32),
-        fog_color=fog_color.astype(np.float32), **atmosphere,
-    )
+def _street_furniture(b: _Builder, layout: _Layout, walk: _Sidewalk, y_end: float) -> None:
+    """Street lamps, traffic signs and (without a verge) trees on the sidewalk, near the curb."""
+    rng, side, cross = b.rng, walk.side, layout.cross
+    x_furn = side * (walk.x_in + 0.4)
+    y = rng.uniform(4, 20)
+    while y < min(y_end, 140):
+        if not _near(cross, y, 1):
+            b.lamp(x_furn, y, walk.curb, towards_road=-side)
+        y += rng.uniform(18, 35)
+    for _ in range(int(rng.integers(0, 3))):
+        ys = rng.uniform(6, 60)
+        if not _near(cross, ys, 1):
+            b.sign(x_furn, ys, walk.curb)
+    if walk.verge == 0 and rng.random() < 0.35:
+        y = rng.uniform(3, 12)
+        while y < min(y_end, 100):
+            if not _near(cross, y, 3):
+                b.tree(side * (walk.x_in + 1.0), y, walk.curb)
+            y += rng.uniform(7, 15)
+
+
+def _pedestrians(b: _Builder, layout: _Layout, walk: _Sidewalk) -> None:
+    """People walking on the sidewalk and, sometimes, a parked bicycle."""
+    rng = b.rng
+    for _ in range(int(rng.poisson(2.5))):
+        yp = rng.uniform(3, 50)
+        if not _near(layout.cross, yp, 0):
+            b.person(walk.side * rng.uniform(walk.x_in + 0.4, walk.x_out - 0.3), yp, walk.curb)
+    if rng.random() < 0.2:
+        b.bicycle(walk.side * (walk.x_out - 0.5), rng.uniform(5, 30), walk.curb)
+
+
+def _frontage(b: _Builder, layout: _Layout, walk: _Sidewalk, y_end: float) -> None:
+    """Beyond the sidewalk: a row of buildings, or a park / lot with walls, fences, plants and buildings behind."""
+    rng, side = b.rng, walk.side
+    front = walk.x_out + (rng.uniform(0, 3) if rng.random() < 0.3 else 0.0)
+    style = rng.choice(["buildings", "park", "lot"], p=[0.65, 0.2, 0.15])
+    for y0, y1 in _clear_of(layout.cross, -20, y_end):
+        y = y0
+        while y < y1:
+            seg = min(rng.uniform(8, 30), y1 - y)
+            gap = rng.random() < (0.25 if style == "buildings" else 0.8)
+            if style == "buildings" and not gap:
+                b.building(side, front + (rng.uniform(0, 2) if rng.random() < 0.3 else 0), y, y + seg)
+            else:
+                fill = rng.random()
+                if fill < 0.35:
+                    b.wall(side, side * (front + 0.2), y, y + seg, 0.0)
+                elif fill < 0.7:
+                    b.fence(side * (front + 0.1), y, y + seg, 0.0)
+                for _ in range(int(rng.integers(0, 4))):
+                    xt, yt = side * (front + rng.uniform(2, 20)), rng.uniform(y, y + seg)
+                    if rng.random() < 0.6:
+                        b.tree(xt, yt, 0.0)
+                    else:
+                        b.bush(xt, yt, 0.0)
+                if style != "buildings" and rng.random() < 0.6:  # buildings further back
+                    b.building(side, front + rng.uniform(15, 40), y, y + seg)
+            y += seg
+
+
+def _side_of_street(b: _Builder, layout: _Layout, side: int, y_end: float) -> None:
+    """Everything on one side of the road, from the curb outwards."""
+    edge = _parking_strip(b, layout, side)
+    walk = _sidewalk(b, layout, side, edge, y_end)
+    _street_furniture(b, layout, walk, y_end)
+    _pedestrians(b, layout, walk)
+    _frontage(b, layout, walk, y_end)
+
+
+def _crossing_scenery(b: _Builder, layout: _Layout) -> None:
+    """The cross street (traffic lights at the corners, buildings closing the view down it) or the
+    zebra crossing's lights, and people on the crossing."""
+    rng, road_half, cross, crosswalk = b.rng, layout.road_half, layout.cross, layout.crosswalk
+    if cross is not None:
+        for side in (-1, 1):
+            if rng.random() < 0.8:
+                b.traffic_light(side * (road_half + 0.6), cross[0] - 1.0, 0.12,
+                                overhang=-side * rng.uniform(2, road_half) if rng.random() < 0.4 else 0.0)
+            far = rng.uniform(25, 70)
+            b.building(side, far, cross[0] - 10, cross[1] + 10)
+            for _ in range(int(rng.integers(0, 3))):
+                b.person(side * rng.uniform(road_half + 1, road_half + 8), rng.uniform(*cross), 0.0)
+        if rng.random() < 0.5:
+            b.traffic_light(-road_half - 0.6, cross[1] + 1.0, 0.12)
+    elif crosswalk is not None and rng.random() < 0.7:
+        for side in (-1, 1):
+            b.traffic_light(side * (road_half + 0.6), crosswalk[0] - 0.5, 0.12)
+    if crosswalk is not None:
+        for _ in range(int(rng.integers(0, 4))):
+            b.person(rng.uniform(-road_half + 0.5, road_half - 0.5), rng.uniform(*crosswalk), 0.0)
+
+
+def _backdrop(b: _Builder, far_end: float) -> None:
+    """A row of buildings (and the odd tree) across the street at ``far_end``, closing the view."""
+    rng = b.rng
+    x = -80.0
+    while x < 80:
+        w = rng.uniform(10, 30)
+        if rng.random() < 0.8:
+            b.add(_box((x, far_end, 0), (x + w, far_end + 15, rng.uniform(8, 35)), BUILDING, "facade", _pick(rng, _FACADES, 0.05),
+                       floor=3.2, spacing=rng.uniform(2, 4), win_w=0.5, win_h=0.5, brick=False, shop=False,
+                       glass=np.array([0.2, 0.22, 0.25], np.float32)))
+        else:
+            b.tree(x + w / 2, far_end + 3, 0.0)
+        x += w
+
+
+def _traffic(b: _Builder, layout: _Layout, lanes: list[float], cam_lane: float) -> None:
+    """Vehicles in the lanes (the camera's lane is kept clear close to the camera) and cyclists at the road's edges."""
+    rng, cross, crosswalk, road_half = b.rng, layout.cross, layout.crosswalk, layout.road_half
+    for lane in lanes:
+        same_dir = (lane > 0) or not layout.two_way
+        y = rng.uniform(3, 20) if abs(lane - cam_lane) > 0.1 else rng.uniform(9, 30)
+        while y < 130:
+            blocked = _near(cross, y, 6) or _near(crosswalk, y, 7)
+            if rng.random() < (0.55 if same_dir else 0.45) and not blocked:
+                length = b.vehicle(lane + rng.uniform(-0.3, 0.3), y, oncoming=not same_dir)
+                y += length
+            y += rng.uniform(4, 25)
+    if rng.random() < 0.4:  # a cyclist at the right edge of the road
+        b.cyclist(road_half - 0.7, rng.uniform(8, 40), 0.0)
+    if rng.random() < 0.15:
+        b.cyclist(-road_half + 0.7, rng.uniform(8, 40), 0.0)
+
+
+def _build_scene(rng: np.random.Generator, objects: bool = True) -> _Scene:
+    """Lay out one random street scene (geometry, materials, lighting) from ``rng``.
+
+    The steps draw from ``rng`` in a fixed order (lanes, camera, light, crossings, ground, then the
+    objects), so a seed always gives the same street. With ``objects=False`` only the ground plane
+    (road / parking / terrain bands) and the sky are rendered: the flat world used to check the
+    pinhole geometry analytically.
+    """
+    b = _Builder(rng)
+    lanes, road_half, two_way, cam_lane = _lanes(rng)
+    # camera, light and atmosphere are drawn before the objects, so ``objects=False`` renders the
+    # same camera and light over an empty street
+    camera = _camera(rng, cam_lane)
+    light = _sky_and_light(rng)
+    cross, crosswalk, far_end = _crossings(rng)
+    layout = _Layout(road_half, len(lanes), two_way, [], cross, crosswalk, road_tone=rng.uniform(0.26, 0.46),
+                     road_seed=int(rng.integers(1 << 30)), terrain_color=_pick(rng, _GRASS, 0.03))
+    if objects:
+        y_end = far_end if far_end is not None else 230.0
+        for side in (-1, 1):
+            _side_of_street(b, layout, side, y_end)
+        _crossing_scenery(b, layout)
+        if far_end is not None:
+            _backdrop(b, far_end)
+        _traffic(b, layout, lanes, cam_lane)
+    return _Scene(camera=camera, prims=b.prims, layout=layout, **light)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1175,22 +1254,34 @@ def _screen_rect(prim: _Prim, cam: Camera, H: int, W: int) -> tuple[int, int, in
     return r0, r1, c0, c1
 
 
-def _render(scene: _Scene, H: int, W: int, rng: np.random.Generator) -> dict:
-    """Ray-cast ``scene`` at H x W: visibility, then materials per primitive, then light and camera.
+@dataclass
+class _Hits:
+    """The nearest hit of every camera ray, flattened to N = H * W rays in row-major pixel order."""
 
-    The intrinsics are set here from the image size (Cityscapes fx scaled to the width), so the
-    layout drawn by ``_build_scene`` is independent of the resolution. ``rng`` only draws the
-    sensor noise.
-    """
+    origin: np.ndarray  # (3,) float64 camera centre
+    dirs: np.ndarray  # (N, 3) float32 ray directions (forward component 1)
+    dnorm: np.ndarray  # (N,) float32 length of each direction
+    t: np.ndarray  # (N,) float32 ray parameter of the hit = its depth; inf where nothing is hit
+    idx: np.ndarray  # (N,) int32 what was hit: a primitive index, -2 the ground, -1 nothing (sky)
+
+    @property
+    def hit(self) -> np.ndarray:
+        """(N,) bool: the ray hits the ground or a primitive."""
+        return self.idx != -1
+
+    @property
+    def depth(self) -> np.ndarray:
+        """(N,) float32 depth in metres, ``MAX_DEPTH`` where the ray sees the sky."""
+        return np.where(self.hit, self.t, np.float32(MAX_DEPTH))
+
+
+def _cast_rays(scene: _Scene, H: int, W: int) -> _Hits:
+    """Nearest hit per pixel: the ground plane first, then every primitive inside its screen rectangle."""
     cam = scene.camera
-    cam.fx = cam.fy = FX_AT_2048 * W / 2048.0
-    cam.u0, cam.v0 = (W - 1) / 2.0, (H - 1) / 2.0
     o = cam.origin
     d = cam.rays(H, W)
     inv = tuple(np.float32(1.0) / dk for dk in d)
     o3 = tuple(float(v) for v in o)
-
-    # nearest hit per pixel: ground plane first (index -2), then every primitive in its rectangle
     t_best = np.where(d[2] < 0, np.float32(-o[2]) / d[2], np.float32(np.inf)).astype(np.float32)
     idx = np.where(np.isfinite(t_best), -2, -1).astype(np.int32)
     for k, prim in enumerate(scene.prims):
@@ -1204,29 +1295,31 @@ def _render(scene: _Scene, H: int, W: int, rng: np.random.Generator) -> dict:
         better = t < tb
         tb[better] = t[better]
         idx[sl][better] = k
-
-    # shading inputs for hit pixels, grouped by primitive
-    label = np.full(H * W, SKY, np.uint8)
-    albedo = np.zeros((H * W, 3), np.float32)
-    normal = np.zeros((H * W, 3), np.float32)
-    flat_idx = idx.ravel()
-    t_flat = t_best.ravel()
     dirs = np.stack([dk.ravel() for dk in d], axis=1)
-    order = np.argsort(flat_idx, kind="stable")
-    counts = np.bincount(flat_idx + 2, minlength=len(scene.prims) + 2)
+    return _Hits(o, dirs, np.linalg.norm(dirs, axis=1), t_best.ravel(), idx.ravel())
+
+
+def _surfaces(scene: _Scene, hits: _Hits) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Label ids (N,) uint8 (sky where nothing is hit), albedo (N, 3) and normals (N, 3), one primitive at a time."""
+    n_rays = len(hits.t)
+    label = np.full(n_rays, SKY, np.uint8)
+    albedo = np.zeros((n_rays, 3), np.float32)
+    normal = np.zeros((n_rays, 3), np.float32)
+    # pixels grouped by what they hit: index -2 (ground), -1 (sky), 0, 1, ... (primitives)
+    order = np.argsort(hits.idx, kind="stable")
+    counts = np.bincount(hits.idx + 2, minlength=len(scene.prims) + 2)
     starts = np.concatenate([[0], np.cumsum(counts)])
-    dnorm = np.linalg.norm(dirs, axis=1)
     for k in range(-2, len(scene.prims)):
         if k == -1 or counts[k + 2] == 0:
             continue
         pix = order[starts[k + 2]:starts[k + 3]]
-        p = o[None, :] + t_flat[pix, None].astype(np.float64) * dirs[pix]
+        p = hits.origin[None, :] + hits.t[pix, None].astype(np.float64) * hits.dirs[pix]
         if k == -2:
             n = np.tile(np.array([[0.0, 0.0, 1.0]]), (len(pix), 1))
         else:
             n = _normals(scene.prims[k], p)
-        cosang = np.abs(np.sum(n * dirs[pix], axis=1)) / dnorm[pix]
-        fw = (t_flat[pix] / cam.fx / np.maximum(cosang, 0.15)).astype(np.float32)  # pixel footprint [m]
+        cosang = np.abs(np.sum(n * hits.dirs[pix], axis=1)) / hits.dnorm[pix]
+        fw = (hits.t[pix] / scene.camera.fx / np.maximum(cosang, 0.15)).astype(np.float32)  # pixel footprint [m]
         if k == -2:
             lab, alb = _ground(scene.layout, p, fw, scene.noise_seed)
         else:
@@ -1236,48 +1329,70 @@ def _render(scene: _Scene, H: int, W: int, rng: np.random.Generator) -> dict:
         label[pix] = lab
         albedo[pix] = alb
         normal[pix] = n
+    return label, albedo, normal
 
-    # lighting: Lambert sun (with cast shadows) + hemispherical ambient, then exponential fog
-    hit = flat_idx != -1
+
+def _lighting(scene: _Scene, hits: _Hits, albedo: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    """Colour (N, 3) of every ray: Lambert sun with cast shadows + hemispherical ambient, then exponential fog."""
     sun_term = np.clip(normal @ scene.sun.astype(np.float32), 0, None)
-    test = np.nonzero(hit & (sun_term > 0) & (t_flat < SHADOW_RANGE))[0]
+    test = np.nonzero(hits.hit & (sun_term > 0) & (hits.t < SHADOW_RANGE))[0]
     # shadow rays start slightly off the surface (float32 rounding grows with distance)
-    offset = (0.01 + 5e-4 * t_flat[test])[:, None] * normal[test]
-    points = o[None, :] + t_flat[test, None].astype(np.float64) * dirs[test] + offset
+    offset = (0.01 + 5e-4 * hits.t[test])[:, None] * normal[test]
+    points = hits.origin[None, :] + hits.t[test, None].astype(np.float64) * hits.dirs[test] + offset
     sun_term[test[_shadowed(scene.prims, points, scene.sun)]] = 0.0
     sky_term = 0.8 + 0.2 * normal[:, 2]
     light = scene.ambient * sky_term + scene.sun_strength * sun_term
     color = albedo * light[:, None] * 1.1
-    depth = np.where(hit, t_flat, np.float32(MAX_DEPTH))
-    fog = np.exp(-np.minimum(depth, MAX_DEPTH * 2) / scene.fog_distance)[:, None].astype(np.float32)
-    color = color * fog + scene.fog_color[None, :] * (1 - fog)
+    fog = np.exp(-np.minimum(hits.depth, MAX_DEPTH * 2) / scene.fog_distance)[:, None].astype(np.float32)
+    return color * fog + scene.fog_color[None, :] * (1 - fog)
 
-    # sky: zenith-to-horizon gradient with clouds
-    sky = ~hit
-    if sky.any():
-        dn = dirs[sky] / dnorm[sky, None]
-        elev = np.clip(dn[:, 2], 0.0, 1.0)
-        grad = np.sqrt(elev)[:, None]
-        sky_col = scene.sky_horizon[None, :] * (1 - grad) + scene.sky_zenith[None, :] * grad
-        hz = np.maximum(dn[:, 2], 0.02)
-        cu, cv = (dn[:, 0] / hz).astype(np.float32), (dn[:, 1] / hz).astype(np.float32)
-        clouds = np.clip((_fbm(cu, cv, scene.noise_seed + 11, 0.8, np.full(len(cu), 0.001, np.float32), 5) - (1 - scene.cloudiness)) * 3, 0, 1)
-        sky_col = _mix(sky_col, np.full_like(sky_col, 0.93), clouds.astype(np.float32))
-        color[sky] = sky_col
 
-    # camera: exposure, vignetting, gamma, sensor noise
+def _paint_sky(scene: _Scene, hits: _Hits, color: np.ndarray) -> None:
+    """Fill the rays that hit nothing (in ``color``, (N, 3)) with a zenith-to-horizon gradient and clouds."""
+    sky = ~hits.hit
+    if not sky.any():
+        return
+    dn = hits.dirs[sky] / hits.dnorm[sky, None]
+    elev = np.clip(dn[:, 2], 0.0, 1.0)
+    grad = np.sqrt(elev)[:, None]
+    sky_col = scene.sky_horizon[None, :] * (1 - grad) + scene.sky_zenith[None, :] * grad
+    hz = np.maximum(dn[:, 2], 0.02)
+    cu, cv = (dn[:, 0] / hz).astype(np.float32), (dn[:, 1] / hz).astype(np.float32)
+    clouds = np.clip((_fbm(cu, cv, scene.noise_seed + 11, 0.8, np.full(len(cu), 0.001, np.float32), 5) - (1 - scene.cloudiness)) * 3, 0, 1)
+    sky_col = _mix(sky_col, np.full_like(sky_col, 0.93), clouds.astype(np.float32))
+    color[sky] = sky_col
+
+
+def _sensor(scene: _Scene, color: np.ndarray, H: int, W: int, rng: np.random.Generator) -> np.ndarray:
+    """The camera's response to ``color`` (N, 3): exposure, vignetting, gamma and sensor noise; (H, W, 3) uint8."""
+    cam = scene.camera
     img = color.reshape(H, W, 3) * scene.exposure
     yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
     r2 = ((xx - cam.u0) / W) ** 2 + ((yy - cam.v0) / H) ** 2
     img = img * (1.0 - 0.35 * r2)[:, :, None]
     img = np.clip(img, 0, 1) ** (1 / 1.15)
     img = img + rng.normal(0, 0.012, img.shape).astype(np.float32)
-    img_u8 = np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
+    return np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
 
+
+def _render(scene: _Scene, H: int, W: int, rng: np.random.Generator) -> dict:
+    """Ray-cast ``scene`` at H x W: visibility, then materials per primitive, then light and camera.
+
+    The intrinsics are set here from the image size (Cityscapes fx scaled to the width), so the
+    layout drawn by ``_build_scene`` is independent of the resolution. ``rng`` only draws the
+    sensor noise.
+    """
+    cam = scene.camera
+    cam.fx = cam.fy = FX_AT_2048 * W / 2048.0
+    cam.u0, cam.v0 = (W - 1) / 2.0, (H - 1) / 2.0
+    hits = _cast_rays(scene, H, W)
+    label, albedo, normal = _surfaces(scene, hits)
+    color = _lighting(scene, hits, albedo, normal)
+    _paint_sky(scene, hits, color)
     return {
-        "img": img_u8,
+        "img": _sensor(scene, color, H, W, rng),
         "label_ids": label.reshape(H, W),
-        "depth": np.minimum(depth.reshape(H, W), np.float32(MAX_DEPTH)).astype(np.float32),
+        "depth": np.minimum(hits.depth.reshape(H, W), np.float32(MAX_DEPTH)).astype(np.float32),
         "camera": cam.to_json(),
     }
 
@@ -1428,6 +1543,29 @@ def _write_image(job: tuple[Path, str, int, tuple[int, int], int, int]) -> None:
             _save_png(paths[key], encoders[key]())
 
 
+def _claim_root(root: Path, meta: dict) -> None:
+    """Write ``world.json`` and ``depth_gt/depth_meta.json`` into ``root``, or check that an existing
+    ``world.json`` describes the same world (``SyntheticWorldError`` if not)."""
+    world_json = root / "world.json"
+    if world_json.exists():
+        try:
+            old = json.loads(world_json.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise SyntheticWorldError(f"{world_json} is not readable JSON ({err}); remove it or use another root") from None
+        diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+        if diff:
+            raise SyntheticWorldError(
+                f"{world_json} describes a different world (existing vs requested: {diff}); "
+                "use another root or delete the folder"
+            )
+    else:
+        _write_json(world_json, meta)
+    depth_meta = root / "depth_gt" / "depth_meta.json"
+    if not depth_meta.exists():
+        _write_json(depth_meta, {"source": "synthetic_gt", "encoding": "uint16", "scale": DEPTH_SCALE,
+                                 "offset": 0.0, "units": "m", "normalisation": "none"})
+
+
 def make_world(root: str | Path, n_train: int, n_val: int, size: tuple[int, int] = (256, 512), seed: int = 0,
                n_cities: int = 2, progress: bool = True, *, num_workers: int = 0) -> Path:
     """Render a synthetic world into ``root`` in the Cityscapes layout (see the module docstring).
@@ -1447,38 +1585,11 @@ def make_world(root: str | Path, n_train: int, n_val: int, size: tuple[int, int]
     if root.exists() and not root.is_dir():
         raise SyntheticWorldError(f"world root {root} exists and is not a folder")
     root.mkdir(parents=True, exist_ok=True)
-
-    meta = {
-        "label_ids": sorted(WORLD_LABEL_IDS),
-        "names": _label_names(sorted(WORLD_LABEL_IDS)),
-        "size": [H, W],
-        "seed": seed,
-        "n_train": n_train,
-        "n_val": n_val,
-        "n_cities": n_cities,
-        "generator_version": GENERATOR_VERSION,
-        "max_depth": MAX_DEPTH,
-        "baseline": BASELINE,
-        "fx": FX_AT_2048 * W / 2048.0,
-    }
-    world_json = root / "world.json"
-    if world_json.exists():
-        try:
-            old = json.loads(world_json.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise SyntheticWorldError(f"{world_json} is not readable JSON ({err}); remove it or use another root") from None
-        diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
-        if diff:
-            raise SyntheticWorldError(
-                f"{world_json} describes a different world (existing vs requested: {diff}); "
-                "use another root or delete the folder"
-            )
-    else:
-        _write_json(world_json, meta)
-    depth_meta = root / "depth_gt" / "depth_meta.json"
-    if not depth_meta.exists():
-        _write_json(depth_meta, {"source": "synthetic_gt", "encoding": "uint16", "scale": DEPTH_SCALE,
-                                 "offset": 0.0, "units": "m", "normalisation": "none"})
+    _claim_root(root, {
+        "label_ids": sorted(WORLD_LABEL_IDS), "names": _label_names(sorted(WORLD_LABEL_IDS)), "size": [H, W],
+        "seed": seed, "n_train": n_train, "n_val": n_val, "n_cities": n_cities, "generator_version": GENERATOR_VERSION,
+        "max_depth": MAX_DEPTH, "baseline": BASELINE, "fx": FX_AT_2048 * W / 2048.0,
+    })
 
     jobs = [(split, i) for split, n in (("train", n_train), ("val", n_val)) for i in range(n)]
     work = [(root, split, i, (H, W), seed, n_cities) for split, i in jobs]
