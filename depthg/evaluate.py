@@ -1,24 +1,10 @@
 """Evaluate a trained head with the paper's protocol (docs/method.md §9).
 
-Per validation image:
-
-1. resize the short side to ``eval_res`` and centre-crop ``eval_res x eval_res`` (released: nearest for the
-   image too; paper mode: bilinear image, nearest label -- ``depthg.data.transforms.resize_center_crop``);
-2. frozen backbone -> head code on the patch grid; with ``flip=True`` the code of the horizontally flipped
-   image is flipped back and averaged with it (test-time augmentation on the code grid);
-3. the code is bilinearly upsampled (align_corners=False) to the label size *before* the 1x1 probes;
-4. cluster probe: log_softmax(2 * cos(code, centroids)); linear probe: log_softmax(logits);
-5. optional dense CRF on both outputs (``depthg.crf``: 10 iterations, gaussian sxy 1 compat 3,
-   bilateral sxy 67 srgb 3 compat 4), then argmax;
-6. metrics accumulated over the whole split (``depthg.metrics.UnsupervisedMetrics``): the cluster
-   predictions get one Hungarian matching on the split's confusion matrix, the linear ones none.
-   Accuracy = pixel accuracy and mIoU = mean IoU over classes present in prediction or ground truth,
-   both in percent.
-
-``evaluate_model`` is the building block (also used by the trainer's validation, with ``flip=False`` and
-``crf=False`` as the released training-time validation does); ``evaluate_checkpoint`` loads a training
-checkpoint, evaluates it and writes a results JSON holding the config and the checkpoint's SHA-256, plus
-optional prediction PNGs in the dataset's palette.
+Per image: resize + centre-crop to ``eval_res``; code of the image (averaged with the flipped image's
+code when ``flip``), upsampled bilinearly to the label size; cluster probe ``log_softmax(2 cos)`` and
+linear probe ``log_softmax``; optional dense CRF; argmax. Metrics are accumulated over the whole split
+(one Hungarian matching for the clusters). The trainer's validation uses :func:`evaluate_model` with
+``flip=False, crf=False``, as the released training-time validation does.
 """
 
 from __future__ import annotations
@@ -37,11 +23,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from depthg.backbone import load_backbone
-from depthg.build import amp_context, build_models, load_checkpoint, validation_dataset
+from depthg.build import amp_context, build_models, fidelity, load_checkpoint, validation_dataset
 from depthg.config import Config, apply_overrides
 from depthg.crf import dense_crf
+from depthg.data.common import default_palette
 from depthg.data.prepare import dataset_root
-from depthg.data.transforms import resize_center_crop
+from depthg.data.transforms import PAPER_RESIZE, Resize, resize_center_crop
 from depthg.features import backbone_fingerprint
 from depthg.metrics import UnsupervisedMetrics
 from depthg.utils import DepthGError, atomic_write, get_device, inside, sha256_file
@@ -65,7 +52,7 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 def predict_batch(backbone: nn.Module, head: nn.Module, cluster: nn.Module, linear: nn.Module, img: torch.Tensor,
                   out_size: tuple[int, int], flip: bool = True, crf: bool = False,
                   amp: Callable[[], Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cluster log-probs, linear log-probs), each (B, K, H, W) at ``out_size`` (steps 2-5 above)."""
+    """(cluster log-probs, linear log-probs), each (B, K, H, W) at ``out_size``, for images (B, 3, h, w)."""
     ctx = amp if amp is not None else nullcontext
     with ctx():
         code = head(backbone(img)).float()
@@ -100,26 +87,22 @@ def _metrics_dict(result: dict[str, Any], class_names: Sequence[str] | None) -> 
 
 
 def evaluate_model(backbone: nn.Module, head: nn.Module, cluster: nn.Module, linear: nn.Module, dataset: Any,
-                   res: int | None = 320, mode: str = "paper", flip: bool = True, crf: bool = False,
+                   res: int | None = 320, resize: Resize = PAPER_RESIZE, flip: bool = True, crf: bool = False,
                    batch_size: int = 8, device: torch.device | str | None = None, max_images: int | None = None,
                    progress: bool = True, amp: Callable[[], Any] | None = None,
                    predictions_dir: str | Path | None = None, n_predictions: int = 0,
                    num_workers: int = 0) -> dict[str, Any]:
-    """Cluster (Hungarian) and linear metrics of a head on ``dataset`` (module docstring, steps 1-6).
+    """Cluster (Hungarian) and linear metrics of a head on ``dataset`` (the protocol above).
 
     Args:
-        dataset: items with "img" (3,H,W) in [0,1] and "label" (H,W) int64 (-1 ignore); ``n_classes``
-            and optionally ``class_names`` / ``palette`` attributes.
-        res: resize + centre-crop size (None: items are used as they are, all of one size).
-        mode: "paper" | "released" image resizing (see module docstring).
-        flip: horizontal-flip averaging of the code. crf: dense CRF on both outputs.
-        max_images: evaluate only the first N images (None = all).
-        predictions_dir / n_predictions: write the first N images' cluster (after matching), linear and
-            ground-truth maps as palette PNGs.
+        dataset: items {"img" (3, H, W) in [0, 1], "label" (H, W) int64, -1 = ignore}; ``n_classes`` and
+            optional ``class_names`` / ``palette`` attributes.
+        res: resize + centre-crop size (None: items as they are); ``resize`` is the run's (``depthg.data.transforms``).
+        predictions_dir, n_predictions: write the first N images' matched cluster, linear and ground-truth
+            maps as palette PNGs.
 
-    Returns:
-        {"cluster": {accuracy, miou, iou, iou_per_class, assignment}, "linear": {...}, "n_images",
-         "protocol": {...}} with accuracy/mIoU in percent.
+    Returns {"cluster": {accuracy, miou, iou, iou_per_class, assignment}, "linear": {...}, "n_images",
+    "protocol"}, in percent.
     """
     device = get_device(device or "auto")
     n_classes = int(dataset.n_classes)
@@ -129,7 +112,7 @@ def evaluate_model(backbone: nn.Module, head: nn.Module, cluster: nn.Module, lin
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     if n == 0:
         raise EvaluationError(f"evaluation dataset {dataset!r} is empty")
-    transform = partial(resize_center_crop, res=res, mode=mode) if res is not None else (lambda item: item)
+    transform = partial(resize_center_crop, res=res, resize=resize) if res is not None else (lambda item: item)
 
     was_training = [m.training for m in (head, cluster, linear)]
     for m in (head, cluster, linear):
@@ -160,21 +143,16 @@ def evaluate_model(backbone: nn.Module, head: nn.Module, cluster: nn.Module, lin
         "cluster": _metrics_dict(cluster_res, class_names),
         "linear": _metrics_dict(linear_res, class_names),
         "n_images": n,
-        "protocol": {"res": res, "resize_mode": mode, "flip": flip, "crf": crf,
+        "protocol": {"res": res, "resize_mode": resize.name, "flip": flip, "crf": crf,
                      "cluster": "log_softmax(2 cos), Hungarian matching over the split",
                      "linear": "log_softmax(logits), no matching", "units": "percent"},
     }
     if result["linear"].get("assignment") is not None:
         result["linear"].pop("assignment")
     if predictions_dir is not None and kept:
-        palette = np.asarray(getattr(dataset, "palette", _default_palette(n_classes)), dtype=np.uint8)
+        palette = np.asarray(getattr(dataset, "palette", default_palette(n_classes)), dtype=np.uint8)
         _write_predictions(Path(predictions_dir), kept, cluster_res.get("assignment"), palette)
     return result
-
-
-def _default_palette(n: int) -> np.ndarray:
-    gen = np.random.default_rng(0)
-    return gen.integers(0, 256, size=(n, 3), dtype=np.uint8)
 
 
 def _colour(label: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -199,20 +177,15 @@ def _write_predictions(out_dir: Path, kept: list[tuple[str, torch.Tensor, torch.
 
 def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *, data_root: str | Path | None = None,
                         output: str | Path | None = None, n_predictions: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Evaluate a training checkpoint on its config's validation split with the full protocol.
+    """Evaluate a training checkpoint on its config's validation split; write ``<stem>_eval.json``.
 
-    Args:
-        path: ``checkpoint_last.pt`` / ``checkpoint_best.pt`` written by ``depthg.train``.
-        overrides: ``key=value`` config overrides (e.g. ``eval_crf=false``, ``eval_res=320``,
-            ``data_dir=/data/cityscapes``, ``val_split=val``).
-        data_root: the dataset root (default: ``cfg.data_dir``, or the synthetic world in the cache).
-        output: results JSON path (default: next to the checkpoint, ``<stem>_eval.json``).
-        n_predictions: write this many prediction PNGs next to the JSON.
+    ``overrides`` are ``key=value`` config changes (``eval_crf=false``, ``data_dir=...``); ``data_root``
+    defaults to ``cfg.data_dir`` or the synthetic world; ``n_predictions`` PNGs go next to the JSON.
     """
     path = Path(path)
     ckpt = load_checkpoint(path)
     cfg = apply_overrides(Config.from_dict(ckpt["config"], source=str(path)), list(overrides))
-    root = data_root if data_root is not None else _data_root(cfg)
+    root = data_root if data_root is not None else dataset_root(cfg, progress=False)
     dataset = validation_dataset(cfg, root)
     device = get_device(cfg.device)
     backbone = load_backbone(cfg.backbone, cfg.weights, **cfg.backbone_kwargs).to(device)
@@ -230,7 +203,7 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *, data
         raise EvaluationError(f"refusing to write the evaluation {output}: it is inside the dataset folder {root}; "
                               "pass --output outside it")
     metrics = evaluate_model(backbone, model.head, model.cluster, model.linear, dataset, res=cfg.eval_res,
-                             mode=cfg.mode, flip=cfg.eval_flip, crf=cfg.eval_crf, batch_size=cfg.eval_batch_size,
+                             resize=fidelity(cfg).resize, flip=cfg.eval_flip, crf=cfg.eval_crf, batch_size=cfg.eval_batch_size,
                              device=device, max_images=cfg.eval_max_images, progress=progress, amp=amp,
                              predictions_dir=output.with_suffix("") if n_predictions else None,
                              n_predictions=n_predictions, num_workers=cfg.num_workers)
@@ -242,8 +215,3 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *, data
         json.dump(result, handle, indent=2)
     result["output"] = str(output)
     return result
-
-
-def _data_root(cfg: Any) -> Path:
-    """Dataset root: ``cfg.data_dir`` or the synthetic world that the data preparation renders."""
-    return dataset_root(cfg, progress=False)

@@ -1,20 +1,7 @@
-"""COCO-Stuff-27: COCO-Stuff 164k with the 182 fine ids merged into 27 coarse classes.
+"""COCO-Stuff-27: COCO-Stuff 164k with the 182 fine ids merged into STEGO's 27 coarse classes.
 
-Layout under ``root`` (STEGO's ``cocostuff`` folder)::
-
-    images/{train2017|val2017}/{id}.jpg
-    annotations/{train2017|val2017}/{id}.png         182 fine ids (0-based), 255 = unlabelled
-    curated/{train2017|val2017}/Coco164kFull_Stuff_Coarse.txt     training list  (split "train")
-    curated/{train2017|val2017}/Coco164kFull_Stuff_Coarse_7.txt   evaluation list (split "val")
-
-The released loaders name the sub-folders ``train2017`` / ``val2017`` (STEGO ``data.py``, class
-``Coco``: ``split_dirs = {"train": ["train2017"], "val": ["val2017"]}``); some copies name them
-``{split}``. Both spellings are accepted, ``{split}2017`` first.
-
-Train uses the full curated list and validation the IIC "subset 7" list, as in the released training
-and evaluation. The fine → coarse table is STEGO's (``Coco.fine_to_coarse``); 255 and
-any value outside 0..181 → -1 (the released table covers 0..181, so there the difference is moot).
-The item key is ``"{split}/{id}"``.
+Layout ``images/``, ``annotations/``, ``curated/`` with ``{split}2017`` (or ``{split}``) sub-folders; "train"
+reads the full curated list, "val" the IIC "subset 7" list (docs/datasets.md). Keys are ``"{split}/{id}"``.
 """
 
 from __future__ import annotations
@@ -25,16 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .common import (
-    InvalidDatasetError,
-    DatasetNotFoundError,
-    EmptySplitError,
-    Sample,
-    SegmentationDataset,
-    UnpairedFilesError,
-    describe_dir,
-    lut_map,
-)
+from .common import InvalidDatasetError, DatasetNotFoundError, Sample, SegmentationDataset, describe_dir, listed_samples, lut_map
 
 __all__ = ["CocoStuff", "COCOSTUFF_27_CLASSES", "COCOSTUFF_27_PALETTE", "COCO_FINE_TO_COARSE"]
 
@@ -42,7 +20,7 @@ COCOSTUFF_27_CLASSES: list[str] = [
     "electronic", "appliance", "food", "furniture", "indoor", "kitchen", "accessory", "animal", "outdoor",
     "person", "sports", "vehicle", "ceiling", "floor", "food", "furniture", "rawmaterial", "textile", "wall",
     "window", "building", "ground", "plant", "sky", "solid", "structural", "water",
-]  # released names (DG train_segmentation.py:47-54): "food"/"furniture" occur as thing and as stuff
+]  # the released names: "food" and "furniture" occur as thing and as stuff
 
 
 def _ranges(*spec: int | tuple[int, int]) -> list[int]:
@@ -102,12 +80,10 @@ class CocoStuff(SegmentationDataset):
         split: str = "train",
         depth_dir: str | os.PathLike | None = None,
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-        *,
-        image_list: str | None = None,
     ) -> None:
         if split not in _LISTS:
             raise InvalidDatasetError(f"CocoStuff split must be one of {sorted(_LISTS)}, got {split!r}")
-        self.image_list = image_list or _LISTS[split]
+        self.image_list = _LISTS[split]
         super().__init__(root, split, depth_dir=depth_dir, transform=transform)
 
     def _folder(self, kind: str) -> Path:
@@ -127,20 +103,14 @@ class CocoStuff(SegmentationDataset):
         list_path = self._folder("curated") / self.image_list
         if not list_path.is_file():
             raise DatasetNotFoundError(f"COCO-Stuff image list {list_path} not found ({describe_dir(list_path.parent)}). " + _HOW_TO_GET)
-        ids = [line.strip() for line in list_path.read_text().splitlines() if line.strip()]
-        if not ids:
-            raise EmptySplitError(f"COCO-Stuff image list {list_path} is empty")
         img_dir, lbl_dir = self._folder("images"), self._folder("annotations")
-        samples = [Sample(f"{self.split}/{i}", img_dir / f"{i}.jpg", lbl_dir / f"{i}.png") for i in ids]
-        missing_img = [s.image.name for s in samples if not s.image.is_file()]
-        missing_lbl = [s.label.name for s in samples if s.label is not None and not s.label.is_file()]
-        if missing_img or missing_lbl:
-            raise UnpairedFilesError(
-                f"COCO-Stuff {self.split!r}: {list_path} lists {len(ids)} ids but {len(missing_img)} images are missing "
-                f"in {img_dir} (e.g. {missing_img[:5]}) and {len(missing_lbl)} labels are missing in {lbl_dir} "
-                f"(e.g. {missing_lbl[:5]})"
-            )
-        return samples
+
+        def locate(i: str) -> tuple[Path | None, Path | None]:
+            image, label = img_dir / f"{i}.jpg", lbl_dir / f"{i}.png"
+            return (image if image.is_file() else None), (label if label.is_file() else None)
+
+        return listed_samples("COCO-Stuff image list", list_path, self.split,
+                              f"{img_dir}/{{id}}.jpg and {lbl_dir}/{{id}}.png", locate)
 
     def map_label(self, raw: np.ndarray) -> np.ndarray:
         return lut_map(raw, COCO_FINE_TO_COARSE)

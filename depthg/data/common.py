@@ -1,21 +1,13 @@
-"""Shared machinery of the dataset loaders: the item format, file reading, and the bad-input errors.
+"""Shared machinery of the dataset loaders: the item format, file reading, split lists and the errors.
 
-Every dataset in ``depthg.data`` returns dict items (contract, ``depthg/data/``)::
-
-    {"img": (3, H, W) float in [0, 1], "label": (H, W) int64 with -1 = ignore,
-     "depth": (1, H, W) float (only with depth_dir), "path": str, "key": str}
-
-``key`` is a stable relative id (``"{split}/{city}/{stem}"`` for Cityscapes, ``"{split}/{id}"`` for the
-others) that names the item's files in every cache (depth, crops, kNN).
-
-The released loaders differ in ways that silently corrupt data (docs/fidelity.md §4): truncated
-images are loaded anyway (``ImageFile.LOAD_TRUNCATED_IMAGES = True``), the directory dataset pairs
-images and labels by sort order, unknown Potsdam values become class 0. Here every such case raises a
-:class:`~depthg.utils.DepthGError` subclass naming the file and what was expected.
+Items are ``{"img" (3, H, W) in [0, 1], "label" (H, W) int64 (-1 = ignore), "depth"? (1, H, W),
+"path", "key"}``; ``key`` names the item in every cache. Bad input raises a :class:`DepthGError`
+subclass naming the file (docs/datasets.md).
 """
 
 from __future__ import annotations
 
+import colorsys
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +39,8 @@ __all__ = [
     "check_pairs",
     "describe_dir",
     "lut_map",
+    "default_palette",
+    "listed_samples",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -113,16 +107,8 @@ _MODES_16BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 def image_array(im: Image.Image, where: str = "image") -> np.ndarray:
-    """A decoded PIL image as RGB uint8 (H, W, 3), each mode converted by what its values mean.
-
-    * 8-bit modes ("RGB", "L", "1", "P", "CMYK", "YCbCr", ...): PIL's own conversion to RGB;
-    * 16-bit grey ("I;16*", and "I" from a PNG, which is how PIL opens 16-bit grey PNGs): scaled by
-      255/65535 and rounded (16-bit RGB PNGs already arrive as 8-bit "RGB" from PIL);
-    * with transparency ("RGBA", "LA", "PA", "P" with a transparent colour, "RGBa"): composited over
-      black, so a fully transparent pixel is black and an opaque one keeps its colour;
-    * anything else ("F" floats, "I" 32-bit integers outside PNG, "LAB", "HSV"): refused with
-      :class:`CorruptFileError`, because their range or colour space is not known.
-    """
+    """A decoded PIL image as RGB uint8 (H, W, 3): 8-bit modes by PIL, 16-bit grey scaled by 255/65535,
+    alpha composited over black; float and 32-bit integer modes are refused (docs/datasets.md)."""
     mode = im.mode
     if mode in _MODES_16BIT or (mode == "I" and im.format == "PNG"):
         arr = np.asarray(im).astype(np.float64)
@@ -189,13 +175,8 @@ class Sample:
 
 
 class SegmentationDataset(Dataset):
-    """Base class: subclasses fill ``self.samples`` and define the label mapping.
-
-    Subclasses implement :meth:`_find_samples` and :meth:`map_label` (raw label file values → class
-    ids with -1 = ignore), and may override :meth:`load_image_array` / :meth:`load_raw_label` for other
-    file formats (Potsdam's ``.mat``). ``transform`` is a callable on the item dict, e.g.
-    ``functools.partial(depthg.data.transforms.resize_center_crop, res=224)``.
-    """
+    """Base class: subclasses implement :meth:`_find_samples` and :meth:`map_label` (raw values → class ids,
+    -1 = ignore) and may override the readers; ``transform`` is a callable on the item dict."""
 
     name: ClassVar[str] = "dataset"
     n_classes: int
@@ -222,14 +203,12 @@ class SegmentationDataset(Dataset):
         self.depth_dir = Path(depth_dir) if depth_dir is not None else None
         self.depth_cache = DepthCache(self.depth_dir) if self.depth_dir is not None else None
 
-    # -- to implement -----------------------------------------------------------------------------
     def _find_samples(self) -> list[Sample]:
         raise NotImplementedError
 
     def map_label(self, raw: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    # -- overridable readers ----------------------------------------------------------------------
     def load_image_array(self, sample: Sample) -> np.ndarray:
         return read_image(sample.image)
 
@@ -243,20 +222,15 @@ class SegmentationDataset(Dataset):
         """The file :meth:`load_depth` reads (for error messages)."""
         return self.depth_cache.path(sample.key) if self.depth_cache is not None else None
 
-    def item_files(self, index: int, parts: tuple[str, ...] = ("img", "label", "depth")) -> list[Path]:
-        """The files item ``index`` is read from -- of ``parts`` among ("img", "label", "depth"): what the
-        artefacts derived from it depend on."""
+    def item_identity(self, index: int, parts: tuple[str, ...] = ("img", "label", "depth")) -> list[Any]:
+        """``[[name, size, mtime_ns], ...]`` of the files of ``parts`` item ``index`` is read from."""
         sample = self.samples[index]
         files = [sample.image] if "img" in parts else []
         if "label" in parts and sample.label is not None:
             files.append(sample.label)
         depth = self.depth_path(sample) if "depth" in parts else None
-        return files + ([depth] if depth is not None else [])
-
-    def item_identity(self, index: int, parts: tuple[str, ...] = ("img", "label", "depth")) -> list[Any]:
-        """``[[name, size, mtime_ns], ...]`` of :meth:`item_files`: changes whenever one of them is edited."""
         out = []
-        for path in self.item_files(index, parts):
+        for path in files + ([depth] if depth is not None else []):
             try:
                 out.append([path.name, *file_identity(path)])
             except FileNotFoundError:
@@ -267,7 +241,6 @@ class SegmentationDataset(Dataset):
         """What turns raw label values into class ids (part of every label-holding artefact's key)."""
         return {"dataset": self.name, "n_classes": int(self.n_classes), "class_names": list(self.class_names)}
 
-    # -- public -----------------------------------------------------------------------------------
     @property
     def keys(self) -> list[str]:
         return [s.key for s in self.samples]
@@ -311,6 +284,35 @@ class SegmentationDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, n={len(self)}, n_classes={self.n_classes})"
+
+
+def listed_samples(what: str, list_path: Path, split: str, where: str,
+                   locate: Callable[[str], tuple[Path | None, Path | None | bool]]) -> list[Sample]:
+    """The samples of the ids in a split list file, one per non-empty line.
+
+    ``locate(id)`` returns (image, label): a path, None when the file is missing, or ``False`` for a label
+    an unlabelled split does not have. ``where`` says which files were expected (for the error message).
+    """
+    ids = [line.strip() for line in list_path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise EmptySplitError(f"{what} {list_path} is empty")
+    found = [(i, *locate(i)) for i in ids]
+    no_image = [i for i, image, _ in found if image is None]
+    no_label = [i for i, _, label in found if label is None]
+    if no_image or no_label:
+        raise UnpairedFilesError(
+            f"{what} {list_path} lists {len(ids)} ids but {len(no_image)} images are missing (e.g. {no_image[:5]}) "
+            f"and {len(no_label)} labels are missing (e.g. {no_label[:5]}); expected {where}"
+        )
+    return [Sample(f"{split}/{i}", image, label or None) for i, image, label in found]
+
+
+def default_palette(n: int) -> np.ndarray:
+    """``n`` distinct colours (golden-ratio hue steps), uint8 (n, 3)."""
+    return np.array(
+        [[round(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.75, 0.95)] for i in range(n)],
+        dtype=np.uint8,
+    ).reshape(n, 3)
 
 
 def lut_map(raw: np.ndarray, lut: np.ndarray) -> np.ndarray:

@@ -1,29 +1,9 @@
-"""A folder of the user's own images, with optional labels and depth.
-
-Layout under ``root`` (the released ``DirectoryDataset``)::
-
-    imgs/{split}/*.{png,jpg,jpeg,bmp,tif,tiff,webp}
-    labels/{split}/*.png          optional: class ids 0..n_classes-1; anything else (e.g. 255) = ignore
-    depth/{split}/*.npy           optional: float depth (H, W) or (1, H, W), larger = farther
-    classes.txt                   optional: one class name per line
-
-Differences from the released code, on purpose:
-
-* images and labels are **paired by file stem**, not by sorted order (the released code only
-  asserts equal counts, so one missing file shifts every later pair); unmatched stems are an error;
-* depth is supported (the released wrapper crashes when asked for it) — from ``depth/{split}/*.npy``
-  or from a depth cache passed as ``depth_dir``;
-* label values ≥ n_classes become -1 as released, but 0 is a real class (the released mask
-  ``label > 0`` drops it).
-
-``n_classes`` comes from the argument, else from ``class_names`` / ``classes.txt``, else from the
-largest label value below 255 found in the label files of *all* splits (read once), so training and
-validation map labels the same way. The item key is ``"{split}/{stem}"``.
+"""A folder of the user's own images: ``imgs/{split}``, optional ``labels/{split}``, ``depth/{split}/*.npy``
+and ``classes.txt`` (docs/datasets.md). Images and labels are paired by file stem; keys are ``"{split}/{stem}"``.
 """
 
 from __future__ import annotations
 
-import colorsys
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -41,19 +21,12 @@ from .common import (
     SegmentationDataset,
     UnpairedFilesError,
     check_pairs,
+    default_palette,
     describe_dir,
     read_label,
 )
 
-__all__ = ["ImageDirectory", "default_palette"]
-
-
-def default_palette(n: int) -> np.ndarray:
-    """``n`` distinct colours (golden-ratio hue steps), uint8 (n, 3)."""
-    return np.array(
-        [[round(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.75, 0.95)] for i in range(n)],
-        dtype=np.uint8,
-    ).reshape(n, 3)
+__all__ = ["ImageDirectory"]
 
 
 def _by_stem(folder: Path, exts: Sequence[str]) -> dict[str, Path]:
@@ -68,7 +41,7 @@ def _by_stem(folder: Path, exts: Sequence[str]) -> dict[str, Path]:
 
 
 class ImageDirectory(SegmentationDataset):
-    """The user's images; see the module docstring."""
+    """The user's images; ``n_classes`` comes from the argument, the class names, or all splits' labels."""
 
     name = "directory"
 

@@ -1,25 +1,8 @@
-"""ISPRS Potsdam tiles as packaged by STEGO/IIC (``.mat`` files), in 3 or 6 classes.
+"""ISPRS Potsdam tiles as packaged by STEGO/IIC (``.mat`` or ``.png``), in 3 or 6 classes.
 
-Layout under ``root`` (STEGO's ``potsdam`` folder)::
-
-    labelled_train.txt  labelled_test.txt  unlabelled_train.txt  all.txt     one id per line
-    imgs/{id}.mat   key "img": (H, W, 4) RGB-IR; the first 3 channels are used
-    gt/{id}.mat     key "gt":  (H, W) fine ids 0..5, 255 = unlabelled
-
-PNG tiles (``imgs/{id}.png``, ``gt/{id}.png``, e.g. from the released ``potsdam_ops.py``) are read
-when no ``.mat`` is present. Splits: "train" = labelled_train.txt, "val" = labelled_test.txt; the list
-names themselves ("labelled_train", "unlabelled_train", "all", ...) are accepted too.
-
-Classes, fine ids in the ISPRS order 0 impervious surfaces, 1 building,
-2 low vegetation, 3 tree, 4 car, 5 clutter:
-
-* ``n_classes=3``: {0, 4} → 0 roads and cars, {1, 5} → 1 buildings and clutter, {2, 3} → 2 trees and
-  vegetation. **Differs from the released code**, which starts from zeros so any unmapped value
-  (anything but 0..5 and 255) becomes class 0; here it becomes -1 (ignored).
-* ``n_classes=6``: the fine ids themselves (the released code never wires this).
-
-Images stored as floats are taken to be in [0, 1] (the released ``to_pil_image`` multiplies floats by
-255); uint8 images are divided by 255, uint16 by 65535. The item key is ``"{split}/{id}"``.
+Split lists ``labelled_train.txt`` ("train"), ``labelled_test.txt`` ("val"), ``unlabelled_train.txt``,
+``all.txt``; ``imgs/{id}`` and ``gt/{id}``. Values outside the class map are ignored, not class 0 as
+released (docs/datasets.md). Keys are ``"{split}/{id}"``.
 """
 
 from __future__ import annotations
@@ -35,11 +18,10 @@ from .common import (
     InvalidDatasetError,
     CorruptFileError,
     DatasetNotFoundError,
-    EmptySplitError,
     Sample,
     SegmentationDataset,
-    UnpairedFilesError,
     describe_dir,
+    listed_samples,
     lut_map,
     read_image,
     read_label,
@@ -108,27 +90,15 @@ class Potsdam(SegmentationDataset):
                 f"Potsdam root {self.root} is not in the expected layout: need {list_path} and "
                 f"{self.root / 'imgs'}/{{id}}.mat (+ gt/{{id}}.mat) ({describe_dir(self.root)}). " + _HOW_TO_GET
             )
-        ids = [line.strip() for line in list_path.read_text().splitlines() if line.strip()]
-        if not ids:
-            raise EmptySplitError(f"Potsdam split list {list_path} is empty")
         unlabelled = self.split == "unlabelled_train"
-        samples, no_img, no_lbl = [], [], []
-        for i in ids:
-            img = _first_existing(self.root / "imgs" / f"{i}.mat", self.root / "imgs" / f"{i}.png")
-            lbl = None if unlabelled else _first_existing(self.root / "gt" / f"{i}.mat", self.root / "gt" / f"{i}.png")
-            if img is None:
-                no_img.append(i)
-            if lbl is None and not unlabelled:
-                no_lbl.append(i)
-            if img is not None:
-                samples.append(Sample(f"{self.split}/{i}", img, lbl))
-        if no_img or no_lbl:
-            raise UnpairedFilesError(
-                f"Potsdam {self.split!r}: {list_path} lists {len(ids)} ids; {len(no_img)} have no image "
-                f"{self.root / 'imgs'}/{{id}}.mat|png (e.g. {no_img[:5]}) and {len(no_lbl)} have no label "
-                f"{self.root / 'gt'}/{{id}}.mat|png (e.g. {no_lbl[:5]})"
-            )
-        return samples
+
+        def locate(i: str) -> tuple[Path | None, Path | None | bool]:
+            image = _first_existing(self.root / "imgs" / f"{i}.mat", self.root / "imgs" / f"{i}.png")
+            label = False if unlabelled else _first_existing(self.root / "gt" / f"{i}.mat", self.root / "gt" / f"{i}.png")
+            return image, label
+
+        return listed_samples("Potsdam split list", list_path, self.split,
+                              f"{self.root / 'imgs'}/{{id}}.mat|png and {self.root / 'gt'}/{{id}}.mat|png", locate)
 
     @staticmethod
     def _loadmat(path: Path, key: str) -> np.ndarray:

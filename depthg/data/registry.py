@@ -22,42 +22,24 @@ from .potsdam import POTSDAM_3_CLASSES, POTSDAM_3_PALETTE, POTSDAM_6_CLASSES, PO
 
 __all__ = ["DATASET_CLASSES", "PALETTES", "DATASETS", "build_dataset"]
 
-#: class-name lists per dataset setting (keys are build_dataset names plus the variants)
-DATASET_CLASSES: dict[str, list[str]] = {
-    "cityscapes": CITYSCAPES_27_CLASSES,
-    "cityscapes27": CITYSCAPES_27_CLASSES,
-    "cityscapes19": CITYSCAPES_19_CLASSES,
-    "cocostuff": COCOSTUFF_27_CLASSES,
-    "cocostuff27": COCOSTUFF_27_CLASSES,
-    "potsdam": POTSDAM_3_CLASSES,
-    "potsdam3": POTSDAM_3_CLASSES,
-    "potsdam6": POTSDAM_6_CLASSES,
+#: build_dataset name -> (class, fixed keyword arguments, class names, palette); "directory" has its own.
+_SETTINGS: dict[str, tuple[type, dict[str, Any], list[str] | None, np.ndarray | None]] = {
+    "cityscapes": (Cityscapes, {}, CITYSCAPES_27_CLASSES, CITYSCAPES_27_PALETTE),
+    "cityscapes27": (Cityscapes, {"classes": 27}, CITYSCAPES_27_CLASSES, CITYSCAPES_27_PALETTE),
+    "cityscapes19": (Cityscapes, {"classes": 19}, CITYSCAPES_19_CLASSES, CITYSCAPES_19_PALETTE),
+    "cocostuff": (CocoStuff, {}, COCOSTUFF_27_CLASSES, COCOSTUFF_27_PALETTE),
+    "cocostuff27": (CocoStuff, {}, COCOSTUFF_27_CLASSES, COCOSTUFF_27_PALETTE),
+    "potsdam": (Potsdam, {}, POTSDAM_3_CLASSES, POTSDAM_3_PALETTE),
+    "potsdam3": (Potsdam, {"n_classes": 3}, POTSDAM_3_CLASSES, POTSDAM_3_PALETTE),
+    "potsdam6": (Potsdam, {"n_classes": 6}, POTSDAM_6_CLASSES, POTSDAM_6_PALETTE),
+    "directory": (ImageDirectory, {}, None, None),
 }
-
-#: uint8 (n_classes, 3) colours, same keys as DATASET_CLASSES
-PALETTES: dict[str, np.ndarray] = {
-    "cityscapes": CITYSCAPES_27_PALETTE,
-    "cityscapes27": CITYSCAPES_27_PALETTE,
-    "cityscapes19": CITYSCAPES_19_PALETTE,
-    "cocostuff": COCOSTUFF_27_PALETTE,
-    "cocostuff27": COCOSTUFF_27_PALETTE,
-    "potsdam": POTSDAM_3_PALETTE,
-    "potsdam3": POTSDAM_3_PALETTE,
-    "potsdam6": POTSDAM_6_PALETTE,
-}
-
 #: build_dataset name -> (class, fixed keyword arguments)
-DATASETS: dict[str, tuple[type, dict[str, Any]]] = {
-    "cityscapes": (Cityscapes, {}),
-    "cityscapes27": (Cityscapes, {"classes": 27}),
-    "cityscapes19": (Cityscapes, {"classes": 19}),
-    "cocostuff": (CocoStuff, {}),
-    "cocostuff27": (CocoStuff, {}),
-    "potsdam": (Potsdam, {}),
-    "potsdam3": (Potsdam, {"n_classes": 3}),
-    "potsdam6": (Potsdam, {"n_classes": 6}),
-    "directory": (ImageDirectory, {}),
-}
+DATASETS: dict[str, tuple[type, dict[str, Any]]] = {k: (cls, kw) for k, (cls, kw, _, _) in _SETTINGS.items()}
+#: class-name lists per dataset setting
+DATASET_CLASSES: dict[str, list[str]] = {k: v[2] for k, v in _SETTINGS.items() if v[2] is not None}
+#: uint8 (n_classes, 3) colours, same keys as DATASET_CLASSES
+PALETTES: dict[str, np.ndarray] = {k: v[3] for k, v in _SETTINGS.items() if v[3] is not None}
 
 
 def build_dataset(name: str, root: str | os.PathLike, split: str, **kwargs: Any) -> SegmentationDataset:
