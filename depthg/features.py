@@ -1,35 +1,6 @@
 """Feature cache: frozen-backbone features of the fixed training crops, computed once, read by memmap.
 
-Why: the backbone is frozen and the training crops are fixed (five-crop done offline, no random
-augmentation of the training view), so the backbone's output for a crop never
-changes during training. Recomputing it twice per step (anchor and kNN positive) is most of the cost of
-a STEGO/DepthG step on a CPU. The cache stores, for every training crop at the training resolution:
-
-* ``feats.f16``  (N, C, h, w) float16  last-layer patch features (eval mode: no dropout),
-* ``depth.f32``  (N, 1, H, W) float32  the crop's depth (what FPS and the depth term read; kept in full
-  precision because FPS is a discrete choice that fp16 rounding could flip),
-* ``label.i16``  (N, H, W)    int16    the crop's labels (linear probe), -1 = ignore,
-
-as raw NumPy memmaps plus ``manifest.json``. Channel dropout (Dropout2d, p=0.1) is *not* baked in: the
-trainer applies it on the fly each step, independently for the correlation target and the head inputs
-(docs/method.md §3.3), so training from the cache computes the same losses as recomputing the features,
-up to the float16 rounding of the features (tests/test_train.py checks this).
-
-Precision. The cache and the trainer's recomputation compute features through one function,
-:func:`backbone_features`, under one :class:`Precision` (autocast to bf16/fp16 when the run uses AMP on
-CUDA, full precision otherwise), so the promise above holds with AMP on too: only the float16 storage
-separates them (tests/test_gpu_path.py checks it with CPU autocast). A non-fp32 precision is part of the
-cache key, so an AMP cache is never reused by a full-precision run or the other way round.
-
-The cache folder is keyed by everything that changes what it holds: a hash of the backbone's weights and
-architecture, the resolution and resize mode, the depth normalisation, the split, and a key over the
-training set's content (``depthg.data.prepare.dataset_digest``: the crop files' SHA-256, or the source files'
-identity and the class mapping when there are no crops). The build runs under a lock on the folder (a
-second process waits, then reuses it), in ``<key>.partial`` renamed into place when complete. The manifest
-records every file's size and SHA-256; :meth:`FeatureCache.open` checks the sizes always and the hashes
-when the files total at most :data:`VERIFY_MAX_BYTES`, and :meth:`FeatureCache.batch` refuses all-zero
-feature rows, so a truncated, zero-filled or corrupted cache is rebuilt (by :func:`build_feature_cache`)
-or refused with a clear error -- never silently used.
+Files, keys and integrity checks are described in docs/backbones.md ("The feature cache").
 """
 
 from __future__ import annotations
@@ -66,11 +37,7 @@ class FeatureCacheError(DepthGError, RuntimeError):
 
 @dataclass(frozen=True)
 class Precision:
-    """Numeric policy of a run's forward passes: autocast to ``dtype`` on ``device_type``, or full precision.
-
-    ``dtype=None`` is full precision (float32). Calling the object returns a fresh context manager, so it
-    drops in wherever a ``nullcontext`` factory was used: ``with precision(): y = model(x)``.
-    """
+    """Autocast to ``dtype`` on ``device_type`` (None = full precision); ``with precision(): y = model(x)``."""
 
     device_type: str = "cpu"
     dtype: torch.dtype | None = None
@@ -91,10 +58,9 @@ FULL_PRECISION = Precision()
 
 @torch.no_grad()
 def backbone_features(backbone: torch.nn.Module, img: torch.Tensor, precision: Precision | None = None) -> torch.Tensor:
-    """Frozen-backbone features, (B, 3, H, W) images -> (B, C, H/p, W/p) float32, under ``precision``.
+    """Frozen-backbone features (B, 3, H, W) -> (B, C, H/p, W/p) float32 under ``precision``.
 
-    The one function through which both the feature cache and the trainer's per-step recomputation
-    (``depthg.train.CropSource``) run the backbone, so both follow the same precision policy.
+    The cache and the trainer's recomputation both run the backbone through here, so they agree.
     """
     with (precision or FULL_PRECISION)():
         feats = backbone(img)
@@ -183,16 +149,11 @@ def build_feature_cache(
     """Compute (or reuse) the cache for ``dataset`` under ``root_dir/<key>/``.
 
     Args:
-        backbone: the frozen backbone (evaluated in eval mode, no dropout).
-        dataset: training crops; items are dicts with "img" (3,H,W) in [0,1], optional "depth" (1,H,W)
-            and "label" (H,W), all at the training resolution (after ``transform``).
-        root_dir: parent folder (``cfg.cache_dir/features``).
-        info: identifying facts (backbone name, res, mode, split, the training set's content key
-            ``depthg.data.prepare.dataset_digest``, ...); the backbone's weights fingerprint and the
-            dataset length are added here.
-        transform: optional per-item transform (e.g. resize + centre crop to the training resolution).
-        precision: the run's precision policy (``depthg.train``'s AMP setting); features are computed
-            with :func:`backbone_features` under it, exactly as the trainer recomputes them.
+        dataset: items {"img" (3, H, W) in [0, 1], "depth"? (1, H, W), "label"? (H, W)} at the training
+            resolution after ``transform``.
+        info: identifying facts (backbone, res, mode, split, data digest); the weights fingerprint and
+            the dataset length are added here.
+        precision: the run's AMP policy, the same the trainer recomputes features under.
     """
     precision = precision or FULL_PRECISION
     info = dict(info, version=CACHE_VERSION, n=len(dataset), backbone_sha256=backbone_fingerprint(backbone))
