@@ -1,29 +1,10 @@
 """The miniature reproduction: does DepthG beat STEGO, and which part does it?
 
-Several variants of one base preset (``synthetic``: the synthetic street world, the embedded backbone, a
-2-core CPU) are trained over many seeds each, and the unsupervised (cluster, Hungarian) and linear-probe
-accuracy / mIoU of the *final* weights on the validation split are compared with STEGO seed by seed.
-Nothing is tuned per variant: every variant is the base preset plus the few keys that define it
-(``VARIANTS``).
-
-Held-out protocol. The synthetic world is generated from a world seed. Choices (the paper-mode depth
-similarity, shifts, weights) are made on a *development* world (``--world-seed D``); the table is then
-run once on a *test* world (``--world-seed T --dev-world-seed D``, T != D) that no choice looked at.
-Each world lives in its own cache folder (``<cache_dir>/world<seed>``), so the worlds never mix.
-
-Statistics. Every variant runs the same seeds; a seed fixes the head initialisation, the data order and
-the sampling streams where the variant does not change them, so the per-seed difference to ``stego``
-is the fair comparison: :func:`paired_differences` reports its mean and 95 % t-interval
-(``scipy.stats.t``, n - 1 degrees of freedom).
-
-Cost: the world, its five-crops, the kNN file and the feature cache are prepared once per world and
-shared by all runs (the cache is keyed by backbone, resolution and resize mode, so ``released`` mode --
-nearest-resized images, 0..255 depth -- gets its own), so each run costs only the head training.
-An interrupted ablation resumes: a run whose ``results.json`` exists with the same config is not redone
-(use a fresh ``--out-dir`` to retrain and check a number).
-
-Run: ``python -m depthg ablate --world-seed 1 --dev-world-seed 0 --seeds 0 1 2 ...`` (writes
-``<out-dir>/ablation.{json,md}``).
+Each variant (``VARIANTS``: the base preset plus the few keys that define it) is trained over the same
+seeds, and the final weights' cluster and linear accuracy / mIoU are compared with ``stego`` seed by
+seed (:func:`paired_differences`: mean and 95 % t-interval). Choices are made on a development world and
+the table is run once on a held-out test world (``--world-seed T --dev-world-seed D``); each world has
+its own cache folder. A run whose ``results.json`` holds the same config and backbone is reused.
 """
 
 from __future__ import annotations
@@ -87,8 +68,7 @@ def variant_config(variant: str, seed: int, base_preset: str = "synthetic", step
                    world_seed: int | None = None) -> Config:
     """The config of one run: base preset in the variant's mode + shared overrides + the variant's keys.
 
-    ``world_seed`` (synthetic world only) sets the world seed and puts that world, and every cache built
-    from it, in ``<cache_dir>/world<seed>``.
+    ``world_seed`` (synthetic world only) puts that world and its caches in ``<cache_dir>/world<seed>``.
     """
     if variant not in VARIANTS:
         raise AblationError(f"unknown ablation variant {variant!r}; known: {list(VARIANTS)}")
@@ -108,8 +88,7 @@ def variant_config(variant: str, seed: int, base_preset: str = "synthetic", step
 
 
 def backbone_sha256(cfg: Config) -> str | None:
-    """sha256 of the backbone weights file a run loads (the embedded backbone's .pth, or ``weights``);
-    None for a randomly initialised backbone."""
+    """SHA-256 of the weights file a run loads (embedded ``.pth`` or ``weights``); None for random weights."""
     if cfg.backbone == "embedded":
         meta = json.loads((Path(EMBEDDED_DIR) / EMBEDDED_JSON).read_text())
         path = Path(EMBEDDED_DIR) / str(meta["weights"])
@@ -127,10 +106,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def paired_differences(values: Sequence[float], base: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
-    """Mean of the per-seed differences ``values - base`` with its t confidence interval.
-
-    half_width = t_{(1+confidence)/2, n-1} * sd(diff) / sqrt(n); NaN with fewer than two seeds.
-    """
+    """Mean of the per-seed differences ``values - base`` and its t-interval half-width (NaN for one seed)."""
     if len(values) != len(base):
         raise AblationError(f"paired differences need the same seeds: {len(values)} vs {len(base)} values")
     diffs = [a - b for a, b in zip(values, base)]
@@ -145,8 +121,7 @@ def paired_differences(values: Sequence[float], base: Sequence[float], confidenc
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """mean +- std over seeds of the final-weights metrics per variant, and, when ``stego`` ran with the
-    same seeds, the paired per-seed differences to it (``paired_vs_stego``)."""
+    """Per variant: mean ± std over seeds of the final metrics, and ``paired_vs_stego`` when seeds match."""
     out: dict[str, Any] = {}
     for variant, results in runs.items():
         row: dict[str, Any] = {"seeds": [r["seed"] for r in results]}
@@ -220,9 +195,8 @@ def run_ablation(variants: Sequence[str] = DEFAULT_VARIANTS, seeds: Sequence[int
                  dev_world_seed: int | None = None) -> dict[str, Any]:
     """Train every (variant, seed), collect final metrics, write ``ablation.json`` and ``ablation.md``.
 
-    ``world_seed``: the synthetic world to train and evaluate on (None = the preset's). ``dev_world_seed``
-    marks this run as the held-out test of choices made on that development world; it must differ from
-    ``world_seed``. Both are recorded in the report's ``protocol``.
+    ``world_seed`` is the synthetic world (None = the preset's); ``dev_world_seed`` marks the run as the
+    held-out test of choices made on that other world.
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -290,11 +264,6 @@ def run_ablation(variants: Sequence[str] = DEFAULT_VARIANTS, seeds: Sequence[int
     return report
 
 
-# ----------------------------------------------------------------------------------------------------
-# Reading results back (notebooks, docs)
-# ----------------------------------------------------------------------------------------------------
-
-
 def load_report(path: str | Path) -> dict[str, Any]:
     """Read an ablation report (``ablation.json`` or ``benchmarks/results/miniature_*.json``)."""
     path = Path(path)
@@ -311,9 +280,7 @@ def load_report(path: str | Path) -> dict[str, Any]:
 
 
 def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per variant: description, seed count, the four metrics (mean/std dicts, which
-    ``depthg.viz.markdown_table`` prints as "mean ± std") and the paired differences to ``stego`` as text
-    "mean ± half-width [low, high]" (``d_unsup_miou``, ``d_unsup_acc``, ``d_linear_miou``)."""
+    """One row per variant: description, seeds, the four metrics and the paired differences to ``stego``."""
     rows = []
     for variant, row in report["summary"].items():
         paired = row.get("paired_vs_stego", {})
@@ -329,8 +296,7 @@ def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def collect_runs(root: str | Path) -> list[dict[str, Any]]:
-    """Every finished training run (``results.json`` written by ``depthg.train``) under ``root``: what made
-    it (dataset, backbone, mode, depth similarity, sampling, steps, seed) and its final metrics."""
+    """Every finished training run (``results.json``) under ``root``: what made it and its final metrics."""
     root = Path(root)
     runs = []
     for path in sorted(root.rglob("results.json")) if root.is_dir() else []:
