@@ -1,22 +1,8 @@
-"""Cityscapes in its official (torchvision) layout, with the paper's 27-class mapping.
+"""Cityscapes in its official (torchvision) layout, in the paper's 27 classes, the 19 trainIds or the world's.
 
-Layout under ``root`` (the synthetic world writes the same, contract ``depthg/world/synthetic.py``)::
-
-    leftImg8bit/{split}/{city}/{city}_{seq}_{frame}_leftImg8bit.png
-    gtFine/{split}/{city}/{city}_{seq}_{frame}_gtFine_labelIds.png
-    disparity/{split}/{city}/{city}_{seq}_{frame}_disparity.png      (optional, stereo depth)
-    camera/{split}/{city}/{city}_{seq}_{frame}_camera.json           (optional, stereo depth)
-
-Classes, all derived from ``cityscapesscripts``' label table:
-
-* ``classes=27`` (the paper's setting, STEGO/DepthG): the 27 non-void labels, ids 7..33 → 0..26;
-  void ids 0..6 and the licence plate (id -1) → -1. The released code computes ``id - 7`` and
-  clamps negatives; for ids 0..33 this is the same map.
-* ``classes=19``: the official evaluation ``trainId``s 0..18; trainId 255 / -1 → -1.
-* ``classes="world"``: the label ids listed in ``root/world.json`` (``{"label_ids": [...]}``, written
-  by the synthetic world) → 0..K-1 in listed order; every other id → -1.
-
-The item key is ``"{split}/{city}/{city}_{seq}_{frame}"`` (the file stem without ``_leftImg8bit``).
+``leftImg8bit/{split}/{city}/*_leftImg8bit.png`` and ``gtFine/{split}/{city}/*_gtFine_labelIds.png``, with
+optional ``disparity/`` and ``camera/`` for stereo depth; the synthetic world writes the same layout
+(docs/datasets.md). Keys are ``"{split}/{city}/{city}_{seq}_{frame}"``.
 """
 
 from __future__ import annotations
@@ -45,7 +31,7 @@ __all__ = ["Cityscapes", "CITYSCAPES_27_CLASSES", "CITYSCAPES_19_CLASSES", "CITY
 _IMG_SUFFIX = "_leftImg8bit.png"
 _LABEL_SUFFIX = "_gtFine_labelIds.png"
 
-# 27 classes: every label of a non-void category, in id order (ids 7..33).
+# 27 classes: every label of a non-void category, in id order (ids 7..33); 19: the trainIds.
 _LABELS_27 = sorted((lab for lab in CS_LABELS if lab.category != "void" and lab.id >= 0), key=lambda lab: lab.id)
 _LABELS_19 = sorted((lab for lab in CS_LABELS if 0 <= lab.trainId < 255), key=lambda lab: lab.trainId)
 assert [lab.id for lab in _LABELS_27] == list(range(7, 34)), "cityscapesscripts label table changed"
@@ -76,8 +62,23 @@ _HOW_TO_GET = (
 )
 
 
+def _world_label_ids(root: str | os.PathLike) -> list[int]:
+    """Label ids listed in ``root/world.json`` (the synthetic world's class list)."""
+    path = Path(root) / "world.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"classes='world' needs {path} (written by depthg.world.make_world); it does not exist")
+    try:
+        ids = [int(i) for i in json.loads(path.read_text())["label_ids"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise InvalidDatasetError(f"{path}: expected {{\"label_ids\": [int, ...]}}: {err}") from None
+    bad = [i for i in ids if i not in id2label or i < 0]
+    if bad or len(set(ids)) != len(ids) or not ids:
+        raise InvalidDatasetError(f"{path}: label_ids must be distinct Cityscapes label ids (0..33), got {ids}")
+    return ids
+
+
 class Cityscapes(SegmentationDataset):
-    """Cityscapes ``gtFine`` semantic segmentation; see the module docstring for layout and classes."""
+    """Cityscapes ``gtFine``; ``classes`` = 27 (ids 7..33), 19 (trainIds) or "world" (``root/world.json``)."""
 
     name = "cityscapes"
 
@@ -97,7 +98,7 @@ class Cityscapes(SegmentationDataset):
         elif classes in (19, "19"):
             self._lut, self.class_names, self.palette = _LUT_19, list(CITYSCAPES_19_CLASSES), CITYSCAPES_19_PALETTE
         elif classes == "world":
-            ids = self.world_label_ids(root)
+            ids = _world_label_ids(root)
             self._lut = _lut([(i, k) for k, i in enumerate(ids)])
             self.class_names = [id2label[i].name for i in ids]
             self.palette = np.array([id2label[i].color for i in ids], dtype=np.uint8)
@@ -105,21 +106,6 @@ class Cityscapes(SegmentationDataset):
             raise InvalidDatasetError(f"Cityscapes classes must be 27, 19 or 'world', got {classes!r}")
         self.n_classes = len(self.class_names)
         super().__init__(root, split, depth_dir=depth_dir, transform=transform)
-
-    @staticmethod
-    def world_label_ids(root: str | os.PathLike) -> list[int]:
-        """Label ids listed in ``root/world.json`` (the synthetic world's class list)."""
-        path = Path(root) / "world.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"classes='world' needs {path} (written by depthg.world.make_world); it does not exist")
-        try:
-            ids = [int(i) for i in json.loads(path.read_text())["label_ids"]]
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise InvalidDatasetError(f"{path}: expected {{\"label_ids\": [int, ...]}}: {err}") from None
-        bad = [i for i in ids if i not in id2label or i < 0]
-        if bad or len(set(ids)) != len(ids) or not ids:
-            raise InvalidDatasetError(f"{path}: label_ids must be distinct Cityscapes label ids (0..33), got {ids}")
-        return ids
 
     def _find_samples(self) -> list[Sample]:
         img_root, lbl_root = self.root / "leftImg8bit", self.root / "gtFine"
@@ -150,7 +136,6 @@ class Cityscapes(SegmentationDataset):
     def source_dirs(self) -> list[Path]:
         return [self.root / "leftImg8bit", self.root / "gtFine"]
 
-    # -- stereo depth inputs ----------------------------------------------------------------------
     def _stem(self, key: str) -> tuple[str, str]:
         split, city, stem = key.split("/")
         return f"{split}/{city}", stem
