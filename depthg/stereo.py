@@ -64,29 +64,18 @@ class StereoCalibration:
 
 
 def sgbm_disparity(
-    left: np.ndarray,
-    right: np.ndarray,
-    num_disparities: int = 64,
-    block_size: int = 5,
-    min_disparity: int = 0,
-    uniqueness_ratio: int = 10,
-    speckle_window_size: int = 100,
-    speckle_range: int = 2,
-    mode: str = "hh",
+    left: np.ndarray, right: np.ndarray, num_disparities: int = 64, block_size: int = 5
 ) -> tuple[np.ndarray, np.ndarray]:
     """Left-image disparity of a rectified pair with OpenCV's semi-global block matcher (no weights).
 
     Args:
         left, right: (H, W, 3) uint8 RGB or (H, W) uint8 grey images.
-        num_disparities: searched range ``[min_disparity, min_disparity + num_disparities)``, a multiple of 16.
+        num_disparities: searched disparity range ``[0, num_disparities)`` pixels, a multiple of 16.
         block_size: odd window; P1, P2 = 8 and 32 * channels * block_size**2 (OpenCV's recommendation).
-        mode: "sgbm" (5 directions), "hh" (full 8-direction SGM) or "3way"; the rest are OpenCV's settings.
 
+    Full 8-direction SGM with a uniqueness check (10 %) and a speckle filter (100 px windows, range 2).
     Returns (H, W) float32 disparity in pixels (NaN where the matcher gives none) and the bool mask.
     """
-    modes = {"sgbm": cv2.STEREO_SGBM_MODE_SGBM, "hh": cv2.STEREO_SGBM_MODE_HH, "3way": cv2.STEREO_SGBM_MODE_SGBM_3WAY}
-    if mode not in modes:
-        raise StereoError(f"mode must be one of {sorted(modes)}, got {mode!r}")
     if num_disparities <= 0 or num_disparities % 16:
         raise StereoError(f"num_disparities must be a positive multiple of 16, got {num_disparities}")
     if block_size < 1 or block_size % 2 == 0:
@@ -99,14 +88,13 @@ def sgbm_disparity(
         raise StereoError(f"left and right must be uint8 images, got {left.dtype} and {right.dtype}")
     channels = 1 if left.ndim == 2 else 3
     matcher = cv2.StereoSGBM_create(
-        minDisparity=min_disparity, numDisparities=num_disparities, blockSize=block_size,
+        minDisparity=0, numDisparities=num_disparities, blockSize=block_size,
         P1=8 * channels * block_size**2, P2=32 * channels * block_size**2, disp12MaxDiff=1,
-        uniquenessRatio=uniqueness_ratio, speckleWindowSize=speckle_window_size, speckleRange=speckle_range,
-        mode=modes[mode],
+        uniquenessRatio=10, speckleWindowSize=100, speckleRange=2, mode=cv2.STEREO_SGBM_MODE_HH,
     )
     # OpenCV wants BGR; the cost is per channel, but keep its channel order anyway
     l_in, r_in = (left, right) if channels == 1 else (left[..., ::-1].copy(), right[..., ::-1].copy())
-    raw = matcher.compute(l_in, r_in)  # int16, disparity * 16, (min_disparity - 1) * 16 where invalid
-    valid = raw >= min_disparity * 16
+    raw = matcher.compute(l_in, r_in)  # int16, disparity * 16, -16 where invalid
+    valid = raw >= 0
     disparity = np.where(valid, raw.astype(np.float32) / 16.0, np.nan).astype(np.float32)
     return disparity, valid
