@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from depthg.utils import DepthGError, atomic_write, build_lock, note, partial_dir, publish_dir, sha256_file
+from depthg.utils import DepthGError, atomic_write, build_lock, digest, note, partial_dir, publish_dir, sha256_file
 
 __all__ = ["FeatureCache", "FeatureCacheError", "Precision", "backbone_features", "backbone_fingerprint",
            "build_feature_cache", "cache_key", "cache_problem"]
@@ -69,20 +69,19 @@ def backbone_features(backbone: torch.nn.Module, img: torch.Tensor, precision: P
 
 def backbone_fingerprint(backbone: torch.nn.Module) -> str:
     """SHA-256 over the backbone's parameter names, shapes and bytes (format-independent weights hash)."""
-    digest = hashlib.sha256()
+    h = hashlib.sha256()
     for key, value in sorted(backbone.state_dict().items()):
         t = value.detach().to("cpu").contiguous()
-        digest.update(key.encode())
-        digest.update(str(tuple(t.shape)).encode())
-        digest.update(str(t.dtype).encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
+        h.update(key.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def cache_key(info: dict[str, Any]) -> str:
     """Stable short hash of the identifying manifest fields."""
-    text = json.dumps(info, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
+    return digest(info)[:20]
 
 
 @dataclass
