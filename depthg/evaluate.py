@@ -62,14 +62,12 @@ def predict_batch(backbone: nn.Module, head: nn.Module, cluster: nn.Module, line
     code = F.interpolate(code, size=out_size, mode="bilinear", align_corners=False)
     _, cluster_logp = cluster(code, alpha=2.0)
     linear_logp = F.log_softmax(linear(code), dim=1)
-    if crf:
+    if crf:  # CRF probabilities back to log-probabilities, image by image
         images = img.float().cpu()
-        cluster_logp = torch.stack([
-            dense_crf(im, lp.cpu()).clamp_min(1e-12).log() for im, lp in zip(images, cluster_logp)
-        ]).to(code.device)
-        linear_logp = torch.stack([
-            dense_crf(im, lp.cpu()).clamp_min(1e-12).log() for im, lp in zip(images, linear_logp)
-        ]).to(code.device)
+        cluster_logp, linear_logp = (
+            torch.stack([dense_crf(im, lp.cpu()).clamp_min(1e-12).log() for im, lp in zip(images, logp)]).to(code.device)
+            for logp in (cluster_logp, linear_logp)
+        )
     return cluster_logp, linear_logp
 
 
