@@ -17,6 +17,8 @@ from skimage.data import stereo_motorcycle
 from depthg.sampling import depth_to_points_intrinsics
 from depthg.stereo import StereoCalibration, StereoError
 
+from .common import image_to_tensor
+
 __all__ = ["MOTORCYCLE_CALIBRATION", "StereoScene", "load_motorcycle"]
 
 #: calibration of ``skimage.data.stereo_motorcycle()`` at its shipped 741x500 size (pixels; baseline in m)
@@ -58,7 +60,7 @@ class StereoScene:
 
     def image_tensor(self) -> torch.Tensor:
         """The left image as a (3, H, W) float32 tensor in [0, 1] (what the depth estimators take)."""
-        return torch.from_numpy(self.left).permute(2, 0, 1).float() / 255.0
+        return image_to_tensor(self.left)
 
     def point_cloud(self, stride: int = 1, offset: int | None = None) -> dict[str, np.ndarray]:
         """Unproject the ground-truth depth of pixels (offset + i*stride, offset + j*stride) to 3D.
