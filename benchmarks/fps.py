@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from depthg.sampling import depth_to_points, farthest_point_sample, numba_available  # noqa: E402
+from depthg.released import radians_unprojection  # noqa: E402
+from depthg.sampling import farthest_point_sample, numba_available  # noqa: E402
 from depthg.utils import atomic_write  # noqa: E402
 
 
@@ -96,7 +97,7 @@ def benchmark_fps(batch: int, grid: int, n_side: int, repeats: int,
     n_samples = n_side**2
     depth = synthetic_depth(batch)
     pooled = F.adaptive_avg_pool2d(depth, (grid, grid))
-    points_cpu = depth_to_points(pooled, fov_deg=90.0, mode="released")
+    points_cpu = radians_unprojection(pooled, 90.0)
     reference = released_fps_batch(points_cpu, n_samples)
     row: dict = {"batch": batch, "n_points": grid**2, "n_samples": n_samples}
     points = {name: points_cpu.to(device) for name, (_, device) in contenders.items()}

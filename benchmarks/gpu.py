@@ -48,6 +48,7 @@ from fps import benchmark_fps  # noqa: E402
 from train_step import RandomCrops, run_config  # noqa: E402
 
 from depthg.backbone import load_backbone  # noqa: E402
+from depthg.build import fidelity  # noqa: E402
 from depthg.config import RELEASED_ITERATIONS, Config  # noqa: E402
 from depthg.data.transforms import resize_center_crop  # noqa: E402
 from depthg.features import FULL_PRECISION, Precision, build_feature_cache  # noqa: E402
@@ -255,7 +256,7 @@ def run_section(device: torch.device, size: dict[str, Any], work: Path) -> dict[
     out["precision"] = precision.name
     t0 = time.perf_counter()
     build_feature_cache(backbone, crops, work / "cache_timing", {"timing": True}, batch_size=base.batch_size,
-                        device=device, transform=partial(resize_center_crop, res=base.res, mode=base.mode),
+                        device=device, transform=partial(resize_center_crop, res=base.res, resize=fidelity(base).resize),
                         progress=False, precision=precision)
     out["cache_build_s_per_crop"] = (time.perf_counter() - t0) / len(crops)
     del backbone

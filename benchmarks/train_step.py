@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from depthg import sampling as S  # noqa: E402
 from depthg.backbone import load_backbone  # noqa: E402
+from depthg.build import fidelity  # noqa: E402
 from depthg.config import Config  # noqa: E402
 from depthg.features import FULL_PRECISION, Precision, backbone_features, build_feature_cache  # noqa: E402
 from depthg.losses import DepthDecaySchedule, DepthGLoss  # noqa: E402
@@ -97,10 +98,13 @@ def run_config(cfg: Config, backbone: torch.nn.Module, data: RandomCrops, cache,
     opts = [torch.optim.Adam(model.head.parameters(), lr=cfg.lr),
             torch.optim.Adam(model.cluster.parameters(), lr=cfg.probe_lr),
             torch.optim.Adam(model.linear.parameters(), lr=cfg.probe_lr)]
+    fid = fidelity(cfg)
     loss_fn = DepthGLoss(cfg.pos_intra_weight, cfg.pos_intra_shift, cfg.pos_inter_weight, cfg.pos_inter_shift,
                          cfg.neg_inter_weight, cfg.neg_inter_shift, neg_samples=cfg.neg_samples,
-                         centering=cfg.centering, depth_similarity=cfg.depth_similarity, mode=cfg.mode)
-    sched = DepthDecaySchedule(cfg.depth_weight, cfg.depth_shift, cfg.depth_decay_factor, cfg.depth_decay_every, mode=cfg.mode)
+                         centering=cfg.centering, depth_similarity=cfg.depth_similarity,
+                         negatives=fid.negatives, transposed_depth_pairs=fid.transposed_depth_pairs)
+    sched = DepthDecaySchedule(cfg.depth_weight, cfg.depth_shift, cfg.depth_decay_factor, cfg.depth_decay_every,
+                               after_step=cfg.decay_after_step)
     gens = {k: torch.Generator().manual_seed(i) for i, k in enumerate(("sample", "dropout", "loss"))}
     cached = CachedSource(cache, device) if use_cache else None
     b, n = cfg.batch_size, len(data)
@@ -119,8 +123,8 @@ def run_config(cfg: Config, backbone: torch.nn.Module, data: RandomCrops, cache,
         masks = dropout_masks(2 * b, feats.shape[1], cfg.dropout, gens["dropout"])
         target, target_pos = channel_dropout(feats, masks[:b]), channel_dropout(feats_pos, masks[b:])
         if cfg.depth_sampling == "fps":
-            g1 = S.fps_grid(depth, grid_hw, cfg.feature_samples, fov_deg=cfg.fov_deg, mode=cfg.mode)
-            g2 = S.fps_grid(depth_pos, grid_hw, cfg.feature_samples, fov_deg=cfg.fov_deg, mode=cfg.mode)
+            g1 = S.fps_grid(depth, grid_hw, cfg.feature_samples, cfg.fov_deg, 0, fid.unproject, fid.cells_to_grid)
+            g2 = S.fps_grid(depth_pos, grid_hw, cfg.feature_samples, cfg.fov_deg, 0, fid.unproject, fid.cells_to_grid)
         else:
             g1 = S.random_grid(b, cfg.feature_samples, gens["sample"]).to(device)
             g2 = S.random_grid(b, cfg.feature_samples, gens["sample"]).to(device)

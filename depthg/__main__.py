@@ -30,7 +30,7 @@ from typing import Any
 
 from depthg.ablation import DEFAULT_VARIANTS, run_ablation
 from depthg.backbone import load_backbone
-from depthg.build import dataset_kwargs
+from depthg.build import dataset_kwargs, fidelity
 from depthg.config import MODES, PRESETS, Config, ConfigError, apply_overrides, load_config
 from depthg.data import build_dataset
 from depthg.data.prepare import CroppedDataset, compute_knn, five_crop, prepare_training_data, stereo_depth_for_dataset
@@ -118,7 +118,7 @@ def cmd_knn(args: argparse.Namespace) -> Any:
     # the same neighbours `prepare` computes: k = max(knn_k, num_neighbors), images resized by the mode
     out = compute_knn(dataset, backbone, args.out, k=min(max(cfg.knn_k, cfg.num_neighbors), len(dataset) - 1),
                       res=cfg.res, batch_size=cfg.batch_size, device=cfg.device, num_workers=cfg.num_workers,
-                      progress=not args.no_progress, mode=cfg.mode)
+                      progress=not args.no_progress, resize=fidelity(cfg).resize)
     _print({"knn_path": str(out)})
     return out
 

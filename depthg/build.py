@@ -1,4 +1,5 @@
-"""From a config to the objects a run is made of: datasets, head and probes, precision, checkpoints.
+"""From a config to the objects a run is made of: fidelity choices, datasets, head and probes, precision,
+checkpoints.
 
 ``depthg.train``, ``depthg.evaluate``, the CLI and the notebooks build their objects here, so the trainer
 and the evaluator do not import each other.
@@ -6,25 +7,77 @@ and the evaluator do not import each other.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
+from depthg import released as R
 from depthg.config import Config
 from depthg.data import build_dataset
 from depthg.data.prepare import CroppedDataset, dataset_kwargs
+from depthg.data.transforms import PAPER_RESIZE, RELEASED_RESIZE, Resize
 from depthg.features import FULL_PRECISION, Precision
 from depthg.head import ClusterProbe, LinearProbe, SegmentationHead
+from depthg.lhp import strongest_attention, weighted_mean
+from depthg.losses import Negatives, derangement_negatives
+from depthg.sampling import CellsToGrid, Unproject, depth_to_points, indices_to_grid
 from depthg.utils import DepthGError, safe_torch_load
 
-__all__ = ["TrainError", "Segmenter", "build_models", "load_checkpoint", "amp_context", "dataset_kwargs",
-           "depth_normalization", "training_dataset", "validation_dataset", "n_classes_of"]
+__all__ = ["TrainError", "Fidelity", "fidelity", "Segmenter", "build_models", "load_checkpoint", "amp_context",
+           "dataset_kwargs", "depth_normalization", "training_dataset", "validation_dataset", "n_classes_of"]
 
 
 class TrainError(DepthGError, RuntimeError):
     """The training run cannot start or continue (bad data size, mismatched checkpoint, ...)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# fidelity: the paper's computation or the released code's, chosen once per run
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Which computation each difference between the paper and the released code uses (docs/fidelity.md).
+
+    The defaults are the paper path; :meth:`released` takes every function of ``depthg.released``. The
+    loss, the sampler, the LHP module, the resize of training and evaluation and the depth loader receive
+    these functions and flags; only the config knows the mode. The released timing of the decays is two
+    config keys (``decay_after_step``, ``sample_decay_at_start``), the depth similarity one more.
+    """
+
+    unproject: Unproject = depth_to_points  # §3.4, FPS and LHP
+    cells_to_grid: CellsToGrid = indices_to_grid  # §3.3, the FPS read-out
+    fps_fixed_start: bool = False  # §3.5: FPS starts at cell 0 even with fps_random_start
+    negatives: Negatives = derangement_negatives  # §3.6
+    transposed_depth_pairs: bool = False  # §3.2, with depth_similarity="released"
+    resize: Resize = PAPER_RESIZE  # §3.8, training crops, kNN and evaluation
+    depth_values: str = "none"  # §3.11, what depth_normalization="auto" gives five-cropped data
+    lhp_keep_attention: Callable = strongest_attention  # §3.12
+    lhp_normalise: Callable = weighted_mean  # §3.12
+
+    @classmethod
+    def paper(cls) -> "Fidelity":
+        return cls()
+
+    @classmethod
+    def released(cls) -> "Fidelity":
+        return cls(unproject=R.radians_unprojection, cells_to_grid=R.transposed_readout, fps_fixed_start=True,
+                   negatives=R.super_perm_negatives, transposed_depth_pairs=True, resize=RELEASED_RESIZE,
+                   depth_values="minmax255", lhp_keep_attention=R.weakest_attention,
+                   lhp_normalise=R.divide_by_cell_count)
+
+
+#: the fidelity preset of each ``Config.mode``.
+FIDELITY_PRESETS: dict[str, Callable[[], Fidelity]] = {"paper": Fidelity.paper, "released": Fidelity.released}
+
+
+def fidelity(cfg: Config) -> Fidelity:
+    """The fidelity choices of ``cfg.mode`` (validated by :class:`depthg.config.Config`)."""
+    return FIDELITY_PRESETS[cfg.mode]()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -100,12 +153,11 @@ def amp_context(cfg: Config, device: torch.device) -> tuple[Precision, torch.amp
 
 
 def depth_normalization(cfg: Config, data: dict[str, Any]) -> str:
-    """Depth values fed to the model: released mode = the released 0..255 per-full-image min-max values
-    (needs five-crops, which store the parent's min/max; docs/fidelity.md), paper mode = the depth
-    cache's own values (metres for metric sources), which the pinhole unprojection expects."""
+    """Depth values fed to the model; ``"auto"``: the fidelity's ``depth_values`` for five-crops (they store
+    the parent image's min/max), else the depth cache's own values (metres for metric sources)."""
     if cfg.depth_normalization != "auto":
         return cfg.depth_normalization
-    return "minmax255" if cfg.mode == "released" and data.get("crop_dir") is not None else "none"
+    return fidelity(cfg).depth_values if data.get("crop_dir") is not None else "none"
 
 
 def training_dataset(cfg: Config, data: dict[str, Any]) -> Any:

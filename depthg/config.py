@@ -7,23 +7,11 @@ one YAML/JSON file (written next to every checkpoint).
 Presets (``Config.preset(name, mode)``) hold the values of the authors' reproduction script on top of
 their default config, in full precision (docs/method.md §11).
 
-Two fidelity modes (docs/fidelity.md)
--------------------------------------
-``mode="released"`` reproduces what the released code computes, bug for bug; ``mode="paper"`` keeps *the
-same hyper-parameters and the same training length* and applies only the fixes. The mode sets
-``depth_similarity``, ``fps_random_start``, ``amp`` and the unit of the two decay intervals:
-
-* released: ``depth_decay_every`` and ``sample_decay_every`` are PyTorch-Lightning global steps, three
-  per iteration, exactly as in the script (250, 300, 400, 1000); the schedules
-  (``depthg.losses.DepthDecaySchedule``, ``depthg.sampling.SampleCountSchedule``) multiply the
-  iteration by three, and 7000 global steps are ``steps = ceil(7000 / 3) = 2334`` iterations;
-* paper: the same 2334 iterations, counted in optimizer steps, with the intervals converted so that the
-  decay events fire at the same iterations: N global steps fire every N / gcd(3, N) iterations
-  (250 -> 250, 300 -> 100, 400 -> 400, 200 -> 200, 1000 -> 1000).
-
-The other fixes (FPS read-out, unprojection, image resize, negatives, step-0 sample decay) follow
-``mode`` where they are computed. The spatial centring keeps the released form in both modes, because
-every preset's shifts were tuned with it (``centering="paper"`` is the STEGO paper's S3).
+``mode`` is a preset of fidelity choices (docs/fidelity.md): ``"paper"`` keeps *the same hyper-parameters
+and the same training length* as the released runs and applies only the fixes; ``"released"`` computes what
+the released code computes. It fills the keys left at None (:data:`MODE_DEFAULTS`: the depth similarity,
+autocast and the two released timing flags) and picks the released functions of ``depthg.released``
+(``depthg.build.Fidelity``). Decay intervals count iterations in both modes.
 
 Every field is validated in ``__post_init__``: an unknown key is an error listing the valid keys (with
 close-match suggestions), an impossible value is an error naming the key and the allowed values.
@@ -43,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from depthg.released import RELEASED_ITERATIONS, global_steps_to_iterations
 from depthg.utils import DepthGError, atomic_write
 
 __all__ = [
@@ -72,6 +61,13 @@ PAPER_DEPTH_SIMILARITY = "centred"
 CENTERING = ("paper", "released", "none")
 LHP_STRATEGIES = ("depth", "attention")
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+#: what each mode sets where a key is None (``decay_after_step`` and ``sample_decay_at_start`` are the
+#: released timing: ``depthg.sampling.decay_events``, docs/fidelity.md §3.9-3.10).
+MODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "paper": dict(depth_similarity=PAPER_DEPTH_SIMILARITY, amp="auto", decay_after_step=False,
+                  sample_decay_at_start=False),
+    "released": dict(depth_similarity="released", amp="off", decay_after_step=True, sample_decay_at_start=True),
+}
 PRESETS = (
     "cocostuff_vits8",
     "cocostuff_vitb8",
@@ -86,9 +82,8 @@ PRESETS = (
 class Config:
     """All settings of one run. Field groups follow the pipeline (data -> backbone -> head -> loss -> loop).
 
-    Units: ``steps`` is the number of training iterations = optimizer steps of each of the three
-    optimisers. ``depth_decay_every`` / ``sample_decay_every`` are counted in the schedule unit of the
-    mode (paper: optimizer steps; released: PyTorch-Lightning global steps = 3 per iteration).
+    Units: ``steps``, ``depth_decay_every`` and ``sample_decay_every`` count training iterations (one
+    optimizer step of each of the three optimisers).
     """
 
     # --- run -----------------------------------------------------------------------------------
@@ -139,7 +134,7 @@ class Config:
     lr: float = 5e-4
     probe_lr: float = 5e-3
     # autocast on CUDA only; "auto" = bf16 when supported, else off. None = by mode: the released code
-    # trains in fp32, so released mode resolves to "off", paper mode to "auto".
+    # trains in fp32, so released mode resolves to "off", paper mode to "auto" (MODE_DEFAULTS).
     amp: str | None = None
     # torch CPU threads during train() (None = torch's default). On a small CPU shared with other
     # processes, 1 thread was ~25x faster per step than 2 (synthetic preset, measured 2026-11-24).
@@ -165,8 +160,7 @@ class Config:
     use_depth: bool = True
     depth_weight: float = 0.19
     depth_shift: float = 0.03
-    # None = by mode: "released" (constant, docs/fidelity.md §3.1) in released mode, PAPER_DEPTH_SIMILARITY in
-    # paper mode; all options: DEPTH_SIMILARITY.
+    # None = by mode (MODE_DEFAULTS); all options: DEPTH_SIMILARITY.
     depth_similarity: str | None = None
     depth_decay_factor: float = 0.6
     depth_decay_every: int = 250
@@ -176,6 +170,10 @@ class Config:
     sample_decay_factor: float = 0.9
     sample_decay_every: int = 1000  # 0 = off
     sample_min_side: int = 1
+    # the released timing (None = by mode): a decay acts from the iteration after its event, and the
+    # sample-count decay also fires at iteration 0 (docs/fidelity.md §3.9-3.10)
+    decay_after_step: bool | None = None
+    sample_decay_at_start: bool | None = None
 
     # --- local hidden positives (docs/method.md §7; off in every released command) ----------------
     lhp: bool = False
@@ -212,12 +210,11 @@ class Config:
         self._validate_against_data()
 
     def _resolve_mode_defaults(self) -> None:
-        """Fill the mode-dependent defaults (None) from the mode."""
-        # so `Config(mode="released")` is released everywhere unless a key is set explicitly
-        if self.depth_similarity is None:
-            self.depth_similarity = "released" if self.mode == "released" else PAPER_DEPTH_SIMILARITY
-        if self.amp is None:
-            self.amp = "off" if self.mode == "released" else "auto"
+        """Fill the keys left at None from the mode's preset, so `Config(mode="released")` is released
+        everywhere unless a key is set explicitly (an unknown mode is reported by the next step)."""
+        for key, value in MODE_DEFAULTS.get(self.mode, {}).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
 
     def _validate_strings_and_choices(self) -> None:
         """Names and paths are non-empty strings; enumerated keys hold one of their allowed values."""
@@ -300,8 +297,8 @@ class Config:
 
     def _validate_flags_and_shapes(self) -> None:
         """Switches are booleans, backbone_kwargs a mapping, world_size a [height, width] list."""
-        for key in ("five_crop", "zero_clamp", "use_depth", "fps_random_start", "lhp", "lhp_weight_balance",
-                    "feature_cache", "eval_crf", "eval_flip"):
+        for key in ("five_crop", "zero_clamp", "use_depth", "fps_random_start", "decay_after_step",
+                    "sample_decay_at_start", "lhp", "lhp_weight_balance", "feature_cache", "eval_crf", "eval_flip"):
             self._expect_bool(key)
         if not isinstance(self.backbone_kwargs, dict):
             raise ConfigError(f"config key 'backbone_kwargs' = {self.backbone_kwargs!r}: expected a mapping")
@@ -436,26 +433,17 @@ class Config:
         return Config(**{**self.to_dict(), **changes})
 
     def with_mode(self, mode: str) -> "Config":
-        """The same run in the other fidelity mode, with every mode-dependent key converted.
+        """The same run in the other fidelity mode: the mode's defaults (:data:`MODE_DEFAULTS`) replace the
+        current ones, and released mode starts FPS at cell 0, as the released code does.
 
-        Changing only ``mode`` would leave a hybrid (e.g. released mode with the 3D-distance depth term,
-        or paper-unit decay intervals read as global steps). This sets the mode's depth similarity,
-        autocast and FPS start, and converts the decay intervals between the units (released counts
-        3 global steps per iteration: N iterations <-> 3N global steps fire at the same iterations).
+        Changing only ``mode`` would leave a hybrid (e.g. released mode with the 3D-distance depth term).
         """
         if mode not in MODES:
             raise ConfigError(f"config key 'mode' = {mode!r}: expected one of {list(MODES)}")
         if mode == self.mode:
             return self.replace()
-        values = self.to_dict()
-        values.update(mode=mode, depth_similarity=None, amp=None)
-        if mode == "released":
-            values["fps_random_start"] = False
-            for key in ("depth_decay_every", "sample_decay_every"):
-                values[key] = values[key] * RELEASED_STEPS_PER_ITERATION
-        else:
-            for key in ("depth_decay_every", "sample_decay_every"):
-                values[key] = global_steps_to_iterations(values[key])
+        values = {**self.to_dict(), **{key: None for key in MODE_DEFAULTS[mode]}, "mode": mode}
+        values.update(_mode_values(mode))
         return Config(**values)
 
     def save(self, path: str | Path) -> Path:
@@ -484,7 +472,7 @@ class Config:
         if mode not in MODES:
             raise ConfigError(f"preset mode {mode!r}: expected one of {list(MODES)}")
         values = _preset_values(name)
-        values.update(_mode_values(values, mode, synthetic=(name == "synthetic")))
+        values.update(_mode_values(mode))
         check_keys(overrides.keys(), f"Config.preset({name!r})")
         values.setdefault("name", f"{name}_{mode}")
         values["output_dir"] = f"runs/{overrides.get('name', values['name'])}"
@@ -518,24 +506,8 @@ def backbone_patch_size(backbone: str, backbone_kwargs: dict[str, Any] | None = 
 # presets
 # ----------------------------------------------------------------------------------------------------
 
-# Released ``max_steps`` in PyTorch-Lightning global steps; 3 global steps per iteration (docs/method.md §8.3).
-RELEASED_MAX_STEPS = 7000
-RELEASED_STEPS_PER_ITERATION = 3
-RELEASED_ITERATIONS = math.ceil(RELEASED_MAX_STEPS / RELEASED_STEPS_PER_ITERATION)  # 2334
-
-
-def global_steps_to_iterations(every: int) -> int:
-    """Iteration interval at which a ``global_step % every == 0`` rule fires when global_step = 3*iteration.
-
-    3k % N == 0  <=>  k % (N / gcd(3, N)) == 0: 250 -> 250, 300 -> 100.
-    """
-    if every <= 0:
-        return every
-    return every // math.gcd(RELEASED_STEPS_PER_ITERATION, every)
-
-
 def _preset_values(name: str) -> dict[str, Any]:
-    """Hyper-parameters of each preset, in released units (global steps for the decay intervals)."""
+    """Hyper-parameters of each preset; decay intervals in iterations (the script's global steps converted)."""
     # The released default config's values, shared by all four runs.
     base: dict[str, Any] = dict(
         res=224, eval_res=320, five_crop=True, crop_ratio=0.5, lr=5e-4, probe_lr=5e-3,
@@ -559,9 +531,9 @@ def _preset_values(name: str) -> dict[str, Any]:
             values.update(use_depth=False, depth_sampling="random", depth_weight=0.0,
                           sample_decay_factor=1.0, sample_decay_every=0, depth_decay_factor=1.0,
                           depth_decay_every=0)
-        return values
+        return _released_run(values)
     if name == "cocostuff_vitb8":
-        return dict(
+        return _released_run(dict(
             base, dataset="cocostuff", classes=27, backbone="vit_base_patch8_224", dim=90,
             eval_every=50, checkpoint_every=50, centering="released", depth_sampling="fps",
             feature_samples=12, sample_decay_factor=1.0, sample_decay_every=1000,
@@ -571,9 +543,9 @@ def _preset_values(name: str) -> dict[str, Any]:
             neg_inter_weight=0.2485038, neg_inter_shift=0.9748103,
             depth_weight=0.16026274975444096, depth_shift=0.035909146298813595,
             depth_decay_factor=0.64, depth_decay_every=300,
-        )
+        ))
     if name == "cityscapes_vitb8":
-        return dict(
+        return _released_run(dict(
             base, dataset="cityscapes", classes=27, backbone="vit_base_patch8_224", dim=100,
             eval_every=100, checkpoint_every=100, centering="none", depth_sampling="random",
             feature_samples=11,
@@ -581,9 +553,9 @@ def _preset_values(name: str) -> dict[str, Any]:
             pos_inter_weight=1.02, pos_inter_shift=0.25,
             neg_inter_weight=0.5700000000000001, neg_inter_shift=0.26,
             depth_weight=0.09, depth_shift=0.03, depth_decay_factor=0.8, depth_decay_every=400,
-        )
+        ))
     if name == "potsdam_vits8":
-        return dict(
+        return _released_run(dict(
             base, dataset="potsdam", classes=3, backbone="vit_small_patch8_224", dim=90, batch_size=16,
             five_crop=False, eval_every=100, checkpoint_every=100, centering="released",
             depth_sampling="fps", feature_samples=11,
@@ -591,10 +563,16 @@ def _preset_values(name: str) -> dict[str, Any]:
             pos_inter_weight=0.34, pos_inter_shift=0.09,
             neg_inter_weight=0.72, neg_inter_shift=0.63,
             depth_weight=0.13, depth_shift=0.14, depth_decay_factor=1.0, depth_decay_every=200,
-        )
+        ))
     if name == "synthetic":
         return _synthetic_values()
     raise AssertionError(name)  # unreachable: names checked by Config.preset
+
+
+def _released_run(values: dict[str, Any]) -> dict[str, Any]:
+    """A released run's values with its decay intervals, given in global steps, in iterations."""
+    return dict(values, depth_decay_every=global_steps_to_iterations(values["depth_decay_every"]),
+                sample_decay_every=global_steps_to_iterations(values["sample_decay_every"]))
 
 
 def _synthetic_values() -> dict[str, Any]:
@@ -636,24 +614,11 @@ def _synthetic_values() -> dict[str, Any]:
     )
 
 
-def _mode_values(values: dict[str, Any], mode: str, synthetic: bool = False) -> dict[str, Any]:
-    """Mode-dependent settings on top of a preset's released-unit values (module docstring)."""
-    out: dict[str, Any] = {"mode": mode}
+def _mode_values(mode: str) -> dict[str, Any]:
+    """What a preset in ``mode`` sets on top of its hyper-parameters (module docstring)."""
+    out: dict[str, Any] = {"mode": mode, **MODE_DEFAULTS[mode]}
     if mode == "released":
-        out["depth_similarity"] = "released"
-        out["fps_random_start"] = False
-        out["amp"] = "off"
-        if synthetic:
-            # Synthetic intervals are already in optimizer steps; express them in global steps (x3).
-            out["depth_decay_every"] = values["depth_decay_every"] * RELEASED_STEPS_PER_ITERATION
-            out["sample_decay_every"] = values["sample_decay_every"] * RELEASED_STEPS_PER_ITERATION
-        return out
-    # paper: same events, counted in optimizer steps.
-    out["depth_similarity"] = PAPER_DEPTH_SIMILARITY
-    out["amp"] = "auto"
-    if not synthetic:
-        out["depth_decay_every"] = global_steps_to_iterations(values["depth_decay_every"])
-        out["sample_decay_every"] = global_steps_to_iterations(values["sample_decay_every"])
+        out["fps_random_start"] = False  # the released FPS always starts at cell 0 (docs/fidelity.md §3.5)
     return out
 
 

@@ -1,18 +1,18 @@
 """Local hidden positives: propagate each cell's code to its neighbours in 3D or in attention, then project.
 
-docs/method.md §7 gives the method, docs/fidelity.md §3.12 the released variants (``mode="released"``).
+docs/method.md §7 gives the method, docs/fidelity.md §3.12 the released variants (``depthg.released``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from depthg.sampling import depth_to_points
+from depthg.sampling import Unproject, depth_to_points
 from depthg.utils import DepthGError
 
 _EPS = 1e-10
@@ -44,6 +44,18 @@ def _row_minmax(x: torch.Tensor) -> torch.Tensor:
     return (x - lo) / (hi - lo).clamp_min(_EPS)
 
 
+def strongest_attention(att: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Attention mask (B, hw, hw): the entries at or above the row's (1 - quantile) quantile, the hidden
+    positives (the released code keeps the others: ``depthg.released.weakest_attention``)."""
+    return att >= threshold
+
+
+def weighted_mean(mixed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The weighted sum (B, D, hw) divided by the sum of each row's weights (B, hw, hw): a weighted mean
+    (the released code divides by hw: ``depthg.released.divide_by_cell_count``)."""
+    return mixed / weights.sum(-1).clamp_min(_EPS).unsqueeze(1)
+
+
 class LocalHiddenPositives(nn.Module):
     """Depth- or attention-guided propagation of the code, then a 1x1 MLP projection (docs/method.md §7).
 
@@ -51,9 +63,10 @@ class LocalHiddenPositives(nn.Module):
         dim: code dimension D.
         strategy: ``"depth"`` (nearest cells in 3D) or ``"attention"`` (most attended cells).
         quantile: fraction of each row kept.
-        mode: ``"paper"`` (weighted mean, pinhole unprojection, most attended kept) or ``"released"``
-            (sum / hw, released unprojection, weakest 99% of attention kept).
         fov_deg: field of view for the depth unprojection.
+        unproject, keep_attention, normalise: the paper's :func:`depthg.sampling.depth_to_points`,
+            :func:`strongest_attention` and :func:`weighted_mean`, or the released functions
+            (``depthg.build.Fidelity``).
     """
 
     def __init__(
@@ -61,21 +74,22 @@ class LocalHiddenPositives(nn.Module):
         dim: int,
         strategy: Literal["depth", "attention"] = "depth",
         quantile: float = 0.01,
-        mode: Literal["paper", "released"] = "paper",
         fov_deg: float = 90.0,
+        unproject: Unproject = depth_to_points,
+        keep_attention: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = strongest_attention,
+        normalise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = weighted_mean,
     ) -> None:
         super().__init__()
         if strategy not in ("depth", "attention"):
             raise LHPError(f"strategy must be 'depth' or 'attention', got {strategy!r}")
-        if mode not in ("paper", "released"):
-            raise LHPError(f"mode must be 'paper' or 'released', got {mode!r}")
         if not 0.0 < quantile < 1.0:
             raise LHPError(f"quantile must be in (0, 1), got {quantile}")
-        self.dim, self.strategy, self.quantile, self.mode, self.fov_deg = dim, strategy, quantile, mode, fov_deg
+        self.dim, self.strategy, self.quantile, self.fov_deg = dim, strategy, quantile, fov_deg
+        self.unproject, self.keep_attention, self.normalise = unproject, keep_attention, normalise
         self.projection = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.ReLU(), nn.Conv2d(dim, dim, 1))
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, strategy={self.strategy}, quantile={self.quantile}, mode={self.mode}"
+        return f"dim={self.dim}, strategy={self.strategy}, quantile={self.quantile}"
 
     @torch.no_grad()
     def propagation_weights(
@@ -95,7 +109,7 @@ class LocalHiddenPositives(nn.Module):
                 raise LHPError(f"strategy='depth' needs depth (B, 1, H, W), got "
                                f"{None if depth is None else tuple(depth.shape)}")
             pooled = F.adaptive_avg_pool2d(depth if depth.is_floating_point() else depth.float(), (h, w))
-            pts = depth_to_points(pooled, fov_deg=self.fov_deg, mode=self.mode)
+            pts = self.unproject(pooled, self.fov_deg)
             dist = torch.cdist(pts, pts, compute_mode="donot_use_mm_for_euclid_dist")
             dist = _row_minmax(dist)
             keep = dist <= row_quantile(dist, self.quantile)
@@ -105,20 +119,15 @@ class LocalHiddenPositives(nn.Module):
                            f"{None if attention is None else tuple(attention.shape)}")
         att = _row_minmax(attention if attention.is_floating_point() else attention.float())
         threshold = row_quantile(att, 1.0 - self.quantile)
-        keep = att >= threshold if self.mode == "paper" else att <= threshold
-        return att * keep
+        return att * self.keep_attention(att, threshold)
 
     def propagate(self, code: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Weighted mean (paper) or 1/hw-scaled sum (released) of the code under ``weights``."""
+        """The code (B, D, h, w) mixed under ``weights`` (B, hw, hw), normalised by ``self.normalise``."""
         b, d, h, w = code.shape
         flat = code.flatten(2)  # (B, D, hw)
         weights = weights.to(code.dtype)
         mixed = torch.bmm(flat, weights.transpose(1, 2))  # (B, D, hw): sum_q W[p, q] code[:, q]
-        if self.mode == "paper":
-            mixed = mixed / weights.sum(-1).clamp_min(_EPS).unsqueeze(1)
-        else:
-            mixed = mixed / (h * w)
-        return mixed.view(b, d, h, w)
+        return self.normalise(mixed, weights).view(b, d, h, w)
 
     def project(self, code: torch.Tensor) -> torch.Tensor:
         """The MLP projection alone (what the positive image gets)."""

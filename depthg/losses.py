@@ -12,17 +12,14 @@ Equations (numbering of docs/method.md §12):
   that D pulls together (D > b_depth) and pushes apart (D < b_depth).
 * R5     the depth weight/shift decay (:class:`DepthDecaySchedule`).
 
-Fidelity modes (docs/fidelity.md): ``paper`` (default) reads D from depth at the same locations as
-the codes, takes negatives from a true derangement read at their own coordinates and counts schedules
-in optimizer steps. ``released`` reproduces leonsick/depthg@c284180: a constant depth similarity,
-``super_perm`` negatives read at the positive's coordinates, three global steps per iteration.
+This is the paper's reading; the released code's negatives and depth pairing are in ``depthg.released``
+(docs/fidelity.md §3.1-3.2, §3.6).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
@@ -30,7 +27,8 @@ import torch.nn.functional as F
 
 from depthg.config import DEPTH_SIMILARITY
 from depthg.config import PAPER_DEPTH_SIMILARITY as _PAPER_DEFAULT
-from depthg.sampling import depth_to_points, sample
+from depthg.released import constant_depth_similarity, transposed_pairs
+from depthg.sampling import decay_events, depth_to_points, sample
 from depthg.utils import DepthGError
 
 Centering = Literal["paper", "released", "none"]
@@ -50,18 +48,13 @@ _EPS = 1e-10
 
 
 class LossError(DepthGError, ValueError):
-    """Bad input to a loss (shape, option or mode)."""
+    """Bad input to a loss (shape or option)."""
 
 
 def _check_4d(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor) or t.dim() != 4:
         shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise LossError(f"{name} must be a (B, C, h, w) tensor, got {shape}")
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in ("paper", "released"):
-        raise LossError(f"mode must be 'paper' or 'released', got {mode!r}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -141,22 +134,13 @@ def _pair_distances(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
 
 
 def _released_similarity(p1: torch.Tensor, p2: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
-    """``"released"``: full depth maps (B, 1, H, W) -> D (B, S, S, S, S) with ``size = (S, S)``.
-
-    Each map is resized to ``size`` (bilinear, ``align_corners=True``) -- a regular grid, *not* the
-    sampled locations -- and D is the channel-normalised product. One channel normalises to sign(d), so
-    **D is exactly 1 wherever both depths are positive and 0 where one is 0**: the term carries no depth
-    information and, with a shift below 1, only pulls. Kept to reproduce the released optimisation (it
-    equals a shift of the self term; docs/fidelity.md).
-    """
+    """``"released"``: full depth maps (B, 1, H, W) -> D (B, S, S, S, S) with ``size = (S, S)``, the
+    constant 1 of :func:`depthg.released.constant_depth_similarity`."""
     if size is None:
         raise LossError("depth_similarity(kind='released') needs size=(S, S) to resize the depth to")
     if p1.shape[1] != 1 or p2.shape[1] != 1:
         raise LossError("depth_similarity(kind='released') expects depth maps (B, 1, H, W)")
-    # resize the whole maps to the S x S grid, as the released code does
-    d1 = F.interpolate(p1, size=size, mode="bilinear", align_corners=True)
-    d2 = F.interpolate(p2, size=size, mode="bilinear", align_corners=True)
-    return tensor_correlation(d1, d2)
+    return constant_depth_similarity(p1, p2, size)
 
 
 def _product_similarity(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
@@ -305,15 +289,11 @@ def pull_push_fractions(depth_sim: torch.Tensor, shift: float) -> dict[str, floa
 
 def sampled_depth_similarity(depth: torch.Tensor, grid: torch.Tensor, grid_hw: tuple[int, int],
                              kind: SimilarityKind = PAPER_DEPTH_SIMILARITY, fov_deg: float = 90.0) -> torch.Tensor:
-    """D (B, S, S, S, S) of one crop's depth read at its sampled locations, as the paper-mode loss builds it.
+    """D (B, S, S, S, S) of one crop's depth (B, 1, H, W) read at its sampled locations ``grid`` (B, S, S, 2).
 
-    Args:
-        depth: (B, 1, H, W) depth, larger = farther (metres in paper mode).
-        grid: (B, S, S, 2) sample coordinates (random or FPS, ``align_corners=True``).
-        grid_hw: the feature grid (h, w); the depth is average-pooled to it first, as FPS does.
-        kind: the similarity (:func:`depth_similarity`). ``released`` ignores ``grid`` and resizes the
-            whole map to S x S; ``product`` reads the pooled depth; the others read the pooled depth's
-            camera-space points (paper pinhole with ``fov_deg``).
+    The depth is average-pooled to the feature grid ``grid_hw`` (as FPS does); ``product`` reads the pooled
+    depth, the other paper kinds its pinhole points (``fov_deg``), at ``grid``: the very coordinates the
+    code was read at. ``released`` ignores ``grid`` and resizes the whole map to S x S.
     """
     _check_4d("depth", depth)
     n_h, n_w = grid.shape[1:3]
@@ -323,7 +303,7 @@ def sampled_depth_similarity(depth: torch.Tensor, grid: torch.Tensor, grid_hw: t
     if kind == "product":
         values = sample(pooled, grid)
     else:
-        pts = depth_to_points(pooled, fov_deg=fov_deg, mode="paper")
+        pts = depth_to_points(pooled, fov_deg=fov_deg)
         values = sample(pts.transpose(1, 2).reshape(depth.shape[0], 3, *grid_hw), grid)
     return depth_similarity(values, values, kind)
 
@@ -351,15 +331,6 @@ def depth_feature_loss(code_s: torch.Tensor, depth_sim: torch.Tensor, shift: flo
 # ----------------------------------------------------------------------------------------------------
 
 
-def super_perm(size: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """The released negative permutation (docs/fidelity.md §3.6): a randperm whose fixed points
-    are bumped by one (mod B). No image is its own negative, but indices can repeat."""
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    perm = torch.randperm(size, generator=generator, device=gen_device)
-    perm = torch.where(perm == torch.arange(size, device=gen_device), (perm + 1) % size, perm)
-    return perm.to(device) if device is not None else perm
-
-
 def derangement(size: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """A uniformly random permutation without fixed points (rejection sampling; ~e draws expected).
 
@@ -375,6 +346,20 @@ def derangement(size: int, generator: torch.Generator | None = None, device=None
             return perm.to(device) if device is not None else perm
 
 
+def derangement_negatives(f1: torch.Tensor, c1: torch.Tensor, feats: torch.Tensor, code: torch.Tensor,
+                          grid2: torch.Tensor,
+                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One negative pairing: anchor k meets crop perm[k] of a random :func:`derangement`, read at that crop's
+    own locations, i.e. the anchors' samples ``f1``, ``c1`` (B, C, S, S) permuted. ``feats``, ``code`` and
+    ``grid2`` are unused here (the released ``depthg.released.super_perm_negatives`` reads them)."""
+    perm = derangement(feats.shape[0], generator, device=feats.device)
+    return f1[perm], c1[perm]
+
+
+#: ``negatives(f1, c1, feats, code, grid2, generator) -> (f_neg, c_neg)``, one pairing of :class:`DepthGLoss`.
+Negatives = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
 # ----------------------------------------------------------------------------------------------------
 # The full objective
 # ----------------------------------------------------------------------------------------------------
@@ -384,22 +369,21 @@ class DepthGLoss(nn.Module):
     """STEGO's three correlation terms plus DepthG's depth-feature term (docs/method.md §3.4, §5).
 
     total = w_intra * pos_intra + w_inter * pos_inter + w_neg * neg_inter + depth_weight * depth
-    (``correspondence_weight`` = 1; the probe losses are the trainer's business).
-
-    Constructor values are the fixed weights/shifts (docs/method.md §11). The depth weight and shift decay,
-    so they are passed to :meth:`forward` at every step (see :class:`DepthDecaySchedule`).
+    (``correspondence_weight`` = 1; the probe losses are the trainer's business). The depth weight and
+    shift decay, so they are passed to :meth:`forward` at every step (:class:`DepthDecaySchedule`).
 
     Args:
         pos_intra_weight, pos_intra_shift: lambda_self, b_self.
         pos_inter_weight, pos_inter_shift: lambda_knn, b_knn.
         neg_inter_weight, neg_inter_shift: lambda_rand, b_rand.
         neg_samples: number of random negative pairings (5).
-        centering: S3 spatial centring (``"paper"``, ``"released"`` or ``"none"``); defaults to the mode.
+        centering: S3 spatial centring, ``"paper"``, ``"released"`` or ``"none"`` (:func:`correlation_loss`).
         zero_clamp: clamp code correlations at 0 (True in every config).
-        depth_similarity: one of :data:`DEPTH_SIMILARITIES` (see :func:`depth_similarity`); defaults to
-            :data:`PAPER_DEPTH_SIMILARITY` in paper mode and ``"released"`` in released mode.
-        fov_deg: field of view used to unproject depth for the ``distance`` similarity (paper pinhole).
-        mode: ``"paper"`` or ``"released"``.
+        depth_similarity: one of :data:`DEPTH_SIMILARITIES` (:func:`depth_similarity`).
+        fov_deg: field of view of the pinhole unprojection of the 3D similarities.
+        negatives: :func:`derangement_negatives`, or the released ``depthg.released.super_perm_negatives``.
+        transposed_depth_pairs: pair the ``released`` similarity's regular grid with codes read through
+            the released transposed read-out (``depthg.released.transposed_pairs``).
     """
 
     def __init__(
@@ -411,64 +395,41 @@ class DepthGLoss(nn.Module):
         neg_inter_weight: float = 0.70,
         neg_inter_shift: float = 0.761,
         neg_samples: int = 5,
-        centering: Centering | None = None,
+        centering: Centering = "paper",
         zero_clamp: bool = True,
-        depth_similarity: SimilarityKind | None = None,
+        depth_similarity: SimilarityKind = PAPER_DEPTH_SIMILARITY,
         fov_deg: float = 90.0,
-        mode: Literal["paper", "released"] = "paper",
+        negatives: Negatives = derangement_negatives,
+        transposed_depth_pairs: bool = False,
     ) -> None:
         super().__init__()
-        _check_mode(mode)
         if neg_samples < 0:
             raise LossError(f"neg_samples must be >= 0, got {neg_samples}")
-        self.mode = mode
+        if centering not in ("paper", "released", "none"):
+            raise LossError(f"centering must be 'paper', 'released' or 'none', got {centering!r}")
+        if depth_similarity not in DEPTH_SIMILARITIES:
+            raise LossError(f"depth_similarity must be one of {list(DEPTH_SIMILARITIES)}, got {depth_similarity!r}")
         self.pos_intra_weight, self.pos_intra_shift = float(pos_intra_weight), float(pos_intra_shift)
         self.pos_inter_weight, self.pos_inter_shift = float(pos_inter_weight), float(pos_inter_shift)
         self.neg_inter_weight, self.neg_inter_shift = float(neg_inter_weight), float(neg_inter_shift)
         self.neg_samples = int(neg_samples)
-        self.centering: Centering = centering if centering is not None else mode
-        if self.centering not in ("paper", "released", "none"):
-            raise LossError(f"centering must be 'paper', 'released' or 'none', got {centering!r}")
+        self.centering: Centering = centering
         self.zero_clamp = bool(zero_clamp)
-        self.depth_similarity: SimilarityKind = depth_similarity or (
-            PAPER_DEPTH_SIMILARITY if mode == "paper" else "released")
-        if self.depth_similarity not in DEPTH_SIMILARITIES:
-            raise LossError(f"depth_similarity must be one of {list(DEPTH_SIMILARITIES)}, got {depth_similarity!r}")
+        self.depth_similarity: SimilarityKind = depth_similarity
         self.fov_deg = float(fov_deg)
+        self.negatives = negatives
+        self.transposed_depth_pairs = bool(transposed_depth_pairs)
 
     def extra_repr(self) -> str:
-        return (f"mode={self.mode}, centering={self.centering}, depth_similarity={self.depth_similarity}, "
-                f"neg_samples={self.neg_samples}")
+        return (f"centering={self.centering}, depth_similarity={self.depth_similarity}, "
+                f"negatives={getattr(self.negatives, '__name__', self.negatives)}, neg_samples={self.neg_samples}")
 
     def depth_term(self, code_s: torch.Tensor, depth: torch.Tensor, grid: torch.Tensor,
                    grid_hw: tuple[int, int], shift: float) -> torch.Tensor:
-        """The depth-feature loss of the anchor's sampled code ``code_s`` (B, D, S, S).
-
-        ``released``: D from the whole depth map resized to S x S (ignores ``grid``). In released mode D
-        is transposed over the S x S grid, because the released sampler transposes the grid the codes
-        are read at (code[h, w] meets depth[w, h]); this matters only where the resized depth has exact
-        zeros (otherwise D is all ones). See docs/released_golden.md.
-        The others: the depth is average-pooled to the feature grid ``grid_hw`` (as FPS does),
-        unprojected with the paper pinhole (every kind but ``product``), and read at ``grid`` -- the
-        very coordinates the code was read at.
-        """
-        n_h, n_w = code_s.shape[-2:]
-        if self.depth_similarity == "released":
-            sim = depth_similarity(depth, depth, "released", size=(n_h, n_w))
-            if self.mode == "released":
-                # The released sampler swaps the two S axes of the grid before reading, so its code[h, w]
-                # sits where ours has code[w, h] while D stays on the regular grid: pair code[h, w]
-                # with depth[w, h] by transposing D over both (h, w) and (i, j).
-                sim = sim.permute(0, 2, 1, 4, 3)
-        else:
-            pooled = F.adaptive_avg_pool2d(depth, grid_hw)
-            if self.depth_similarity == "product":
-                values = sample(pooled, grid)
-            else:
-                b = depth.shape[0]
-                pts = depth_to_points(pooled, fov_deg=self.fov_deg, mode="paper")
-                values = sample(pts.transpose(1, 2).reshape(b, 3, *grid_hw), grid)
-            sim = depth_similarity(values, values, self.depth_similarity)
+        """The depth-feature loss of the anchor's code ``code_s`` (B, D, S, S) sampled at ``grid``."""
+        sim = sampled_depth_similarity(depth, grid, grid_hw, self.depth_similarity, self.fov_deg)
+        if self.depth_similarity == "released" and self.transposed_depth_pairs:
+            sim = transposed_pairs(sim)  # code[h, w] meets depth[w, h] (docs/fidelity.md §3.2)
         return depth_feature_loss(code_s, sim.to(code_s.dtype), shift)
 
     def forward(
@@ -493,7 +454,7 @@ class DepthGLoss(nn.Module):
             code, code_pos: head outputs (B, D, h, w) on the same grid.
             depth, depth_pos: (B, 1, H, W) depth (larger = farther) or None when ``depth_weight`` is 0.
                 Only the anchor's depth enters the depth term (as released); ``depth_pos`` is accepted
-                for symmetry and for the trainer's FPS of ``grid2``.
+                for symmetry.
             grid1, grid2: (B, S, S, 2) (x, y) coordinates, ``align_corners=True``, for the anchor and the
                 positive (random, or :func:`depthg.sampling.fps_grid` of ``depth`` / ``depth_pos``).
             depth_weight, depth_shift: w_depth(t), b_depth(t) at this step (:class:`DepthDecaySchedule`).
@@ -502,18 +463,12 @@ class DepthGLoss(nn.Module):
         Returns:
             dict with the unweighted terms ``pos_intra``, ``pos_inter``, ``neg_inter`` (mean over the
             ``neg_samples`` pairings), ``depth`` (0 when ``depth_weight`` is 0) and the weighted ``total``.
-
-        Negatives: ``paper`` pairs image k with image perm[k] of a true derangement and reads the
-        negative at *its own* coordinates, grid1[perm] (for FPS: the cells chosen on the negative's
-        own depth), i.e. the anchor's sampled maps permuted. ``released`` uses ``super_perm`` and reads
-        the permuted full maps at the positive's coordinates ``grid2`` (docs/fidelity.md §3.6).
         """
         for name, t in (("feats", feats), ("feats_pos", feats_pos), ("code", code), ("code_pos", code_pos)):
             _check_4d(name, t)
         if grid1.shape != grid2.shape:
             raise LossError(f"grid1 and grid2 must have the same shape, got {tuple(grid1.shape)} and "
                             f"{tuple(grid2.shape)}")
-        batch = feats.shape[0]
         f1, c1 = sample(feats, grid1), sample(code, grid1)
         f2, c2 = sample(feats_pos, grid2), sample(code_pos, grid2)
         kw = dict(centering=self.centering, zero_clamp=self.zero_clamp)
@@ -523,12 +478,7 @@ class DepthGLoss(nn.Module):
 
         neg_terms = []
         for _ in range(self.neg_samples):
-            if self.mode == "paper":
-                perm = derangement(batch, generator, device=feats.device)
-                fn, cn = f1[perm], c1[perm]
-            else:
-                perm = super_perm(batch, generator, device=feats.device)
-                fn, cn = sample(feats[perm], grid2), sample(code[perm], grid2)
+            fn, cn = self.negatives(f1, c1, feats, code, grid2, generator)
             neg_terms.append(correlation_loss(f1, fn, c1, cn, self.neg_inter_shift, **kw)[0])
         neg_inter = torch.stack(neg_terms).mean() if neg_terms else code.new_zeros(())
 
@@ -554,42 +504,30 @@ class DepthGLoss(nn.Module):
 class DepthDecaySchedule:
     """Depth weight and shift decay w <- factor*w, b <- factor*b (docs/method.md §8.1, R5), a pure function.
 
-    ``.at(iteration)`` returns (w_depth, b_depth) used at that (0-based) training iteration.
-
-    * ``paper``: counted in optimizer steps, one per iteration: k = iteration // every decays
-      (never at iteration 0), value w0 * factor**k.
-    * ``released``: the rule runs after the loss with ``global_step = 3 * iteration`` and fires when
-      ``global_step % every == 0 and global_step > 0``, acting from the next iteration (docs/fidelity.md §3.9):
-      it fires every every/gcd(3, every) iterations -- every 100 iterations for every=300. COCO ViT-S
-      (0.19, x0.6 every 250) has decayed 9 times by its last iteration (2333): 0.19*0.6**9 = 0.0019.
-
-    ``decay_shift=False`` keeps the shift fixed (the released ``fix_depth_feat_shift``). ``every=0``
-    disables the decay.
+    ``.at(iteration)`` returns (w_depth, b_depth) used at that (0-based) iteration: w0 * factor**k with
+    k = :func:`depthg.sampling.decay_events` (``every`` in iterations, 0 = off; ``after_step`` is the
+    released timing, docs/fidelity.md §3.9). COCO ViT-S (0.19, x0.6 every 250, released timing) has
+    decayed 9 times by its last iteration (2333): 0.19 * 0.6**9 = 0.0019. ``decay_shift=False`` keeps
+    the shift fixed (the released ``fix_depth_feat_shift``).
     """
 
     weight0: float
     shift0: float
     factor: float = 1.0
     every: int = 0
-    mode: Literal["paper", "released"] = "paper"
     decay_shift: bool = True
+    after_step: bool = False
 
     def __post_init__(self) -> None:
-        _check_mode(self.mode)
         if self.every < 0 or self.factor < 0:
             raise LossError(f"DepthDecaySchedule needs every >= 0 and factor >= 0, got every={self.every}, "
                             f"factor={self.factor}")
 
     def events(self, iteration: int) -> int:
-        """Number of decays applied before ``iteration``."""
+        """Number of decays that act at ``iteration``."""
         if iteration < 0:
             raise LossError(f"iteration must be >= 0, got {iteration}")
-        if self.every <= 0:
-            return 0
-        if self.mode == "paper":
-            return iteration // self.every
-        period = self.every // math.gcd(3, self.every)
-        return max(iteration - 1, 0) // period  # events after iterations period, 2*period, ... < iteration
+        return decay_events(iteration, self.every, self.after_step)
 
     def at(self, iteration: int) -> tuple[float, float]:
         scale = self.factor ** self.events(iteration)

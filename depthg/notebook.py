@@ -29,7 +29,7 @@ import torch
 import depthg
 from depthg.ablation import run_ablation, variant_config
 from depthg.backbone import Backbone, load_backbone
-from depthg.build import Segmenter, build_models, load_checkpoint, validation_dataset
+from depthg.build import Segmenter, build_models, fidelity, load_checkpoint, validation_dataset
 from depthg.config import Config
 from depthg.data import build_dataset
 from depthg.data.prepare import dataset_root, world_folder
@@ -218,7 +218,7 @@ def predict_examples(trained: TrainedRun, assignment: Any, n: int = 4) -> dict[s
     (R, R) maps, R = ``eval_res``.
     """
     cfg, m = trained.config, trained.model
-    items = [resize_center_crop(trained.val_set[i], res=cfg.eval_res, mode=cfg.mode)
+    items = [resize_center_crop(trained.val_set[i], res=cfg.eval_res, resize=fidelity(cfg).resize)
              for i in range(min(n, len(trained.val_set)))]
     img = torch.stack([it["img"] for it in items]).to(trained.device)
     cluster_logp, linear_logp = predict_batch(trained.backbone, m.head, m.cluster, m.linear, img,
@@ -317,4 +317,4 @@ def example_items(trained: TrainedRun, n: int, crop: bool = True) -> list[dict[s
     if cfg.data_dir is None and (root / "depth_gt").is_dir():
         source = build_dataset(cfg.dataset, root, cfg.val_split, depth_dir=root / "depth_gt", classes=cfg.classes)
     items = [source[i] for i in range(min(n, len(source)))]
-    return [resize_center_crop(it, res=cfg.eval_res, mode="paper") for it in items] if crop else items
+    return [resize_center_crop(it, res=cfg.eval_res) for it in items] if crop else items

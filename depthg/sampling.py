@@ -3,25 +3,14 @@
 DepthG replaces STEGO's uniformly random feature locations by depth-guided farthest point sampling
 (FPS): the depth map is pooled to the feature grid, unprojected to a 3D point cloud, FPS picks S*S
 points that are spread "equally in 3D", and the picks are turned into ``grid_sample`` coordinates
-(docs/method.md §6).
-
-Every function has two fidelity modes (docs/fidelity.md §3.3-3.5, §3.9-3.10):
-
-* ``mode="paper"`` (default) implements the stated intent: a pinhole camera with the field of view in
-  degrees, grid coordinates that read back *exactly* the chosen feature cells, schedules counted in
-  optimizer steps.
-* ``mode="released"`` reproduces leonsick/depthg@c284180 bug for bug: the field of view is fed to a
-  tangent in radians, Z is stretched by 5, the picks come back in raster order and are written as
-  (row, col) where ``grid_sample`` reads (x, y), i.e. transposed and shrunk by (W-1)/W; schedules
-  count three global steps per batch.
+(docs/method.md §6). This module is the paper's reading; the released unprojection and read-out are
+``depthg.released.radians_unprojection`` and ``transposed_readout`` (docs/fidelity.md §3.3-3.4).
 
 Grid coordinates are always (x, y) in [-1, 1] for ``torch.nn.functional.grid_sample`` with
 ``align_corners=True``: x = -1 is the centre of the first column, x = +1 the centre of the last.
 
-FPS has two interchangeable kernels that return identical indices: a batched torch loop (used on CUDA
-and whenever numba is missing) and a numba kernel parallel over the batch (used for CPU tensors when
-numba is installed): on a 2-core CPU a plain batched torch loop is only a few times faster than the
-released per-image NumPy loop, the compiled kernel well over 15x (benchmarks/fps.py).
+FPS has two kernels that return identical indices: a batched torch loop (CUDA, or numba missing) and a
+numba kernel for CPU tensors (benchmarks/fps.py).
 """
 
 from __future__ import annotations
@@ -37,17 +26,8 @@ import torch.nn.functional as F
 
 from depthg.utils import DepthGError
 
-Mode = Literal["paper", "released"]
-_MODES = ("paper", "released")
-
-
 class SamplingError(DepthGError, ValueError):
-    """Bad input to a sampling function (wrong shape, range or mode)."""
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in _MODES:
-        raise SamplingError(f"mode must be one of {_MODES}, got {mode!r}")
+    """Bad input to a sampling function (wrong shape or range)."""
 
 
 def _check_depth(depth: torch.Tensor, name: str = "depth") -> None:
@@ -63,46 +43,24 @@ def _check_depth(depth: torch.Tensor, name: str = "depth") -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def depth_to_points(depth: torch.Tensor, fov_deg: float = 90.0, mode: Mode = "paper") -> torch.Tensor:
-    """Unproject a depth map to camera-space 3D points, one per cell, in row-major order.
+def depth_to_points(depth: torch.Tensor, fov_deg: float = 90.0) -> torch.Tensor:
+    """Unproject a depth map with a pinhole camera: (B, 1, h, w) depth -> (B, h*w, 3) points, row-major.
 
-    Args:
-        depth: (B, 1, h, w) depth, larger = farther (any unit; the released loaders give 0..255).
-        fov_deg: horizontal field of view. In ``paper`` mode it is in degrees. In ``released`` mode the
-            number is passed, as in the released ``depth2points``, to a tangent that takes radians,
-            so 90 gives kappa = 2*tan(45 rad) = 3.2396 instead of 2.0 (docs/fidelity.md §3.4).
-        mode: ``"paper"`` or ``"released"``.
-
-    Returns:
-        (B, h*w, 3) points (X, Y, Z); point ``r*w + c`` belongs to row r, column c.
-
-    ``paper``: a pinhole camera with focal length f = (w/2)/tan(fov/2) pixels (same f for rows, square
-    cells) and the principal point at the centre of the cell grid, ((w-1)/2, (h-1)/2), so
-    X = (c - cx) d / f, Y = (r - cy) d / f, Z = d.
-
-    ``released`` (docs/method.md §6.2, R7): X = kappa d (c - w/2)/w, Y = kappa d (r - h/2)/h, Z = -5 d with
-    kappa = 2 tan(fov/2) evaluated in radians; the principal point sits half a cell off centre and
-    only Z is scaled by ``far = 5``, so FPS is driven mostly by depth differences.
+    Focal length f = (w/2)/tan(fov/2) pixels (``fov_deg`` in degrees, square cells), principal point at
+    the grid's centre ((w-1)/2, (h-1)/2): X = (c - cx) d / f, Y = (r - cy) d / f, Z = d. Point ``r*w + c``
+    belongs to row r, column c; ``depth`` is larger = farther, in any unit.
     """
     _check_depth(depth)
-    _check_mode(mode)
+    if not 0.0 < fov_deg < 180.0:
+        raise SamplingError(f"fov_deg must be in (0, 180) degrees, got {fov_deg}")
     b, _, h, w = depth.shape
     d = depth[:, 0]
     rows = torch.arange(h, device=depth.device, dtype=depth.dtype).view(1, h, 1)
     cols = torch.arange(w, device=depth.device, dtype=depth.dtype).view(1, 1, w)
-    if mode == "paper":
-        if not 0.0 < fov_deg < 180.0:
-            raise SamplingError(f"fov_deg must be in (0, 180) degrees, got {fov_deg}")
-        focal = (w / 2.0) / math.tan(math.radians(fov_deg) / 2.0)
-        x = (cols - (w - 1) / 2.0) * d / focal
-        y = (rows - (h - 1) / 2.0) * d / focal
-        z = d
-    else:
-        kappa = 2.0 * math.tan(fov_deg / 2.0)  # radians on purpose: the released bug
-        x = kappa * d * (cols - w / 2.0) / w
-        y = kappa * d * (rows - h / 2.0) / h
-        z = -5.0 * d
-    return torch.stack([x.expand(b, h, w), y.expand(b, h, w), z], dim=-1).reshape(b, h * w, 3)
+    focal = (w / 2.0) / math.tan(math.radians(fov_deg) / 2.0)
+    x = (cols - (w - 1) / 2.0) * d / focal
+    y = (rows - (h - 1) / 2.0) * d / focal
+    return torch.stack([x.expand(b, h, w), y.expand(b, h, w), d], dim=-1).reshape(b, h * w, 3)
 
 
 def depth_to_points_intrinsics(depth: torch.Tensor, fx: float, fy: float, cx: float, cy: float) -> torch.Tensor:
@@ -118,7 +76,7 @@ def depth_to_points_intrinsics(depth: torch.Tensor, fx: float, fy: float, cx: fl
         forward, in the depth's unit); point ``r*W + c`` belongs to row r, column c. Invalid pixels
         (depth 0) become the camera centre; drop them with the depth mask.
 
-    :func:`depth_to_points` in ``paper`` mode is the special case fx = fy = (W/2)/tan(fov/2),
+    :func:`depth_to_points` is the special case fx = fy = (W/2)/tan(fov/2),
     (cx, cy) = ((W-1)/2, (H-1)/2). For every s-th pixel starting at pixel o (``depth[..., o::s, o::s]``)
     pass fx/s, fy/s, (cx-o)/s, (cy-o)/s: the subsampled grid is the same camera with coarser pixels.
     """
@@ -226,8 +184,8 @@ def farthest_point_sample(
         points: (B, N, 3) float points (e.g. from :func:`depth_to_points`).
         n_samples: how many points to pick per cloud (1 <= n_samples <= N).
         start: index of the first pick, an int for all clouds or a LongTensor (B,). The released code
-            always starts at 0, the top-left cell (docs/fidelity.md §3.5); in ``paper`` mode the
-            trainer may pass a random start per image.
+            always starts at 0, the top-left cell (docs/fidelity.md §3.5); the trainer may pass a
+            random start per image.
         backend: ``"auto"`` uses the numba kernel for CPU tensors when numba is installed and the
             torch loop otherwise (always on CUDA); ``"torch"`` / ``"numba"`` force one.
 
@@ -324,41 +282,19 @@ def covering_radius(points: torch.Tensor, indices: torch.Tensor) -> torch.Tensor
 # ----------------------------------------------------------------------------------------------------
 
 
-def indices_to_grid(indices: torch.Tensor, h: int, w: int, n_side: int, mode: Mode = "paper") -> torch.Tensor:
-    """Turn flat cell indices on an h x w grid into ``grid_sample`` coordinates.
+def indices_to_grid(indices: torch.Tensor, h: int, w: int, n_side: int) -> torch.Tensor:
+    """Flat cell indices (B, n_side**2) ``r*w + c`` on an h x w grid -> (B, n_side, n_side, 2) coordinates.
 
-    Args:
-        indices: (B, n_side**2) int64 flat indices ``r*w + c``.
-        h, w: the feature grid the indices refer to.
-        n_side: the returned grid is n_side x n_side.
-        mode: ``"paper"`` or ``"released"``.
-
-    Returns:
-        (B, n_side, n_side, 2) coordinates (x, y) in [-1, 1] for ``grid_sample(align_corners=True)``.
-
-    ``paper``: x = 2c/(w-1) - 1, y = 2r/(h-1) - 1 in selection order, so :func:`sample` on an h x w map
-    returns exactly the features of the chosen cells.
-
-    ``released`` (docs/fidelity.md §3.3): the indices are first put in raster order (the released code
-    reads them back as the nonzero entries of a mask) and stored as (row/h*2-1, col/w*2-1). Because
-    ``grid_sample`` reads (x, y), the cell (r, c) is read at (row c*(h-1)/w, col r*(w-1)/h), i.e.
-    transposed and shrunk: on 28x28 pick (5, 20) is read at (row 19.29, col 4.82), pick (0, 27) at
-    (row 26.04, col 0). Features, codes and depth read at these coordinates stay consistent with each
-    other, but FPS spreads the samples over the *transposed* depth map.
+    x = 2c/(w-1) - 1, y = 2r/(h-1) - 1 in selection order, for ``grid_sample(align_corners=True)``, so
+    :func:`sample` on an h x w map returns exactly the features of the chosen cells.
     """
-    _check_mode(mode)
     if indices.dim() != 2 or indices.shape[1] != n_side * n_side:
         raise SamplingError(f"indices must have shape (B, n_side**2 = {n_side * n_side}), got "
                             f"{tuple(indices.shape)}")
     indices = indices.long()
-    if mode == "released":
-        indices = indices.sort(dim=1).values
     rows = torch.div(indices, w, rounding_mode="floor").to(torch.float32)
     cols = (indices % w).to(torch.float32)
-    if mode == "paper":
-        grid = torch.stack([2.0 * cols / max(w - 1, 1) - 1.0, 2.0 * rows / max(h - 1, 1) - 1.0], dim=-1)
-    else:
-        grid = torch.stack([rows / h * 2.0 - 1.0, cols / w * 2.0 - 1.0], dim=-1)
+    grid = torch.stack([2.0 * cols / max(w - 1, 1) - 1.0, 2.0 * rows / max(h - 1, 1) - 1.0], dim=-1)
     return grid.view(indices.shape[0], n_side, n_side, 2)
 
 
@@ -390,36 +326,40 @@ def sample(t: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
                          padding_mode="border", align_corners=True)
 
 
+Unproject = Callable[[torch.Tensor, float], torch.Tensor]
+CellsToGrid = Callable[[torch.Tensor, int, int, int], torch.Tensor]
+
+
 def fps_grid(
     depth: torch.Tensor,
     grid_hw: tuple[int, int],
     n_side: int,
     fov_deg: float = 90.0,
-    mode: Mode = "paper",
     start: int | torch.Tensor = 0,
+    unproject: Unproject = depth_to_points,
+    cells_to_grid: CellsToGrid = indices_to_grid,
 ) -> torch.Tensor:
     """Depth-guided FPS coordinates (docs/method.md §6): pool, unproject, FPS n_side**2 cells, to grid.
 
     Args:
-        depth: (B, 1, H, W) depth, larger = farther.
-        grid_hw: (h, w) of the feature grid (28 x 28 for patch 8 at 224 px).
+        depth: (B, 1, H, W) depth, larger = farther; adaptive-average pooled to ``grid_hw`` (h, w).
         n_side: n_side**2 points are sampled.
-        fov_deg, mode: see :func:`depth_to_points` and :func:`indices_to_grid`.
-        start: first FPS pick (int or LongTensor (B,)); the released code always uses 0.
+        fov_deg: the camera's field of view, passed to ``unproject``.
+        start: first FPS pick (int or LongTensor (B,)).
+        unproject, cells_to_grid: :func:`depth_to_points` and :func:`indices_to_grid`, or the released
+            ``depthg.released.radians_unprojection`` and ``transposed_readout``.
 
     Returns:
         (B, n_side, n_side, 2) (x, y) coordinates for ``grid_sample(align_corners=True)``.
-
-    The depth is adaptive-average pooled to the feature grid, as released.
     """
     _check_depth(depth)
     h, w = int(grid_hw[0]), int(grid_hw[1])
     if n_side * n_side > h * w:
         raise SamplingError(f"cannot sample n_side**2 = {n_side * n_side} cells from a {h}x{w} grid")
     pooled = F.adaptive_avg_pool2d(depth, (h, w))
-    points = depth_to_points(pooled, fov_deg=fov_deg, mode=mode)
+    points = unproject(pooled, fov_deg)
     indices = farthest_point_sample(points, n_side * n_side, start=start)
-    return indices_to_grid(indices.to(depth.device), h, w, n_side, mode=mode)
+    return cells_to_grid(indices.to(depth.device), h, w, n_side)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -427,44 +367,37 @@ def fps_grid(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _events_before(iteration: int, every: int, steps_per_iteration: int, fire_at_zero: bool) -> int:
-    """How many decay events fired in the iterations 0 .. iteration-1 (they act from the next one).
+def decay_events(iteration: int, every: int, after_step: bool = False, at_start: bool = False) -> int:
+    """How many decays act at (0-based) ``iteration`` when one fires every ``every`` iterations (0 = never).
 
-    An event fires after iteration k when ``steps_per_iteration*k % every == 0`` (and k > 0 unless
-    ``fire_at_zero``). With s steps per iteration this happens every ``every / gcd(s, every)``
-    iterations (docs/method.md §8.3).
+    Paper: iteration // every, acting from the event's iteration itself, none at 0. The released timing
+    is two flags (docs/fidelity.md §3.9-3.10): ``after_step``, the rule runs after the iteration's loss,
+    so each decay acts from the next iteration; ``at_start``, the rule also fires at iteration 0.
     """
-    if every <= 0 or iteration <= 0:
+    t = iteration - 1 if after_step else iteration
+    if every <= 0 or t < 0:
         return 0
-    period = every // math.gcd(steps_per_iteration, every)
-    last = iteration - 1  # events fired after iterations 0 .. iteration-1
-    return last // period + (1 if fire_at_zero else 0)
+    return t // every + (1 if at_start else 0)
 
 
 @dataclass(frozen=True)
 class SampleCountSchedule:
     """The FPS sample-count decay S <- floor(factor * S) (docs/method.md §8.2, R6), a pure function.
 
-    ``.at(iteration)`` returns the n_side used at that (0-based) training iteration.
-
-    * ``paper``: counted in optimizer steps (one per iteration); S decays at iterations ``every``,
-      ``2*every``, ... (never at 0).
-    * ``released``: the released rule runs after the loss with ``global_step = 3 * iteration`` and has
-      no step-0 guard, so it fires after iteration 0 too (the authors' "started at 9" comment): COCO
-      ViT-S (11, x0.9 every 1000) uses 11 at iteration 0, 9 from 1, 8 from 1001, 7 from 2001.
-
-    ``min_side`` floors the count (the released ``fps_min_samples`` is 0; a value < 1 would make the
-    loss empty, so the default floor here is 1).
+    ``.at(iteration)`` returns the n_side used at that (0-based) iteration; ``every`` counts iterations
+    and ``after_step`` / ``at_start`` are the released timing (:func:`decay_events`): COCO ViT-S
+    (11, x0.9 every 1000) with both uses 11 at iteration 0, 9 from 1, 8 from 1001, 7 from 2001.
+    ``min_side`` floors the count (the released floor is 0; below 1 the loss would be empty).
     """
 
     n_side0: int
     factor: float = 1.0
     every: int = 0
     min_side: int = 1
-    mode: Mode = "paper"
+    after_step: bool = False
+    at_start: bool = False
 
     def __post_init__(self) -> None:
-        _check_mode(self.mode)
         if self.n_side0 < 1 or self.every < 0 or not 0.0 < self.factor <= 1.0:
             raise SamplingError(f"SampleCountSchedule needs n_side0 >= 1, every >= 0 and 0 < factor <= 1; "
                                 f"got n_side0={self.n_side0}, every={self.every}, factor={self.factor}")
@@ -472,12 +405,8 @@ class SampleCountSchedule:
     def at(self, iteration: int) -> int:
         if iteration < 0:
             raise SamplingError(f"iteration must be >= 0, got {iteration}")
-        if self.mode == "paper":
-            events = iteration // self.every if self.every > 0 else 0
-        else:
-            events = _events_before(iteration, self.every, 3, fire_at_zero=True)
         n = self.n_side0
-        for _ in range(events):
+        for _ in range(decay_events(iteration, self.every, self.after_step, self.at_start)):
             new = max(int(n * self.factor), self.min_side)
             if new == n:
                 break

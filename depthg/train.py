@@ -26,8 +26,8 @@ shuffle -- and the sampling / dropout / negative-permutation generators, the glo
 dropout) and NumPy/Python states are restored on ``resume=True``. A run killed after a checkpoint and
 resumed reaches bit-identical weights (tests/test_train.py).
 
-Schedules are pure functions of the iteration (``DepthDecaySchedule.at``, ``SampleCountSchedule.at``);
-their units follow ``cfg.mode`` (see ``depthg.config``).
+Schedules are pure functions of the iteration (``DepthDecaySchedule.at``, ``SampleCountSchedule.at``). The
+paper-or-released choices are made once, in ``depthg.build.fidelity``; the step never reads ``cfg.mode``.
 
 Model selection. The released code keeps the checkpoint with the best cluster mIoU *on the evaluation
 split* (docs/fidelity.md §4). We report both: ``final`` (the last step's weights) and
@@ -71,11 +71,13 @@ from depthg import losses as L
 from depthg import sampling as S
 from depthg.backbone import load_backbone
 from depthg.build import (
+    Fidelity,
     Segmenter,
     TrainError,
     amp_context,
     build_models,
     depth_normalization,
+    fidelity,
     load_checkpoint,
     n_classes_of,
     training_dataset,
@@ -83,7 +85,7 @@ from depthg.build import (
 )
 from depthg.config import Config
 from depthg.data.prepare import dataset_digest, load_knn, prepare_training_data
-from depthg.data.transforms import resize_center_crop
+from depthg.data.transforms import PAPER_RESIZE, Resize, resize_center_crop
 from depthg.evaluate import evaluate_model
 from depthg.features import Precision, backbone_features, backbone_fingerprint, build_feature_cache
 from depthg.lhp import LocalHiddenPositives
@@ -192,11 +194,11 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int, nns: np.ndarray
 class CropSource:
     """Training crops read from disk; features computed by the frozen backbone each step."""
 
-    def __init__(self, dataset: Any, backbone: nn.Module, res: int, mode: str, device: torch.device,
-                 amp: Precision) -> None:
+    def __init__(self, dataset: Any, backbone: nn.Module, res: int, device: torch.device, amp: Precision,
+                 resize: Resize = PAPER_RESIZE) -> None:
         self.dataset = dataset
         self.backbone = backbone
-        self.transform = partial(resize_center_crop, res=res, mode=mode)
+        self.transform = partial(resize_center_crop, res=res, resize=resize)
         self.device = device
         self.amp = amp
 
@@ -473,6 +475,7 @@ class Run:
     lhp: LocalHiddenPositives | None
     optimizers: Optimizers
     # the objective, its schedules (pure functions of the iteration) and the random streams
+    fidelity: Fidelity  # the paper's or the released computation of each difference (depthg.build)
     loss_fn: L.DepthGLoss
     depth_sched: L.DepthDecaySchedule
     sample_sched: S.SampleCountSchedule
@@ -562,16 +565,17 @@ def build_run(cfg: Config, place: Place, data: dict[str, Any] | None) -> Run:
         raise TrainError("lhp_strategy='attention' needs the backbone's attention each step: set feature_cache=false")
 
     gens = _seed_everything(cfg, place.dinfo.rank)
-    model, lhp, optimizers = _trainable(cfg, backbone.embed_dim, n_classes, place.device)
+    fid = fidelity(cfg)
+    model, lhp, optimizers = _trainable(cfg, fid, backbone.embed_dim, n_classes, place.device)
     ddp_model: nn.Module = model
     if place.dinfo.enabled:
         device_ids = [place.device.index] if place.device.type == "cuda" else None
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    loss_fn, depth_sched, sample_sched = _objective(cfg)
+    loss_fn, depth_sched, sample_sched = _objective(cfg, fid)
     patch = backbone.patch_size
     return Run(cfg=cfg, place=place, backbone=backbone, amp=amp, scaler=scaler, data=data, source=source, nns=nns,
                run_data=run_data, val_set=val_set, n_classes=n_classes, model=model, ddp_model=ddp_model, lhp=lhp,
-               optimizers=optimizers, loss_fn=loss_fn, depth_sched=depth_sched, sample_sched=sample_sched,
+               optimizers=optimizers, fidelity=fid, loss_fn=loss_fn, depth_sched=depth_sched, sample_sched=sample_sched,
                gens=gens, grid_hw=(cfg.res // patch, cfg.res // patch))
 
 
@@ -588,13 +592,14 @@ def _feature_source(cfg: Config, place: Place, crops: Any, data: dict[str, Any],
                     amp: Precision) -> CropSource | CachedSource:
     """The training features: precomputed once (exact: the backbone is frozen and the crops are fixed)
     when ``feature_cache`` is on, else the backbone's forward on the crops each step."""
+    resize = fidelity(cfg).resize
     if not cfg.feature_cache:
-        return CropSource(crops, backbone, cfg.res, cfg.mode, place.device, amp)
+        return CropSource(crops, backbone, cfg.res, place.device, amp, resize)
     # keyed by the crops' content (file hashes; or source identity + class mapping without crops)
     info = {"backbone": cfg.backbone, "backbone_kwargs": cfg.backbone_kwargs,
-            "res": cfg.res, "mode": cfg.mode, "depth_normalization": depth_normalization(cfg, data),
+            "res": cfg.res, "mode": resize.name, "depth_normalization": depth_normalization(cfg, data),
             "content": dataset_digest(crops), "split": cfg.train_split}
-    transform = partial(resize_center_crop, res=cfg.res, mode=cfg.mode)
+    transform = partial(resize_center_crop, res=cfg.res, resize=resize)
     make = partial(build_feature_cache, backbone, crops, Path(cfg.cache_dir) / "features", info, device=place.device,
                    transform=transform, progress=place.progress, precision=amp)
     return CachedSource(_rank0_first(place.dinfo, make), place.device)
@@ -610,7 +615,7 @@ def _seed_everything(cfg: Config, rank: int) -> Generators:
                       loss=torch.Generator().manual_seed(cfg.seed + 3 + 1000 * rank))
 
 
-def _trainable(cfg: Config, in_dim: int, n_classes: int,
+def _trainable(cfg: Config, fid: Fidelity, in_dim: int, n_classes: int,
                device: torch.device) -> tuple[Segmenter, LocalHiddenPositives | None, Optimizers]:
     """Head + probes (+ the LHP projection, seeded on its own stream) and their Adam optimisers."""
     model = build_models(cfg, in_dim, n_classes).to(device)
@@ -618,8 +623,9 @@ def _trainable(cfg: Config, in_dim: int, n_classes: int,
     if cfg.lhp:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 7)
-            lhp = LocalHiddenPositives(cfg.dim, strategy=cfg.lhp_strategy, quantile=cfg.lhp_quantile, mode=cfg.mode,
-                                       fov_deg=cfg.fov_deg).to(device)
+            lhp = LocalHiddenPositives(cfg.dim, strategy=cfg.lhp_strategy, quantile=cfg.lhp_quantile,
+                                       fov_deg=cfg.fov_deg, unproject=fid.unproject,
+                                       keep_attention=fid.lhp_keep_attention, normalise=fid.lhp_normalise).to(device)
         model.add_module("lhp", lhp)
     # the LHP projection trains with the head, at the head's learning rate
     head_params = list(model.head.parameters()) + (list(lhp.parameters()) if lhp is not None else [])
@@ -629,19 +635,21 @@ def _trainable(cfg: Config, in_dim: int, n_classes: int,
     return model, lhp, optimizers
 
 
-def _objective(cfg: Config) -> tuple[L.DepthGLoss, L.DepthDecaySchedule, S.SampleCountSchedule]:
+def _objective(cfg: Config, fid: Fidelity) -> tuple[L.DepthGLoss, L.DepthDecaySchedule, S.SampleCountSchedule]:
     """The STEGO + DepthG loss, the depth weight/shift schedule and the sample-count schedule."""
     loss_fn = L.DepthGLoss(
         pos_intra_weight=cfg.pos_intra_weight, pos_intra_shift=cfg.pos_intra_shift,
         pos_inter_weight=cfg.pos_inter_weight, pos_inter_shift=cfg.pos_inter_shift,
         neg_inter_weight=cfg.neg_inter_weight, neg_inter_shift=cfg.neg_inter_shift,
         neg_samples=cfg.neg_samples, centering=cfg.centering, zero_clamp=cfg.zero_clamp,
-        depth_similarity=cfg.depth_similarity, fov_deg=cfg.fov_deg, mode=cfg.mode,
+        depth_similarity=cfg.depth_similarity, fov_deg=cfg.fov_deg, negatives=fid.negatives,
+        transposed_depth_pairs=fid.transposed_depth_pairs,
     )
     depth_sched = L.DepthDecaySchedule(cfg.depth_weight, cfg.depth_shift, cfg.depth_decay_factor,
-                                       cfg.depth_decay_every, mode=cfg.mode)
+                                       cfg.depth_decay_every, after_step=cfg.decay_after_step)
     sample_sched = S.SampleCountSchedule(cfg.feature_samples, factor=cfg.sample_decay_factor,
-                                         every=cfg.sample_decay_every, min_side=cfg.sample_min_side, mode=cfg.mode)
+                                         every=cfg.sample_decay_every, min_side=cfg.sample_min_side,
+                                         after_step=cfg.decay_after_step, at_start=cfg.sample_decay_at_start)
     return loss_fn, depth_sched, sample_sched
 
 
@@ -808,7 +816,7 @@ def sampling_grids(run: Run, n_side: int, depth: torch.Tensor | None,
                    depth_pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(b, n_side, n_side, 2) sampling grids for anchors and positives, drawn for the *global* batch and
     sliced to this rank: uniform random (STEGO) or farthest-point sampling on the depth (DepthG)."""
-    cfg, rows, device, gen = run.cfg, run.place.rows, run.place.device, run.gens.sample
+    cfg, rows, device, gen, fid = run.cfg, run.place.rows, run.place.device, run.gens.sample, run.fidelity
     if cfg.depth_sampling == "random":
         g1 = S.random_grid(cfg.batch_size, n_side, generator=gen)[rows]
         g2 = S.random_grid(cfg.batch_size, n_side, generator=gen)[rows]
@@ -817,12 +825,12 @@ def sampling_grids(run: Run, n_side: int, depth: torch.Tensor | None,
         raise TrainError("depth_sampling='fps' needs depth for every training crop (prepare the depth cache)")
     start1: int | torch.Tensor = 0
     start2: int | torch.Tensor = 0
-    if cfg.fps_random_start and cfg.mode == "paper":
+    if cfg.fps_random_start and not fid.fps_fixed_start:
         n_cells = run.grid_hw[0] * run.grid_hw[1]
         start1 = torch.randint(0, n_cells, (cfg.batch_size,), generator=gen)[rows].to(depth.device)
         start2 = torch.randint(0, n_cells, (cfg.batch_size,), generator=gen)[rows].to(depth.device)
-    g1 = S.fps_grid(depth, run.grid_hw, n_side, fov_deg=cfg.fov_deg, mode=cfg.mode, start=start1)
-    g2 = S.fps_grid(depth_pos, run.grid_hw, n_side, fov_deg=cfg.fov_deg, mode=cfg.mode, start=start2)
+    g1 = S.fps_grid(depth, run.grid_hw, n_side, cfg.fov_deg, start1, fid.unproject, fid.cells_to_grid)
+    g2 = S.fps_grid(depth_pos, run.grid_hw, n_side, cfg.fov_deg, start2, fid.unproject, fid.cells_to_grid)
     return g1.to(device), g2.to(device)
 
 
@@ -898,7 +906,7 @@ def evaluate_now(run: Run, flip: bool, crf: bool) -> dict[str, Any]:
     # global torch RNG), so eval_every stays result-neutral (RESUMABLE_CHANGES).
     with torch.random.fork_rng(devices=[]):
         metrics = evaluate_model(run.backbone, model.head, model.cluster, model.linear, run.val_set, res=cfg.eval_res,
-                                 mode=cfg.mode, flip=flip, crf=crf, batch_size=cfg.eval_batch_size,
+                                 resize=run.fidelity.resize, flip=flip, crf=crf, batch_size=cfg.eval_batch_size,
                                  device=run.place.device, max_images=cfg.eval_max_images, progress=False, amp=run.amp)
     model.train()
     return metrics

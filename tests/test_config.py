@@ -36,7 +36,8 @@ def test_paper_run_values_match_released_script():
     assert c.steps == math.ceil(7000 / 3) == 2334
     b = Config.preset("cocostuff_vitb8", "released")
     assert b.depth_shift == 0.035909146298813595 and b.depth_weight == 0.16026274975444096
-    assert (b.dim, b.feature_samples, b.eval_every, b.depth_decay_every) == (90, 12, 50, 300)
+    # the script's 300 global steps = every 100 iterations (docs/fidelity.md §3.9)
+    assert (b.dim, b.feature_samples, b.eval_every, b.depth_decay_every) == (90, 12, 50, 100)
     cs = Config.preset("cityscapes_vitb8", "released")
     assert (cs.depth_sampling, cs.centering, cs.dim) == ("random", "none", 100)
     p = Config.preset("potsdam_vits8", "released")
@@ -44,13 +45,24 @@ def test_paper_run_values_match_released_script():
 
 
 def test_modes_differ_in_fixes_not_in_timing():
-    for name in ("cocostuff_vits8", "cocostuff_vitb8", "cityscapes_vitb8", "potsdam_vits8"):
+    from depthg.losses import DepthDecaySchedule
+
+    # the script's depth-decay intervals in global steps (paper_reproduction.sh)
+    script = {"cocostuff_vits8": 250, "cocostuff_vitb8": 300, "cityscapes_vitb8": 400, "potsdam_vits8": 200}
+    for name, every_global in script.items():
         rel, pap = Config.preset(name, "released"), Config.preset(name, "paper")
         assert rel.steps == pap.steps
-        # released counts global steps = 3 * iteration: an event fires at iteration k when 3k % N == 0.
-        rel_events = [k for k in range(1, rel.steps) if rel.depth_decay_every and (3 * k) % rel.depth_decay_every == 0]
+        assert (rel.depth_decay_every, rel.sample_decay_every) == (pap.depth_decay_every, pap.sample_decay_every)
+        assert (rel.decay_after_step, rel.sample_decay_at_start) == (True, True)
+        assert (pap.decay_after_step, pap.sample_decay_at_start) == (False, False)
+        # the released loop: global_step = 3 * iteration; a decay fires after iteration k when 3k % N == 0 and
+        # k > 0, and acts from k + 1; paper mode's events fall on the same iterations, one iteration earlier
+        sched = DepthDecaySchedule(1.0, 1.0, 0.5, rel.depth_decay_every, after_step=rel.decay_after_step)
+        fired = [k for k in range(1, rel.steps) if (3 * k) % every_global == 0]
+        assert [k for k in range(1, rel.steps) if sched.events(k) > sched.events(k - 1)] == [k + 1 for k in fired
+                                                                                             if k + 1 < rel.steps]
         pap_events = [k for k in range(1, pap.steps) if pap.depth_decay_every and k % pap.depth_decay_every == 0]
-        assert rel_events == pap_events
+        assert pap_events == fired
         assert (rel.depth_similarity, pap.depth_similarity) == ("released", "centred")
         assert rel.pos_intra_shift == pap.pos_intra_shift and rel.dim == pap.dim
     assert global_steps_to_iterations(300) == 100 and global_steps_to_iterations(250) == 250
@@ -121,12 +133,12 @@ def test_mode_switch_converts_dependent_keys():
     switched = apply_overrides(Config.preset("cocostuff_vits8", "paper"), ["mode=released"])
     assert switched.depth_similarity == released.depth_similarity == "released"
     assert switched.amp == released.amp == "off"  # the released code trains in fp32
-    # decay intervals are in different units but fire at the same iterations (every 250)
+    # the same decay interval (every 250 iterations), released timing flags
     from depthg.losses import DepthDecaySchedule
 
     def events(cfg):
         sched = DepthDecaySchedule(cfg.depth_weight, cfg.depth_shift, cfg.depth_decay_factor,
-                                   cfg.depth_decay_every, mode=cfg.mode)
+                                   cfg.depth_decay_every, after_step=cfg.decay_after_step)
         return [round(sched.at(t)[0], 8) for t in range(0, 2334, 50)]
 
     assert events(switched) == events(released)

@@ -26,7 +26,7 @@ from depthg.data import (
     UnpairedFilesError,
     build_dataset,
 )
-from depthg.data.transforms import resize_center_crop
+from depthg.data.transforms import PAPER_RESIZE, RELEASED_RESIZE, resize_center_crop
 from depthg.depth import DepthCache, InvalidDepthError
 from depthg.utils import DepthGError
 
@@ -330,16 +330,16 @@ def test_resize_center_crop_modes():
     label = torch.arange(h * w).reshape(h, w)
     depth = torch.arange(h * w, dtype=torch.float32).reshape(1, h, w)
     item = {"img": img, "label": label, "depth": depth, "key": "k"}
-    for mode in ("paper", "released"):
-        out = resize_center_crop(item, res, mode=mode)
+    for resize in (PAPER_RESIZE, RELEASED_RESIZE):
+        out = resize_center_crop(item, res, resize)
         assert out["img"].shape == (3, res, res) and out["label"].shape == (res, res) and out["depth"].shape == (1, res, res)
         assert out["label"].dtype == torch.int64 and out["key"] == "k"
         # short side 8 -> 4 (scale 1/2), long side 12 -> 6, centre crop columns 1..4: nearest picks
         # source pixel centres 2*i + 0.5 -> rows 1,3,5,7 and columns 3,5,7,9
         expected = label[1::2][:, 3:11:2]
         assert torch.equal(out["label"], expected) and torch.equal(out["depth"][0], expected.float())
-    released = resize_center_crop(item, res, mode="released")["img"]
+    released = resize_center_crop(item, res, RELEASED_RESIZE)["img"]
     assert torch.equal(released, img[:, 1::2][:, :, 3:11:2])
-    paper = resize_center_crop(item, res, mode="paper")["img"]
+    paper = resize_center_crop(item, res)["img"]
     assert not torch.equal(paper, released) and 0 <= float(paper.min()) and float(paper.max()) <= 1
     assert torch.allclose(resize_center_crop({"img": torch.full((3, h, w), 0.3)}, res)["img"], torch.tensor(0.3))

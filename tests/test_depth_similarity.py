@@ -150,7 +150,7 @@ def test_depth_term_uses_the_option_at_the_code_locations(kind):
     code = torch.randn(2, 5, 8, 8, generator=g)
     depth = 2 + torch.rand(2, 1, 32, 32, generator=g) * 120
     grid = random_grid(2, 4, generator=g)
-    loss_fn = DepthGLoss(mode="paper", depth_similarity=kind)
+    loss_fn = DepthGLoss(depth_similarity=kind)
     got = loss_fn.depth_term(sample(code, grid), depth, grid, (8, 8), 0.03)
     pooled = torch.nn.functional.adaptive_avg_pool2d(depth, (8, 8))
     pts = sample(depth_to_points(pooled).transpose(1, 2).reshape(2, 3, 8, 8), grid)
@@ -162,7 +162,7 @@ def test_paper_default_is_the_chosen_similarity_everywhere():
     assert Config(mode="paper").depth_similarity == PAPER_DEPTH_SIMILARITY
     assert Config.preset("synthetic", "paper").depth_similarity == PAPER_DEPTH_SIMILARITY
     assert Config.preset("synthetic", "released").depth_similarity == "released"
-    assert DepthGLoss(mode="paper").depth_similarity == PAPER_DEPTH_SIMILARITY
+    assert DepthGLoss().depth_similarity == PAPER_DEPTH_SIMILARITY
     for kind in ("centred", "quantile"):
         assert Config(depth_similarity=kind).depth_similarity == kind
     with pytest.raises(ConfigError, match="depth_similarity"):

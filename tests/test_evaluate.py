@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from depthg.data.transforms import RELEASED_RESIZE
 from depthg.evaluate import evaluate_model
 from depthg.head import ClusterProbe, LinearProbe, SegmentationHead
 
@@ -93,7 +94,7 @@ def test_wrong_clusters_score_less_and_resize_path_runs():
     head, cluster, linear = _perfect_models([0, 1, 2, 3])
     with torch.no_grad():
         cluster.clusters.copy_(torch.eye(K)[[0, 0, 2, 3]])  # two clusters on class 0: class 1 is lost
-    result = evaluate_model(LabelBackbone(), head, cluster, linear, PatchLabels(), res=RES, mode="released",
+    result = evaluate_model(LabelBackbone(), head, cluster, linear, PatchLabels(), res=RES, resize=RELEASED_RESIZE,
                             flip=False, batch_size=3, device="cpu", progress=False)
     assert result["cluster"]["accuracy"] < 100.0 and result["cluster"]["miou"] < 100.0
     assert result["linear"]["accuracy"] == pytest.approx(100.0)

@@ -157,7 +157,7 @@ def _cache_vs_recompute(tmp_path, cache_precision: Precision, recompute_precisio
     # one batch of all crops for the cache and the recomputation: identical inputs, identical kernels
     cache = build_feature_cache(backbone, crops, tmp_path, {"test": "precision"}, batch_size=len(crops),
                                 device=device, progress=False, precision=cache_precision)
-    source = CropSource(crops, backbone, res=32, mode="paper", device=torch.device(device), amp=recompute_precision)
+    source = CropSource(crops, backbone, res=32, device=torch.device(device), amp=recompute_precision)
     recomputed = source.fetch(torch.arange(len(crops)))["feats"].cpu()
     return cache, cache.batch(range(len(crops)))["feats"], recomputed, seen
 

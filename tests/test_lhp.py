@@ -7,8 +7,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from depthg.build import Fidelity
 from depthg.lhp import LHPError, LocalHiddenPositives, row_quantile
 from depthg.sampling import depth_to_points
+
+REL = Fidelity.released()
+
+
+def make_lhp(dim: int, mode: str = "paper", **kwargs) -> LocalHiddenPositives:
+    """The LHP module with the paper's or the released functions (as depthg.train builds it)."""
+    fid = Fidelity.paper() if mode == "paper" else REL
+    return LocalHiddenPositives(dim, unproject=fid.unproject, keep_attention=fid.lhp_keep_attention,
+                                normalise=fid.lhp_normalise, **kwargs)
 
 
 def brute_force(code, depth=None, attention=None, quantile=0.1, mode="paper", strategy="depth"):
@@ -20,7 +30,8 @@ def brute_force(code, depth=None, attention=None, quantile=0.1, mode="paper", st
     for k in range(b):
         if strategy == "depth":
             pooled = F.adaptive_avg_pool2d(depth[k : k + 1], (h, w))
-            pts = depth_to_points(pooled, mode=mode)[0].numpy().astype(np.float64)
+            unproject = depth_to_points if mode == "paper" else REL.unproject
+            pts = unproject(pooled, 90.0)[0].numpy().astype(np.float64)
         flat = code[k].reshape(d, n).numpy().astype(np.float64)
         for p in range(n):
             if strategy == "depth":
@@ -48,7 +59,7 @@ def test_matches_brute_force(mode, strategy):
     code = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
     depth = torch.rand(2, 1, 8, 10, generator=g, dtype=torch.float64) * 255 + 1
     attention = torch.rand(2, 20, 20, generator=g, dtype=torch.float64).softmax(-1)
-    lhp = LocalHiddenPositives(3, strategy=strategy, quantile=0.1, mode=mode).double()
+    lhp = make_lhp(3, mode, strategy=strategy, quantile=0.1).double()
     w_ref, out_ref = brute_force(code, depth, attention, 0.1, mode, strategy)
     weights = lhp.propagation_weights((4, 5), depth=depth, attention=attention)
     np.testing.assert_allclose(weights.numpy(), w_ref, atol=1e-12)
@@ -71,9 +82,8 @@ def test_depth_weights_keep_nearest_and_self():
 def test_paper_attention_keeps_most_attended_released_the_weakest():
     g = torch.Generator().manual_seed(2)
     att = torch.rand(1, 100, 100, generator=g)
-    paper = LocalHiddenPositives(2, strategy="attention", mode="paper").propagation_weights((10, 10), attention=att)
-    released = LocalHiddenPositives(2, strategy="attention", mode="released").propagation_weights(
-        (10, 10), attention=att)
+    paper = make_lhp(2, strategy="attention").propagation_weights((10, 10), attention=att)
+    released = make_lhp(2, "released", strategy="attention").propagation_weights((10, 10), attention=att)
     top = att.argmax(-1)
     assert bool((paper[0].gather(1, top[0][:, None]) > 0).all())  # the most attended is kept
     assert bool((released[0].gather(1, top[0][:, None]) == 0).all())  # ... and dropped by the released bug
@@ -83,7 +93,7 @@ def test_paper_attention_keeps_most_attended_released_the_weakest():
 def test_paper_is_weighted_mean_released_shrinks():
     code = torch.ones(1, 2, 4, 4)
     depth = torch.rand(1, 1, 4, 4, generator=torch.Generator().manual_seed(3)) + 1
-    paper, released = LocalHiddenPositives(2, quantile=0.2), LocalHiddenPositives(2, quantile=0.2, mode="released")
+    paper, released = LocalHiddenPositives(2, quantile=0.2), make_lhp(2, "released", quantile=0.2)
     mixed_paper = paper.propagate(code, paper.propagation_weights((4, 4), depth=depth))
     mixed_rel = released.propagate(code, released.propagation_weights((4, 4), depth=depth))
     torch.testing.assert_close(mixed_paper, code)  # mean of a constant code is the constant

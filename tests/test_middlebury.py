@@ -87,7 +87,7 @@ def test_depth_to_points_intrinsics_hand_computed():
 def test_paper_unprojection_is_the_intrinsics_one_with_fov_intrinsics():
     depth = torch.rand(2, 1, 5, 7, generator=torch.Generator().manual_seed(0)) * 50 + 1
     f = (7 / 2) / math.tan(math.radians(70.0) / 2)
-    torch.testing.assert_close(depth_to_points(depth, fov_deg=70.0, mode="paper"),
+    torch.testing.assert_close(depth_to_points(depth, fov_deg=70.0),
                                depth_to_points_intrinsics(depth, f, f, 3.0, 2.0))
 
 

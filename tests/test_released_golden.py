@@ -21,12 +21,22 @@ import torch.nn.functional as F
 from PIL import Image
 
 import depthg.losses as L
+import depthg.released as R
 from depthg.backbone import load_backbone
-from depthg.data.transforms import pil_nearest_indices, resize_center_crop
+from depthg.build import Fidelity
+from depthg.data.transforms import RELEASED_RESIZE, resize_center_crop
 from depthg.head import ClusterProbe
 from depthg.lhp import LocalHiddenPositives
 from depthg.metrics import UnsupervisedMetrics
-from depthg.sampling import depth_to_points, farthest_point_sample, fps_grid, numba_available, sample
+from depthg.sampling import farthest_point_sample, fps_grid, numba_available, sample
+
+#: the released choices of every function under test (depthg.build.Fidelity)
+REL = Fidelity.released()
+
+
+def released_fps_grid(depth: torch.Tensor, grid_hw: tuple[int, int], n_side: int) -> torch.Tensor:
+    """:func:`fps_grid` with the released unprojection and read-out."""
+    return fps_grid(depth, grid_hw, n_side, unproject=REL.unproject, cells_to_grid=REL.cells_to_grid)
 
 FIXTURE = Path(__file__).parent / "data" / "released_c284180.pt"
 SHA256 = "f80e376f69b7f2b00ec4a9b58d5f8ce73028f8a5ebf8d3aca321f79cada8cf13"
@@ -99,7 +109,8 @@ def _loss_fn(fx: Fixture, prefix: str, neg_samples: int) -> L.DepthGLoss:
         pos_intra_shift=fx.f(prefix + "cfg.pos_intra_shift"),
         pos_inter_shift=fx.f(prefix + "cfg.pos_inter_shift"),
         neg_inter_shift=fx.f(prefix + "cfg.neg_inter_shift"),
-        neg_samples=neg_samples, zero_clamp=True, mode="released",
+        neg_samples=neg_samples, zero_clamp=True, centering="released", depth_similarity="released",
+        negatives=REL.negatives, transposed_depth_pairs=REL.transposed_depth_pairs,
     )
 
 
@@ -118,7 +129,7 @@ def _full_loss(fx: Fixture, group: str, grid1: torch.Tensor, grid2: torch.Tensor
         assert size == perms.shape[1]
         return queue.pop(0)
 
-    monkeypatch.setattr(L, "super_perm", stored_perm)
+    monkeypatch.setattr(R, "super_perm", stored_perm)
     queue.extend(perms)
     terms = _loss_fn(fx, cfg, n_neg)(*inputs, grid1, grid2, depth_weight=1.0, depth_shift=shift)
     assert not queue
@@ -156,8 +167,8 @@ def compare_fps(fx: Fixture, monkeypatch=None):
     backends = ["torch"] + (["numba"] if numba_available() else [])
     for s in (5, 7):
         coords01 = fx[f"fps.out.S{s}.coords01"]
-        yield f"fps.out.S{s}.coords01", fps_grid(depth, grid_hw, s, mode="released"), coords01 * 2 - 1, TOL_COORDS
-        points = depth_to_points(F.adaptive_avg_pool2d(depth, grid_hw), 90.0, "released")
+        yield f"fps.out.S{s}.coords01", released_fps_grid(depth, grid_hw, s), coords01 * 2 - 1, TOL_COORDS
+        points = R.radians_unprojection(F.adaptive_avg_pool2d(depth, grid_hw), 90.0)
         for backend in backends:
             order = farthest_point_sample(points, s * s, backend=backend)
             yield f"fps.out.S{s}.order", order, fx[f"fps.out.S{s}.order"], 0.0
@@ -166,8 +177,8 @@ def compare_fps(fx: Fixture, monkeypatch=None):
 def compare_fps_loss(fx: Fixture, monkeypatch):
     grid_hw = (14, 14)
     for s in (5, 7):
-        grid1 = fps_grid(fx["fps_loss.in.depth"], grid_hw, s, mode="released")
-        grid2 = fps_grid(fx["fps_loss.in.depth_pos"], grid_hw, s, mode="released")
+        grid1 = released_fps_grid(fx["fps_loss.in.depth"], grid_hw, s)
+        grid2 = released_fps_grid(fx["fps_loss.in.depth_pos"], grid_hw, s)
         # the released sampler reads the grids with their S axes swapped
         yield f"fps_loss.out.S{s}.grid1_consumed", grid1.permute(0, 2, 1, 3), fx[f"fps_loss.out.S{s}.grid1_consumed"], 0.0
         yield f"fps_loss.out.S{s}.grid2_consumed", grid2.permute(0, 2, 1, 3), fx[f"fps_loss.out.S{s}.grid2_consumed"], 0.0
@@ -236,13 +247,14 @@ def compare_vit(fx: Fixture, monkeypatch=None, tmp_dir: Path | None = None):
 
 def compare_unproject(fx: Fixture, monkeypatch=None):
     ref = fx["unproject.out.points"]
-    ours = depth_to_points(fx["unproject.in.depth"], fx.f("unproject.cfg.fov"), "released")
+    ours = R.radians_unprojection(fx["unproject.in.depth"], fx.f("unproject.cfg.fov"))
     yield "unproject.out.points", ours, ref.permute(0, 2, 3, 1).reshape(ref.shape[0], -1, 3), TOL_POINTS
 
 
 def compare_lhp(fx: Fixture, monkeypatch=None):
     grid_hw = tuple(fx["lhp.in.grid_hw"].tolist())
-    lhp = LocalHiddenPositives(grid_hw[0] * grid_hw[1], "depth", fx.f("lhp.cfg.quantile"), mode="released")
+    lhp = LocalHiddenPositives(grid_hw[0] * grid_hw[1], "depth", fx.f("lhp.cfg.quantile"), unproject=REL.unproject,
+                               keep_attention=REL.lhp_keep_attention, normalise=REL.lhp_normalise)
     weights = lhp.propagation_weights(grid_hw, depth=fx["lhp.in.depth"])
     # The workbench computes exact distances; the released matrix-product distances are checked
     # separately (test_lhp_matmul_weights_differ_only_by_rounding), see docs/released_golden.md.
@@ -252,7 +264,8 @@ def compare_lhp(fx: Fixture, monkeypatch=None):
 def compare_lhp_attn(fx: Fixture, monkeypatch=None):
     grid_hw = tuple(fx["lhp_attn.in.grid_hw"].tolist())
     quantile = 1.0 - fx.f("lhp_attn.cfg.quantile")  # the released threshold quantile is 0.99
-    lhp = LocalHiddenPositives(grid_hw[0] * grid_hw[1], "attention", quantile, mode="released")
+    lhp = LocalHiddenPositives(grid_hw[0] * grid_hw[1], "attention", quantile, unproject=REL.unproject,
+                               keep_attention=REL.lhp_keep_attention, normalise=REL.lhp_normalise)
     weights = lhp.propagation_weights(grid_hw, attention=fx["lhp_attn.in.attn"][:, :, 1:, 1:].mean(1))
     yield "lhp_attn.out.weights", weights, fx["lhp_attn.out.weights"], TOL_LHP_ATTN
 
@@ -309,9 +322,10 @@ def test_released_depth_term_pairs_code_with_transposed_depth(fx: Fixture) -> No
     code = fx["fps_loss.in.code"]
     depth = fx["fps_loss.in.depth"]
     shift = fx.f("loss.cfg.depth_feat_shift")
-    loss_fn = L.DepthGLoss(mode="released", neg_samples=0)
+    loss_fn = L.DepthGLoss(centering="released", depth_similarity="released", neg_samples=0,
+                           negatives=REL.negatives, transposed_depth_pairs=REL.transposed_depth_pairs)
     for s in (5, 7):
-        grid = fps_grid(depth, (14, 14), s, mode="released")
+        grid = released_fps_grid(depth, (14, 14), s)
         code_s = sample(code, grid)
         ours = loss_fn.depth_term(code_s, depth, grid, (14, 14), shift)
         plain = L.depth_feature_loss(code_s, L.depth_similarity(depth, depth, "released", size=(s, s)), shift)
@@ -344,7 +358,7 @@ def test_released_resize_is_pil_nearest(hw: tuple[int, int], res: int) -> None:
     item = {"img": torch.from_numpy(img).permute(2, 0, 1).float() / 255.0,
             "label": torch.from_numpy(label).long(),
             "depth": torch.from_numpy(depth).float()[None]}
-    out = resize_center_crop(item, res, mode="released")
+    out = resize_center_crop(item, res, RELEASED_RESIZE)
     assert np.array_equal((out["img"] * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy(), pil(img))
     assert out["label"].dtype == torch.long and np.array_equal(out["label"].numpy(), pil(label))
     assert out["depth"].shape == (1, res, res) and np.array_equal(out["depth"][0].numpy(), pil(depth).astype(np.float32))
@@ -356,7 +370,7 @@ def test_pil_nearest_indices_match_pil_on_many_sizes() -> None:
     for n_in, n_out in zip(rng.integers(1, 3000, 400), rng.integers(1, 1200, 400)):
         ramp = np.arange(n_in, dtype=np.int32)[None, :]
         ref = np.asarray(Image.fromarray(ramp).resize((int(n_out), 1), Image.NEAREST))[0]
-        assert np.array_equal(pil_nearest_indices(int(n_in), int(n_out)).numpy(), ref), (n_in, n_out)
+        assert np.array_equal(R.pil_nearest_indices(int(n_in), int(n_out)).numpy(), ref), (n_in, n_out)
 
 
 def test_paper_mode_resize_keeps_nearest_exact() -> None:
@@ -364,10 +378,10 @@ def test_paper_mode_resize_keeps_nearest_exact() -> None:
     Cityscapes frames (so the two modes really differ there)."""
     h, w, res = 1024, 2048, 224
     label = torch.arange(h * w, dtype=torch.long).view(h, w) % 1009
-    out = resize_center_crop({"img": torch.zeros(3, h, w), "label": label}, res, mode="paper")["label"]
+    out = resize_center_crop({"img": torch.zeros(3, h, w), "label": label}, res)["label"]
     ref = F.interpolate(label[None, None].float(), size=(res, 2 * res), mode="nearest-exact")[0, 0].long()
     assert torch.equal(out, ref[:, res // 2 : res // 2 + res])
-    released = resize_center_crop({"img": torch.zeros(3, h, w), "label": label}, res, mode="released")["label"]
+    released = resize_center_crop({"img": torch.zeros(3, h, w), "label": label}, res, RELEASED_RESIZE)["label"]
     assert not torch.equal(out, released)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from depthg.released import global_steps_to_iterations, radians_unprojection, transposed_readout
 from depthg.sampling import (
     SampleCountSchedule,
     SamplingError,
@@ -47,7 +48,7 @@ def brute_force_fps(points: np.ndarray, n: int, start: int = 0) -> list[int]:
 def test_depth_to_points_paper_pinhole_hand_values():
     depth = torch.full((1, 1, 3, 4), 2.0)
     depth[0, 0, 2, 3] = 4.0
-    pts = depth_to_points(depth, fov_deg=90.0, mode="paper")
+    pts = depth_to_points(depth, fov_deg=90.0)
     assert pts.shape == (1, 12, 3)
     f = 2.0 / math.tan(math.radians(45.0))  # (w/2)/tan(fov/2) = 2 pixels
     # cell (r=2, c=3) has index 2*4+3 = 11; centre (1.5, 1.0)
@@ -65,7 +66,7 @@ def test_depth_to_points_paper_pinhole_hand_values():
 
 def test_depth_to_points_released_radians_and_z_stretch():
     depth = torch.full((1, 1, 28, 28), 10.0)
-    pts = depth_to_points(depth, fov_deg=90.0, mode="released").view(28, 28, 3)
+    pts = radians_unprojection(depth, 90.0).view(28, 28, 3)
     kappa = 2 * math.tan(45.0)  # radians: 3.2396
     assert math.isclose(kappa, 3.2396, abs_tol=1e-4)
     r, c = 5, 20
@@ -78,8 +79,8 @@ def test_depth_to_points_released_radians_and_z_stretch():
 def test_depth_to_points_rejects_bad_input():
     with pytest.raises(SamplingError, match="depth"):
         depth_to_points(torch.ones(1, 2, 4, 4))
-    with pytest.raises(SamplingError, match="mode"):
-        depth_to_points(torch.ones(1, 1, 4, 4), mode="nope")
+    with pytest.raises(SamplingError, match="fov_deg"):
+        depth_to_points(torch.ones(1, 1, 4, 4), fov_deg=180.0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -104,7 +105,7 @@ def test_fps_backends_identical_float32_with_ties():
         pytest.skip("numba not installed")
     g = torch.Generator().manual_seed(1)
     depth = torch.randint(0, 4, (4, 1, 28, 28), generator=g).float()
-    pts = depth_to_points(depth, mode="released")
+    pts = radians_unprojection(depth)
     a = farthest_point_sample(pts, 121, backend="torch")
     b = farthest_point_sample(pts, 121, backend="numba")
     assert torch.equal(a, b)
@@ -114,7 +115,7 @@ def test_fps_backends_identical_float32_with_ties():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fps_degenerate_all_zero_depth_gives_raster_prefix(backend):
     """Released FPS: equal depths -> the first 121 raster cells (rows 0-3 + 9 of row 4)."""
-    pts = depth_to_points(torch.zeros(2, 1, 28, 28), mode="released")
+    pts = radians_unprojection(torch.zeros(2, 1, 28, 28))
     got = farthest_point_sample(pts, 121, backend=backend)
     assert got.tolist() == [list(range(121))] * 2
 
@@ -124,7 +125,7 @@ def test_fps_degenerate_all_zero_depth_gives_raster_prefix(backend):
 def test_fps_cuda_equals_cpu():
     g = torch.Generator().manual_seed(5)
     depth = torch.randint(0, 6, (8, 1, 28, 28), generator=g).float() * 40
-    pts = depth_to_points(depth, mode="released")
+    pts = radians_unprojection(depth)
     start = torch.randint(0, 784, (8,), generator=g)
     cpu = farthest_point_sample(pts, 121, start=start)
     gpu = farthest_point_sample(pts.cuda(), 121, start=start.cuda())
@@ -149,7 +150,7 @@ def test_fps_spreads_points_more_than_random():
 def test_fps_vertical_ramp_prefers_far_rows_released():
     """Released FPS: with far at the top, the released cloud is sampled densely up there."""
     depth = torch.linspace(255.0, 0.0, 28).view(1, 1, 28, 1).expand(1, 1, 28, 28).contiguous()
-    idx = farthest_point_sample(depth_to_points(depth, mode="released"), 121)[0]
+    idx = farthest_point_sample(radians_unprojection(depth), 121)[0]
     rows = idx // 28
     assert (rows < 14).sum() > (rows >= 14).sum()
 
@@ -179,7 +180,7 @@ def test_paper_grid_reads_exactly_the_chosen_cells():
     h, w = 7, 5
     feat = torch.randn(2, 4, h, w, generator=g)
     idx = torch.stack([torch.randperm(h * w, generator=g)[:9] for _ in range(2)])
-    grid = indices_to_grid(idx, h, w, 3, mode="paper")
+    grid = indices_to_grid(idx, h, w, 3)
     got = sample(feat, grid)  # (B, C, 3, 3)
     expected = feat.flatten(2).gather(2, idx.unsqueeze(1).expand(-1, 4, -1)).view(2, 4, 3, 3)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
@@ -196,7 +197,7 @@ def test_released_grid_is_transposed_and_shrunk_checked_examples():
     # docs/fidelity.md §3.3: (5, 20) -> (19.29, 4.82); (0, 27) -> (26.04, 0); (27, 0) -> (0, 26.04)
     picks = [(5, 20), (0, 27), (27, 0), (1, 1)]
     idx = torch.tensor([[r * 28 + c for r, c in picks]])
-    grid = indices_to_grid(idx, 28, 28, 2, mode="released")
+    grid = transposed_readout(idx, 28, 28, 2)
     locs = {tuple(round(v, 2) for v in _read_location(grid.view(-1, 2)[k], 28, 28)) for k in range(4)}
     assert (19.29, 4.82) in locs and (26.04, 0.0) in locs and (0.0, 26.04) in locs
     # the values really are read there (bilinear blend of the transposed cells)
@@ -209,8 +210,8 @@ def test_released_grid_is_transposed_and_shrunk_checked_examples():
 
 def test_released_grid_is_raster_sorted_paper_keeps_selection_order():
     idx = torch.tensor([[30, 2, 17, 5]])
-    rel = indices_to_grid(idx, 6, 6, 2, mode="released").view(-1, 2)
-    pap = indices_to_grid(idx, 6, 6, 2, mode="paper").view(-1, 2)
+    rel = transposed_readout(idx, 6, 6, 2).view(-1, 2)
+    pap = indices_to_grid(idx, 6, 6, 2).view(-1, 2)
     # released stores (row/h*2-1, col/w*2-1) of the sorted indices 2, 5, 17, 30
     expected = torch.tensor([[r / 6 * 2 - 1, c / 6 * 2 - 1] for r, c in [(0, 2), (0, 5), (2, 5), (5, 0)]])
     torch.testing.assert_close(rel, expected)
@@ -238,11 +239,11 @@ def test_random_grid_seeded_and_in_range():
 def test_fps_grid_pipeline_matches_manual_steps():
     g = torch.Generator().manual_seed(4)
     depth = torch.rand(2, 1, 32, 32, generator=g) * 255
-    for mode in ("paper", "released"):
-        grid = fps_grid(depth, (8, 8), 4, mode=mode)
+    for unproject, to_grid in ((depth_to_points, indices_to_grid), (radians_unprojection, transposed_readout)):
+        grid = fps_grid(depth, (8, 8), 4, unproject=unproject, cells_to_grid=to_grid)
         pooled = F.adaptive_avg_pool2d(depth, (8, 8))
-        idx = farthest_point_sample(depth_to_points(pooled, mode=mode), 16)
-        torch.testing.assert_close(grid, indices_to_grid(idx, 8, 8, 4, mode=mode))
+        idx = farthest_point_sample(unproject(pooled, 90.0), 16)
+        torch.testing.assert_close(grid, to_grid(idx, 8, 8, 4))
     start = torch.tensor([3, 60])
     grid = fps_grid(depth, (8, 8), 4, start=start)
     # paper grid, first entry = the start cell
@@ -259,7 +260,8 @@ def test_fps_grid_pipeline_matches_manual_steps():
 
 def test_sample_count_schedule_released_coco_vits():
     """docs/fidelity.md §3.10: 11 at iteration 0, 9 from 1, 8 from 1001, 7 from 2001 (global_step = 3*it)."""
-    s = SampleCountSchedule(11, factor=0.9, every=1000, min_side=0, mode="released")
+    s = SampleCountSchedule(11, factor=0.9, every=global_steps_to_iterations(1000), min_side=0, after_step=True,
+                            at_start=True)
     expected = {0: 11, 1: 9, 2: 9, 1000: 9, 1001: 8, 2000: 8, 2001: 7, 2333: 7}
     assert {it: s.at(it) for it in expected} == expected
 
@@ -267,7 +269,8 @@ def test_sample_count_schedule_released_coco_vits():
 def test_sample_count_schedule_brute_force_released_rule():
     """Simulate the released loop step by step (decay after the loss, global_step += 3)."""
     for n0, factor, every in [(11, 0.9, 1000), (12, 0.8, 300), (11, 0.5, 250)]:
-        sched = SampleCountSchedule(n0, factor=factor, every=every, min_side=0, mode="released")
+        sched = SampleCountSchedule(n0, factor=factor, every=global_steps_to_iterations(every), min_side=0,
+                                    after_step=True, at_start=True)
         n = n0
         for it in range(0, 2400):
             assert sched.at(it) == n, (n0, factor, every, it)
@@ -276,7 +279,7 @@ def test_sample_count_schedule_brute_force_released_rule():
 
 
 def test_sample_count_schedule_paper_counts_optimizer_steps():
-    s = SampleCountSchedule(11, factor=0.9, every=1000, mode="paper")
+    s = SampleCountSchedule(11, factor=0.9, every=1000)
     assert [s.at(i) for i in (0, 999, 1000, 1999, 2000)] == [11, 11, 9, 9, 8]
     assert SampleCountSchedule(11).at(10**6) == 11  # every = 0: off
     assert SampleCountSchedule(3, factor=0.1, every=1).at(5) == 1  # floored at min_side

@@ -78,7 +78,7 @@ from ..utils import (
 from ..world.synthetic import GENERATOR_VERSION, make_world
 from .common import CorruptFileError, image_to_tensor, read_image, read_label
 from .registry import build_dataset
-from .transforms import resize_center_crop
+from .transforms import PAPER_RESIZE, RESIZES, Resize, resize_center_crop
 
 __all__ = [
     "five_crop",
@@ -535,8 +535,8 @@ def knn_search(
 
 
 class _ImagesOnly(Dataset):
-    def __init__(self, dataset: Any, res: int, mode: str) -> None:
-        self.dataset, self.res, self.mode = dataset, res, mode
+    def __init__(self, dataset: Any, res: int, resize: Resize) -> None:
+        self.dataset, self.res, self.resize = dataset, res, resize
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -544,7 +544,7 @@ class _ImagesOnly(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         load = getattr(self.dataset, "load_image_tensor", None)
         img = load(i) if load is not None else self.dataset[i]["img"]
-        return resize_center_crop({"img": img}, self.res, mode=self.mode)["img"]  # type: ignore[arg-type]
+        return resize_center_crop({"img": img}, self.res, self.resize)["img"]  # type: ignore[arg-type]
 
 
 def compute_knn(
@@ -559,15 +559,15 @@ def compute_knn(
     chunk_size: int = 1024,
     use_faiss: bool | None = None,
     progress: bool = True,
-    mode: Literal["paper", "released"] = "paper",
+    resize: Resize = PAPER_RESIZE,
 ) -> Path:
     """Nearest neighbours of every image in backbone-feature space → ``out_path`` (npz).
 
     The npz holds ``nns`` (N, k+1) int64 with self at rank 0, ``keys`` (N,) str, ``k``, ``res`` and
-    ``backbone``, ``mode``. Images are resized (short side ``res``; bilinear in paper mode, nearest in
-    released mode, see :mod:`depthg.data.transforms`) and centre-cropped to ``res``;
+    ``backbone``, ``mode`` (the name of ``resize``). Images are resized (short side ``res``, by ``resize``:
+    :mod:`depthg.data.transforms`) and centre-cropped to ``res``;
     descriptor = spatial mean of ``backbone(img)`` (B, C, h, w), L2-normalised, as released.
-    Keyed: the file records a key over the images' content (:func:`dataset_digest`), k, ``res``, ``mode``
+    Keyed: the file records a key over the images' content (:func:`dataset_digest`), k, ``res``, the resize
     and the backbone's weights hash; an existing file with the same key is kept, anything else (another
     key, an older format, an unreadable file) is recomputed with one line on stderr saying why. Runs
     under a lock on ``out_path``. If the dataset has fewer than k+1 images, k is reduced to N-1 with a
@@ -586,7 +586,7 @@ def compute_knn(
         k = n - 1
     name = str(getattr(backbone, "name", type(backbone).__name__))
     key = {"format": KNN_FORMAT, "keys": digest(keys), "images": dataset_digest(dataset, ("img",)), "k": k,
-           "res": res, "mode": mode, "backbone_sha256": backbone_fingerprint(backbone)}
+           "res": res, "mode": resize.name, "backbone_sha256": backbone_fingerprint(backbone)}
     with build_lock(out_path, "kNN file"):
         reason = _knn_stale(out_path, key)
         if reason is None:
@@ -597,7 +597,7 @@ def compute_knn(
         was_training = backbone.training
         backbone.eval()  # no dropout while extracting (the released extraction kept Dropout2d on)
         backbone.to(dev)
-        loader = DataLoader(_ImagesOnly(dataset, res, mode), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        loader = DataLoader(_ImagesOnly(dataset, res, resize), batch_size=batch_size, shuffle=False, num_workers=num_workers)
         descs = []
         with torch.inference_mode():
             for img in tqdm(loader, desc=f"kNN features ({name}, {res}px)", disable=not progress):
@@ -607,7 +607,7 @@ def compute_knn(
         nns = knn_search(torch.cat(descs), k, chunk_size=chunk_size, use_faiss=use_faiss)
         with atomic_write(out_path, "wb") as f:
             np.savez(f, nns=nns, keys=np.array(keys), k=np.int64(k), res=np.int64(res), backbone=np.array(name),
-                     mode=np.array(mode), key=np.array(json.dumps(key, sort_keys=True)))
+                     mode=np.array(resize.name), key=np.array(json.dumps(key, sort_keys=True)))
     return out_path
 
 
@@ -843,16 +843,16 @@ def _prepare_knn(cfg: Any, data: _TrainSplit, knn_data: Any, crop_dir: Path | No
     bb_name, weights = str(get("backbone", "vit_small_patch8_224")), get("weights", None)
     bb_tag = _slug(bb_name) + "-" + _short_hash(bb_name, weights, sorted(dict(get("backbone_kwargs", {}) or {}).items()))
     set_tag = crop_dir.name if crop_dir is not None else f"{data.tag}_{_slug(str(get('classes', 27)))}_full"
-    mode = str(get("mode", "paper"))
-    released = "_released" if mode == "released" else ""
-    knn_path = data.cache_dir / "knn" / f"nns_{set_tag}_{bb_tag}_{res}{released}_{data.split}.npz"
+    resize = RESIZES[str(get("mode", "paper"))]  # the training crops' resize
+    suffix = "" if resize is PAPER_RESIZE else f"_{resize.name}"
+    knn_path = data.cache_dir / "knn" / f"nns_{set_tag}_{bb_tag}_{res}{suffix}_{data.split}.npz"
     # at most every other image can be a neighbour
     k = min(k, len(knn_data) - 1)
     if backbone is None:
         backbone = load_backbone(bb_name, weights, **dict(get("backbone_kwargs", {}) or {}))
     compute_knn(knn_data, backbone, knn_path, k=k, res=res,
                 batch_size=int(get("batch_size", 32)), device=get("device", "auto"),
-                num_workers=int(get("num_workers", 0)), progress=progress, mode=mode)  # type: ignore[arg-type]
+                num_workers=int(get("num_workers", 0)), progress=progress, resize=resize)
     return knn_path
 
 
