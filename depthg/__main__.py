@@ -1,29 +1,13 @@
 """Command line: ``python -m depthg <command> [options] [key=value ...]``.
 
-Commands (each a thin wrapper around one library function, so notebooks and the CLI run the same code):
-
-* ``synthesize`` -- render the synthetic street world in the Cityscapes layout (``depthg.world.make_world``);
-* ``prepare``    -- the whole idempotent preparation chain of a config: depth -> five-crop -> kNN
-  (``depthg.data.prepare_training_data``; ``train`` runs it too);
-* ``depth``      -- estimate (or convert from stereo) depth for one split into a depth cache;
-* ``crop``       -- five-crop one split (images, labels and depth together) into a folder;
-* ``knn``        -- kNN positives of a (cropped) split from backbone features;
-* ``train``      -- train a head (``depthg.train.train``); ``torchrun --nproc_per_node=N -m depthg train``
-  runs DDP;
-* ``eval``       -- evaluate a checkpoint with the paper's protocol (``depthg.evaluate.evaluate_checkpoint``);
-* ``ablate``     -- the miniature reproduction (``depthg.ablation.run_ablation``);
-* ``pretrain``   -- self-supervised pretraining of the embedded backbone (``depthg.pretrain``), listed only
-  when that module is present.
-
-Configuration for prepare/depth/crop/knn/train: ``--preset NAME`` (+ ``--mode paper|released``) or
-``--config FILE`` (YAML/JSON), then positional ``key=value`` overrides (values parsed as YAML), e.g.
-``python -m depthg train --preset synthetic steps=100 seed=1``.
+Each command is a thin wrapper around one library function, so notebooks and the CLI run the same code.
+Commands on a config take ``--preset NAME`` (+ ``--mode``) or ``--config FILE``, then ``key=value``
+overrides parsed as YAML: ``python -m depthg train --preset synthetic steps=100 seed=1``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from typing import Any
@@ -63,11 +47,6 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _print(result: Any) -> None:
     print(json.dumps(result, indent=2, default=str))
-
-
-# ----------------------------------------------------------------------------------------------------
-# commands
-# ----------------------------------------------------------------------------------------------------
 
 
 def cmd_synthesize(args: argparse.Namespace) -> Any:
@@ -146,15 +125,6 @@ def cmd_ablate(args: argparse.Namespace) -> Any:
     )
     print(result["markdown"])
     return result
-
-
-def _pretrain_available() -> bool:
-    return importlib.util.find_spec("depthg.pretrain") is not None
-
-
-# ----------------------------------------------------------------------------------------------------
-# parser
-# ----------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,11 +225,9 @@ def _add_ablate_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]
 
 def _add_pretrain_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """``pretrain``, only when the optional module is present and imports."""
-    if not _pretrain_available():
-        return
-    try:  # imported only to add its options; a broken optional module must not break the CLI
+    try:  # imported only to add its options; a missing or broken optional module must not break the CLI
         from depthg import pretrain as P
-    except ImportError:  # pragma: no cover
+    except ImportError:
         return
     p = sub.add_parser("pretrain", help="DINO pretraining of the embedded backbone on the synthetic world")
     P.add_pretrain_arguments(p)
