@@ -42,7 +42,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from depthg import backbone as backbone_mod  # noqa: E402
-from depthg.data.synthetic import GENERATOR_VERSION, make_world  # noqa: E402
+from depthg.world.synthetic import GENERATOR_VERSION, make_world  # noqa: E402
 from depthg.utils import atomic_write, sha256_file  # noqa: E402
 
 PATCH = 8

@@ -226,10 +226,10 @@ def _add_ablate_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]
 def _add_pretrain_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """``pretrain``, only when the optional module is present and imports."""
     try:  # imported only to add its options; a missing or broken optional module must not break the CLI
-        from depthg import pretrain as P
+        from depthg.world import pretrain as P
     except ImportError:
         return
-    p = sub.add_parser("pretrain", help="DINO pretraining of the embedded backbone on the synthetic world")
+    p = sub.add_parser("pretrain", help="pretraining (DINO + iBOT) of the embedded backbone on the synthetic world")
     P.add_pretrain_arguments(p)
     p.set_defaults(func=lambda a: P.run_pretrain_from_args(a))
 

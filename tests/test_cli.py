@@ -34,7 +34,7 @@ def test_help_lists_the_commands(capsys):
 def _pretrain_exists() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("depthg.pretrain") is not None
+    return importlib.util.find_spec("depthg.world.pretrain") is not None
 
 
 def test_synthesize_then_train_then_eval(tmp_path, capsys):

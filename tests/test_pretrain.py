@@ -1,4 +1,4 @@
-"""Tests of depthg/pretrain.py: DINO self-distillation of the embedded backbone.
+"""Tests of depthg/world/pretrain.py: DINO + iBOT self-distillation of the embedded backbone.
 
 Each test runs a tiny ViT (embed 32, depth 2) for a few steps on tiny renders of the synthetic world
 (or smooth random images when the generator is not importable), so the whole file takes seconds.
@@ -14,7 +14,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from depthg import pretrain as P
+from depthg.world import pretrain as P
 from depthg.utils import safe_torch_load
 
 try:  # prefer tiny renders of the synthetic world; smooth noise only if the generator is unavailable

@@ -4,6 +4,8 @@ It is the dataset that exists on every machine (written in the real Cityscapes l
 :func:`make_world`, so the Cityscapes code path runs on it unchanged) and the image stream the embedded
 backbone was pretrained on (:func:`render_scene`). The method itself (``depthg/`` outside this
 package) does not depend on it except where the data preparation builds the default world.
+``depthg.world.pretrain`` (imported on demand: it needs timm and torchvision) trains the embedded
+backbone on this world's image stream.
 """
 
 from __future__ import annotations

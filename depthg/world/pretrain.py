@@ -51,7 +51,7 @@ from torchvision.ops import roi_align
 from tqdm.auto import tqdm
 
 from depthg.backbone import interpolate_pos_embed, save_backbone_dino_format
-from depthg.data.synthetic import render_scene
+from depthg.world.synthetic import render_scene
 from depthg.utils import DepthGError, atomic_torch_save, atomic_write, get_device, safe_torch_load
 
 TIMM_NAME = "vit_small_patch8_224"  # the ViT-S/8 family; embed_dim/depth/heads are overridden
@@ -298,7 +298,7 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 def render_fn(renderer: str, size: tuple[int, int]) -> Callable[[int, int], np.ndarray]:
     """Return ``f(seed, k) -> uint8 (H, W, 3)``: image ``k`` of the stream of run seed ``seed``.
 
-    ``"synthetic"`` renders the synthetic street world (``depthg.data.synthetic.render_scene``);
+    ``"synthetic"`` renders the synthetic street world (``depthg.world.synthetic.render_scene``);
     ``"noise"`` makes smooth random colour fields, only for smoke tests of the training loop.
     """
     if renderer == "synthetic":
@@ -793,7 +793,7 @@ def _validate(hp: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line (used by `python -m depthg pretrain` and `python -m depthg.pretrain`)
+# Command line (used by `python -m depthg pretrain` and `python -m depthg.world.pretrain`)
 
 _HELP = {
     "steps": "optimiser steps (every schedule depends on it)",
@@ -864,7 +864,7 @@ def run_pretrain_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m depthg.pretrain", description=__doc__.split(
+    parser = argparse.ArgumentParser(prog="python -m depthg.world.pretrain", description=__doc__.split(
         "\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run_pretrain_from_args(add_pretrain_arguments(parser).parse_args(argv))
 
