@@ -54,9 +54,7 @@ DATASETS = ("cityscapes", "cocostuff", "potsdam", "directory")
 DEPTH_SAMPLING = ("random", "fps")
 # Depth similarities of the depth-feature term (formulas: depthg.losses.depth_similarity).
 DEPTH_SIMILARITY = ("released", "product", "distance", "centred", "quantile")
-# Paper mode's default, chosen on the development world of the miniature reproduction
-# (benchmarks/results/miniature_dev.md; the reason is in depthg.losses.depth_similarity's docstring);
-# depthg.losses.PAPER_DEPTH_SIMILARITY is this value.
+# Paper mode's default, chosen on the miniature reproduction's development world (docs/method.md §4.3).
 PAPER_DEPTH_SIMILARITY = "centred"
 CENTERING = ("paper", "released", "none")
 LHP_STRATEGIES = ("depth", "attention")
@@ -461,7 +459,7 @@ class Config:
         ``cocostuff_vits8``, ``cocostuff_vitb8``, ``cityscapes_vitb8``, ``potsdam_vits8``: the four
         ``paper_reproduction.sh`` runs. ``stego``: the COCO-Stuff ViT-S/8 run with depth off (random
         sampling, no depth term) -- the STEGO baseline under the same loop. ``synthetic``: the embedded
-        default sized for a 2-core CPU (see :func:`_synthetic_values` for where each value comes from).
+        default sized for a 2-core CPU (docs/method.md §11 says where each value comes from).
 
         ``overrides`` are config keys (``name=...`` included; ``output_dir`` follows the name unless given).
         """
@@ -576,25 +574,8 @@ def _released_run(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _synthetic_values() -> dict[str, Any]:
-    """The embedded default: the synthetic street world on a 2-core CPU in minutes.
-
-    Where each value comes from (nothing here was tuned to make depth win):
-
-    * dataset/classes: the synthetic world is written in the Cityscapes layout with real label ids, so the
-      Cityscapes loader reads it; ``classes="world"`` evaluates only the classes it renders.
-    * loss weights, shifts, centring off, depth weight/shift and decay factor: the Cityscapes ViT-B/8 run
-      (docs/method.md §11), the paper's run on the dataset the world imitates. Sampling is ``fps``
-      (the DepthG method; the ablation also runs ``random``).
-    * decay interval: Cityscapes decays every 400 of 2334 iterations; scaled to the run length
-      (400 * 300 / 2334 ~ 50 optimizer steps), so the same number of decay events (5) happens.
-    * res/eval_res 128, feature_samples 8: a 16x16 patch grid at patch 8; 8x8 = 64 samples is 25% of
-      the grid (11x11 of 28x28 is 15%) -- kept close while leaving enough points for FPS to spread.
-    * dim 32, batch 16, 300 steps, feature cache on, CRF off, threads 1: cost. With a random-init
-      backbone of the embedded architecture (192-d, 6 blocks, patch 8) a step from the cache took
-      0.085 s with 1 torch thread but 2.1 s with 2 threads on the shared 2-core CPU (other jobs running),
-      so one run is ~30 s plus evaluation. Batch 16 is the Potsdam run's batch size.
-    * backbone ``embedded``: the workbench's own DINO-pretrained tiny ViT (issue 7).
-    """
+    """The embedded default: the synthetic street world on a 2-core CPU in minutes; where each value
+    comes from is in docs/method.md §11."""
     steps = 300
     return dict(
         dataset="cityscapes", data_dir=None, classes="world", depth_source="gt",

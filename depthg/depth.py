@@ -1,24 +1,11 @@
 """Depth for DepthG: an on-disk depth cache, monocular estimators from ``transformers``, stereo depth.
 
-DepthG (docs/method.md §10) needs one depth map per training image. The released code produced them
-once with ZoeDepth and stored them as 8-bit PNGs, min-max normalised per image. This module keeps the
-"compute once, cache on disk" idea but fixes what went wrong there:
-
-* **Cache format** (:class:`DepthCache`): 16-bit PNGs, ``value = offset + scale * pixel``, with the
-  scale, units and source written once in ``depth_meta.json``. 8-bit per-image min-max (256 levels,
-  per-image scale lost) is not used; the released normalisation can be reproduced from the cache
-  (``depthg.data.prepare.CroppedDataset(depth_normalization="minmax255")``).
-* **Never next to the source images.** The released script overwrote Cityscapes' ``*_leftImg8bit.png``
-  files because its output-path line was commented out (docs/fidelity.md §4).
-  :func:`estimate_depth_for_dataset` refuses cache folders inside the image or label trees.
-* **Estimators** come from ``transformers`` (Depth Anything v1/v2, ZoeDepth, DPT) instead of the
-  torch.hub ZoeDepth whose inference ran the network twice per call. Metric models are stored in
-  metres; relative models predict a disparity-like quantity (larger = closer), which is converted to
-  ``1 - minmax(disparity)`` so that, as everywhere in the workbench, larger = farther.
-* **Stereo**: Cityscapes ships disparity and camera files; :func:`disparity_to_depth` turns them into
-  metric depth (an alternative source with no model at all).
-
-All depth tensors are (1, H, W) or (B, 1, H, W) float32, larger = farther.
+One depth map per training image (docs/method.md §10), computed once into a :class:`DepthCache` of 16-bit
+PNGs (``value = offset + scale * pixel``, scale and units in ``depth_meta.json``), never inside the
+dataset's folders. Estimators come from ``transformers`` (Depth Anything v1/v2, ZoeDepth, DPT): metric
+models in metres, relative ones converted to ``1 - minmax(disparity)``; Cityscapes disparity is turned
+into metric depth by :func:`disparity_to_depth`. All depth tensors are (1, H, W) or (B, 1, H, W)
+float32, larger = farther.
 """
 
 from __future__ import annotations

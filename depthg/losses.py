@@ -35,14 +35,12 @@ Centering = Literal["paper", "released", "none"]
 SimilarityKind = Literal["released", "product", "distance", "centred", "quantile"]
 #: every depth similarity :func:`depth_similarity` accepts (``depthg.config.DEPTH_SIMILARITY``).
 DEPTH_SIMILARITIES: tuple[str, ...] = DEPTH_SIMILARITY
-#: depth units beyond which the ``quantile`` similarity treats every point as equally far (metres in
-#: paper mode): monocular estimators such as ZoeDepth saturate around 80 m, and the synthetic sky sits
-#: at 200 m -- without a cap the sky alone would decide how far apart the street's points look.
+#: depth (metres) beyond which the ``quantile`` similarity moves points back along their ray
+#: (docs/method.md §4.3: monocular estimators saturate around 80 m).
 WORKING_RANGE = 80.0
 #: the per-image pair-distance quantile the ``quantile`` similarity uses as its unit distance.
 DISTANCE_QUANTILE = 0.5
-#: paper mode's default depth similarity (``depthg.config.PAPER_DEPTH_SIMILARITY``), chosen on the
-#: development world of the miniature reproduction (benchmarks/results/miniature_dev.md).
+#: paper mode's default depth similarity (``depthg.config.PAPER_DEPTH_SIMILARITY``; docs/method.md §4.3).
 PAPER_DEPTH_SIMILARITY: SimilarityKind = _PAPER_DEFAULT  # type: ignore[assignment]
 _EPS = 1e-10
 
@@ -171,11 +169,8 @@ def _scaled_closeness(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
 def _distance_similarity(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
     """``"distance"``: camera-space 3D points (B, 3, h, w), (B, 3, i, j) -> D (B, h, w, i, j).
 
-    D = 1 - |P_hw - P_ij| / (the image's largest pair distance), in [0, 1]: high for points close in
-    3D, low for points far apart (paper mode's default before the miniature reproduction's
-    development world chose ``centred``). Unit-free, but it almost never pushes: with a small shift (0.03 in
-    the presets) only pairs at > 97 % of the largest distance fall below it, and one far point (the
-    sky at 200 m) makes the whole street look "close".
+    D = 1 - |P_hw - P_ij| / (the image's largest pair distance), in [0, 1]; it almost never pushes
+    (docs/method.md §4.3).
     """
     b, _, h, w = p1.shape
     i, j = p2.shape[-2:]
@@ -185,16 +180,9 @@ def _distance_similarity(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
 def _centred_similarity(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
     """``"centred"``: camera-space 3D points (B, 3, h, w), (B, 3, i, j) -> D (B, h, w, i, j).
 
-    ``distance`` minus its mean over the other locations,
-    D_hwij = D^dist_hwij - (1/ij) sum_i'j' D^dist_hwi'j', the way STEGO centres the feature
-    correlation (S3). For every query point, partners closer than its average partner get D > 0
-    (pulled), farther ones D < 0 (pushed); the far-point scale of ``distance`` no longer shifts every
-    pair to the pulling side. Values lie in [-1, 1]. **Paper mode's default**
-    (``depthg.config.PAPER_DEPTH_SIMILARITY``), chosen on the development world of the miniature
-    reproduction by a rule fixed beforehand (benchmarks/results/miniature_dev.md): the three options that
-    pull and push (``centred``, ``quantile``, ``product``) were within noise of each other and of STEGO,
-    ``distance`` was lowest, and the tie went to the 3D option closest to the paper's Fig. 1 -- STEGO's
-    own centring applied to the 3D distance, pulling about half the sampled pairs and pushing the rest.
+    ``distance`` minus its mean over the other locations, D_hwij = D^dist_hwij - mean_i'j' D^dist_hwi'j'
+    (STEGO's S3 applied to depth), in [-1, 1]: partners closer than the query's average partner are
+    pulled, farther ones pushed. Paper mode's default (docs/method.md §4.3).
     """
     b, _, h, w = p1.shape
     i, j = p2.shape[-2:]
@@ -206,12 +194,9 @@ def _centred_similarity(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
 def _quantile_similarity(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
     """``"quantile"`` (range-aware): camera-space 3D points (B, 3, h, w), (B, 3, i, j) -> D (B, h, w, i, j).
 
-    The 3D points are first brought within :data:`WORKING_RANGE` -- a point with Z > R is moved along
-    its ray to Z = R (P * min(1, R / Z); with the pinhole unprojection this is the same as clipping its
-    depth to R) -- then D = clamp(1 - |P_hw - P_ij| / q, -1, 1) with q the image's
-    :data:`DISTANCE_QUANTILE` (median) pair distance. Pairs closer than the image's typical pair are
-    pulled, farther ones pushed, and neither the sky nor a single far point sets the scale; the clamp
-    keeps far pairs from dominating the mean. Needs metric depth (paper mode's depth is in metres).
+    Points with Z > R = :data:`WORKING_RANGE` are moved along their ray to Z = R, then
+    D = clamp(1 - |P_hw - P_ij| / q, -1, 1) with q the image's :data:`DISTANCE_QUANTILE` (median) pair
+    distance. Needs metric depth (docs/method.md §4.3).
     """
     b, _, h, w = p1.shape
     i, j = p2.shape[-2:]
@@ -230,28 +215,13 @@ def depth_similarity(
     kind: SimilarityKind = PAPER_DEPTH_SIMILARITY,
     size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Pairwise depth similarity D (B, h, w, i, j) for the depth-feature loss (docs/method.md).
+    """Pairwise depth similarity D (B, h, w, i, j) of the depth-feature loss (docs/method.md §4.3).
 
-    The loss is -mean max(S, 0) * (D - b_depth): a pair with D above the shift b_depth is *pulled*
-    (its code similarity S is raised), a pair below it is *pushed* (S is lowered while it is positive).
-    The paper's Figure 1 asks for both: points close in 3D pulled together, points far apart pushed
-    apart. :func:`pull_push_fractions` measures how many sampled pairs each option pulls and pushes.
-
-    What ``p1`` / ``p2`` hold depends on ``kind`` (each option's formula and the reason for it are in
-    the docstring of its function):
-
-    * ``"released"``: full depth maps (B, 1, H, W), resized to ``size``; D is exactly 1 wherever both
-      depths are positive, so the term only pulls (:func:`_released_similarity`).
-    * ``"product"``: depths sampled at the code locations (B, 1, h, w), (B, 1, i, j); D is the product of
-      the per-image standardised depths (:func:`_product_similarity`).
-    * ``"distance"``: camera-space 3D points sampled at the code locations (B, 3, h, w), (B, 3, i, j);
-      D = 1 - pair distance / the image's largest one, in [0, 1] (:func:`_distance_similarity`).
-    * ``"centred"``: as ``distance``, minus its mean over the other locations, in [-1, 1]; **paper mode's
-      default** (``depthg.config.PAPER_DEPTH_SIMILARITY``; :func:`_centred_similarity`).
-    * ``"quantile"`` (range-aware): 3D points capped at :data:`WORKING_RANGE`; D = clamp(1 - pair distance
-      / the image's median one, -1, 1). Needs metric depth (:func:`_quantile_similarity`).
-
-    The similarity never needs gradients (depth is an input), so it is computed under ``no_grad``.
+    ``p1`` / ``p2`` hold, by ``kind``: ``"released"`` full depth maps (B, 1, H, W), resized to ``size``;
+    ``"product"`` depths sampled at the code locations (B, 1, h, w), (B, 1, i, j); ``"distance"``,
+    ``"centred"``, ``"quantile"`` camera-space 3D points sampled there (B, 3, h, w), (B, 3, i, j). Each
+    option's formula is in the docstring of its private function. Computed under ``no_grad`` (depth is
+    an input).
     """
     _check_4d("p1", p1)
     _check_4d("p2", p2)

@@ -1,49 +1,10 @@
 """Train a DepthG / STEGO segmentation head on a frozen backbone -- one plain PyTorch loop.
 
-Read it top to bottom (nanoGPT style) in three parts: *build* (``build_run``: config -> a ``Run`` of objects),
-*step* (``train_step``: one iteration, batch -> losses -> optimisers) and *loop* (``train_loop``: logging,
-validation, checkpoints). ``train(cfg)`` does
-
-1. set up (optional) DDP; seed everything *after* the data/cache preparation below (building a cache
-   draws from the global RNG, reusing one does not);
-2. prepare the data once: depth cache -> five-crops -> kNN (``depthg.data.prepare_training_data``);
-3. load the frozen backbone; optionally precompute its features of all training crops
-   (``depthg.features``: the backbone is frozen and the crops are fixed, so this is exact);
-4. build the segmentation head, the cluster probe and the linear probe with their own Adam optimisers
-   (head lr 5e-4, probes 5e-3, no schedule; docs/method.md §5);
-5. per iteration (``train_step``): read the batch and its kNN positives, perturb the
-   correlation-target features with Dropout2d(p) independently of the head's own dropouts, pick the
-   sampling grids (random or depth-guided FPS), compute the STEGO + DepthG losses with the depth weight
-   and shift of this step and the probe losses on the *detached* code, backward, step all three
-   optimisers;
-6. evaluate on the validation split every ``eval_every`` steps (hard cluster argmax and linear probe,
-   no CRF, no flip -- the released training-time validation, docs/method.md §9), log to
-   ``output_dir/log.jsonl`` (+ TensorBoard when installed), checkpoint atomically.
-
-Resumability. Every source of randomness is explicit and saved in the checkpoint: the data order is a
-pure function of (seed, epoch) -- a generator-driven permutation per epoch, not a stateful DataLoader
-shuffle -- and the sampling / dropout / negative-permutation generators, the global torch RNG (head
-dropout) and NumPy/Python states are restored on ``resume=True``. A run killed after a checkpoint and
-resumed reaches bit-identical weights (tests/test_train.py).
-
-Schedules are pure functions of the iteration (``DepthDecaySchedule.at``, ``SampleCountSchedule.at``). The
-paper-or-released choices are made once, in ``depthg.build.fidelity``; the step never reads ``cfg.mode``.
-
-Model selection. The released code keeps the checkpoint with the best cluster mIoU *on the evaluation
-split* (docs/fidelity.md §4). We report both: ``final`` (the last step's weights) and
-``best_on_val`` (selected on the validation split, hence optimistic), labelled as such in results.json.
-
-Multi-GPU / multi-process (``torchrun --nproc_per_node=N -m depthg train ...``): DDP with gloo on CPU and
-nccl on CUDA. ``batch_size`` is the *global* batch; rank r takes rows [r*b, (r+1)*b) of the global batch
-(b = batch_size / N), the sampling grids and the target-dropout masks are drawn for the global batch from
-the same generator on every rank and sliced, and DDP averages the gradients. Since every STEGO/DepthG loss
-term is a mean over equally sized per-image blocks, the averaged gradient equals the single-process
-gradient *exactly* when (a) the head's dropout is off (its masks come from each rank's own RNG stream)
-(b) the negative term is off or irrelevant (negatives are permutations within the rank's shard, as
-in any per-GPU STEGO batch), and (c) the centring is per image (``centering="paper"`` or ``"none"``): the
-released form adds back the mean of F over the *whole batch*, which differs between a rank's shard and
-the global batch (so the released code's own multi-GPU runs were not batch-size invariant either).
-tests/test_train.py checks this equivalence on 2 CPU processes.
+Read it top to bottom (nanoGPT style): *build* (``build_run``: config -> a ``Run`` of objects), *step*
+(``train_step``: batch -> targets -> grids -> head -> losses -> backward) and *loop* (``train_loop``:
+logging, validation, checkpoints). Every random stream is explicit and checkpointed, so a resumed run is
+bit-identical; the paper-or-released choices are made once (``depthg.build.fidelity``). docs/training.md
+describes the set-up order, resume, model selection and multi-process (DDP) runs.
 """
 
 from __future__ import annotations

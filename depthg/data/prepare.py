@@ -1,35 +1,10 @@
 """One-off preparation of training data: five-crops, kNN positives, and the whole chain.
 
 STEGO/DepthG train on five-crops of the source images and draw each image's positive partner from its
-k nearest neighbours in DINO feature space (docs/method.md §10). Both are computed once
-and cached. Fixes relative to the released scripts:
-
-* **Lossless crops.** The released script re-encodes the image crops as JPEG and stores depth as 8-bit
-  ``round(d * 255)``; here images are PNG, labels PNG (``class + 1``, 0 = ignore, as released) and
-  depth a 16-bit :class:`~depthg.depth.DepthCache` with the source cache's scale. ``index.json``
-  records every crop's source key, box, and the parent image's depth min/max, so
-  :class:`CroppedDataset` can reproduce the released per-full-image min-max normalisation
-  (``depth_normalization="minmax255"``, docs/fidelity.md §3.11) or give metric depth (``"none"``).
-* **Resumable, atomic.** Finished crops are skipped; every file goes through ``atomic_write``.
-* **kNN in eval mode.** The released extraction left ``Dropout2d(0.1)`` active (§4.5); here the
-  backbone is put in eval mode. Descriptor = spatial mean of the patch features, L2-normalised (as
-  released); cosine top-(k+1) computed in row chunks (bounded memory) or with faiss when installed;
-  both give the same neighbours. Self is always rank 0. The file's resolution is the one used (the
-  released 392-vs-224 file-name mismatch cannot happen).
-
-Staleness and concurrency. Every artefact records what made it and is
-rebuilt, with one line on stderr saying why, when that changes:
-
-* crops: ``index.json`` holds each source item's files' identity (size, modification time) and each
-  crop file's size and SHA-256; an item whose image, label or depth changed is recropped, and
-  :class:`CroppedDataset` refuses a folder whose files no longer match the index;
-* kNN: the ``.npz`` holds a key over the images' content (crop hashes, or source identities), k, the
-  resolution, the resize mode and the backbone's weights hash (:func:`depthg.features.backbone_fingerprint`);
-* the synthetic world: its folder is named by its arguments.
-
-Builds run under an inter-process lock (:func:`depthg.utils.build_lock`) and a crop folder is built in
-``<folder>.partial`` and renamed into place when complete, so two processes preparing one cache wait for
-each other instead of racing, and a reader never sees a half-built folder.
+k nearest neighbours in backbone feature space (docs/method.md §10). Both are computed once into
+``cache_dir``: lossless crops with an ``index.json``, kNN files keyed by what made them, each rebuilt
+(with one line on stderr) when that changes, under an inter-process lock and published atomically.
+docs/method.md §10 describes the caches; docs/fidelity.md §4 the released bugs they avoid.
 """
 
 from __future__ import annotations
