@@ -1,0 +1,68 @@
+"""Fidelity choices: the mode is a preset of functions and flags, chosen once in depthg.build."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+import depthg.released as R
+from depthg import lhp, losses, sampling
+from depthg.build import Fidelity, depth_normalization, fidelity
+from depthg.config import Config
+from depthg.data.transforms import PAPER_RESIZE, RELEASED_RESIZE
+from depthg.sampling import decay_events
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_presets_pick_the_paper_or_the_released_functions():
+    paper, released = fidelity(Config(mode="paper")), fidelity(Config(mode="released"))
+    assert paper == Fidelity.paper() and released == Fidelity.released()
+    assert (paper.unproject, paper.cells_to_grid, paper.negatives) == (
+        sampling.depth_to_points, sampling.indices_to_grid, losses.derangement_negatives)
+    assert (paper.lhp_keep_attention, paper.lhp_normalise, paper.resize) == (
+        lhp.strongest_attention, lhp.weighted_mean, PAPER_RESIZE)
+    assert not (paper.fps_fixed_start or paper.transposed_depth_pairs) and paper.depth_values == "none"
+    assert (released.unproject, released.cells_to_grid, released.negatives) == (
+        R.radians_unprojection, R.transposed_readout, R.super_perm_negatives)
+    assert (released.lhp_keep_attention, released.lhp_normalise, released.resize) == (
+        R.weakest_attention, R.divide_by_cell_count, RELEASED_RESIZE)
+    assert released.fps_fixed_start and released.transposed_depth_pairs and released.depth_values == "minmax255"
+    # "auto" depth values follow the fidelity on five-crops only
+    assert depth_normalization(Config(mode="released"), {"crop_dir": "x"}) == "minmax255"
+    assert depth_normalization(Config(mode="released"), {"crop_dir": None}) == "none"
+
+
+def test_mode_fills_the_timing_flags_unless_set():
+    assert (Config(mode="released").decay_after_step, Config(mode="released").sample_decay_at_start) == (True, True)
+    assert (Config().decay_after_step, Config().sample_decay_at_start) == (False, False)
+    mixed = Config(mode="released", sample_decay_at_start=False)
+    assert mixed.decay_after_step and not mixed.sample_decay_at_start
+
+
+@pytest.mark.parametrize("after_step,at_start", [(False, False), (True, False), (False, True), (True, True)])
+def test_decay_events_simulates_the_loop(after_step: bool, at_start: bool) -> None:
+    """A loop that fires every ``every`` iterations (at 0 too with ``at_start``) and applies each event from
+    its own iteration, or from the next one with ``after_step``, counts what decay_events says."""
+    for every in (1, 3, 7):
+        applied = 0
+        for it in range(60):
+            fires = it % every == 0 and (it > 0 or at_start)
+            if fires and not after_step:
+                applied += 1
+            assert decay_events(it, every, after_step, at_start) == applied, (every, it)
+            if fires and after_step:
+                applied += 1
+    assert decay_events(10**6, 0, True, True) == 0  # every = 0: off
+
+
+def test_method_code_never_reads_the_mode() -> None:
+    """Only the config (the preset) and the build layer (which picks the functions) branch on ``mode``;
+    method code neither tests it nor passes it on (results.json still records it)."""
+    method = ["train.py", "losses.py", "sampling.py", "lhp.py", "released.py", "evaluate.py", "data/transforms.py",
+              "data/prepare.py"]
+    for name in method:
+        text = (ROOT / "depthg" / name).read_text()
+        assert not re.search(r"\bmode\s*(==|!=)|self\.mode|mode=(cfg\.)?mode\b", text), name
