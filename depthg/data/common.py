@@ -200,8 +200,7 @@ class SegmentationDataset(Dataset):
         self.samples: list[Sample] = self._find_samples()
         if not self.samples:
             raise EmptySplitError(f"{self.name}: no images for split {split!r} under {self.root}")
-        self.depth_dir = Path(depth_dir) if depth_dir is not None else None
-        self.depth_cache = DepthCache(self.depth_dir) if self.depth_dir is not None else None
+        self.depth_cache = DepthCache(Path(depth_dir)) if depth_dir is not None else None
 
     def _find_samples(self) -> list[Sample]:
         raise NotImplementedError
