@@ -23,7 +23,6 @@ from .common import (
     SegmentationDataset,
     check_pairs,
     describe_dir,
-    lut_map,
 )
 
 __all__ = ["Cityscapes", "CITYSCAPES_27_CLASSES", "CITYSCAPES_19_CLASSES", "CITYSCAPES_27_PALETTE", "CITYSCAPES_19_PALETTE"]
@@ -94,12 +93,12 @@ class Cityscapes(SegmentationDataset):
         root = Path(root)
         self.classes = classes
         if classes in (27, "27"):
-            self._lut, self.class_names, self.palette = _LUT_27, list(CITYSCAPES_27_CLASSES), CITYSCAPES_27_PALETTE
+            self.lut, self.class_names, self.palette = _LUT_27, list(CITYSCAPES_27_CLASSES), CITYSCAPES_27_PALETTE
         elif classes in (19, "19"):
-            self._lut, self.class_names, self.palette = _LUT_19, list(CITYSCAPES_19_CLASSES), CITYSCAPES_19_PALETTE
+            self.lut, self.class_names, self.palette = _LUT_19, list(CITYSCAPES_19_CLASSES), CITYSCAPES_19_PALETTE
         elif classes == "world":
             ids = _world_label_ids(root)
-            self._lut = _lut([(i, k) for k, i in enumerate(ids)])
+            self.lut = _lut([(i, k) for k, i in enumerate(ids)])
             self.class_names = [id2label[i].name for i in ids]
             self.palette = np.array([id2label[i].color for i in ids], dtype=np.uint8)
         else:
@@ -128,9 +127,6 @@ class Cityscapes(SegmentationDataset):
         labels = {p.relative_to(lbl_dir).as_posix()[: -len(_LABEL_SUFFIX)]: p for p in lbl_dir.glob(f"*/*{_LABEL_SUFFIX}")}
         check_pairs(images, labels, f"Cityscapes {self.split!r}", img_dir, lbl_dir)
         return [Sample(f"{self.split}/{stem}", images[stem], labels[stem]) for stem in sorted(images)]
-
-    def map_label(self, raw: np.ndarray) -> np.ndarray:
-        return lut_map(raw, self._lut)
 
     @property
     def source_dirs(self) -> list[Path]:

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .common import InvalidDatasetError, DatasetNotFoundError, Sample, SegmentationDataset, describe_dir, listed_samples, lut_map
+from .common import InvalidDatasetError, DatasetNotFoundError, Sample, SegmentationDataset, describe_dir, listed_samples
 
 __all__ = ["CocoStuff", "COCOSTUFF_27_CLASSES", "COCOSTUFF_27_PALETTE", "COCO_FINE_TO_COARSE"]
 
@@ -73,6 +73,7 @@ class CocoStuff(SegmentationDataset):
     class_names = list(COCOSTUFF_27_CLASSES)
     n_classes = 27
     palette = COCOSTUFF_27_PALETTE
+    lut = COCO_FINE_TO_COARSE
 
     def __init__(
         self,
@@ -111,6 +112,3 @@ class CocoStuff(SegmentationDataset):
 
         return listed_samples("COCO-Stuff image list", list_path, self.split,
                               f"{img_dir}/{{id}}.jpg and {lbl_dir}/{{id}}.png", locate)
-
-    def map_label(self, raw: np.ndarray) -> np.ndarray:
-        return lut_map(raw, COCO_FINE_TO_COARSE)

@@ -175,13 +175,15 @@ class Sample:
 
 
 class SegmentationDataset(Dataset):
-    """Base class: subclasses implement :meth:`_find_samples` and :meth:`map_label` (raw values → class ids,
-    -1 = ignore) and may override the readers; ``transform`` is a callable on the item dict."""
+    """Base class: subclasses implement :meth:`_find_samples`, set the label table ``lut`` (raw value → class
+    id, -1 = ignore) or override :meth:`map_label`, and may override the readers; ``transform`` is a
+    callable on the item dict."""
 
     name: ClassVar[str] = "dataset"
     n_classes: int
     class_names: list[str]
     palette: np.ndarray
+    lut: np.ndarray
 
     def __init__(
         self,
@@ -206,7 +208,7 @@ class SegmentationDataset(Dataset):
         raise NotImplementedError
 
     def map_label(self, raw: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        return lut_map(raw, self.lut)
 
     def load_image_array(self, sample: Sample) -> np.ndarray:
         return read_image(sample.image)

@@ -22,7 +22,6 @@ from .common import (
     SegmentationDataset,
     describe_dir,
     listed_samples,
-    lut_map,
     read_image,
     read_label,
 )
@@ -73,9 +72,9 @@ class Potsdam(SegmentationDataset):
         n_classes: int = 3,
     ) -> None:
         if n_classes == 3:
-            self._lut, self.class_names, self.palette = _LUT_3, list(POTSDAM_3_CLASSES), POTSDAM_3_PALETTE
+            self.lut, self.class_names, self.palette = _LUT_3, list(POTSDAM_3_CLASSES), POTSDAM_3_PALETTE
         elif n_classes == 6:
-            self._lut, self.class_names, self.palette = _LUT_6, list(POTSDAM_6_CLASSES), POTSDAM_6_PALETTE
+            self.lut, self.class_names, self.palette = _LUT_6, list(POTSDAM_6_CLASSES), POTSDAM_6_PALETTE
         else:
             raise InvalidDatasetError(f"Potsdam n_classes must be 3 or 6, got {n_classes!r}")
         if split not in _SPLIT_FILES:
@@ -140,6 +139,3 @@ class Potsdam(SegmentationDataset):
         if arr.ndim != 2:
             raise CorruptFileError(f"{sample.label}: 'gt' must be (H, W), got shape {arr.shape}")
         return arr.astype(np.int64)
-
-    def map_label(self, raw: np.ndarray) -> np.ndarray:
-        return lut_map(raw, self._lut)
