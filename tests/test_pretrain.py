@@ -319,3 +319,48 @@ def test_dino_only_recipe_has_no_patch_head(tmp_path):
     assert not any(k.startswith("patch_head") or k == "mask_token" for k in state["student"])
     log = [json.loads(x) for x in (tmp_path / P.LOG_NAME).read_text().splitlines()]
     assert log[-1]["ibot"] == 0.0 and log[-1]["masked"] == 0
+
+
+# ------------------------------------------------------------------------------ cross-view patches
+
+
+def test_patch_centres_map_back_onto_their_own_grid():
+    boxes = torch.tensor([[10.0, 5.0, 74.0, 69.0], [0.0, 0.0, 32.0, 16.0]])
+    flip = torch.tensor([False, True])
+    centres = P.patch_centres(boxes, flip, (2, 4))
+    # first crop, patch (0, 0): 1/8 across and 1/4 down the box; second crop is flipped
+    assert torch.allclose(centres[0, 0], torch.tensor([10 + 64 / 8, 5 + 64 / 4]))
+    assert torch.allclose(centres[1, 0], torch.tensor([32 - 32 / 8, 16 / 4]))
+    coords, inside = P.crop_coordinates(centres, boxes, flip)
+    v, u = torch.meshgrid((torch.arange(2) + 0.5) / 2, (torch.arange(4) + 0.5) / 4, indexing="ij")
+    expected = torch.stack([2 * u.flatten() - 1, 2 * v.flatten() - 1], -1)
+    assert inside.all() and torch.allclose(coords, expected.expand(2, -1, -1), atol=1e-6)
+
+
+def test_cross_view_targets_follow_the_image_not_the_crop():
+    # crop 2 is crop 1 mirrored: the teacher's map sampled for the student's crop 2 must be the
+    # mirrored map, so a student that outputs exactly that gets the lowest loss
+    grid, k = (4, 4), 6
+    boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0]])
+    geometry = [(boxes, torch.tensor([False])), (boxes, torch.tensor([True]))]
+    g = torch.Generator().manual_seed(0)
+    t1 = torch.rand(1, 16, k, generator=g) * 2 - 1  # cosine similarities, as the head outputs
+    t2 = t1.reshape(1, 4, 4, k).flip(2).reshape(1, 16, k)  # the same image seen mirrored
+    teacher = torch.cat([t1, t2])
+    right = P.cross_view_loss(teacher / 0.1 * 0.02, teacher, geometry, grid, 0.02, 0.1)
+    wrong = P.cross_view_loss(torch.cat([t2, t1]) / 0.1 * 0.02, teacher, geometry, grid, 0.02, 0.1)
+    assert right < wrong
+    # disjoint crops share no image location: nothing to predict
+    far = [(boxes, torch.tensor([False])), (boxes + 100, torch.tensor([False]))]
+    assert P.cross_view_loss(teacher, teacher, far, grid, 0.02, 0.1).item() == 0.0
+
+
+def test_dense_recipe_runs_and_resumes(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    P.pretrain(full, **tiny_run_kwargs(dense_weight=1.0))
+    P.pretrain(part, **tiny_run_kwargs(dense_weight=1.0, stop_at=2))
+    P.pretrain(part, **tiny_run_kwargs(dense_weight=1.0, resume=True))
+    a, b = safe_torch_load(full / P.CHECKPOINT_NAME), safe_torch_load(part / P.CHECKPOINT_NAME)
+    assert all(torch.equal(a["teacher"][n], b["teacher"][n]) for n in a["teacher"])
+    log = [json.loads(x) for x in (full / P.LOG_NAME).read_text().splitlines()]
+    assert all(math.isfinite(r["dense"]) for r in log) and any(r["dense"] > 0 for r in log)

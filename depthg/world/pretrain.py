@@ -72,7 +72,7 @@ DEFAULTS: dict[str, Any] = dict(
     render_size=(128, 256), pool_size=512, refresh_per_step=8, renderer="synthetic",
     # DINO (CLS) head and iBOT (patch) head
     out_dim=256, head_hidden_dim=512, bottleneck_dim=64, ibot_out_dim=256, ibot_weight=1.0,
-    mask_prob=0.5, mask_ratio=(0.1, 0.5),
+    mask_prob=0.5, mask_ratio=(0.1, 0.5), dense_weight=0.0,
     # optimisation
     lr=5e-4, min_lr=1e-6, warmup_steps=None, weight_decay=0.04, weight_decay_end=0.4,
     momentum_teacher=0.992, student_temp=0.1, teacher_temp=0.02, warmup_teacher_temp=0.02,
@@ -335,7 +335,7 @@ def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Ten
 
 
 def random_resized_crops(images: torch.Tensor, size: int, scale: tuple[float, float],
-                         gen: torch.Generator) -> torch.Tensor:
+                         gen: torch.Generator, geometry: list | None = None) -> torch.Tensor:
     """Batched RandomResizedCrop + horizontal flip: one crop per image, resized to ``size``.
 
     The area fraction is uniform in ``scale`` and the log aspect ratio uniform in
@@ -354,6 +354,8 @@ def random_resized_crops(images: torch.Tensor, size: int, scale: tuple[float, fl
     crops = roi_align(images, boxes, output_size=(size, size), spatial_scale=1.0,
                       sampling_ratio=-1, aligned=True)
     flip = torch.rand(b, generator=gen) < 0.5
+    if geometry is not None:  # where each crop came from: boxes (B, 4) as x0, y0, x1, y1 and flips (B,)
+        geometry.append((boxes[:, 1:], flip))
     return torch.where(flip[:, None, None, None], crops.flip(-1), crops)
 
 
@@ -424,13 +426,15 @@ def solarize(x: torch.Tensor, gen: torch.Generator, p: float) -> torch.Tensor:
     return torch.where(apply & (x >= 0.5), 1 - x, x)
 
 
-def multi_crop(images: torch.Tensor, hp: dict[str, Any], gen: torch.Generator) -> list[torch.Tensor]:
+def multi_crop(images: torch.Tensor, hp: dict[str, Any], gen: torch.Generator,
+               geometry: list | None = None) -> list[torch.Tensor]:
     """DINO's DataAugmentationDINO on a batch of images in [0, 1]: 2 global + ``n_local`` local
     crops, each (B, 3, s, s), ImageNet-normalised (the exported backbone is used by
     ``depthg.backbone.Backbone``, which normalises the same way internally).
 
     Blur probabilities follow DINO (global 1: 1.0, global 2: 0.1, locals: 0.5); sigma is DINO's
-    [0.1, 2.0] px at 224 px scaled to the crop size (our crops are 3-4x smaller).
+    [0.1, 2.0] px at 224 px scaled to the crop size (our crops are 3-4x smaller). ``geometry``, if
+    given, receives the (boxes, flips) of the two global crops.
     """
     mean = torch.tensor(IMAGENET_DEFAULT_MEAN)[None, :, None, None]
     std = torch.tensor(IMAGENET_DEFAULT_STD)[None, :, None, None]
@@ -439,7 +443,7 @@ def multi_crop(images: torch.Tensor, hp: dict[str, Any], gen: torch.Generator) -
         is_global = i < 2
         size = hp["global_size"] if is_global else hp["local_size"]
         scale = hp["global_scale"] if is_global else hp["local_scale"]
-        x = random_resized_crops(images, size, tuple(scale), gen)
+        x = random_resized_crops(images, size, tuple(scale), gen, geometry if is_global else None)
         x = random_grayscale(colour_jitter(x, gen), gen)
         blur_p = (1.0, 0.1)[i] if is_global else 0.5
         x = gaussian_blur(x, gen, blur_p, (0.1 * size / 224, 2.0 * size / 224))
@@ -471,6 +475,53 @@ def block_masks(n: int, grid: tuple[int, int], prob: float, ratio: tuple[float, 
             left = int(torch.randint(0, w - bw + 1, (1,), generator=gen))
             masks[i, top:top + bh, left:left + bw] = True
     return masks.flatten(1)
+
+
+def patch_centres(boxes: torch.Tensor, flip: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Image coordinates (B, h*w, 2) as (x, y) of the patch centres of crops cut from ``boxes`` (B, 4)
+    and flipped where ``flip`` (B,), on a ``grid`` of (h, w) patches, row-major."""
+    h, w = grid
+    v, u = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
+    u, v = u.flatten()[None], v.flatten()[None]  # (1, h*w) in (0, 1) of the crop
+    u = torch.where(flip[:, None], 1 - u, u)  # output column j shows source column w-1-j
+    x0, y0, x1, y1 = boxes.unbind(1)
+    return torch.stack([x0[:, None] + u * (x1 - x0)[:, None], y0[:, None] + v * (y1 - y0)[:, None]], -1)
+
+
+def crop_coordinates(points: torch.Tensor, boxes: torch.Tensor,
+                     flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where image points (B, N, 2) fall in crops (``boxes`` (B, 4), ``flip`` (B,)): ``grid_sample``
+    coordinates (B, N, 2) in [-1, 1] (``align_corners=False``) and whether they are inside (B, N)."""
+    x0, y0, x1, y1 = (c[:, None] for c in boxes.unbind(1))
+    u = (points[..., 0] - x0) / (x1 - x0)
+    u = torch.where(flip[:, None], 1 - u, u)
+    v = (points[..., 1] - y0) / (y1 - y0)
+    inside = (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
+    return torch.stack([2 * u - 1, 2 * v - 1], -1), inside
+
+
+def cross_view_loss(student_patch: torch.Tensor, teacher_patch: torch.Tensor, geometry: list,
+                    grid: tuple[int, int], teacher_temp: float, student_temp: float) -> torch.Tensor:
+    """Patch-level self-distillation across the two global crops of each image.
+
+    ``student_patch`` / ``teacher_patch`` are (2B, h*w, K) patch-head outputs, crop-major. Each
+    student patch of one crop predicts the teacher's output at the same *image* location in the other
+    crop (bilinear between the teacher's patches, only where the two crops overlap), with the targets
+    Sinkhorn-centred over all overlapping patches. The patch feature must then survive the other crop's
+    scale, position and colour augmentation: a dense version of DINO's invariance.
+    """
+    b = len(student_patch) // 2
+    s, t = student_patch.chunk(2), teacher_patch.chunk(2)
+    total = student_patch.new_zeros(())
+    for a, v in ((0, 1), (1, 0)):  # teacher crop a -> student crop v
+        coords, inside = crop_coordinates(patch_centres(*geometry[v], grid), *geometry[a])
+        t_map = t[a].transpose(1, 2).reshape(b, -1, *grid)  # (B, K, h, w)
+        with torch.no_grad():
+            sampled = F.grid_sample(t_map, coords[:, :, None].to(t_map.dtype), mode="bilinear",
+                                    align_corners=False)[..., 0].transpose(1, 2)  # (B, h*w, K)
+            targets = sinkhorn_targets(sampled[inside], teacher_temp) if inside.any() else sampled[inside]
+        total = total + ibot_loss(s[v][inside], targets, student_temp)
+    return total / 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -581,7 +632,7 @@ def build_state(hp: dict[str, Any], dev: torch.device) -> State:
                         hp["global_size"], drop_path)
         head = DINOHead(hp["embed_dim"], hp["out_dim"], hp["head_hidden_dim"], hp["bottleneck_dim"])
         patch_head = (DINOHead(hp["embed_dim"], hp["ibot_out_dim"], hp["head_hidden_dim"],
-                               hp["bottleneck_dim"]) if hp["ibot_weight"] > 0 else None)
+                               hp["bottleneck_dim"]) if hp["ibot_weight"] + hp["dense_weight"] > 0 else None)
         return DINOModel(vit, head, patch_head)
 
     student, teacher = model(hp["drop_path"]), model(0.0)
@@ -610,7 +661,7 @@ def load_checkpoint(state: State, hp: dict[str, Any], path: Path) -> None:
     """Restore ``state`` from ``path``; refuse a checkpoint of another recipe or format."""
     ckpt = safe_torch_load(path)
     saved = json.loads(bytes(ckpt["hparams_json"].tolist()).decode())
-    diff = [k for k in RUN_KEYS if saved.get(k) != hp[k]]
+    diff = [k for k in RUN_KEYS if saved.get(k, DEFAULTS[k]) != hp[k]]
     if int(ckpt.get("version", 1)) != CHECKPOINT_VERSION or diff:
         reason = (", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {hp[k]!r})" for k in diff)
                   or f"checkpoint format {int(ckpt.get('version', 1))}, expected {CHECKPOINT_VERSION}")
@@ -635,10 +686,12 @@ def train_step(state: State, hp: dict[str, Any], render: Callable[[int, int], np
         render_into(state.pool, state.n_rendered % hp["pool_size"], render(hp["seed"], state.n_rendered))
         state.n_rendered += 1
     idx = torch.randperm(hp["pool_size"], generator=state.gen)[:b]
-    crops = [c.to(dev) for c in multi_crop(state.pool[idx].float() / 255.0, hp, state.gen)]
+    geometry: list = []  # (boxes, flips) of the two global crops, for the cross-view patch loss
+    crops = [c.to(dev) for c in multi_crop(state.pool[idx].float() / 255.0, hp, state.gen, geometry)]
     grid = (hp["global_size"] // 8, hp["global_size"] // 8)
     mask = block_masks(2 * b, grid, hp["mask_prob"], tuple(hp["mask_ratio"]), state.gen).to(dev)
-    use_ibot = state.student.patch_head is not None
+    use_ibot = state.student.patch_head is not None and hp["ibot_weight"] > 0
+    use_dense = state.student.patch_head is not None and hp["dense_weight"] > 0
 
     # schedules: pure functions of the step
     lr = cosine_schedule(step, hp["steps"], hp["lr"], hp["min_lr"], hp["warmup_steps"])
@@ -660,6 +713,8 @@ def train_step(state: State, hp: dict[str, Any], render: Callable[[int, int], np
             targets = ema_centered_targets(t_cls, state.center, temp)
         if use_ibot:
             patch_targets = sinkhorn_targets(state.teacher.patch_head(t_tokens[:, 1:][mask]), temp)
+        if use_dense:
+            t_patch = state.teacher.patch_head(t_tokens[:, 1:])  # (2B, h*w, K)
 
     # student: masked global crops and unmasked local crops
     s_tokens = vit_tokens(state.student.backbone, globals_, mask if use_ibot else None,
@@ -671,8 +726,11 @@ def train_step(state: State, hp: dict[str, Any], render: Callable[[int, int], np
                           hp["student_temp"])
     loss_ibot = (ibot_loss(state.student.patch_head(s_tokens[:, 1:][mask]), patch_targets,
                            hp["student_temp"]) if use_ibot else loss_dino.new_zeros(()))
+    loss_dense = (cross_view_loss(state.student.patch_head(s_tokens[:, 1:]), t_patch, geometry, grid, temp,
+                                  hp["student_temp"]) if use_dense else loss_dino.new_zeros(()))
     loss_koleo = sum(koleo_loss(c) for c in s_tokens[:, 0].chunk(2))
-    loss = loss_dino + hp["ibot_weight"] * loss_ibot + hp["koleo_weight"] * loss_koleo
+    loss = (loss_dino + hp["ibot_weight"] * loss_ibot + hp["dense_weight"] * loss_dense
+            + hp["koleo_weight"] * loss_koleo)
     if not torch.isfinite(loss):
         raise RuntimeError(f"pretraining loss is {loss.item()} at step {step}; stopping")
 
@@ -681,7 +739,7 @@ def train_step(state: State, hp: dict[str, Any], render: Callable[[int, int], np
     clip_gradients(state.student, hp["clip_grad"])
     if step < hp["freeze_last_layer_steps"]:  # AdamW skips parameters without a gradient
         state.student.head.last_layer.grad = None
-        if use_ibot:
+        if state.student.patch_head is not None:
             state.student.patch_head.last_layer.grad = None
     state.optimizer.step()
     ema_update(state.student, state.teacher, momentum)
@@ -690,7 +748,7 @@ def train_step(state: State, hp: dict[str, Any], render: Callable[[int, int], np
                                                       alpha=1 - hp["center_momentum"])
     state.step += 1
     return dict(step=state.step, loss=round(loss.item(), 5), dino=round(loss_dino.item(), 5),
-                ibot=round(loss_ibot.item(), 5), koleo=round(float(loss_koleo.detach()), 5),
+                ibot=round(loss_ibot.item(), 5), dense=round(loss_dense.item(), 5), koleo=round(float(loss_koleo.detach()), 5),
                 lr=lr, wd=round(wd, 5), momentum=round(momentum, 6), teacher_temp=round(temp, 5),
                 **_entropies(targets), masked=int(mask.sum()) if use_ibot else 0,
                 step_s=round(time.time() - t0, 3), n_rendered=state.n_rendered)
@@ -783,7 +841,7 @@ def _validate(hp: dict[str, Any]) -> None:
         lo, hi = hp[key]
         if not 0 < lo <= hi <= 1:
             raise PretrainError(f"{key} must satisfy 0 < low <= high <= 1, got {hp[key]}")
-    if not 0 <= hp["mask_prob"] <= 1 or hp["ibot_weight"] < 0:
+    if not 0 <= hp["mask_prob"] <= 1 or hp["ibot_weight"] < 0 or hp["dense_weight"] < 0:
         raise PretrainError(f"mask_prob must be in [0, 1] and ibot_weight >= 0, got "
                             f"{hp['mask_prob']} and {hp['ibot_weight']}")
     if hp["centering"] not in ("sinkhorn", "ema"):
@@ -805,6 +863,7 @@ _HELP = {
     "out_dim": "prototypes of the CLS (DINO) head",
     "ibot_out_dim": "prototypes of the patch (iBOT) head",
     "ibot_weight": "weight of the masked-patch loss (0 = DINO only)",
+    "dense_weight": "weight of the cross-view patch loss (0 = off)",
     "mask_prob": "fraction of global crops the student sees masked",
     "mask_ratio": "range of the masked fraction of a masked crop's patches",
     "lr": "peak learning rate",
