@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from depthg import sampling as S  # noqa: E402
 from depthg.backbone import load_backbone  # noqa: E402
-from depthg.build import fidelity  # noqa: E402
+from depthg.build import build_loss, fidelity  # noqa: E402
 from depthg.config import Config  # noqa: E402
 from depthg.features import FULL_PRECISION, Precision, backbone_features, build_feature_cache  # noqa: E402
-from depthg.losses import DepthDecaySchedule, DepthGLoss  # noqa: E402
+from depthg.losses import DepthDecaySchedule  # noqa: E402
 from depthg.train import CachedSource, build_models, channel_dropout, dropout_masks  # noqa: E402
 
 
@@ -99,10 +99,7 @@ def run_config(cfg: Config, backbone: torch.nn.Module, data: RandomCrops, cache,
             torch.optim.Adam(model.cluster.parameters(), lr=cfg.probe_lr),
             torch.optim.Adam(model.linear.parameters(), lr=cfg.probe_lr)]
     fid = fidelity(cfg)
-    loss_fn = DepthGLoss(cfg.pos_intra_weight, cfg.pos_intra_shift, cfg.pos_inter_weight, cfg.pos_inter_shift,
-                         cfg.neg_inter_weight, cfg.neg_inter_shift, neg_samples=cfg.neg_samples,
-                         centering=cfg.centering, depth_similarity=cfg.depth_similarity,
-                         negatives=fid.negatives, transposed_depth_pairs=fid.transposed_depth_pairs)
+    loss_fn = build_loss(cfg, fid)
     sched = DepthDecaySchedule(cfg.depth_weight, cfg.depth_shift, cfg.depth_decay_factor, cfg.depth_decay_every,
                                after_step=cfg.decay_after_step)
     gens = {k: torch.Generator().manual_seed(i) for i, k in enumerate(("sample", "dropout", "loss"))}

@@ -74,15 +74,8 @@ class BackboneError(DepthGError, RuntimeError):
 
 
 class Backbone(nn.Module):
-    """A frozen timm ViT that maps images in [0, 1] to last-layer patch features.
-
-    Parameters never get gradients and the module stays in eval mode even under a parent's ``.train()``;
-    STEGO's channel dropout is the head's and the trainer's job, not this module's.
-
-    Attributes:
-        timm_model: the underlying ``timm.models.vision_transformer.VisionTransformer``.
-        name: the name it was loaded under (alias or timm name).
-        patch_size, embed_dim, num_heads: architecture facts used by callers to size their grids.
+    """A frozen timm ViT (``timm_model``, loaded as ``name``) mapping images in [0, 1] to last-layer patch
+    features; always in eval mode, no gradients. ``patch_size``, ``embed_dim``, ``num_heads`` size callers' grids.
     """
 
     timm_model: VisionTransformer
@@ -198,10 +191,8 @@ class Backbone(nn.Module):
             attn.fused_attn = old_fused
 
     def last_attention(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features and the full last-layer attention ``(B, heads, N, N)``, N = prefix + h*w tokens.
-
-        Rows are softmax distributions over all N keys (CLS included), so they sum to 1.
-        """
+        """Features and the full last-layer attention ``(B, heads, N, N)`` (rows softmaxed over all N =
+        prefix + h*w keys)."""
         with self._capture_last_attention() as captured:
             tokens = self._tokens(img)
         if "attn" not in captured:
@@ -209,11 +200,8 @@ class Backbone(nn.Module):
         return self._to_map(tokens, self.grid_size(img)), captured["attn"]
 
     def patch_attention(self, img: torch.Tensor) -> torch.Tensor:
-        """Last-layer patch → patch attention averaged over heads, ``(B, h*w, h*w)``, row-major cells.
-
-        Row p is how much patch p attends to patch q (index ``r * w + c``); prefix columns are dropped and
-        rows are not renormalised (the local hidden positives min-max normalise them, docs/method.md §7).
-        """
+        """Last-layer patch -> patch attention averaged over heads ``(B, h*w, h*w)``, row-major cells, prefix
+        columns dropped, rows not renormalised."""
         _, attn = self.last_attention(img)
         npt = self.timm_model.num_prefix_tokens
         return attn[:, :, npt:, npt:].mean(dim=1)
@@ -376,6 +364,11 @@ def _load_into(model: VisionTransformer, state: dict[str, torch.Tensor], source:
     model.load_state_dict(state, strict=True)
 
 
+def _load_file(model: VisionTransformer, path: Path) -> None:
+    """Load a DINO weights file of any layout into ``model`` (strict, pos_embed resampled if needed)."""
+    _load_into(model, _extract_backbone_state(_read_weights_file(path), str(path), set(model.state_dict())), str(path))
+
+
 def _resolve_weights(arch: str, weights: str | os.PathLike) -> Path:
     """Turn a weights argument into a local file (downloading a URL once)."""
     text = os.fspath(weights)
@@ -443,15 +436,9 @@ def _load_embedded(timm_kwargs: dict[str, Any]) -> tuple[str, dict[str, Any], Pa
 
 
 def load_backbone(name: str, weights: str | os.PathLike | None = None, **timm_kwargs: Any) -> Backbone:
-    """Build a frozen :class:`Backbone`.
-
-    Args:
-        name: a timm ViT name, an alias (``vits8``, ``vitb8``, ``vits16``, ``vitb16``) or ``"embedded"``.
-        weights: a DINO file, URL, ``"dino"``/file stem, or None for random weights (docs/backbones.md).
-        **timm_kwargs: passed to ``timm.create_model`` (tests pass a tiny architecture here).
-
-    Raises BackboneError for unknown names, unusable files and key/shape mismatches, FileNotFoundError
-    for a missing file and UnsafeCheckpointError for a file that needs arbitrary unpickling.
+    """Build a frozen :class:`Backbone` from a timm ViT name, an alias (:data:`ALIASES`) or ``"embedded"``,
+    with ``weights`` a DINO file, URL, ``"dino"``/file stem or None (random; docs/backbones.md);
+    ``timm_kwargs`` go to ``timm.create_model``. Unusable names or files raise :class:`BackboneError`.
     """
     if name == "embedded":
         if weights is not None:
@@ -462,8 +449,7 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None, **timm_kw
         arch, kwargs, path = _load_embedded(timm_kwargs)
         arch = resolve_name(arch)
         model = _create(arch, kwargs)
-        state = _extract_backbone_state(_read_weights_file(path), str(path), set(model.state_dict()))
-        _load_into(model, state, str(path))
+        _load_file(model, path)
         return Backbone(model, "embedded")
 
     arch = resolve_name(name)
@@ -477,8 +463,7 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None, **timm_kw
         )
     else:
         path = _resolve_weights(arch, weights)
-        state = _extract_backbone_state(_read_weights_file(path), str(path), set(model.state_dict()))
-        _load_into(model, state, str(path))
+        _load_file(model, path)
     return Backbone(model, name)
 
 

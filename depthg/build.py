@@ -22,12 +22,13 @@ from depthg.data.transforms import PAPER_RESIZE, RELEASED_RESIZE, Resize
 from depthg.features import FULL_PRECISION, Precision
 from depthg.head import ClusterProbe, LinearProbe, SegmentationHead
 from depthg.lhp import strongest_attention, weighted_mean
-from depthg.losses import Negatives, derangement_negatives
+from depthg.losses import CorrelationTerms, DepthGLoss, Negatives, derangement_negatives
 from depthg.sampling import CellsToGrid, Unproject, depth_to_points, indices_to_grid
 from depthg.utils import DepthGError, safe_torch_load
 
-__all__ = ["TrainError", "Fidelity", "fidelity", "Segmenter", "build_models", "load_checkpoint", "amp_context",
-           "dataset_kwargs", "depth_normalization", "training_dataset", "validation_dataset", "n_classes_of"]
+__all__ = ["TrainError", "Fidelity", "fidelity", "Segmenter", "build_models", "build_loss", "load_checkpoint",
+           "amp_context", "dataset_kwargs", "depth_normalization", "training_dataset", "validation_dataset",
+           "n_classes_of"]
 
 
 class TrainError(DepthGError, RuntimeError):
@@ -122,6 +123,12 @@ def build_models(cfg: Config, in_dim: int, n_classes: int) -> Segmenter:
                                generator=torch.Generator().manual_seed(cfg.seed))
         linear = LinearProbe(cfg.dim, n_classes)
     return Segmenter(head, cluster, linear)
+
+
+def build_loss(cfg: Config, fid: Fidelity) -> DepthGLoss:
+    """The STEGO + DepthG objective of ``cfg`` with the fidelity's negatives and depth pairing."""
+    return DepthGLoss(CorrelationTerms.from_config(cfg), depth_similarity=cfg.depth_similarity, fov_deg=cfg.fov_deg,
+                      negatives=fid.negatives, transposed_depth_pairs=fid.transposed_depth_pairs)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

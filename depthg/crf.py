@@ -73,15 +73,9 @@ def _image_to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
 def dense_crf(
     image: torch.Tensor | np.ndarray, logits: torch.Tensor | np.ndarray
 ) -> torch.Tensor | np.ndarray:
-    """Refine ``logits`` (C, h, w) with a dense CRF on ``image``; return probabilities (C, H, W).
-
-    Args:
-        image: uint8 (H, W, 3) RGB, or float (3, H, W) in [0, 1] (turned into 8 bits as released: x * 255
-            truncated).
-        logits: (C, h, w) scores or log-probabilities, resized bilinearly to (H, W) when sizes differ.
-
-    Returns float32 probabilities summing to 1 over C: a tensor on the logits' device for tensor logits,
-    else a NumPy array.
+    """Refine ``logits`` (C, h, w), resized bilinearly to the image, with a dense CRF on ``image`` (uint8
+    (H, W, 3) RGB, or float (3, H, W) in [0, 1] truncated to 8 bits as released) -> float32 probabilities
+    (C, H, W), a tensor on the logits' device for tensor logits, else a NumPy array.
     """
     dcrf, unary_from_softmax = _import_pydensecrf()
     rgb = _image_to_uint8(image)

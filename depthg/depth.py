@@ -1,11 +1,6 @@
-"""Depth for DepthG: an on-disk depth cache, monocular estimators from ``transformers``, stereo depth.
+"""Depth for DepthG: a 16-bit PNG depth cache, monocular estimators from ``transformers``, stereo depth.
 
-One depth map per training image (docs/method.md §10), computed once into a :class:`DepthCache` of 16-bit
-PNGs (``value = offset + scale * pixel``, scale and units in ``depth_meta.json``), never inside the
-dataset's folders. Estimators come from ``transformers`` (Depth Anything v1/v2, ZoeDepth, DPT): metric
-models in metres, relative ones converted to ``1 - minmax(disparity)``; Cityscapes disparity is turned
-into metric depth by :func:`disparity_to_depth`. All depth tensors are (1, H, W) or (B, 1, H, W)
-float32, larger = farther.
+docs/method.md §10. All depth tensors are (1, H, W) or (B, 1, H, W) float32, larger = farther.
 """
 
 from __future__ import annotations
@@ -54,9 +49,7 @@ META_NAME = "depth_meta.json"
 SOURCES_NAME = "depth_sources.json"
 UINT16_MAX = 65535
 
-# Default quantisation per unit: 1/256 m (4 mm steps, up to 256 m) covers ZoeDepth-KITTI (80 m), Depth
-# Anything metric-outdoor (80 m) and Cityscapes stereo up to ~1.8 px disparity; relative depth in [0, 1]
-# uses the full 16-bit range.
+# default quantisation per unit: 1/256 m (4 mm steps up to 256 m); relative depth uses the full 16 bits
 DEFAULT_SCALE = {"m": 1.0 / 256.0, "relative": 1.0 / UINT16_MAX, "unknown": 1.0 / 256.0}
 
 
@@ -73,11 +66,8 @@ class DepthModelNotFoundError(DepthGError, FileNotFoundError):
 
 
 def validate_depth(depth: np.ndarray | torch.Tensor, where: str) -> None:
-    """Raise :class:`InvalidDepthError` naming ``where`` when ``depth`` holds NaN, inf or negatives.
-
-    Zero is allowed: it is the nearest point of a relative map, and stereo caches use it for "no depth
-    here" (flagged by ``"invalid_value": 0`` in their metadata).
-    """
+    """Raise :class:`InvalidDepthError` naming ``where`` when ``depth`` holds NaN, inf or negatives (zero is
+    allowed: the nearest point of a relative map, or "no depth" in stereo caches)."""
     arr = depth.detach().cpu().numpy() if isinstance(depth, torch.Tensor) else np.asarray(depth)
     if arr.size == 0:
         raise InvalidDepthError(f"{where}: empty depth map (shape {arr.shape})")
@@ -105,19 +95,12 @@ def _check_key(key: str) -> PurePosixPath:
 
 
 class DepthCache:
-    """A folder of 16-bit PNG depth maps plus ``depth_meta.json`` (contract, ``depthg.depth``).
+    """A folder of uint16 PNGs ``root/{key}.png`` holding ``offset + scale * pixel``, with
+    ``root/depth_meta.json`` = ``{"source", "encoding": "uint16", "scale", "offset", "units", "normalisation",
+    ...extras}`` (e.g. ``"invalid_value": 0`` in stereo caches).
 
-    Layout: ``root/{key}.png`` (uint16) with ``root/depth_meta.json`` =
-    ``{"source", "encoding": "uint16", "scale", "offset", "units": "m"|"relative"|"unknown",
-    "normalisation"}`` (plus optional extras, e.g. ``"invalid_value": 0`` for stereo caches, where 0
-    marks pixels without depth); the stored depth is ``offset + scale * pixel``.
-
-    Open an existing cache with ``DepthCache(root)``. Create (or reopen for writing) one by passing
-    ``source`` and ``units``: the metadata is written at once if absent; if present it must agree, so
-    that two different estimators can never be mixed in one folder.
-
-    The synthetic world writes its exact depth in this format at ``root/depth_gt`` (contract,
-    ``depthg/world/synthetic.py``), so it is read by the same class.
+    ``DepthCache(root)`` opens a cache; passing ``source`` and ``units`` creates one, or reopens it only
+    if its metadata agrees, so two estimators never mix in one folder.
     """
 
     def __init__(
@@ -304,13 +287,9 @@ def disparity_to_depth(
     camera_json: str | os.PathLike,
     max_depth: float | None = None,
 ) -> torch.Tensor:
-    """Metric depth (1, H, W) from a Cityscapes disparity PNG and camera file.
+    """Metric depth (1, H, W) = baseline * fx / d from a Cityscapes disparity PNG (``p = 256 d + 1``, 0 = none).
 
-    Cityscapes stores ``p = d * 256 + 1`` as uint16 with ``p = 0`` meaning "no disparity"
-    (cityscapesScripts README), so ``d = (p - 1) / 256`` for ``p > 0`` and
-    ``depth = baseline * fx / d``. Pixels with no disparity (``p = 0``), zero disparity (``p = 1``,
-    infinitely far) or, when ``max_depth`` is given, a depth beyond it are **invalid and set to 0**
-    (the caches' invalid flag) — never clipped to a made-up value.
+    Pixels without disparity (p <= 1) or beyond ``max_depth`` become 0, the caches' invalid value.
     """
     path = Path(disparity_png)
     if not path.is_file():
@@ -358,12 +337,8 @@ _RELATIVE_TYPES = {"dpt"}
 
 @dataclass
 class DepthModel:
-    """A loaded ``transformers`` depth estimator with its image processor.
-
-    ``kind`` is "metric" (``predicted_depth`` in metres) or "relative" (disparity-like, larger =
-    closer; converted by :func:`estimate_depth`). ``name`` is what was asked for (alias or path) and
-    is recorded as the cache's ``source``.
-    """
+    """A loaded ``transformers`` depth estimator and its processor; ``kind`` "metric" (metres) or
+    "relative" (disparity-like); ``name`` (alias or path) becomes the cache's ``source``."""
 
     model: torch.nn.Module
     processor: Any
@@ -412,8 +387,8 @@ def _hub_endpoint() -> str:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the Hugging Face endpoint (or the HTTPS proxy, when one is set) opens
-    within ``timeout`` seconds. One quick probe instead of the hub client's retries with back-off."""
+    """Whether a TCP connection to the Hugging Face endpoint (or the HTTPS proxy) opens within ``timeout``
+    seconds: one quick probe instead of the hub client's retries."""
     proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
     url = urlsplit(proxy if proxy else _hub_endpoint())
     host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
@@ -441,8 +416,7 @@ def _in_hf_cache(repo_id: str) -> bool:
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """Switch transformers' own progress bars (loading / writing weights) off for a moment: they are noise
-    in a notebook's output and on the command line."""
+    """Switch transformers' own progress bars off for a moment (noise in notebooks and on the command line)."""
     from transformers.utils import logging as hf_logging
 
     was_on = hf_logging.is_progress_bar_enabled()
@@ -458,22 +432,13 @@ def load_depth_model(
     name_or_path: str | os.PathLike,
     device: str | torch.device = "auto",
     kind: Literal["metric", "relative"] | None = None,
-    probe_timeout: float = 3.0,
 ) -> DepthModel:
-    """Load a ``transformers`` depth estimator and its image processor (eval mode, on ``device``).
+    """Load a ``transformers`` depth estimator and its processor (eval mode, on ``device``).
 
-    ``name_or_path`` is an alias from :data:`DEPTH_MODEL_ALIASES`, a Hugging Face hub id such as
-    ``depth-anything/Depth-Anything-V2-Small-hf``, or a folder written by ``save_pretrained``
-    (config.json, weights, preprocessor_config.json). A relative folder is looked up under the
-    repository root (:func:`repo_root`), whatever the current directory. A hub id is loaded from the
-    local Hugging Face cache when it is there; otherwise it is downloaded, but only when offline mode
-    is off (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``) and the hub answers a quick connection probe
-    (``probe_timeout`` seconds), so a machine without network is told at once instead of after the
-    hub client's retries. ``kind`` overrides the metric/relative decision taken from the config
-    (Depth Anything v1 and v2 share one class and differ in ``depth_estimation_type``).
-
-    Raises :class:`DepthModelNotFoundError` (printed by the CLI as ``depthg: error: ...``) naming the
-    folder and cache it looked in and the command that fetches the weights.
+    ``name_or_path``: an alias of :data:`DEPTH_MODEL_ALIASES`, a hub id, or a ``save_pretrained`` folder
+    (relative to :func:`repo_root`). A hub id comes from the local Hugging Face cache, else is downloaded
+    unless offline mode is on or the hub does not answer a 3 s probe. ``kind`` overrides
+    metric/relative. Raises :class:`DepthModelNotFoundError` saying where it looked and how to get weights.
     """
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
@@ -505,7 +470,7 @@ def load_depth_model(
                 f"no weights for depth model {name!r}: {looked} (not there), and Hugging Face offline mode is on "
                 f"(HF_HUB_OFFLINE), so nothing is downloaded. To get them, {how}. {aliases}"
             )
-        if not local_only and not hub_reachable(probe_timeout):
+        if not local_only and not hub_reachable(3.0):
             raise DepthModelNotFoundError(
                 f"no weights for depth model {name!r}: {looked} (not there), and {_hub_endpoint()} cannot be "
                 f"reached from this machine (no network), so nothing can be downloaded. To get them, {how}. {aliases}"
@@ -528,13 +493,8 @@ def load_depth_model(
 
 
 def build_tiny_random_depth_model(folder: str | os.PathLike, kind: str = "relative") -> Path:
-    """Write a tiny **randomly initialised** Depth Anything (about 140k parameters) with its processor
-    into ``folder`` and return the folder, for :func:`load_depth_model`. ``kind``: "relative" or
-    "metric" (metric heads predict up to 80 m).
-
-    For smoke tests only: it exercises the real ``transformers`` loading and inference path on machines
-    without weights; its depth is noise and must never be reported as a result.
-    """
+    """Write a tiny randomly initialised Depth Anything (~140k parameters, ``kind`` "relative" or "metric")
+    and its processor into ``folder``: smoke tests of the loading path only, its depth is noise."""
     from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
 
     folder = Path(folder)
@@ -581,17 +541,10 @@ def _predict(depth_model: DepthModel, images: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def estimate_depth(depth_model: DepthModel, images: torch.Tensor, flip_tta: bool = False) -> torch.Tensor:
-    """Depth (B, 1, H, W), larger = farther, for images (B, 3, H, W) in [0, 1].
+    """Depth (B, 1, H, W), larger = farther, of images (B, 3, H, W) in [0, 1], on the images' device.
 
-    Metric models return metres. Relative models (Depth Anything relative, DPT/MiDaS) return a
-    disparity-like map; each image is converted to ``1 - (disp - min) / (max - min)`` in [0, 1]
-    (the inversion the released MiDaS path intended). The processor does the
-    model's own resizing and normalisation on the CPU; the network runs on ``depth_model.device``.
-    The result is on the device of ``images``.
-
-    ``flip_tta=True`` averages the prediction with that of the horizontally flipped image (flipped
-    back), as the released ZoeDepth inference did; off by default (half the cost).
-    The released reflect-padding augmentation is not reproduced.
+    Metric models give metres; relative ones ``1 - minmax(disparity)`` per image. ``flip_tta`` averages
+    with the flipped image's prediction, as the released ZoeDepth inference did.
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
@@ -609,8 +562,7 @@ def estimate_depth(depth_model: DepthModel, images: torch.Tensor, flip_tta: bool
 
 
 def _check_not_in_sources(cache_root: Path, dataset: Any) -> None:
-    """Caches never go next to the source images, nor anywhere inside the dataset folder (the released
-    depth script overwrote source images; docs/fidelity.md §4)."""
+    """Caches never go inside the dataset's folders (docs/fidelity.md §4)."""
     for src in getattr(dataset, "source_dirs", []):
         if inside(cache_root, src):
             raise DepthCacheError(
@@ -633,20 +585,27 @@ def _image_identities(dataset: Any, keys: Sequence[str]) -> dict[str, Any]:
     return {k: identity(i, ("img",)) for i, k in enumerate(keys)}
 
 
+def _dataset_keys(dataset: Any) -> Sequence[str]:
+    return getattr(dataset, "keys", None) or [dataset[i]["key"] for i in range(len(dataset))]
+
+
+def _stale(cache: DepthCache, keys: Sequence[str], recorded: dict[str, Any], current: dict[str, Any]) -> list[int]:
+    """Indices of the keys whose map is missing or whose image changed since (``recorded`` vs ``current``)."""
+    return [i for i, k in enumerate(keys) if not cache.exists(k) or (k in current and recorded.get(k) != current[k])]
+
+
 def stale_depth_keys(dataset: Any, cache_root: str | os.PathLike, model_identity: str | None = None) -> list[str]:
     """Keys of ``dataset`` whose depth map in ``cache_root`` is missing, was made from another version of its
     image, or by another model (``model_identity`` differs from the cache's): what
     :func:`estimate_depth_for_dataset` would compute."""
     cache_root = Path(cache_root)
-    keys: Sequence[str] = getattr(dataset, "keys", None) or [dataset[i]["key"] for i in range(len(dataset))]
+    keys = _dataset_keys(dataset)
     if not (cache_root / META_NAME).is_file():
         return list(keys)
     cache = DepthCache(cache_root)
     if model_identity is not None and cache.meta.get("model_identity") != model_identity:
         return list(keys)
-    recorded = cache.recorded_sources()
-    current = _image_identities(dataset, keys)
-    return [k for k in keys if not cache.exists(k) or (k in current and recorded.get(k) != current[k])]
+    return [keys[i] for i in _stale(cache, keys, cache.recorded_sources(), _image_identities(dataset, keys))]
 
 
 def _batches(items: Iterable[tuple[str, torch.Tensor]], batch_size: int) -> Iterable[list[tuple[str, torch.Tensor]]]:
@@ -670,25 +629,47 @@ def estimate_depth_for_dataset(
     flip_tta: bool = False,
     model_identity: str | None = None,
 ) -> Path:
-    """Estimate and cache depth for every item of ``dataset`` whose map is missing or stale (incremental).
-
-    ``dataset`` must return full-resolution items (no transform): its items' ``key`` names the cache
-    file ``cache_root/{key}.png``. Up-to-date files are skipped, so an interrupted run resumes; each
-    file is written atomically, under a lock on ``cache_root``. A map is stale when its image changed
-    since (``depth_sources.json`` records each image's size and modification time); a cache made by
-    another model (``model_identity``, e.g. a local folder's files, differs from the one recorded) is
-    emptied and made again. Each rebuild says why on stderr. Returns ``cache_root``.
+    """Estimate and cache depth ``cache_root/{key}.png`` for every full-resolution item of ``dataset`` whose
+    map is missing or stale (its image changed, per ``depth_sources.json``), under a lock, each file written
+    atomically, so an interrupted run resumes. A cache made by another ``model_identity`` is emptied and
+    made again; each rebuild says why on stderr. Returns ``cache_root``.
     """
     if getattr(dataset, "transform", None) is not None:
         raise ValueError("estimate_depth_for_dataset needs full-resolution items: pass a dataset with transform=None")
     cache_root = Path(cache_root)
     _check_not_in_sources(cache_root, dataset)
     with build_lock(cache_root, "depth cache"):
-        return _estimate_into(dataset, depth_model, cache_root, batch_size, progress, flip_tta, model_identity)
+        cache = _open_cache(cache_root, depth_model, flip_tta, model_identity)
+        keys = _dataset_keys(dataset)
+        recorded = cache.recorded_sources()
+        current = _image_identities(dataset, keys)
+        todo = _stale(cache, keys, recorded, current)
+        changed = [keys[i] for i in todo if cache.exists(keys[i])]
+        if changed:
+            note(f"depth cache {cache_root}: {len(changed)} image(s) changed since their depth was estimated "
+                 f"(e.g. {changed[0]}); estimating them again")
+        load = getattr(dataset, "load_image_tensor", None)
+
+        def items() -> Iterable[tuple[str, torch.Tensor]]:
+            for i in todo:
+                yield (keys[i], load(i) if load is not None else dataset[i]["img"])
+
+        bar = tqdm(total=len(todo), desc=f"depth ({depth_model.name})", disable=not progress or not todo)
+        for batch in _batches(items(), batch_size):
+            images = torch.stack([img for _, img in batch])
+            depth = estimate_depth(depth_model, images, flip_tta=flip_tta)
+            for (key, _), d in zip(batch, depth):
+                cache.write(key, d)
+                if key in current:
+                    recorded[key] = current[key]
+            cache.record_sources(recorded)
+            bar.update(len(batch))
+        bar.close()
+        return cache_root
 
 
-def _estimate_into(dataset: Any, depth_model: DepthModel, cache_root: Path, batch_size: int, progress: bool,
-                   flip_tta: bool, model_identity: str | None) -> Path:
+def _open_cache(cache_root: Path, depth_model: DepthModel, flip_tta: bool, model_identity: str | None) -> DepthCache:
+    """The depth cache for ``depth_model``'s maps, emptied first when another model version made it."""
     extra: dict[str, Any] = {"flip_tta": flip_tta}
     if model_identity is not None:
         extra["model_identity"] = model_identity
@@ -701,33 +682,5 @@ def _estimate_into(dataset: Any, depth_model: DepthModel, cache_root: Path, batc
                 png.unlink()
             meta_path.unlink()
             (cache_root / SOURCES_NAME).unlink(missing_ok=True)
-    cache = DepthCache(
-        cache_root, source=depth_model.name, units=depth_model.units,  # type: ignore[arg-type]
-        normalisation=depth_model.normalisation, extra=extra,
-    )
-    keys: Sequence[str] = getattr(dataset, "keys", None) or [dataset[i]["key"] for i in range(len(dataset))]
-    recorded = cache.recorded_sources()
-    current = _image_identities(dataset, keys)
-    todo = [i for i, k in enumerate(keys) if not cache.exists(k) or (k in current and recorded.get(k) != current[k])]
-    changed = [keys[i] for i in todo if cache.exists(keys[i])]
-    if changed:
-        note(f"depth cache {cache_root}: {len(changed)} image(s) changed since their depth was estimated "
-             f"(e.g. {changed[0]}); estimating them again")
-    load = getattr(dataset, "load_image_tensor", None)
-
-    def items() -> Iterable[tuple[str, torch.Tensor]]:
-        for i in todo:
-            yield (keys[i], load(i) if load is not None else dataset[i]["img"])
-
-    bar = tqdm(total=len(todo), desc=f"depth ({depth_model.name})", disable=not progress or not todo)
-    for batch in _batches(items(), batch_size):
-        images = torch.stack([img for _, img in batch])
-        depth = estimate_depth(depth_model, images, flip_tta=flip_tta)
-        for (key, _), d in zip(batch, depth):
-            cache.write(key, d)
-            if key in current:
-                recorded[key] = current[key]
-        cache.record_sources(recorded)
-        bar.update(len(batch))
-    bar.close()
-    return cache_root
+    return DepthCache(cache_root, source=depth_model.name, units=depth_model.units,  # type: ignore[arg-type]
+                      normalisation=depth_model.normalisation, extra=extra)

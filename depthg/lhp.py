@@ -23,10 +23,8 @@ class LHPError(DepthGError, ValueError):
 
 
 def row_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
-    """``torch.quantile(x, q, dim=-1, keepdim=True)`` (linear) for (..., n) inputs of any size.
-
-    Two ``kthvalue`` calls, because ``torch.quantile`` refuses more than 2**24 elements (B * 784**2 at B = 32).
-    """
+    """``torch.quantile(x, q, dim=-1, keepdim=True)`` (linear) by two ``kthvalue`` calls, for inputs beyond
+    ``torch.quantile``'s 2**24 elements (B * 784**2 at B = 32)."""
     n = x.shape[-1]
     pos = q * (n - 1)
     lo = int(math.floor(pos))
@@ -45,14 +43,12 @@ def _row_minmax(x: torch.Tensor) -> torch.Tensor:
 
 
 def strongest_attention(att: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """Attention mask (B, hw, hw): the entries at or above the row's (1 - quantile) quantile, the hidden
-    positives (the released code keeps the others: ``depthg.released.weakest_attention``)."""
+    """Attention mask (B, hw, hw): the entries at or above the row's (1 - quantile) quantile."""
     return att >= threshold
 
 
 def weighted_mean(mixed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The weighted sum (B, D, hw) divided by the sum of each row's weights (B, hw, hw): a weighted mean
-    (the released code divides by hw: ``depthg.released.divide_by_cell_count``)."""
+    """The weighted sum (B, D, hw) divided by the sum of each row's weights (B, hw, hw): a weighted mean."""
     return mixed / weights.sum(-1).clamp_min(_EPS).unsqueeze(1)
 
 
@@ -64,8 +60,7 @@ class LocalHiddenPositives(nn.Module):
         strategy: ``"depth"`` (nearest cells in 3D) or ``"attention"`` (most attended cells).
         quantile: fraction of each row kept.
         fov_deg: field of view for the depth unprojection.
-        unproject, keep_attention, normalise: the paper's :func:`depthg.sampling.depth_to_points`,
-            :func:`strongest_attention` and :func:`weighted_mean`, or the released functions
+        unproject, keep_attention, normalise: the paper's functions or the released ones
             (``depthg.build.Fidelity``).
     """
 
@@ -98,11 +93,8 @@ class LocalHiddenPositives(nn.Module):
         depth: torch.Tensor | None = None,
         attention: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The (B, hw, hw) weights W: row p holds how much of every cell q's code flows into p.
-
-        ``depth`` (B, 1, H, W) is average-pooled to ``grid_hw``; ``attention`` (B, hw, hw) is
-        ``Backbone.patch_attention``.
-        """
+        """The (B, hw, hw) weights W (row p: how much of cell q's code flows into p) from ``depth``
+        (B, 1, H, W), pooled to ``grid_hw``, or ``attention`` (B, hw, hw) of ``Backbone.patch_attention``."""
         h, w = grid_hw
         if self.strategy == "depth":
             if depth is None or depth.dim() != 4 or depth.shape[1] != 1:

@@ -1,25 +1,12 @@
-"""STEGO's correlation losses and DepthG's depth-feature correlation loss.
+"""STEGO's correlation losses and DepthG's depth-feature loss (equations S1-S5, R1-R5 of docs/method.md §12).
 
-Equations (numbering of docs/method.md §12):
-
-* S1/S2  F = <f^_hw, g^_ij>, S = <s^_hw, t^_ij>: cosine similarity of every location pair
-  (:func:`tensor_correlation`).
-* S3     spatial centring of F over the other image's locations (``centering``).
-* S4     L_corr(x, y, b) = -mean (F^SC - b) * max(S, 0) (:func:`correlation_loss`).
-* S5     L_STEGO = l_self L(x, x) + l_knn L(x, x_knn) + l_rand L(x, x_rand) (:class:`DepthGLoss`).
-* R1-R3  L_depth = -mean max(S_intra, 0) * (D - b_depth) (:func:`depth_feature_loss`), with the depth
-  similarity D chosen by :func:`depth_similarity`; :func:`pull_push_fractions` counts the sampled pairs
-  that D pulls together (D > b_depth) and pushes apart (D < b_depth).
-* R5     the depth weight/shift decay (:class:`DepthDecaySchedule`).
-
-This is the paper's reading; the released code's negatives and depth pairing are in ``depthg.released``
-(docs/fidelity.md §3.1-3.2, §3.6).
+This is the paper's reading; the released negatives and depth pairing live in ``depthg.released``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Literal
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn as nn
@@ -35,12 +22,11 @@ Centering = Literal["paper", "released", "none"]
 SimilarityKind = Literal["released", "product", "distance", "centred", "quantile"]
 #: every depth similarity :func:`depth_similarity` accepts (``depthg.config.DEPTH_SIMILARITY``).
 DEPTH_SIMILARITIES: tuple[str, ...] = DEPTH_SIMILARITY
-#: depth (metres) beyond which the ``quantile`` similarity moves points back along their ray
-#: (docs/method.md §4.3: monocular estimators saturate around 80 m).
+#: depth (metres) beyond which ``quantile`` moves points back along their ray (estimators saturate near 80 m).
 WORKING_RANGE = 80.0
-#: the per-image pair-distance quantile the ``quantile`` similarity uses as its unit distance.
+#: the per-image pair-distance quantile ``quantile`` uses as its unit distance.
 DISTANCE_QUANTILE = 0.5
-#: paper mode's default depth similarity (``depthg.config.PAPER_DEPTH_SIMILARITY``; docs/method.md §4.3).
+#: paper mode's default depth similarity (docs/method.md §4.3).
 PAPER_DEPTH_SIMILARITY: SimilarityKind = _PAPER_DEFAULT  # type: ignore[assignment]
 _EPS = 1e-10
 
@@ -55,6 +41,11 @@ def _check_4d(name: str, t: torch.Tensor) -> None:
         raise LossError(f"{name} must be a (B, C, h, w) tensor, got {shape}")
 
 
+def _check_centering(centering: str) -> None:
+    if centering not in ("paper", "released", "none"):
+        raise LossError(f"centering must be 'paper', 'released' or 'none', got {centering!r}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Correlations and the STEGO loss
 # ----------------------------------------------------------------------------------------------------
@@ -63,9 +54,7 @@ def _check_4d(name: str, t: torch.Tensor) -> None:
 def tensor_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of every location pair: (B, C, h, w) x (B, C, i, j) -> (B, h, w, i, j).
 
-    Both inputs are L2-normalised over channels with eps 1e-10 (x / max(|x|, eps)), as STEGO's ``norm``
-    (docs/method.md §3.1). With a single channel this normalisation is sign(x) -- the root of the
-    released depth term's degeneracy (docs/fidelity.md §3.1).
+    Channels are L2-normalised with eps 1e-10, as STEGO (with one channel this is sign(x), docs/fidelity.md §3.1).
     """
     _check_4d("a", a)
     _check_4d("b", b)
@@ -83,25 +72,20 @@ def correlation_loss(
     centering: Centering = "paper",
     zero_clamp: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """STEGO's correlation loss for one pair of (sampled) feature and code maps (docs/method.md §3.2-3.3).
+    """STEGO's loss -mean (F^SC - shift) * clamp(S, 0) for one pair of sampled maps (docs/method.md §3.2-3.3).
 
     Args:
-        f1, f2: backbone features (B, C, h, w), (B, C, i, j); F is computed without gradient (the
-            backbone is frozen), so no gradient ever reaches them.
+        f1, f2: backbone features (B, C, h, w), (B, C, i, j); F gets no gradient (frozen backbone).
         c1, c2: codes (B, D, h, w), (B, D, i, j) at the same locations.
         shift: b, the attraction/repulsion threshold.
-        centering: S3 spatial centring of F. ``"paper"``: subtract, for every query location (h, w),
-            the mean of F over (i, j). ``"released"``: the same, then add back the global mean of F
-            (so the overall mean is unchanged; docs/fidelity.md §3.7). ``"none"``: no centring
-            (Cityscapes was trained with ``pointwise=False``).
-        zero_clamp: clamp S at 0 (released default True); False uses the released lower bound -9999.
+        centering: ``"paper"`` subtracts F's mean over (i, j) per query; ``"released"`` then adds back
+            F's global mean (docs/fidelity.md §3.7); ``"none"`` does not centre.
+        zero_clamp: clamp S at 0; False uses the released lower bound -9999.
 
     Returns:
-        (loss, code_corr): loss = -mean (F^SC - shift) * clamp(S, min=0) as a scalar (the released code
-        returns the elementwise tensor and its caller takes ``.mean()``), and S (B, h, w, i, j).
+        (scalar loss, S (B, h, w, i, j)).
     """
-    if centering not in ("paper", "released", "none"):
-        raise LossError(f"centering must be 'paper', 'released' or 'none', got {centering!r}")
+    _check_centering(centering)
     with torch.no_grad():
         fd = tensor_correlation(f1, f2)
         if centering == "paper":
@@ -117,7 +101,7 @@ def correlation_loss(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Depth similarity and the depth-feature loss
+# Depth similarity and the depth-feature loss (docs/method.md §4.3 gives each option's formula)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -132,8 +116,7 @@ def _pair_distances(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
 
 
 def _released_similarity(p1: torch.Tensor, p2: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
-    """``"released"``: full depth maps (B, 1, H, W) -> D (B, S, S, S, S) with ``size = (S, S)``, the
-    constant 1 of :func:`depthg.released.constant_depth_similarity`."""
+    """Depth maps (B, 1, H, W) -> the constant D (B, S, S, S, S) of ``depthg.released``, ``size = (S, S)``."""
     if size is None:
         raise LossError("depth_similarity(kind='released') needs size=(S, S) to resize the depth to")
     if p1.shape[1] != 1 or p2.shape[1] != 1:
@@ -142,12 +125,7 @@ def _released_similarity(p1: torch.Tensor, p2: torch.Tensor, size: tuple[int, in
 
 
 def _product_similarity(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
-    """``"product"``: sampled depths (B, 1, h, w), (B, 1, i, j) -> D (B, h, w, i, j).
-
-    Each image's samples are standardised (zero mean, unit std over its own samples; eps 1e-6) and
-    D = z1_hw * z2_ij: positive for two points on the same side of the image's mean depth, negative
-    across it. Pulls and pushes (about half each) but is not a 3D notion and is unbounded.
-    """
+    """Sampled depths (B, 1, h, w), (B, 1, i, j) -> D = z1_hw * z2_ij (B, h, w, i, j), z standardised per image."""
     if p1.shape[1] != 1 or p2.shape[1] != 1:
         raise LossError("depth_similarity(kind='product') expects sampled depths (B, 1, h, w)")
 
@@ -159,45 +137,23 @@ def _product_similarity(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nhw,nij->nhwij", z1[:, 0], z2[:, 0])
 
 
-def _scaled_closeness(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
-    """1 - |P_hw - P_ij| / (the image's largest pair distance): (B, 3, h, w) x (B, 3, i, j) -> (B, hw, ij)."""
-    b = p1.shape[0]
+def _closeness_similarity(p1: torch.Tensor, p2: torch.Tensor, centred: bool) -> torch.Tensor:
+    """``distance`` (or ``centred``): 3D points (B, 3, h, w), (B, 3, i, j) -> D (B, h, w, i, j).
+
+    D = 1 - |P_hw - P_ij| / (the image's largest pair distance); ``centred`` subtracts its mean over (i, j).
+    """
+    b, _, h, w = p1.shape
+    i, j = p2.shape[-2:]
     dist = _pair_distances(p1, p2)  # (B, hw, ij)
-    return 1.0 - dist / dist.flatten(1).amax(1).clamp_min(_EPS).view(b, 1, 1)
-
-
-def _distance_similarity(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
-    """``"distance"``: camera-space 3D points (B, 3, h, w), (B, 3, i, j) -> D (B, h, w, i, j).
-
-    D = 1 - |P_hw - P_ij| / (the image's largest pair distance), in [0, 1]; it almost never pushes
-    (docs/method.md §4.3).
-    """
-    b, _, h, w = p1.shape
-    i, j = p2.shape[-2:]
-    return _scaled_closeness(p1, p2).view(b, h, w, i, j)
-
-
-def _centred_similarity(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
-    """``"centred"``: camera-space 3D points (B, 3, h, w), (B, 3, i, j) -> D (B, h, w, i, j).
-
-    ``distance`` minus its mean over the other locations, D_hwij = D^dist_hwij - mean_i'j' D^dist_hwi'j'
-    (STEGO's S3 applied to depth), in [-1, 1]: partners closer than the query's average partner are
-    pulled, farther ones pushed. Paper mode's default (docs/method.md §4.3).
-    """
-    b, _, h, w = p1.shape
-    i, j = p2.shape[-2:]
-    sim = _scaled_closeness(p1, p2)  # (B, hw, ij)
-    sim = sim - sim.mean(dim=2, keepdim=True)  # mean over the other image's locations (i, j)
+    sim = 1.0 - dist / dist.flatten(1).amax(1).clamp_min(_EPS).view(b, 1, 1)
+    if centred:
+        sim = sim - sim.mean(dim=2, keepdim=True)  # mean over the other image's locations (i, j)
     return sim.view(b, h, w, i, j)
 
 
 def _quantile_similarity(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
-    """``"quantile"`` (range-aware): camera-space 3D points (B, 3, h, w), (B, 3, i, j) -> D (B, h, w, i, j).
-
-    Points with Z > R = :data:`WORKING_RANGE` are moved along their ray to Z = R, then
-    D = clamp(1 - |P_hw - P_ij| / q, -1, 1) with q the image's :data:`DISTANCE_QUANTILE` (median) pair
-    distance. Needs metric depth (docs/method.md §4.3).
-    """
+    """3D points -> D = clamp(1 - |P_hw - P_ij| / q, -1, 1) (B, h, w, i, j), q the median pair distance,
+    points beyond :data:`WORKING_RANGE` moved back along their ray first."""
     b, _, h, w = p1.shape
     i, j = p2.shape[-2:]
     # move points beyond the working range back along their ray (Z is channel 2, Z = depth)
@@ -215,42 +171,28 @@ def depth_similarity(
     kind: SimilarityKind = PAPER_DEPTH_SIMILARITY,
     size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Pairwise depth similarity D (B, h, w, i, j) of the depth-feature loss (docs/method.md §4.3).
+    """Pairwise depth similarity D (B, h, w, i, j) of the depth-feature loss, under ``no_grad``.
 
-    ``p1`` / ``p2`` hold, by ``kind``: ``"released"`` full depth maps (B, 1, H, W), resized to ``size``;
-    ``"product"`` depths sampled at the code locations (B, 1, h, w), (B, 1, i, j); ``"distance"``,
-    ``"centred"``, ``"quantile"`` camera-space 3D points sampled there (B, 3, h, w), (B, 3, i, j). Each
-    option's formula is in the docstring of its private function. Computed under ``no_grad`` (depth is
-    an input).
+    Inputs by ``kind``: ``"released"`` full depth maps (B, 1, H, W) resized to ``size``; ``"product"``
+    sampled depths (B, 1, h, w); ``"distance"``, ``"centred"``, ``"quantile"`` sampled 3D points (B, 3, h, w).
     """
     _check_4d("p1", p1)
     _check_4d("p2", p2)
     with torch.no_grad():
-        # one private function per option; "released" alone needs the target size
         if kind == "released":
             return _released_similarity(p1, p2, size)
         if kind == "product":
             return _product_similarity(p1, p2)
-        if kind == "distance":
-            return _distance_similarity(p1, p2)
-        if kind == "centred":
-            return _centred_similarity(p1, p2)
+        if kind in ("distance", "centred"):
+            return _closeness_similarity(p1, p2, centred=kind == "centred")
         if kind == "quantile":
             return _quantile_similarity(p1, p2)
         raise LossError(f"kind must be one of {list(DEPTH_SIMILARITIES)}, got {kind!r}")
 
 
 def pull_push_fractions(depth_sim: torch.Tensor, shift: float) -> dict[str, float]:
-    """Fractions of the sampled pairs that the depth term pulls together and pushes apart.
-
-    In L_depth = -mean max(S, 0) * (D - shift) a pair with D > shift raises its code similarity S
-    (pulled), a pair with D < shift lowers it while S > 0 (pushed), a pair with D == shift is left
-    alone. Every entry of ``depth_sim`` (B, h, w, i, j) counts, self-pairs included, since the loss
-    averages over all of them.
-
-    Returns:
-        ``{"pulled": ..., "pushed": ...}``, each in [0, 1]; they sum to 1 minus the fraction at the shift.
-    """
+    """Fractions of all entries of ``depth_sim`` (B, h, w, i, j) that the depth term pulls together
+    (D > shift) and pushes apart (D < shift): ``{"pulled": ..., "pushed": ...}``."""
     if not isinstance(depth_sim, torch.Tensor) or depth_sim.numel() == 0:
         raise LossError("pull_push_fractions needs a non-empty similarity tensor")
     n = depth_sim.numel()
@@ -259,11 +201,10 @@ def pull_push_fractions(depth_sim: torch.Tensor, shift: float) -> dict[str, floa
 
 def sampled_depth_similarity(depth: torch.Tensor, grid: torch.Tensor, grid_hw: tuple[int, int],
                              kind: SimilarityKind = PAPER_DEPTH_SIMILARITY, fov_deg: float = 90.0) -> torch.Tensor:
-    """D (B, S, S, S, S) of one crop's depth (B, 1, H, W) read at its sampled locations ``grid`` (B, S, S, 2).
+    """D (B, S, S, S, S) of one crop's depth (B, 1, H, W) at its sampled locations ``grid`` (B, S, S, 2).
 
-    The depth is average-pooled to the feature grid ``grid_hw`` (as FPS does); ``product`` reads the pooled
-    depth, the other paper kinds its pinhole points (``fov_deg``), at ``grid``: the very coordinates the
-    code was read at. ``released`` ignores ``grid`` and resizes the whole map to S x S.
+    The depth is pooled to ``grid_hw`` (as FPS does) and read, or unprojected (``fov_deg``) and read, at
+    the code's own coordinates; ``released`` ignores ``grid`` and resizes the whole map to S x S.
     """
     _check_4d("depth", depth)
     n_h, n_w = grid.shape[1:3]
@@ -279,16 +220,8 @@ def sampled_depth_similarity(depth: torch.Tensor, grid: torch.Tensor, grid_hw: t
 
 
 def depth_feature_loss(code_s: torch.Tensor, depth_sim: torch.Tensor, shift: float) -> torch.Tensor:
-    """Depth-feature correlation loss (docs/method.md §4.2, R3): -mean clamp(S_intra, 0) * (D - shift).
-
-    Args:
-        code_s: the anchor's sampled code (B, D, S, S); S_intra is its correlation with itself.
-        depth_sim: D (B, S, S, S, S) from :func:`depth_similarity` at the same locations.
-        shift: b_depth.
-
-    Pairs whose depth similarity exceeds the shift are pulled together in code space, the others
-    pushed apart while their code similarity is positive.
-    """
+    """-mean clamp(S_intra, 0) * (D - shift) (docs/method.md §4.2) for the anchor's sampled code
+    ``code_s`` (B, D, S, S) and ``depth_sim`` (B, S, S, S, S) at the same locations."""
     cd = tensor_correlation(code_s, code_s)
     if depth_sim.shape != cd.shape:
         raise LossError(f"depth_sim must have the code correlation's shape {tuple(cd.shape)}, got "
@@ -302,10 +235,7 @@ def depth_feature_loss(code_s: torch.Tensor, depth_sim: torch.Tensor, shift: flo
 
 
 def derangement(size: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """A uniformly random permutation without fixed points (rejection sampling; ~e draws expected).
-
-    Paper-mode negatives: every image gets a different negative and every image is used once.
-    """
+    """A uniformly random permutation without fixed points (rejection sampling; ~e draws expected)."""
     if size < 2:
         raise LossError(f"negatives need a batch of at least 2 images, got {size}")
     gen_device = generator.device if generator is not None else torch.device("cpu")
@@ -319,9 +249,8 @@ def derangement(size: int, generator: torch.Generator | None = None, device=None
 def derangement_negatives(f1: torch.Tensor, c1: torch.Tensor, feats: torch.Tensor, code: torch.Tensor,
                           grid2: torch.Tensor,
                           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One negative pairing: anchor k meets crop perm[k] of a random :func:`derangement`, read at that crop's
-    own locations, i.e. the anchors' samples ``f1``, ``c1`` (B, C, S, S) permuted. ``feats``, ``code`` and
-    ``grid2`` are unused here (the released ``depthg.released.super_perm_negatives`` reads them)."""
+    """The paper's negatives: the anchors' samples ``f1``, ``c1`` (B, C, S, S) permuted by a
+    :func:`derangement`. ``feats``, ``code``, ``grid2`` are for the released ``super_perm_negatives``."""
     perm = derangement(feats.shape[0], generator, device=feats.device)
     return f1[perm], c1[perm]
 
@@ -335,64 +264,68 @@ Negatives = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 # ----------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class CorrelationTerms:
+    """Weights (lambda) and shifts (b) of STEGO's three terms, the negatives per step, the S3 centring
+    (:func:`correlation_loss`) and the code clamp (docs/method.md §3.4). Field names are config keys."""
+
+    pos_intra_weight: float = 0.58
+    pos_intra_shift: float = 0.07
+    pos_inter_weight: float = 0.36
+    pos_inter_shift: float = 0.025
+    neg_inter_weight: float = 0.70
+    neg_inter_shift: float = 0.761
+    neg_samples: int = 5
+    centering: Centering = "paper"
+    zero_clamp: bool = True
+
+    def __post_init__(self) -> None:
+        if self.neg_samples < 0:
+            raise LossError(f"neg_samples must be >= 0, got {self.neg_samples}")
+        _check_centering(self.centering)
+
+    @classmethod
+    def from_config(cls, cfg: Any, **overrides: Any) -> "CorrelationTerms":
+        """The config's values of these keys (``overrides`` replace some)."""
+        return cls(**{**{f.name: getattr(cfg, f.name) for f in fields(cls)}, **overrides})
+
+
 class DepthGLoss(nn.Module):
     """STEGO's three correlation terms plus DepthG's depth-feature term (docs/method.md §3.4, §5).
 
-    total = w_intra * pos_intra + w_inter * pos_inter + w_neg * neg_inter + depth_weight * depth
-    (``correspondence_weight`` = 1; the probe losses are the trainer's business). The depth weight and
-    shift decay, so they are passed to :meth:`forward` at every step (:class:`DepthDecaySchedule`).
+    total = w_intra * pos_intra + w_inter * pos_inter + w_neg * neg_inter + depth_weight * depth. The depth
+    weight and shift decay (:class:`DepthDecaySchedule`), so :meth:`forward` takes them at every step.
 
     Args:
-        pos_intra_weight, pos_intra_shift: lambda_self, b_self.
-        pos_inter_weight, pos_inter_shift: lambda_knn, b_knn.
-        neg_inter_weight, neg_inter_shift: lambda_rand, b_rand.
-        neg_samples: number of random negative pairings (5).
-        centering: S3 spatial centring, ``"paper"``, ``"released"`` or ``"none"`` (:func:`correlation_loss`).
-        zero_clamp: clamp code correlations at 0 (True in every config).
+        terms: the STEGO terms' settings.
         depth_similarity: one of :data:`DEPTH_SIMILARITIES` (:func:`depth_similarity`).
         fov_deg: field of view of the pinhole unprojection of the 3D similarities.
-        negatives: :func:`derangement_negatives`, or the released ``depthg.released.super_perm_negatives``.
-        transposed_depth_pairs: pair the ``released`` similarity's regular grid with codes read through
-            the released transposed read-out (``depthg.released.transposed_pairs``).
+        negatives: :func:`derangement_negatives`, or the released ``super_perm_negatives``.
+        transposed_depth_pairs: pair the ``released`` similarity with the transposed read-out's codes
+            (``depthg.released.transposed_pairs``).
     """
 
     def __init__(
         self,
-        pos_intra_weight: float = 0.58,
-        pos_intra_shift: float = 0.07,
-        pos_inter_weight: float = 0.36,
-        pos_inter_shift: float = 0.025,
-        neg_inter_weight: float = 0.70,
-        neg_inter_shift: float = 0.761,
-        neg_samples: int = 5,
-        centering: Centering = "paper",
-        zero_clamp: bool = True,
+        terms: CorrelationTerms = CorrelationTerms(),
         depth_similarity: SimilarityKind = PAPER_DEPTH_SIMILARITY,
         fov_deg: float = 90.0,
         negatives: Negatives = derangement_negatives,
         transposed_depth_pairs: bool = False,
     ) -> None:
         super().__init__()
-        if neg_samples < 0:
-            raise LossError(f"neg_samples must be >= 0, got {neg_samples}")
-        if centering not in ("paper", "released", "none"):
-            raise LossError(f"centering must be 'paper', 'released' or 'none', got {centering!r}")
         if depth_similarity not in DEPTH_SIMILARITIES:
             raise LossError(f"depth_similarity must be one of {list(DEPTH_SIMILARITIES)}, got {depth_similarity!r}")
-        self.pos_intra_weight, self.pos_intra_shift = float(pos_intra_weight), float(pos_intra_shift)
-        self.pos_inter_weight, self.pos_inter_shift = float(pos_inter_weight), float(pos_inter_shift)
-        self.neg_inter_weight, self.neg_inter_shift = float(neg_inter_weight), float(neg_inter_shift)
-        self.neg_samples = int(neg_samples)
-        self.centering: Centering = centering
-        self.zero_clamp = bool(zero_clamp)
+        self.terms = terms
         self.depth_similarity: SimilarityKind = depth_similarity
         self.fov_deg = float(fov_deg)
         self.negatives = negatives
         self.transposed_depth_pairs = bool(transposed_depth_pairs)
 
     def extra_repr(self) -> str:
-        return (f"centering={self.centering}, depth_similarity={self.depth_similarity}, "
-                f"negatives={getattr(self.negatives, '__name__', self.negatives)}, neg_samples={self.neg_samples}")
+        return (f"centering={self.terms.centering}, depth_similarity={self.depth_similarity}, "
+                f"negatives={getattr(self.negatives, '__name__', self.negatives)}, "
+                f"neg_samples={self.terms.neg_samples}")
 
     def depth_term(self, code_s: torch.Tensor, depth: torch.Tensor, grid: torch.Tensor,
                    grid_hw: tuple[int, int], shift: float) -> torch.Tensor:
@@ -419,37 +352,35 @@ class DepthGLoss(nn.Module):
         """All loss terms of one step.
 
         Args:
-            feats, feats_pos: backbone features of the anchor and its kNN positive, (B, C, h, w)
-                (during training the dropout-perturbed ones, docs/method.md §3.3).
+            feats, feats_pos: backbone features (B, C, h, w) of the anchor and its kNN positive.
             code, code_pos: head outputs (B, D, h, w) on the same grid.
-            depth, depth_pos: (B, 1, H, W) depth (larger = farther) or None when ``depth_weight`` is 0.
-                Only the anchor's depth enters the depth term (as released); ``depth_pos`` is accepted
-                for symmetry.
-            grid1, grid2: (B, S, S, 2) (x, y) coordinates, ``align_corners=True``, for the anchor and the
-                positive (random, or :func:`depthg.sampling.fps_grid` of ``depth`` / ``depth_pos``).
-            depth_weight, depth_shift: w_depth(t), b_depth(t) at this step (:class:`DepthDecaySchedule`).
+            depth, depth_pos: (B, 1, H, W) depth, larger = farther, or None when ``depth_weight`` is 0;
+                only the anchor's enters the depth term (as released).
+            grid1, grid2: (B, S, S, 2) (x, y) sample coordinates (``align_corners=True``).
+            depth_weight, depth_shift: w_depth(t), b_depth(t) at this step.
             generator: draws the negative permutations.
 
         Returns:
-            dict with the unweighted terms ``pos_intra``, ``pos_inter``, ``neg_inter`` (mean over the
-            ``neg_samples`` pairings), ``depth`` (0 when ``depth_weight`` is 0) and the weighted ``total``.
+            the unweighted ``pos_intra``, ``pos_inter``, ``neg_inter`` (mean over the pairings) and
+            ``depth`` (0 when ``depth_weight`` is 0), and the weighted ``total``.
         """
         for name, t in (("feats", feats), ("feats_pos", feats_pos), ("code", code), ("code_pos", code_pos)):
             _check_4d(name, t)
         if grid1.shape != grid2.shape:
             raise LossError(f"grid1 and grid2 must have the same shape, got {tuple(grid1.shape)} and "
                             f"{tuple(grid2.shape)}")
+        t = self.terms
         f1, c1 = sample(feats, grid1), sample(code, grid1)
         f2, c2 = sample(feats_pos, grid2), sample(code_pos, grid2)
-        kw = dict(centering=self.centering, zero_clamp=self.zero_clamp)
+        kw = dict(centering=t.centering, zero_clamp=t.zero_clamp)
 
-        pos_intra, _ = correlation_loss(f1, f1, c1, c1, self.pos_intra_shift, **kw)
-        pos_inter, _ = correlation_loss(f1, f2, c1, c2, self.pos_inter_shift, **kw)
+        pos_intra, _ = correlation_loss(f1, f1, c1, c1, t.pos_intra_shift, **kw)
+        pos_inter, _ = correlation_loss(f1, f2, c1, c2, t.pos_inter_shift, **kw)
 
         neg_terms = []
-        for _ in range(self.neg_samples):
+        for _ in range(t.neg_samples):
             fn, cn = self.negatives(f1, c1, feats, code, grid2, generator)
-            neg_terms.append(correlation_loss(f1, fn, c1, cn, self.neg_inter_shift, **kw)[0])
+            neg_terms.append(correlation_loss(f1, fn, c1, cn, t.neg_inter_shift, **kw)[0])
         neg_inter = torch.stack(neg_terms).mean() if neg_terms else code.new_zeros(())
 
         if depth_weight != 0.0:
@@ -459,8 +390,8 @@ class DepthGLoss(nn.Module):
         else:
             depth_loss = code.new_zeros(())
 
-        total = (self.pos_intra_weight * pos_intra + self.pos_inter_weight * pos_inter
-                 + self.neg_inter_weight * neg_inter + depth_weight * depth_loss)
+        total = (t.pos_intra_weight * pos_intra + t.pos_inter_weight * pos_inter
+                 + t.neg_inter_weight * neg_inter + depth_weight * depth_loss)
         return {"pos_intra": pos_intra, "pos_inter": pos_inter, "neg_inter": neg_inter,
                 "depth": depth_loss, "total": total}
 
@@ -472,20 +403,17 @@ class DepthGLoss(nn.Module):
 
 @dataclass(frozen=True)
 class DepthDecaySchedule:
-    """Depth weight and shift decay w <- factor*w, b <- factor*b (docs/method.md §8.1, R5), a pure function.
+    """Depth weight and shift decay w <- factor*w, b <- factor*b (docs/method.md §8.1, R5).
 
-    ``.at(iteration)`` returns (w_depth, b_depth) used at that (0-based) iteration: w0 * factor**k with
-    k = :func:`depthg.sampling.decay_events` (``every`` in iterations, 0 = off; ``after_step`` is the
-    released timing, docs/fidelity.md §3.9). COCO ViT-S (0.19, x0.6 every 250, released timing) has
-    decayed 9 times by its last iteration (2333): 0.19 * 0.6**9 = 0.0019. ``decay_shift=False`` keeps
-    the shift fixed (the released ``fix_depth_feat_shift``).
+    ``.at(iteration)`` gives (w_depth, b_depth) at that 0-based iteration: w0 * factor**k with k =
+    :func:`depthg.sampling.decay_events` (``every`` in iterations, 0 = off; ``after_step``: the released
+    timing).
     """
 
     weight0: float
     shift0: float
     factor: float = 1.0
     every: int = 0
-    decay_shift: bool = True
     after_step: bool = False
 
     def __post_init__(self) -> None:
@@ -501,4 +429,4 @@ class DepthDecaySchedule:
 
     def at(self, iteration: int) -> tuple[float, float]:
         scale = self.factor ** self.events(iteration)
-        return self.weight0 * scale, self.shift0 * (scale if self.decay_shift else 1.0)
+        return self.weight0 * scale, self.shift0 * scale

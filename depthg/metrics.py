@@ -1,8 +1,5 @@
-"""Segmentation metrics (Hungarian-matched accuracy and mIoU, docs/method.md §9) and depth errors.
-
-One confusion matrix is accumulated over the whole split and clusters are matched to classes once.
-Unlike the released metrics, pixels of unmatched extra clusters count as errors (docs/fidelity.md §4;
-identical with ``extra_clusters = 0``).
+"""Segmentation metrics (Hungarian-matched accuracy and mIoU over one split-wide confusion matrix,
+docs/method.md §9) and depth errors.
 """
 
 from __future__ import annotations
@@ -24,14 +21,9 @@ class MetricsInputError(DepthGError, ValueError):
 
 
 class UnsupervisedMetrics:
-    """Accumulate a (clusters × classes) confusion matrix over a split; score it with or without matching.
-
-    Args:
-        n_classes: ground-truth classes; targets outside ``[0, n_classes)`` are ignored.
-        extra_clusters: clusters beyond ``n_classes``; predictions lie in ``[0, n_classes + extra_clusters)``.
-        hungarian: True = Hungarian matching (cluster probe); False = cluster k is class k (linear probe).
-
-    ``stats`` is the int64 ``(n_clusters, n_classes)`` matrix, rows = predictions, columns = ground truth.
+    """Accumulate the int64 ``stats`` (n_classes + extra_clusters, n_classes) confusion matrix (rows =
+    predictions) over a split and score it with Hungarian matching (cluster probe) or with cluster k =
+    class k (``hungarian=False``, linear probe). Pixels of unmatched extra clusters count as errors.
     """
 
     def __init__(self, n_classes: int, extra_clusters: int = 0, hungarian: bool = True) -> None:
@@ -48,10 +40,7 @@ class UnsupervisedMetrics:
 
     @torch.no_grad()
     def update(self, preds: torch.Tensor | np.ndarray, targets: torch.Tensor | np.ndarray) -> None:
-        """Add integer ``preds`` (cluster ids) and ``targets`` (class ids) of one shape, e.g. (B, H, W).
-
-        Targets outside ``[0, n_classes)`` are skipped; predictions outside ``[0, n_clusters)`` raise.
-        """
+        """Add integer ``preds`` (cluster ids) and ``targets`` (class ids, out-of-range ones skipped) of one shape."""
         preds = torch.as_tensor(preds)
         targets = torch.as_tensor(targets)
         if preds.shape != targets.shape:
@@ -117,16 +106,19 @@ class UnsupervisedMetrics:
         }
 
 
+def _as_array(x: Any, dtype: Any) -> np.ndarray:
+    return np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=dtype)
+
+
 def _depth_pairs(pred: Any, gt: Any, valid: Any | None) -> tuple[np.ndarray, np.ndarray]:
     """Flat float64 (prediction, reference) of the scored pixels: ``valid``, finite gt > 0, finite pred."""
-    p = np.asarray(pred.detach().cpu() if isinstance(pred, torch.Tensor) else pred, dtype=np.float64)
-    g = np.asarray(gt.detach().cpu() if isinstance(gt, torch.Tensor) else gt, dtype=np.float64)
+    p, g = _as_array(pred, np.float64), _as_array(gt, np.float64)
     if p.shape != g.shape:
         raise MetricsInputError(f"depth prediction {p.shape} and reference {g.shape} differ in shape")
     ok = np.isfinite(g) & np.isfinite(p)
     ok[ok] &= g[ok] > 0
     if valid is not None:
-        m = np.asarray(valid.detach().cpu() if isinstance(valid, torch.Tensor) else valid, dtype=bool)
+        m = _as_array(valid, bool)
         if m.shape != g.shape:
             raise MetricsInputError(f"valid mask {m.shape} and depth {g.shape} differ in shape")
         ok &= m
@@ -143,10 +135,7 @@ def depth_abs_rel(pred: Any, gt: Any, valid: Any | None = None) -> float:
 
 
 def depth_delta(pred: Any, gt: Any, valid: Any | None = None, threshold: float = 1.25) -> float:
-    """Fraction of scored pixels with ``max(pred / gt, gt / pred) < threshold`` (delta_1 at 1.25).
-
-    A prediction <= 0 never counts as within the threshold.
-    """
+    """Fraction of scored pixels with ``max(pred / gt, gt / pred) < threshold`` (a prediction <= 0 never does)."""
     if not threshold > 1:
         raise MetricsInputError(f"threshold must be > 1, got {threshold}")
     p, g = _depth_pairs(pred, gt, valid)
@@ -165,7 +154,7 @@ def align_depth(pred: Any, gt: Any, valid: Any | None = None, align: str = "none
     """
     if align not in ("none", "median", "inverse_affine"):
         raise MetricsInputError(f"align must be 'none', 'median' or 'inverse_affine', got {align!r}")
-    full = np.asarray(pred.detach().cpu() if isinstance(pred, torch.Tensor) else pred, dtype=np.float64)
+    full = _as_array(pred, np.float64)
     p, g = _depth_pairs(pred, gt, valid)
     if align == "none":
         return full, {"scale": 1.0, "shift": 0.0}

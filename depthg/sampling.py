@@ -1,16 +1,7 @@
-"""Where the losses look: depth -> 3D points, batched farthest point sampling, grid coordinates.
+"""Where the losses look: depth -> 3D points, batched farthest point sampling (FPS), grid coordinates.
 
-DepthG replaces STEGO's uniformly random feature locations by depth-guided farthest point sampling
-(FPS): the depth map is pooled to the feature grid, unprojected to a 3D point cloud, FPS picks S*S
-points that are spread "equally in 3D", and the picks are turned into ``grid_sample`` coordinates
-(docs/method.md §6). This module is the paper's reading; the released unprojection and read-out are
-``depthg.released.radians_unprojection`` and ``transposed_readout`` (docs/fidelity.md §3.3-3.4).
-
-Grid coordinates are always (x, y) in [-1, 1] for ``torch.nn.functional.grid_sample`` with
-``align_corners=True``: x = -1 is the centre of the first column, x = +1 the centre of the last.
-
-FPS has two kernels that return identical indices: a batched torch loop (CUDA, or numba missing) and a
-numba kernel for CPU tensors (benchmarks/fps.py).
+The paper's depth-guided sampling (docs/method.md §6); the released unprojection and read-out are in
+``depthg.released``. Grid coordinates are (x, y) in [-1, 1] for ``grid_sample(align_corners=True)``.
 """
 
 from __future__ import annotations
@@ -25,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from depthg.utils import DepthGError
+
 
 class SamplingError(DepthGError, ValueError):
     """Bad input to a sampling function (wrong shape or range)."""
@@ -43,42 +35,11 @@ def _check_depth(depth: torch.Tensor, name: str = "depth") -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def depth_to_points(depth: torch.Tensor, fov_deg: float = 90.0) -> torch.Tensor:
-    """Unproject a depth map with a pinhole camera: (B, 1, h, w) depth -> (B, h*w, 3) points, row-major.
-
-    Focal length f = (w/2)/tan(fov/2) pixels (``fov_deg`` in degrees, square cells), principal point at
-    the grid's centre ((w-1)/2, (h-1)/2): X = (c - cx) d / f, Y = (r - cy) d / f, Z = d. Point ``r*w + c``
-    belongs to row r, column c; ``depth`` is larger = farther, in any unit.
-    """
-    _check_depth(depth)
-    if not 0.0 < fov_deg < 180.0:
-        raise SamplingError(f"fov_deg must be in (0, 180) degrees, got {fov_deg}")
-    b, _, h, w = depth.shape
-    d = depth[:, 0]
-    rows = torch.arange(h, device=depth.device, dtype=depth.dtype).view(1, h, 1)
-    cols = torch.arange(w, device=depth.device, dtype=depth.dtype).view(1, 1, w)
-    focal = (w / 2.0) / math.tan(math.radians(fov_deg) / 2.0)
-    x = (cols - (w - 1) / 2.0) * d / focal
-    y = (rows - (h - 1) / 2.0) * d / focal
-    return torch.stack([x.expand(b, h, w), y.expand(b, h, w), d], dim=-1).reshape(b, h * w, 3)
-
-
 def depth_to_points_intrinsics(depth: torch.Tensor, fx: float, fy: float, cx: float, cy: float) -> torch.Tensor:
-    """Unproject a metric depth map with a calibrated pinhole camera, one point per pixel, row-major.
+    """Pinhole unprojection: (B, 1, H, W) depth Z -> (B, H*W, 3) points (X, Y, Z), row-major (``r*W + c``).
 
-    Args:
-        depth: (B, 1, H, W) depth along the optical axis (Z), larger = farther, e.g. metres.
-        fx, fy: focal lengths in pixels; cx, cy: principal point (column, row) in pixels, with pixel
-            centres at integer coordinates.
-
-    Returns:
-        (B, H*W, 3) points X = (c - cx) Z / fx, Y = (r - cy) Z / fy, Z = depth (X right, Y down, Z
-        forward, in the depth's unit); point ``r*W + c`` belongs to row r, column c. Invalid pixels
-        (depth 0) become the camera centre; drop them with the depth mask.
-
-    :func:`depth_to_points` is the special case fx = fy = (W/2)/tan(fov/2),
-    (cx, cy) = ((W-1)/2, (H-1)/2). For every s-th pixel starting at pixel o (``depth[..., o::s, o::s]``)
-    pass fx/s, fy/s, (cx-o)/s, (cy-o)/s: the subsampled grid is the same camera with coarser pixels.
+    X = (c - cx) Z / fx, Y = (r - cy) Z / fy with focal lengths and principal point in pixels (pixel
+    centres at integers); depth 0 (invalid) becomes the camera centre.
     """
     _check_depth(depth)
     if not (fx > 0 and fy > 0):
@@ -92,6 +53,17 @@ def depth_to_points_intrinsics(depth: torch.Tensor, fx: float, fy: float, cx: fl
     return torch.stack([x, y, z], dim=-1).reshape(b, h * w, 3)
 
 
+def depth_to_points(depth: torch.Tensor, fov_deg: float = 90.0) -> torch.Tensor:
+    """:func:`depth_to_points_intrinsics` with square cells, focal (w/2)/tan(fov/2) and the grid's centre
+    as principal point: (B, 1, h, w) depth, larger = farther in any unit -> (B, h*w, 3) points."""
+    _check_depth(depth)
+    if not 0.0 < fov_deg < 180.0:
+        raise SamplingError(f"fov_deg must be in (0, 180) degrees, got {fov_deg}")
+    h, w = depth.shape[-2:]
+    focal = (w / 2.0) / math.tan(math.radians(fov_deg) / 2.0)
+    return depth_to_points_intrinsics(depth, focal, focal, (w - 1) / 2.0, (h - 1) / 2.0)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Farthest point sampling
 # ----------------------------------------------------------------------------------------------------
@@ -99,13 +71,8 @@ def depth_to_points_intrinsics(depth: torch.Tensor, fx: float, fy: float, cx: fl
 
 @lru_cache(maxsize=1)
 def _numba_kernel() -> Callable | None:
-    """Compile (once per process) the numba FPS kernel; ``None`` when numba is not installed.
-
-    A compiled loop over the batch; per image the classic O(n*N) greedy loop. The
-    arithmetic is written exactly like the torch path (dx*dx + dy*dy + dz*dz in the input dtype,
-    running minimum, chosen points masked with -inf, first index of the maximum), so both kernels
-    return identical indices.
-    """
+    """The numba FPS kernel (compiled once), ``None`` without numba. Its arithmetic is the torch path's
+    (same dtype, running minimum, picks masked with -inf, first index of the maximum): identical indices."""
     try:
         import numba
     except ImportError:
@@ -136,8 +103,7 @@ def _numba_kernel() -> Callable | None:
 
     @numba.njit(cache=False, nogil=True)
     def fps_kernel(xs, ys, zs, n_samples, start, out):  # pragma: no cover - compiled
-        # A serial loop over the batch: on a 2-core CPU numba's parallel=True (prange) measured ~4x
-        # slower than this (thread start-up dominates a ~60 us per-image job).
+        # serial over the batch: parallel=True measured ~4x slower on 2 cores (thread start-up dominates)
         for b in range(xs.shape[0]):
             fps_one(xs[b], ys[b], zs[b], n_samples, start[b], out[b])
 
@@ -150,12 +116,8 @@ def numba_available() -> bool:
 
 
 def _fps_torch(points: torch.Tensor, n_samples: int, start: torch.Tensor) -> torch.Tensor:
-    """Batched greedy FPS with torch ops only: one (B, N) distance buffer, no host syncs in the loop.
-
-    Chosen points are masked with -inf instead of being deleted from an index array, which
-    selects the same point as the released "argmax over the remaining indices" including ties: the
-    first remaining index of the maximum.
-    """
+    """Batched greedy FPS with torch ops, no host syncs in the loop. Chosen points are masked with -inf,
+    which picks what the released argmax over the remaining indices picks, ties included."""
     b, n, _ = points.shape
     xs, ys, zs = (points[..., k].contiguous() for k in range(3))
     out = torch.empty(b, n_samples, dtype=torch.long, device=points.device)
@@ -178,24 +140,11 @@ def farthest_point_sample(
     start: int | torch.Tensor = 0,
     backend: Literal["auto", "torch", "numba"] = "auto",
 ) -> torch.Tensor:
-    """Greedy farthest point sampling of every point cloud in a batch.
+    """Greedy farthest point sampling of every cloud of ``points`` (B, N, 3) -> (B, n_samples) int64 indices.
 
-    Args:
-        points: (B, N, 3) float points (e.g. from :func:`depth_to_points`).
-        n_samples: how many points to pick per cloud (1 <= n_samples <= N).
-        start: index of the first pick, an int for all clouds or a LongTensor (B,). The released code
-            always starts at 0, the top-left cell (docs/fidelity.md §3.5); the trainer may pass a
-            random start per image.
-        backend: ``"auto"`` uses the numba kernel for CPU tensors when numba is installed and the
-            torch loop otherwise (always on CUDA); ``"torch"`` / ``"numba"`` force one.
-
-    Returns:
-        (B, n_samples) int64 indices into N, in selection order, unique per row.
-
-    Each step adds the point whose squared Euclidean distance to the already chosen set is largest;
-    ties go to the lowest index (the released NumPy argmax over the order-preserving remaining-index
-    array does the same). Both backends give identical indices. The loop is batched: no Python loop
-    over images and no device->host synchronisation inside the loop.
+    Each pick is the point farthest (squared Euclidean) from those chosen so far, ties to the lowest index.
+    ``start``: the first pick, an int or a LongTensor (B,). ``backend``: ``"auto"`` is numba for CPU
+    tensors when installed, else the torch loop; both give identical indices.
     """
     if not isinstance(points, torch.Tensor) or points.dim() != 3 or points.shape[-1] != 3:
         shape = tuple(points.shape) if isinstance(points, torch.Tensor) else type(points).__name__
@@ -241,15 +190,8 @@ def farthest_point_sample(
 
 
 def nearest_sample_distance(points: torch.Tensor, indices: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-    """Euclidean distance from every point of a cloud to its nearest picked point.
-
-    Args:
-        points: (N, 3) or (B, N, 3) points; indices: (k,) or (B, k) int indices of the picks into N.
-        chunk: points per block of the distance computation (bounds memory at chunk*k distances).
-
-    Returns:
-        (N,) or (B, N) distances in the points' unit (0 at the picks themselves).
-    """
+    """Distance (N,) or (B, N) from every point of ``points`` (N, 3) / (B, N, 3) to its nearest pick
+    ``indices`` (k,) / (B, k); ``chunk`` points per block bound the memory."""
     single = points.dim() == 2
     pts = points[None] if single else points
     idx = indices[None] if indices.dim() == 1 else indices
@@ -268,12 +210,8 @@ def nearest_sample_distance(points: torch.Tensor, indices: torch.Tensor, chunk: 
 
 
 def covering_radius(points: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """The covering radius of a pick set: the largest distance of any point to its nearest pick.
-
-    Every point of the cloud lies within this radius of some pick; greedy FPS (approximately, within a
-    factor 2 of the optimum) minimises it, random picks usually leave far larger holes.
-    Shapes as in :func:`nearest_sample_distance`; returns a scalar tensor, or (B,) for a batch.
-    """
+    """The largest distance of any point to its nearest pick (scalar, or (B,) for a batch), the quantity
+    greedy FPS keeps within a factor 2 of optimal. Shapes as in :func:`nearest_sample_distance`."""
     return nearest_sample_distance(points, indices).amax(dim=-1)
 
 
@@ -283,11 +221,8 @@ def covering_radius(points: torch.Tensor, indices: torch.Tensor) -> torch.Tensor
 
 
 def indices_to_grid(indices: torch.Tensor, h: int, w: int, n_side: int) -> torch.Tensor:
-    """Flat cell indices (B, n_side**2) ``r*w + c`` on an h x w grid -> (B, n_side, n_side, 2) coordinates.
-
-    x = 2c/(w-1) - 1, y = 2r/(h-1) - 1 in selection order, for ``grid_sample(align_corners=True)``, so
-    :func:`sample` on an h x w map returns exactly the features of the chosen cells.
-    """
+    """Flat cell indices (B, n_side**2) ``r*w + c`` on an h x w grid -> (B, n_side, n_side, 2) coordinates
+    x = 2c/(w-1) - 1, y = 2r/(h-1) - 1, in selection order: :func:`sample` reads exactly those cells."""
     if indices.dim() != 2 or indices.shape[1] != n_side * n_side:
         raise SamplingError(f"indices must have shape (B, n_side**2 = {n_side * n_side}), got "
                             f"{tuple(indices.shape)}")
@@ -304,21 +239,15 @@ def random_grid(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """STEGO's random locations: (B, n_side, n_side, 2) uniform in [-1, 1]^2 (docs/method.md §3.5).
-
-    The numbers are drawn on the generator's device (CPU by default) and moved to ``device``, so the
-    same seed gives the same grid whichever device trains.
-    """
+    """STEGO's random locations (B, n_side, n_side, 2), uniform in [-1, 1]^2, drawn on the generator's
+    device and moved to ``device`` (the same seed gives the same grid on every device)."""
     gen_device = generator.device if generator is not None else torch.device("cpu")
     grid = torch.rand(batch, n_side, n_side, 2, generator=generator, device=gen_device) * 2.0 - 1.0
     return grid.to(device) if device is not None else grid
 
 
 def sample(t: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Read a (B, C, h, w) map at (B, S, S, 2) (x, y) coordinates -> (B, C, S, S).
-
-    Bilinear ``grid_sample`` with ``align_corners=True`` and border padding, as STEGO.
-    """
+    """Read a (B, C, h, w) map at (B, S, S, 2) (x, y) coordinates -> (B, C, S, S), bilinear as STEGO."""
     if t.dim() != 4 or grid.dim() != 4 or grid.shape[-1] != 2 or grid.shape[0] != t.shape[0]:
         raise SamplingError(f"sample expects t (B, C, h, w) and grid (B, S, S, 2) with the same B, got "
                             f"{tuple(t.shape)} and {tuple(grid.shape)}")
@@ -339,18 +268,9 @@ def fps_grid(
     unproject: Unproject = depth_to_points,
     cells_to_grid: CellsToGrid = indices_to_grid,
 ) -> torch.Tensor:
-    """Depth-guided FPS coordinates (docs/method.md §6): pool, unproject, FPS n_side**2 cells, to grid.
-
-    Args:
-        depth: (B, 1, H, W) depth, larger = farther; adaptive-average pooled to ``grid_hw`` (h, w).
-        n_side: n_side**2 points are sampled.
-        fov_deg: the camera's field of view, passed to ``unproject``.
-        start: first FPS pick (int or LongTensor (B,)).
-        unproject, cells_to_grid: :func:`depth_to_points` and :func:`indices_to_grid`, or the released
-            ``depthg.released.radians_unprojection`` and ``transposed_readout``.
-
-    Returns:
-        (B, n_side, n_side, 2) (x, y) coordinates for ``grid_sample(align_corners=True)``.
+    """Depth-guided FPS coordinates (B, n_side, n_side, 2): pool ``depth`` (B, 1, H, W) to ``grid_hw``,
+    unproject (``fov_deg``), pick n_side**2 cells by FPS from ``start``, turn them into coordinates.
+    ``unproject`` / ``cells_to_grid`` are the paper's functions or the released ones (``depthg.build.Fidelity``).
     """
     _check_depth(depth)
     h, w = int(grid_hw[0]), int(grid_hw[1])
@@ -368,11 +288,10 @@ def fps_grid(
 
 
 def decay_events(iteration: int, every: int, after_step: bool = False, at_start: bool = False) -> int:
-    """How many decays act at (0-based) ``iteration`` when one fires every ``every`` iterations (0 = never).
+    """How many decays act at 0-based ``iteration`` with one every ``every`` iterations (0 = never).
 
-    Paper: iteration // every, acting from the event's iteration itself, none at 0. The released timing
-    is two flags (docs/fidelity.md §3.9-3.10): ``after_step``, the rule runs after the iteration's loss,
-    so each decay acts from the next iteration; ``at_start``, the rule also fires at iteration 0.
+    Paper: iteration // every. Released timing (docs/fidelity.md §3.9-3.10): ``after_step`` delays each
+    decay by one iteration, ``at_start`` adds one at iteration 0.
     """
     t = iteration - 1 if after_step else iteration
     if every <= 0 or t < 0:
@@ -382,12 +301,10 @@ def decay_events(iteration: int, every: int, after_step: bool = False, at_start:
 
 @dataclass(frozen=True)
 class SampleCountSchedule:
-    """The FPS sample-count decay S <- floor(factor * S) (docs/method.md §8.2, R6), a pure function.
+    """The FPS sample-count decay S <- floor(factor * S) (docs/method.md §8.2, R6).
 
-    ``.at(iteration)`` returns the n_side used at that (0-based) iteration; ``every`` counts iterations
-    and ``after_step`` / ``at_start`` are the released timing (:func:`decay_events`): COCO ViT-S
-    (11, x0.9 every 1000) with both uses 11 at iteration 0, 9 from 1, 8 from 1001, 7 from 2001.
-    ``min_side`` floors the count (the released floor is 0; below 1 the loss would be empty).
+    ``.at(iteration)`` is the n_side at that 0-based iteration; timing as :func:`decay_events`;
+    ``min_side`` floors the count (the released floor is 0, which would empty the loss).
     """
 
     n_side0: int

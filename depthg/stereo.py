@@ -66,15 +66,9 @@ class StereoCalibration:
 def sgbm_disparity(
     left: np.ndarray, right: np.ndarray, num_disparities: int = 64, block_size: int = 5
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Left-image disparity of a rectified pair with OpenCV's semi-global block matcher (no weights).
-
-    Args:
-        left, right: (H, W, 3) uint8 RGB or (H, W) uint8 grey images.
-        num_disparities: searched disparity range ``[0, num_disparities)`` pixels, a multiple of 16.
-        block_size: odd window; P1, P2 = 8 and 32 * channels * block_size**2 (OpenCV's recommendation).
-
-    Full 8-direction SGM with a uniqueness check (10 %) and a speckle filter (100 px windows, range 2).
-    Returns (H, W) float32 disparity in pixels (NaN where the matcher gives none) and the bool mask.
+    """Left-image disparity (H, W) float32 pixels (NaN where none) and its bool mask, of a rectified pair
+    of (H, W, 3) RGB or (H, W) grey uint8 images, by OpenCV's 8-direction semi-global matcher searching
+    ``[0, num_disparities)`` (a multiple of 16) with an odd ``block_size`` window.
     """
     if num_disparities <= 0 or num_disparities % 16:
         raise StereoError(f"num_disparities must be a positive multiple of 16, got {num_disparities}")

@@ -36,6 +36,7 @@ from depthg.build import (
     Segmenter,
     TrainError,
     amp_context,
+    build_loss,
     build_models,
     depth_normalization,
     fidelity,
@@ -598,14 +599,7 @@ def _trainable(cfg: Config, fid: Fidelity, in_dim: int, n_classes: int,
 
 def _objective(cfg: Config, fid: Fidelity) -> tuple[L.DepthGLoss, L.DepthDecaySchedule, S.SampleCountSchedule]:
     """The STEGO + DepthG loss, the depth weight/shift schedule and the sample-count schedule."""
-    loss_fn = L.DepthGLoss(
-        pos_intra_weight=cfg.pos_intra_weight, pos_intra_shift=cfg.pos_intra_shift,
-        pos_inter_weight=cfg.pos_inter_weight, pos_inter_shift=cfg.pos_inter_shift,
-        neg_inter_weight=cfg.neg_inter_weight, neg_inter_shift=cfg.neg_inter_shift,
-        neg_samples=cfg.neg_samples, centering=cfg.centering, zero_clamp=cfg.zero_clamp,
-        depth_similarity=cfg.depth_similarity, fov_deg=cfg.fov_deg, negatives=fid.negatives,
-        transposed_depth_pairs=fid.transposed_depth_pairs,
-    )
+    loss_fn = build_loss(cfg, fid)
     depth_sched = L.DepthDecaySchedule(cfg.depth_weight, cfg.depth_shift, cfg.depth_decay_factor,
                                        cfg.depth_decay_every, after_step=cfg.decay_after_step)
     sample_sched = S.SampleCountSchedule(cfg.feature_samples, factor=cfg.sample_decay_factor,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from depthg.losses import (
+    CorrelationTerms,
     DepthDecaySchedule,
     DepthGLoss,
     LossError,
@@ -21,8 +22,8 @@ from depthg.released import global_steps_to_iterations, super_perm, super_perm_n
 from depthg.sampling import random_grid, sample
 
 #: what released mode hands the loss (depthg.build.Fidelity.released and the released config keys)
-RELEASED_LOSS = dict(centering="released", depth_similarity="released", negatives=super_perm_negatives,
-                     transposed_depth_pairs=True)
+RELEASED_LOSS = dict(depth_similarity="released", negatives=super_perm_negatives, transposed_depth_pairs=True)
+RELEASED = "released"
 
 
 def _maps(batch=2, c=6, d=4, h=5, w=5, seed=0):
@@ -180,7 +181,7 @@ def _step_inputs(batch=4, seed=0):
 
 def test_depthg_loss_terms_match_manual_computation_paper():
     feats, feats_pos, code, code_pos, depth, depth_pos, grid1, grid2 = _step_inputs()
-    loss_fn = DepthGLoss(0.5, 0.1, 0.3, 0.2, 0.7, 0.8, neg_samples=3)
+    loss_fn = DepthGLoss(CorrelationTerms(0.5, 0.1, 0.3, 0.2, 0.7, 0.8, neg_samples=3))
     out = loss_fn(feats, feats_pos, code, code_pos, depth, depth_pos, grid1, grid2,
                   depth_weight=0.2, depth_shift=0.05, generator=torch.Generator().manual_seed(5))
     assert set(out) == {"pos_intra", "pos_inter", "neg_inter", "depth", "total"}
@@ -207,8 +208,9 @@ def test_depthg_loss_terms_match_manual_computation_paper():
 
 def test_depthg_loss_released_negatives_use_super_perm_and_coords2():
     feats, feats_pos, code, code_pos, depth, depth_pos, grid1, grid2 = _step_inputs()
-    loss_fn = DepthGLoss(0.5, 0.1, 0.3, 0.2, 0.7, 0.8, neg_samples=2, **RELEASED_LOSS)
-    assert loss_fn.centering == "released" and loss_fn.depth_similarity == "released"
+    loss_fn = DepthGLoss(CorrelationTerms(0.5, 0.1, 0.3, 0.2, 0.7, 0.8, neg_samples=2, centering=RELEASED),
+                         **RELEASED_LOSS)
+    assert loss_fn.terms.centering == "released" and loss_fn.depth_similarity == "released"
     out = loss_fn(feats, feats_pos, code, code_pos, depth, depth_pos, grid1, grid2,
                   depth_weight=0.1, depth_shift=0.03, generator=torch.Generator().manual_seed(7))
     f1, c1 = sample(feats, grid1), sample(code, grid1)
@@ -228,11 +230,11 @@ def test_released_depth_term_equals_shifted_self_term():
     """docs/method.md §4.4: l_self L_self(b) + w_d L_depth = l_self L_self(b - w_d (1 - b_d) / l_self)."""
     feats, feats_pos, code, code_pos, depth, depth_pos, grid1, grid2 = _step_inputs(seed=3)
     lam, b_self, w_d, b_d = 0.58, 0.07, 0.19, 0.03
-    loss_fn = DepthGLoss(lam, b_self, 0.0, 0.0, 0.0, 0.0, neg_samples=0, **RELEASED_LOSS)
+    loss_fn = DepthGLoss(CorrelationTerms(lam, b_self, 0.0, 0.0, 0.0, 0.0, neg_samples=0, centering=RELEASED), **RELEASED_LOSS)
     out = loss_fn(feats, feats_pos, code, code_pos, depth, depth_pos, grid1, grid2, depth_weight=w_d,
                   depth_shift=b_d)
-    shifted = DepthGLoss(lam, b_self - w_d * (1 - b_d) / lam, 0.0, 0.0, 0.0, 0.0, neg_samples=0,
-                         **RELEASED_LOSS)
+    shifted = DepthGLoss(CorrelationTerms(lam, b_self - w_d * (1 - b_d) / lam, 0.0, 0.0, 0.0, 0.0, neg_samples=0,
+                                          centering=RELEASED), **RELEASED_LOSS)
     out2 = shifted(feats, feats_pos, code, code_pos, depth, depth_pos, grid1, grid2, depth_weight=0.0)
     assert abs(out["total"].item() - out2["total"].item()) < 1e-6
     assert math.isclose(b_self - w_d * (1 - b_d) / lam, -0.248, abs_tol=1e-3)
@@ -257,7 +259,7 @@ def test_paper_depth_term_uses_3d_distance_at_the_code_locations():
     out_b = loss_fn(feats, feats_pos, code, code_pos, depth.flip(-1), depth_pos, grid1, grid2,
                     depth_weight=1.0, depth_shift=0.3)
     assert not torch.allclose(out["depth"], out_b["depth"])
-    rel = DepthGLoss(**RELEASED_LOSS)
+    rel = DepthGLoss(CorrelationTerms(centering=RELEASED), **RELEASED_LOSS)
     r1 = rel(feats, feats_pos, code, code_pos, depth, depth_pos, grid1, grid2, depth_weight=1.0)
     r2 = rel(feats, feats_pos, code, code_pos, depth.flip(-1), depth_pos, grid1, grid2, depth_weight=1.0)
     torch.testing.assert_close(r1["depth"], r2["depth"])
@@ -314,10 +316,8 @@ def test_depth_decay_released_brute_force_and_every_300():
     assert [s.events(i) for i in (100, 101, 200, 201, 2333)] == [0, 1, 1, 2, 23]  # every 100 iterations
 
 
-def test_depth_decay_paper_and_fixed_shift():
+def test_depth_decay_paper():
     s = DepthDecaySchedule(0.19, 0.03, factor=0.6, every=250)
     assert s.at(249) == (0.19, 0.03)
     assert s.at(250) == pytest.approx((0.19 * 0.6, 0.03 * 0.6))
-    fixed = DepthDecaySchedule(0.19, 0.03, factor=0.6, every=250, decay_shift=False)
-    assert fixed.at(500) == pytest.approx((0.19 * 0.36, 0.03))
     assert DepthDecaySchedule(0.1, 0.1).at(10**6) == (0.1, 0.1)

@@ -105,13 +105,12 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float, what: str) -> float:
 
 def _loss_fn(fx: Fixture, prefix: str, neg_samples: int) -> L.DepthGLoss:
     assert bool(fx[prefix + "cfg.pointwise"])  # released pointwise centring
-    return L.DepthGLoss(
-        pos_intra_shift=fx.f(prefix + "cfg.pos_intra_shift"),
-        pos_inter_shift=fx.f(prefix + "cfg.pos_inter_shift"),
-        neg_inter_shift=fx.f(prefix + "cfg.neg_inter_shift"),
-        neg_samples=neg_samples, zero_clamp=True, centering="released", depth_similarity="released",
-        negatives=REL.negatives, transposed_depth_pairs=REL.transposed_depth_pairs,
-    )
+    terms = L.CorrelationTerms(pos_intra_shift=fx.f(prefix + "cfg.pos_intra_shift"),
+                               pos_inter_shift=fx.f(prefix + "cfg.pos_inter_shift"),
+                               neg_inter_shift=fx.f(prefix + "cfg.neg_inter_shift"),
+                               neg_samples=neg_samples, zero_clamp=True, centering="released")
+    return L.DepthGLoss(terms, depth_similarity="released", negatives=REL.negatives,
+                        transposed_depth_pairs=REL.transposed_depth_pairs)
 
 
 def _full_loss(fx: Fixture, group: str, grid1: torch.Tensor, grid2: torch.Tensor, out: str,
@@ -322,7 +321,7 @@ def test_released_depth_term_pairs_code_with_transposed_depth(fx: Fixture) -> No
     code = fx["fps_loss.in.code"]
     depth = fx["fps_loss.in.depth"]
     shift = fx.f("loss.cfg.depth_feat_shift")
-    loss_fn = L.DepthGLoss(centering="released", depth_similarity="released", neg_samples=0,
+    loss_fn = L.DepthGLoss(L.CorrelationTerms(centering="released", neg_samples=0), depth_similarity="released",
                            negatives=REL.negatives, transposed_depth_pairs=REL.transposed_depth_pairs)
     for s in (5, 7):
         grid = released_fps_grid(depth, (14, 14), s)

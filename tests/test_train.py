@@ -62,7 +62,7 @@ def test_batch_order_is_a_pure_function_of_seed_and_step():
 def test_steps_lower_the_stego_loss(prepared):
     from depthg.backbone import load_backbone
     from depthg.data.transforms import resize_center_crop
-    from depthg.losses import DepthGLoss
+    from depthg.losses import CorrelationTerms, DepthGLoss
     from depthg.sampling import random_grid
     from depthg.train import training_dataset
     from depthg.data.prepare import prepare_training_data
@@ -81,8 +81,7 @@ def test_steps_lower_the_stego_loss(prepared):
         feats = backbone(img)
     gen = torch.Generator().manual_seed(123)
     grid1, grid2 = random_grid(4, 3, gen), random_grid(4, 3, gen)
-    loss_fn = DepthGLoss(cfg.pos_intra_weight, cfg.pos_intra_shift, cfg.pos_inter_weight, cfg.pos_inter_shift,
-                         cfg.neg_inter_weight, cfg.neg_inter_shift, neg_samples=5, centering=cfg.centering)
+    loss_fn = DepthGLoss(CorrelationTerms.from_config(cfg, neg_samples=5))
 
     def stego_loss(model) -> float:
         model.eval()
