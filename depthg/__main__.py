@@ -14,10 +14,17 @@ from typing import Any
 
 from depthg.ablation import DEFAULT_VARIANTS, run_ablation
 from depthg.backbone import load_backbone
-from depthg.build import dataset_kwargs, fidelity
+from depthg.build import dataset_kwargs
 from depthg.config import MODES, PRESETS, Config, ConfigError, apply_overrides, load_config
 from depthg.data import build_dataset
-from depthg.data.prepare import CroppedDataset, compute_knn, five_crop, prepare_training_data, stereo_depth_for_dataset
+from depthg.data.prepare import (
+    CroppedDataset,
+    KnnSettings,
+    compute_knn,
+    five_crop,
+    prepare_training_data,
+    stereo_depth_for_dataset,
+)
 from depthg.depth import estimate_depth_for_dataset, load_depth_model
 from depthg.evaluate import evaluate_checkpoint
 from depthg.train import train
@@ -94,10 +101,8 @@ def cmd_knn(args: argparse.Namespace) -> Any:
     cfg = _config_from_args(args)
     dataset = CroppedDataset(args.crops, args.split, with_depth=False) if args.crops else _dataset(cfg, args.split)
     backbone = load_backbone(cfg.backbone, cfg.weights, **cfg.backbone_kwargs)
-    # the same neighbours `prepare` computes: k = max(knn_k, num_neighbors), images resized by the mode
-    out = compute_knn(dataset, backbone, args.out, k=min(max(cfg.knn_k, cfg.num_neighbors), len(dataset) - 1),
-                      res=cfg.res, batch_size=cfg.batch_size, device=cfg.device, num_workers=cfg.num_workers,
-                      progress=not args.no_progress, resize=fidelity(cfg).resize)
+    # the same neighbours `prepare` computes (k = knn_k, images resized by the mode)
+    out = compute_knn(dataset, backbone, args.out, KnnSettings.of(cfg, len(dataset)), progress=not args.no_progress)
     _print({"knn_path": str(out)})
     return out
 

@@ -59,6 +59,16 @@ PAPER_DEPTH_SIMILARITY = "centred"
 CENTERING = ("paper", "released", "none")
 LHP_STRATEGIES = ("depth", "attention")
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+# keys holding text: non-empty strings (the optional ones may be None); overrides keep their raw text
+STRING_KEYS = ("name", "output_dir", "cache_dir", "backbone", "device", "train_split", "val_split", "depth_source")
+OPTIONAL_STRING_KEYS = ("data_dir", "weights", "depth_model")
+# the smallest value of each integer key, in the order they are checked (eval_max_images, threads may be None)
+INTEGER_MINIMUM = dict(
+    seed=0, res=8, eval_res=8, knn_k=1, num_neighbors=1, num_workers=0, world_n_train=1, world_n_val=1,
+    world_seed=0, dim=1, extra_clusters=0, steps=0, batch_size=1, feature_samples=1, neg_samples=0,
+    depth_decay_every=0, sample_decay_every=0, sample_min_side=0, eval_every=0, eval_batch_size=1,
+    eval_max_images=1, threads=1, checkpoint_every=0, log_every=1,
+)
 #: what each mode sets where a key is None (``decay_after_step`` and ``sample_decay_at_start`` are the
 #: released timing: ``depthg.sampling.decay_events``, docs/fidelity.md §3.9-3.10).
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -216,10 +226,9 @@ class Config:
 
     def _validate_strings_and_choices(self) -> None:
         """Names and paths are non-empty strings; enumerated keys hold one of their allowed values."""
-        for key in ("name", "output_dir", "cache_dir", "backbone", "device", "train_split", "val_split",
-                    "depth_source"):
+        for key in STRING_KEYS:
             self._expect_string(key)
-        for key in ("data_dir", "weights", "depth_model"):
+        for key in OPTIONAL_STRING_KEYS:
             self._expect_string(key, none_ok=True)
         self._expect_choice("mode", MODES)
         self._expect_choice("dataset", DATASETS)
@@ -238,30 +247,8 @@ class Config:
 
     def _validate_integers(self) -> None:
         """Counts, sizes and intervals are integers in range, and the kNN/sampling counts fit each other."""
-        self._expect_integer("seed", 0)
-        self._expect_integer("res", 8)
-        self._expect_integer("eval_res", 8)
-        self._expect_integer("knn_k", 1)
-        self._expect_integer("num_neighbors", 1)
-        self._expect_integer("num_workers", 0)
-        self._expect_integer("world_n_train", 1)
-        self._expect_integer("world_n_val", 1)
-        self._expect_integer("world_seed", 0)
-        self._expect_integer("dim", 1)
-        self._expect_integer("extra_clusters", 0)
-        self._expect_integer("steps", 0)
-        self._expect_integer("batch_size", 1)
-        self._expect_integer("feature_samples", 1)
-        self._expect_integer("neg_samples", 0)
-        self._expect_integer("depth_decay_every", 0)
-        self._expect_integer("sample_decay_every", 0)
-        self._expect_integer("sample_min_side", 0)
-        self._expect_integer("eval_every", 0)
-        self._expect_integer("eval_batch_size", 1)
-        self._expect_integer("eval_max_images", 1, none_ok=True)
-        self._expect_integer("threads", 1, none_ok=True)
-        self._expect_integer("checkpoint_every", 0)
-        self._expect_integer("log_every", 1)
+        for key, lo in INTEGER_MINIMUM.items():
+            self._expect_integer(key, lo, none_ok=key in ("eval_max_images", "threads"))
         if self.num_neighbors > self.knn_k:
             raise ConfigError(
                 f"config key 'num_neighbors' = {self.num_neighbors}: must be <= knn_k = {self.knn_k} "
@@ -366,16 +353,15 @@ class Config:
         if value not in allowed:
             raise ConfigError(f"config key {key!r} = {value!r}: expected one of {list(allowed)}")
 
-    def _expect_integer(self, key: str, lo: int | None = None, hi: int | None = None, none_ok: bool = False) -> None:
-        """``key`` is an integer (not a bool) in [lo, hi], or None where ``none_ok``."""
+    def _expect_integer(self, key: str, lo: int, none_ok: bool = False) -> None:
+        """``key`` is an integer (not a bool) >= lo, or None where ``none_ok``."""
         value = getattr(self, key)
         if value is None and none_ok:
             return
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key {key!r} = {value!r}: expected an integer")
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-            raise ConfigError(f"config key {key!r} = {value!r}: expected an integer in {rng}")
+        if value < lo:
+            raise ConfigError(f"config key {key!r} = {value!r}: expected an integer in [{lo}, inf]")
 
     def _expect_number(self, key: str, lo: float | None = None, hi: float | None = None,
                        lo_open: bool = False) -> None:
@@ -447,10 +433,6 @@ class Config:
     def save(self, path: str | Path) -> Path:
         return save_config(self, path)
 
-    @classmethod
-    def load(cls, path: str | Path) -> "Config":
-        return load_config(path)
-
     # ---- presets ------------------------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str, /, mode: str = "paper", **overrides: Any) -> "Config":
@@ -503,22 +485,30 @@ def backbone_patch_size(backbone: str, backbone_kwargs: dict[str, Any] | None = 
 # ----------------------------------------------------------------------------------------------------
 # presets
 # ----------------------------------------------------------------------------------------------------
+#: The released default config's values, shared by the four released runs and the synthetic default.
+_BASE: dict[str, Any] = dict(
+    res=224, eval_res=320, five_crop=True, crop_ratio=0.5, lr=5e-4, probe_lr=5e-3,
+    steps=RELEASED_ITERATIONS, batch_size=32, neg_samples=5, num_neighbors=7, knn_k=30,
+    zero_clamp=True, dropout=0.1, extra_clusters=0, use_depth=True, depth_source="zoedepth",
+    fov_deg=90.0, lhp=False, seed=0, sample_min_side=1, eval_crf=True, eval_flip=True,
+    feature_samples=11, sample_decay_factor=1.0, sample_decay_every=0,
+    eval_every=100, checkpoint_every=100, centering="released", depth_sampling="fps",
+)
+#: The Cityscapes run's loss weights and shifts (the synthetic default uses them too).
+_CITYSCAPES_LOSS: dict[str, Any] = dict(
+    pos_intra_weight=0.95, pos_intra_shift=0.39,
+    pos_inter_weight=1.02, pos_inter_shift=0.25,
+    neg_inter_weight=0.5700000000000001, neg_inter_shift=0.26,
+    depth_weight=0.09, depth_shift=0.03, depth_decay_factor=0.8,
+)
+
 
 def _preset_values(name: str) -> dict[str, Any]:
     """Hyper-parameters of each preset; decay intervals in iterations (the script's global steps converted)."""
-    # The released default config's values, shared by all four runs.
-    base: dict[str, Any] = dict(
-        res=224, eval_res=320, five_crop=True, crop_ratio=0.5, lr=5e-4, probe_lr=5e-3,
-        steps=RELEASED_ITERATIONS, batch_size=32, neg_samples=5, num_neighbors=7, knn_k=30,
-        zero_clamp=True, dropout=0.1, extra_clusters=0, use_depth=True, depth_source="zoedepth",
-        fov_deg=90.0, lhp=False, seed=0, sample_min_side=1, eval_crf=True, eval_flip=True,
-        feature_samples=11, sample_decay_factor=1.0, sample_decay_every=0,
-    )
     if name in ("cocostuff_vits8", "stego"):
         values = dict(
-            base, dataset="cocostuff", classes=27, backbone="vit_small_patch8_224", dim=70,
-            eval_every=100, checkpoint_every=100, centering="released", depth_sampling="fps",
-            feature_samples=11, sample_decay_factor=0.9, sample_decay_every=1000,
+            _BASE, dataset="cocostuff", classes=27, backbone="vit_small_patch8_224", dim=70,
+            sample_decay_factor=0.9, sample_decay_every=1000,
             pos_intra_weight=0.58, pos_intra_shift=0.07,
             pos_inter_weight=0.36, pos_inter_shift=0.025,
             neg_inter_weight=0.7000000000000001, neg_inter_shift=0.761,
@@ -532,9 +522,8 @@ def _preset_values(name: str) -> dict[str, Any]:
         return _released_run(values)
     if name == "cocostuff_vitb8":
         return _released_run(dict(
-            base, dataset="cocostuff", classes=27, backbone="vit_base_patch8_224", dim=90,
-            eval_every=50, checkpoint_every=50, centering="released", depth_sampling="fps",
-            feature_samples=12, sample_decay_factor=1.0, sample_decay_every=1000,
+            _BASE, dataset="cocostuff", classes=27, backbone="vit_base_patch8_224", dim=90,
+            eval_every=50, checkpoint_every=50, feature_samples=12, sample_decay_every=1000,
             # these six to 7 significant digits; the depth pair in the script's full precision.
             pos_intra_weight=0.2305237, pos_intra_shift=0.1232631,
             pos_inter_weight=1.0500945, pos_inter_shift=0.2102829,
@@ -544,19 +533,13 @@ def _preset_values(name: str) -> dict[str, Any]:
         ))
     if name == "cityscapes_vitb8":
         return _released_run(dict(
-            base, dataset="cityscapes", classes=27, backbone="vit_base_patch8_224", dim=100,
-            eval_every=100, checkpoint_every=100, centering="none", depth_sampling="random",
-            feature_samples=11,
-            pos_intra_weight=0.95, pos_intra_shift=0.39,
-            pos_inter_weight=1.02, pos_inter_shift=0.25,
-            neg_inter_weight=0.5700000000000001, neg_inter_shift=0.26,
-            depth_weight=0.09, depth_shift=0.03, depth_decay_factor=0.8, depth_decay_every=400,
+            _BASE, **_CITYSCAPES_LOSS, dataset="cityscapes", classes=27, backbone="vit_base_patch8_224", dim=100,
+            centering="none", depth_sampling="random", depth_decay_every=400,
         ))
     if name == "potsdam_vits8":
         return _released_run(dict(
-            base, dataset="potsdam", classes=3, backbone="vit_small_patch8_224", dim=90, batch_size=16,
-            five_crop=False, eval_every=100, checkpoint_every=100, centering="released",
-            depth_sampling="fps", feature_samples=11,
+            _BASE, dataset="potsdam", classes=3, backbone="vit_small_patch8_224", dim=90, batch_size=16,
+            five_crop=False,
             pos_intra_weight=0.61, pos_intra_shift=0.20,
             pos_inter_weight=0.34, pos_inter_shift=0.09,
             neg_inter_weight=0.72, neg_inter_shift=0.63,
@@ -574,24 +557,15 @@ def _released_run(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _synthetic_values() -> dict[str, Any]:
-    """The embedded default: the synthetic street world on a 2-core CPU in minutes; where each value
-    comes from is in docs/method.md §11."""
+    """The embedded default: the synthetic street world on a 2-core CPU in minutes, with the Cityscapes
+    run's loss; where each value comes from is in docs/method.md §11."""
     steps = 300
     return dict(
-        dataset="cityscapes", data_dir=None, classes="world", depth_source="gt",
-        backbone="embedded", weights=None, res=128, eval_res=128, five_crop=True, crop_ratio=0.5,
-        dim=32, batch_size=16, steps=steps, lr=5e-4, probe_lr=5e-3, dropout=0.1, extra_clusters=0,
-        neg_samples=5, num_neighbors=7, knn_k=30, zero_clamp=True, centering="none",
-        feature_samples=8, sample_decay_factor=1.0, sample_decay_every=0, sample_min_side=1,
-        depth_sampling="fps", use_depth=True, fov_deg=90.0,
-        pos_intra_weight=0.95, pos_intra_shift=0.39,
-        pos_inter_weight=1.02, pos_inter_shift=0.25,
-        neg_inter_weight=0.5700000000000001, neg_inter_shift=0.26,
-        depth_weight=0.09, depth_shift=0.03, depth_decay_factor=0.8,
-        depth_decay_every=round(400 * steps / RELEASED_ITERATIONS),
-        feature_cache=True, eval_every=100, checkpoint_every=100, eval_batch_size=16,
-        eval_crf=False, eval_flip=True, world_n_train=48, world_n_val=16, world_size=[256, 512],
-        log_every=10, threads=1,
+        _BASE, **_CITYSCAPES_LOSS, dataset="cityscapes", data_dir=None, classes="world", depth_source="gt",
+        backbone="embedded", weights=None, res=128, eval_res=128, dim=32, batch_size=16, steps=steps,
+        centering="none", feature_samples=8, depth_decay_every=round(400 * steps / RELEASED_ITERATIONS),
+        feature_cache=True, eval_batch_size=16, eval_crf=False,
+        world_n_train=48, world_n_val=16, world_size=[256, 512], log_every=10, threads=1,
     )
 
 
@@ -606,8 +580,6 @@ def _mode_values(mode: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------
 # files and overrides
 # ----------------------------------------------------------------------------------------------------
-
-
 def check_keys(keys: Any, source: str) -> None:
     """Error listing unknown keys, close matches and the valid keys."""
     valid = Config.keys()
@@ -672,8 +644,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
             except ValueError:
                 pass
         # Strings that YAML reads as other types but the field wants as text (e.g. name=123).
-        if key in ("name", "output_dir", "cache_dir", "data_dir", "weights", "depth_model", "backbone",
-                   "train_split", "val_split", "depth_source", "device") and value is not None:
+        if key in STRING_KEYS + OPTIONAL_STRING_KEYS and value is not None:
             value = raw.strip() if not isinstance(value, str) else value
         changes[key] = value
     check_keys(changes.keys(), "overrides")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from depthg.backbone import load_backbone
-from depthg.build import amp_context, build_models, fidelity, load_checkpoint, validation_dataset
+from depthg.build import Segmenter, amp_context, build_models, fidelity, load_checkpoint, validation_dataset
 from depthg.config import Config, apply_overrides
 from depthg.crf import dense_crf
 from depthg.data.common import default_palette
@@ -33,7 +34,7 @@ from depthg.features import backbone_fingerprint
 from depthg.metrics import UnsupervisedMetrics
 from depthg.utils import DepthGError, atomic_write, get_device, inside, sha256_file
 
-__all__ = ["evaluate_model", "evaluate_checkpoint", "EvaluationError", "predict_batch"]
+__all__ = ["evaluate_model", "EvalOptions", "evaluate_checkpoint", "EvaluationError", "predict_batch"]
 
 
 class EvaluationError(DepthGError, RuntimeError):
@@ -49,10 +50,12 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def predict_batch(backbone: nn.Module, head: nn.Module, cluster: nn.Module, linear: nn.Module, img: torch.Tensor,
-                  out_size: tuple[int, int], flip: bool = True, crf: bool = False,
+def predict_batch(backbone: nn.Module, model: Segmenter, img: torch.Tensor, out_size: tuple[int, int],
+                  flip: bool = True, crf: bool = False,
                   amp: Callable[[], Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cluster log-probs, linear log-probs), each (B, K, H, W) at ``out_size``, for images (B, 3, h, w)."""
+    """(cluster log-probs, linear log-probs), each (B, K, H, W) at ``out_size``, for images (B, 3, h, w);
+    ``model`` holds the head and the probes."""
+    head, cluster, linear = model.head, model.cluster, model.linear
     ctx = amp if amp is not None else nullcontext
     with ctx():
         code = head(backbone(img)).float()
@@ -84,34 +87,53 @@ def _metrics_dict(result: dict[str, Any], class_names: Sequence[str] | None) -> 
     return out
 
 
-def evaluate_model(backbone: nn.Module, head: nn.Module, cluster: nn.Module, linear: nn.Module, dataset: Any,
-                   res: int | None = 320, resize: Resize = PAPER_RESIZE, flip: bool = True, crf: bool = False,
-                   batch_size: int = 8, device: torch.device | str | None = None, max_images: int | None = None,
-                   progress: bool = True, amp: Callable[[], Any] | None = None,
-                   predictions_dir: str | Path | None = None, n_predictions: int = 0,
-                   num_workers: int = 0) -> dict[str, Any]:
-    """Cluster (Hungarian) and linear metrics of a head on ``dataset`` (the protocol above).
+@dataclass(frozen=True)
+class EvalOptions:
+    """How :func:`evaluate_model` evaluates (the protocol above) and what it writes besides the metrics."""
+
+    res: int | None = 320  # resize + centre-crop size (None: items as they are)
+    resize: Resize = PAPER_RESIZE  # the run's resize (``depthg.data.transforms``)
+    flip: bool = True
+    crf: bool = False
+    batch_size: int = 8
+    max_images: int | None = None  # None: the whole dataset
+    num_workers: int = 0
+    progress: bool = True
+    predictions_dir: Path | None = None  # palette PNGs of the first ``n_predictions`` images go here
+    n_predictions: int = 0
+
+    @classmethod
+    def of(cls, cfg: Config, **changes: Any) -> "EvalOptions":
+        """The evaluation protocol of ``cfg`` (eval_res, the run's resize, eval_flip, eval_crf, eval_batch_size,
+        eval_max_images), with ``changes`` on top."""
+        values = dict(res=cfg.eval_res, resize=fidelity(cfg).resize, flip=cfg.eval_flip, crf=cfg.eval_crf,
+                      batch_size=cfg.eval_batch_size, max_images=cfg.eval_max_images)
+        return cls(**{**values, **changes})
+
+
+def evaluate_model(backbone: nn.Module, model: Segmenter, dataset: Any, opts: EvalOptions = EvalOptions(),
+                   device: torch.device | str | None = None, amp: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Cluster (Hungarian) and linear metrics of ``model``'s head and probes on ``dataset`` (the protocol above).
 
     Args:
         dataset: items {"img" (3, H, W) in [0, 1], "label" (H, W) int64, -1 = ignore}; ``n_classes`` and
             optional ``class_names`` / ``palette`` attributes.
-        res: resize + centre-crop size (None: items as they are); ``resize`` is the run's (``depthg.data.transforms``).
-        predictions_dir, n_predictions: write the first N images' matched cluster, linear and ground-truth
-            maps as palette PNGs.
+        opts: resolution, resize, flip, CRF, batching and the optional prediction PNGs (the first
+            N images' matched cluster, linear and ground-truth maps).
 
     Returns {"cluster": {accuracy, miou, iou, iou_per_class, assignment}, "linear": {...}, "n_images",
     "protocol"}, in percent.
     """
+    head, cluster, linear = model.head, model.cluster, model.linear
     device = get_device(device or "auto")
     n_classes = int(dataset.n_classes)
     n_clusters = int(getattr(cluster, "n_clusters", n_classes))
     extra = max(n_clusters - n_classes, 0)
     class_names = list(getattr(dataset, "class_names", [])) or None
-    n = len(dataset) if max_images is None else min(max_images, len(dataset))
+    n = len(dataset) if opts.max_images is None else min(opts.max_images, len(dataset))
     if n == 0:
         raise EvaluationError(f"evaluation dataset {dataset!r} is empty")
-    transform = partial(resize_center_crop, res=res, resize=resize) if res is not None else (lambda item: item)
-
+    transform = (lambda item: item) if opts.res is None else partial(resize_center_crop, res=opts.res, resize=opts.resize)
     was_training = [m.training for m in (head, cluster, linear)]
     for m in (head, cluster, linear):
         m.eval()
@@ -119,37 +141,36 @@ def evaluate_model(backbone: nn.Module, head: nn.Module, cluster: nn.Module, lin
     linear_metrics = UnsupervisedMetrics(n_classes, extra_clusters=0, hungarian=False)
     kept: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     subset = torch.utils.data.Subset(dataset, range(n))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         collate_fn=lambda items: _collate([transform(it) for it in items]))
-    for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
+    loader = torch.utils.data.DataLoader(subset, batch_size=opts.batch_size, shuffle=False,
+                                         num_workers=opts.num_workers, collate_fn=lambda items: _collate([transform(it) for it in items]))
+    for batch in tqdm(loader, desc="eval", disable=not opts.progress, leave=False):
         img = batch["img"].to(device)
         label = batch["label"].to(device)
-        cluster_logp, linear_logp = predict_batch(backbone, head, cluster, linear, img, tuple(label.shape[-2:]),
-                                                  flip=flip, crf=crf, amp=amp)
+        cluster_logp, linear_logp = predict_batch(backbone, model, img, tuple(label.shape[-2:]), flip=opts.flip,
+                                                  crf=opts.crf, amp=amp)
         cluster_pred, linear_pred = cluster_logp.argmax(1), linear_logp.argmax(1)
         cluster_metrics.update(cluster_pred, label)
         linear_metrics.update(linear_pred, label)
         for key, c, l, t in zip(batch["key"], cluster_pred, linear_pred, label):
-            if len(kept) < n_predictions:
+            if len(kept) < opts.n_predictions:
                 kept.append((key, c.cpu(), l.cpu(), t.cpu()))
     for m, flag in zip((head, cluster, linear), was_training):
         m.train(flag)
-
     cluster_res = cluster_metrics.compute()
     linear_res = linear_metrics.compute()
     result = {
         "cluster": _metrics_dict(cluster_res, class_names),
         "linear": _metrics_dict(linear_res, class_names),
         "n_images": n,
-        "protocol": {"res": res, "resize_mode": resize.name, "flip": flip, "crf": crf,
+        "protocol": {"res": opts.res, "resize_mode": opts.resize.name, "flip": opts.flip, "crf": opts.crf,
                      "cluster": "log_softmax(2 cos), Hungarian matching over the split",
                      "linear": "log_softmax(logits), no matching", "units": "percent"},
     }
     if result["linear"].get("assignment") is not None:
         result["linear"].pop("assignment")
-    if predictions_dir is not None and kept:
+    if opts.predictions_dir is not None and kept:
         palette = np.asarray(getattr(dataset, "palette", default_palette(n_classes)), dtype=np.uint8)
-        _write_predictions(Path(predictions_dir), kept, cluster_res.get("assignment"), palette)
+        _write_predictions(Path(opts.predictions_dir), kept, cluster_res.get("assignment"), palette)
     return result
 
 
@@ -200,11 +221,9 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *, data
     if inside(output, root):  # nothing is written into a dataset folder
         raise EvaluationError(f"refusing to write the evaluation {output}: it is inside the dataset folder {root}; "
                               "pass --output outside it")
-    metrics = evaluate_model(backbone, model.head, model.cluster, model.linear, dataset, res=cfg.eval_res,
-                             resize=fidelity(cfg).resize, flip=cfg.eval_flip, crf=cfg.eval_crf, batch_size=cfg.eval_batch_size,
-                             device=device, max_images=cfg.eval_max_images, progress=progress, amp=amp,
-                             predictions_dir=output.with_suffix("") if n_predictions else None,
-                             n_predictions=n_predictions, num_workers=cfg.num_workers)
+    options = EvalOptions.of(cfg, num_workers=cfg.num_workers, progress=progress, n_predictions=n_predictions,
+                             predictions_dir=output.with_suffix("") if n_predictions else None)
+    metrics = evaluate_model(backbone, model, dataset, options, device=device, amp=amp)
     result = {
         "checkpoint": str(path), "checkpoint_sha256": sha256_file(path), "checkpoint_step": int(ckpt["step"]),
         "dataset": cfg.dataset, "data_root": str(root), "split": cfg.val_split, **metrics, "config": cfg.to_dict(),

@@ -221,8 +221,8 @@ def predict_examples(trained: TrainedRun, assignment: Any, n: int = 4) -> dict[s
     items = [resize_center_crop(trained.val_set[i], res=cfg.eval_res, resize=fidelity(cfg).resize)
              for i in range(min(n, len(trained.val_set)))]
     img = torch.stack([it["img"] for it in items]).to(trained.device)
-    cluster_logp, linear_logp = predict_batch(trained.backbone, m.head, m.cluster, m.linear, img,
-                                              tuple(img.shape[-2:]), flip=cfg.eval_flip, crf=False)
+    cluster_logp, linear_logp = predict_batch(trained.backbone, m, img, tuple(img.shape[-2:]), flip=cfg.eval_flip,
+                                              crf=False)
     matched = torch.as_tensor(assignment)[cluster_logp.argmax(1).cpu()]  # cluster id -> class (-1: unmatched)
     return {"images": [it["img"] for it in items], "labels": [it["label"] for it in items],
             "cluster": list(matched), "linear": list(linear_logp.argmax(1).cpu())}

@@ -48,7 +48,7 @@ from depthg.build import (
 from depthg.config import Config
 from depthg.data.prepare import dataset_digest, load_knn, prepare_training_data
 from depthg.data.transforms import PAPER_RESIZE, Resize, resize_center_crop
-from depthg.evaluate import evaluate_model
+from depthg.evaluate import EvalOptions, evaluate_model
 from depthg.features import Precision, backbone_features, backbone_fingerprint, build_feature_cache
 from depthg.lhp import LocalHiddenPositives
 from depthg.utils import atomic_torch_save, atomic_write, get_device, inside
@@ -60,8 +60,6 @@ __all__ = ["train", "TrainError", "batch_indices", "Segmenter", "load_checkpoint
 # ----------------------------------------------------------------------------------------------------
 # distributed helpers
 # ----------------------------------------------------------------------------------------------------
-
-
 @dataclass
 class DistInfo:
     rank: int = 0
@@ -91,11 +89,6 @@ def init_distributed(device: torch.device) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), initialised_here)
 
 
-def _barrier(info: DistInfo) -> None:
-    if info.enabled:
-        dist.barrier()
-
-
 def collective_device(backend: str, device: torch.device) -> torch.device:
     """Where a tensor handed to a collective must live: NCCL moves only CUDA tensors, gloo CPU tensors."""
     if backend == "nccl":
@@ -121,8 +114,6 @@ def broadcast_flag(value: bool, device: torch.device, src: int = 0) -> bool:
 # ----------------------------------------------------------------------------------------------------
 # data order: a pure function of (seed, step)
 # ----------------------------------------------------------------------------------------------------
-
-
 @lru_cache(maxsize=4)
 def _epoch_order(seed: int, epoch: int, n: int, num_neighbors: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -151,8 +142,6 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int, nns: np.ndarray
 # ----------------------------------------------------------------------------------------------------
 # training data sources
 # ----------------------------------------------------------------------------------------------------
-
-
 class CropSource:
     """Training crops read from disk; features computed by the frozen backbone each step."""
 
@@ -206,8 +195,6 @@ def dropout_masks(batch: int, channels: int, p: float, generator: torch.Generato
 # ----------------------------------------------------------------------------------------------------
 # checkpoints and RNG state
 # ----------------------------------------------------------------------------------------------------
-
-
 def _numpy_state() -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
@@ -249,20 +236,22 @@ RESUMABLE_CHANGES = {"steps", "threads", "eval_every", "checkpoint_every", "log_
 # ----------------------------------------------------------------------------------------------------
 # the training run
 # ----------------------------------------------------------------------------------------------------
-
-
-def _write_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as handle:
+def _log(run: Run, state: LoopState, group: str, values: dict[str, Any]) -> None:
+    """Rank 0: a ``log.jsonl`` record {"step", "time", group: values} and TensorBoard scalars ``group/<key>``."""
+    record = {"step": state.step, "time": time.time() - state.t_start, group: values}
+    with open(run.place.out_dir / "log.jsonl", "a") as handle:
         handle.write(json.dumps(record, default=_json_default) + "\n")
+    if state.writer is not None:
+        for k, v in values.items():
+            state.writer.add_scalar(f"{group}/{k}", v, state.step)
 
 
 def _trim_log(path: Path, step: int) -> None:
     """Keep only the log records of steps <= ``step`` (all of them go for a fresh run, step 0)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    if step == 0:
-        keep = []
+    lines = path.read_text().splitlines() if step > 0 else []
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
     with atomic_write(path, "w") as handle:
         handle.write("".join(line + "\n" for line in keep))
 
@@ -270,9 +259,7 @@ def _trim_log(path: Path, step: int) -> None:
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, (np.floating, np.integer)):
         return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, torch.Tensor):
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
         return obj.tolist()
     if isinstance(obj, Path):
         return str(obj)
@@ -318,25 +305,12 @@ def check_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
 
 def train(cfg: Config, resume: bool = False, *, progress: bool = True, data: dict[str, Any] | None = None,
           overwrite: bool = False) -> dict[str, Any]:
-    """Train the head described by ``cfg``; return final and best-on-validation metrics and paths.
-
-    ``cfg.threads`` sets torch's CPU thread count for the run (restored afterwards); see :func:`_train`.
-    """
-    previous = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    try:
-        return _train(cfg, resume, progress=progress, data=data, overwrite=overwrite)
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: dict[str, Any] | None = None,
-           overwrite: bool = False) -> dict[str, Any]:
-    """The run itself (:func:`train` only manages the thread count): build -> loop -> final evaluation.
+    """Train the head described by ``cfg`` (build -> loop -> final evaluation); return the final and the
+    best-on-validation metrics and paths.
 
     Args:
-        cfg: the run's configuration (``depthg.config.Config``).
+        cfg: the run's configuration (``depthg.config.Config``); ``cfg.threads`` sets torch's CPU thread
+            count for the run (restored afterwards).
         resume: continue from ``output_dir/checkpoint_last.pt`` at its step (bit-identical continuation).
         progress: show a tqdm bar.
         data: optional output of ``prepare_training_data(cfg)`` (skip preparation, e.g. in the ablation).
@@ -346,29 +320,33 @@ def _train(cfg: Config, resume: bool = False, *, progress: bool = True, data: di
 
     Writes ``output_dir/{config.yaml, log.jsonl, checkpoint_last.pt, checkpoint_best.pt, results.json}``.
     """
-    state = LoopState(t_start=time.time())
-    # build: config -> objects; every check runs before anything is written into the run folder
-    place = setup_place(cfg, progress)
-    ckpt = checkpoint_to_resume(cfg, place, resume, overwrite)
-    run = build_run(cfg, place, data)
-    if ckpt is not None:
-        restore(run, state, ckpt)
-        ckpt = None  # free the checkpoint's tensors before the loop
-    open_run_folder(run, state, overwrite)
-    # loop: train_step, logging, validation, checkpoints
-    train_loop(run, state)
-    # final evaluation of the last and the best weights with the full protocol (rank 0)
-    result = final_results(run, state) if place.dinfo.is_main else {}
-    if place.dinfo.initialised_here:
-        dist.destroy_process_group()
-    return result
+    previous = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        state = LoopState(t_start=time.time())
+        # build: config -> objects; every check runs before anything is written into the run folder
+        place = setup_place(cfg, progress)
+        ckpt = checkpoint_to_resume(cfg, place, resume, overwrite)
+        run = build_run(cfg, place, data)
+        if ckpt is not None:
+            restore(run, state, ckpt)
+            ckpt = None  # free the checkpoint's tensors before the loop
+        open_run_folder(run, state, overwrite)
+        # loop: train_step, logging, validation, checkpoints
+        train_loop(run, state)
+        # final evaluation of the last and the best weights with the full protocol (rank 0)
+        result = final_results(run, state) if place.dinfo.is_main else {}
+        if place.dinfo.initialised_here:
+            dist.destroy_process_group()
+        return result
+    finally:
+        torch.set_num_threads(previous)
 
 
 # ----------------------------------------------------------------------------------------------------
 # build: config -> the run's objects
 # ----------------------------------------------------------------------------------------------------
-
-
 @dataclass
 class Place:
     """Where the run executes and writes: device, process group, this rank's batch rows, run folder."""
@@ -495,7 +473,8 @@ def _rank0_first(dinfo: DistInfo, make: Callable[[], Any]) -> Any:
     """``make()`` on rank 0 first; the other ranks wait, then call it and find rank 0's files."""
     if dinfo.is_main:
         made = make()
-    _barrier(dinfo)
+    if dinfo.enabled:
+        dist.barrier()
     if not dinfo.is_main:
         made = make()
     return made
@@ -523,8 +502,6 @@ def build_run(cfg: Config, place: Place, data: dict[str, Any] | None) -> Run:
     val_set = validation_dataset(cfg, data["data_dir"])
     n_classes = n_classes_of(val_set)
     source = _feature_source(cfg, place, crops, data, backbone, amp)
-    if cfg.lhp and cfg.lhp_strategy == "attention" and cfg.feature_cache:
-        raise TrainError("lhp_strategy='attention' needs the backbone's attention each step: set feature_cache=false")
 
     gens = _seed_everything(cfg, place.dinfo.rank)
     fid = fidelity(cfg)
@@ -646,8 +623,6 @@ def open_run_folder(run: Run, state: LoopState, overwrite: bool) -> None:
 # ----------------------------------------------------------------------------------------------------
 # one training step
 # ----------------------------------------------------------------------------------------------------
-
-
 @dataclass
 class Batch:
     """This rank's share (b rows) of one global batch: the anchors and their kNN positives.
@@ -772,21 +747,18 @@ def sampling_grids(run: Run, n_side: int, depth: torch.Tensor | None,
     """(b, n_side, n_side, 2) sampling grids for anchors and positives, drawn for the *global* batch and
     sliced to this rank: uniform random (STEGO) or farthest-point sampling on the depth (DepthG)."""
     cfg, rows, device, gen, fid = run.cfg, run.place.rows, run.place.device, run.gens.sample, run.fidelity
-    if cfg.depth_sampling == "random":
-        g1 = S.random_grid(cfg.batch_size, n_side, generator=gen)[rows]
-        g2 = S.random_grid(cfg.batch_size, n_side, generator=gen)[rows]
-        return g1.to(device), g2.to(device)
+    if cfg.depth_sampling == "random":  # anchors' grids first, then the positives' (one stream)
+        g1, g2 = (S.random_grid(cfg.batch_size, n_side, generator=gen)[rows].to(device) for _ in range(2))
+        return g1, g2
     if depth is None or depth_pos is None:
         raise TrainError("depth_sampling='fps' needs depth for every training crop (prepare the depth cache)")
-    start1: int | torch.Tensor = 0
-    start2: int | torch.Tensor = 0
+    starts: list[int | torch.Tensor] = [0, 0]
     if cfg.fps_random_start and not fid.fps_fixed_start:
         n_cells = run.grid_hw[0] * run.grid_hw[1]
-        start1 = torch.randint(0, n_cells, (cfg.batch_size,), generator=gen)[rows].to(depth.device)
-        start2 = torch.randint(0, n_cells, (cfg.batch_size,), generator=gen)[rows].to(depth.device)
-    g1 = S.fps_grid(depth, run.grid_hw, n_side, cfg.fov_deg, start1, fid.unproject, fid.cells_to_grid)
-    g2 = S.fps_grid(depth_pos, run.grid_hw, n_side, cfg.fov_deg, start2, fid.unproject, fid.cells_to_grid)
-    return g1.to(device), g2.to(device)
+        starts = [torch.randint(0, n_cells, (cfg.batch_size,), generator=gen)[rows].to(depth.device) for _ in range(2)]
+    g1, g2 = (S.fps_grid(d, run.grid_hw, n_side, cfg.fov_deg, start, fid.unproject, fid.cells_to_grid).to(device)
+              for d, start in zip((depth, depth_pos), starts))
+    return g1, g2
 
 
 def depthg_loss(run: Run, x: LossInputs, grids: tuple[torch.Tensor, torch.Tensor], depth_weight: float,
@@ -807,7 +779,7 @@ def lhp_loss(run: Run, x: LossInputs, img: torch.Tensor | None, n_side: int, dep
         with torch.no_grad():
             attention = run.backbone.patch_attention(img[: x.code.shape[0]])
     code_lhp = run.lhp(x.code, depth=x.depth, attention=attention)
-    code_pos_lhp = run.lhp.project(x.code_pos) if hasattr(run.lhp, "project") else x.code_pos
+    code_pos_lhp = run.lhp.project(x.code_pos)
     grids = sampling_grids(run, n_side, x.depth, x.depth_pos)
     return depthg_loss(run, replace(x, code=code_lhp, code_pos=code_pos_lhp), grids, depth_weight, depth_shift)
 
@@ -815,8 +787,6 @@ def lhp_loss(run: Run, x: LossInputs, img: torch.Tensor | None, n_side: int, dep
 # ----------------------------------------------------------------------------------------------------
 # the loop: steps, logging, validation, checkpoints
 # ----------------------------------------------------------------------------------------------------
-
-
 def train_loop(run: Run, state: LoopState) -> None:
     """Steps ``state.step`` .. ``cfg.steps``; log, validate and checkpoint on their schedules."""
     cfg = run.cfg
@@ -846,11 +816,7 @@ def log_losses(run: Run, state: LoopState, out: StepOut, bar: Any) -> None:
         return
     bar.set_postfix({k: f"{v:.3f}" for k, v in state.last_losses.items()
                      if k in ("total", "pos_intra", "pos_inter", "neg_inter", "depth")})
-    record = {"step": state.step, "time": time.time() - state.t_start, "train": state.last_losses}
-    _write_jsonl(run.place.out_dir / "log.jsonl", record)
-    if state.writer is not None:
-        for k, v in state.last_losses.items():
-            state.writer.add_scalar(f"train/{k}", v, state.step)
+    _log(run, state, "train", state.last_losses)
 
 
 def evaluate_now(run: Run, flip: bool, crf: bool) -> dict[str, Any]:
@@ -859,10 +825,9 @@ def evaluate_now(run: Run, flip: bool, crf: bool) -> dict[str, Any]:
     model.eval()
     # Evaluation must not move the training RNG streams (its DataLoader draws a base seed from the
     # global torch RNG), so eval_every stays result-neutral (RESUMABLE_CHANGES).
+    opts = EvalOptions.of(cfg, flip=flip, crf=crf, progress=False)
     with torch.random.fork_rng(devices=[]):
-        metrics = evaluate_model(run.backbone, model.head, model.cluster, model.linear, run.val_set, res=cfg.eval_res,
-                                 resize=run.fidelity.resize, flip=flip, crf=crf, batch_size=cfg.eval_batch_size,
-                                 device=run.place.device, max_images=cfg.eval_max_images, progress=False, amp=run.amp)
+        metrics = evaluate_model(run.backbone, model, run.val_set, opts, device=run.place.device, amp=run.amp)
     model.train()
     return metrics
 
@@ -873,11 +838,7 @@ def validate(run: Run, state: LoopState) -> None:
     if run.place.dinfo.is_main:
         metrics = evaluate_now(run, flip=False, crf=False)
         summary = _summary(metrics)
-        record = {"step": state.step, "time": time.time() - state.t_start, "val": summary}
-        _write_jsonl(run.place.out_dir / "log.jsonl", record)
-        if state.writer is not None:
-            for k, v in summary.items():
-                state.writer.add_scalar(f"val/{k}", v, state.step)
+        _log(run, state, "val", summary)
         # The released checkpoint callback monitors cluster mIoU, on Potsdam cluster accuracy;
         # the same monitor here keeps "best" comparable.
         monitor = "accuracy" if run.cfg.dataset == "potsdam" else "miou"
@@ -916,8 +877,6 @@ def save_checkpoint(run: Run, state: LoopState, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------
 # the final evaluation
 # ----------------------------------------------------------------------------------------------------
-
-
 def final_results(run: Run, state: LoopState) -> dict[str, Any]:
     """Rank 0: the last and the best weights under the full protocol of cfg (flip, CRF) -> results.json."""
     cfg, place, best, step = run.cfg, run.place, state.best, state.step

@@ -11,8 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from depthg.build import Segmenter
 from depthg.data.transforms import RELEASED_RESIZE
-from depthg.evaluate import evaluate_model
+from depthg.evaluate import EvalOptions, evaluate_model
 from depthg.head import ClusterProbe, LinearProbe, SegmentationHead
 
 K, P, RES = 4, 8, 32  # classes, patch size, image size (4x4 patch grid)
@@ -77,9 +78,9 @@ def _perfect_models(perm: list[int]) -> tuple[nn.Module, nn.Module, nn.Module]:
 def test_permuted_clusters_score_100(flip, tmp_path):
     perm = [2, 0, 3, 1]
     head, cluster, linear = _perfect_models(perm)
-    result = evaluate_model(LabelBackbone(), head, cluster, linear, PatchLabels(), res=None, flip=flip,
-                            batch_size=4, device="cpu", progress=False, predictions_dir=tmp_path / "pred",
-                            n_predictions=2)
+    opts = EvalOptions(res=None, flip=flip, batch_size=4, progress=False, predictions_dir=tmp_path / "pred",
+                       n_predictions=2)
+    result = evaluate_model(LabelBackbone(), Segmenter(head, cluster, linear), PatchLabels(), opts, device="cpu")
     assert result["cluster"]["accuracy"] == pytest.approx(100.0)
     assert result["cluster"]["miou"] == pytest.approx(100.0)
     assert result["linear"]["accuracy"] == pytest.approx(100.0)
@@ -94,8 +95,8 @@ def test_wrong_clusters_score_less_and_resize_path_runs():
     head, cluster, linear = _perfect_models([0, 1, 2, 3])
     with torch.no_grad():
         cluster.clusters.copy_(torch.eye(K)[[0, 0, 2, 3]])  # two clusters on class 0: class 1 is lost
-    result = evaluate_model(LabelBackbone(), head, cluster, linear, PatchLabels(), res=RES, resize=RELEASED_RESIZE,
-                            flip=False, batch_size=3, device="cpu", progress=False)
+    opts = EvalOptions(res=RES, resize=RELEASED_RESIZE, flip=False, batch_size=3, progress=False)
+    result = evaluate_model(LabelBackbone(), Segmenter(head, cluster, linear), PatchLabels(), opts, device="cpu")
     assert result["cluster"]["accuracy"] < 100.0 and result["cluster"]["miou"] < 100.0
     assert result["linear"]["accuracy"] == pytest.approx(100.0)
 

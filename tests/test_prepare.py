@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,9 +12,11 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import nn
 
+from depthg.config import Config
 from depthg.data import Cityscapes, ImageDirectory
 from depthg.data.prepare import (
     CroppedDataset,
+    KnnSettings,
     PreparationError,
     compute_knn,
     five_crop,
@@ -157,7 +158,8 @@ def test_knn_returns_known_neighbours_torch_and_faiss(tmp_path):
     ds = ColourDataset(colours)
     expected = brute_force_nns(colours, 5)
     backbone = ColourBackbone().train()
-    path = compute_knn(ds, backbone, tmp_path / "nns.npz", k=5, res=8, batch_size=6, device="cpu", use_faiss=False, progress=False)
+    settings = KnnSettings(k=5, res=8, batch_size=6, device="cpu", use_faiss=False)
+    path = compute_knn(ds, backbone, tmp_path / "nns.npz", settings, progress=False)
     assert backbone.modes and not any(backbone.modes) and backbone.training  # eval inside, restored after
     with np.load(path) as data:
         assert data["nns"].shape == (20, 6) and list(data["keys"]) == ds.keys and int(data["res"]) == 8
@@ -168,7 +170,7 @@ def test_knn_returns_known_neighbours_torch_and_faiss(tmp_path):
     np.testing.assert_array_equal(knn_search(x, 5, use_faiss=True), expected)  # faiss agrees
 
     mtime = path.stat().st_mtime_ns
-    compute_knn(ds, backbone, path, k=5, res=8, device="cpu", progress=False)  # idempotent
+    compute_knn(ds, backbone, path, KnnSettings(k=5, res=8, device="cpu"), progress=False)  # idempotent
     assert path.stat().st_mtime_ns == mtime
     with pytest.raises(ValueError, match="k must be in"):
         knn_search(x[:3], 3)
@@ -198,9 +200,9 @@ def write_stereo_cityscapes(root: Path, n: int = 2, h: int = 16, w: int = 24) ->
 
 def test_prepare_training_data_disparity_chain(tmp_path):
     write_stereo_cityscapes(tmp_path / "cs")
-    cfg = SimpleNamespace(dataset="cityscapes", data_dir=str(tmp_path / "cs"), cache_dir=str(tmp_path / "cache"),
-                          classes=27, depth_source="disparity", five_crop=True, crop_ratio=0.5, knn_k=30,
-                          num_neighbors=3, res=8, batch_size=4, device="cpu", backbone="colour-stub")
+    cfg = Config(dataset="cityscapes", data_dir=str(tmp_path / "cs"), cache_dir=str(tmp_path / "cache"),
+                 classes=27, depth_source="disparity", five_crop=True, crop_ratio=0.5, knn_k=30,
+                 num_neighbors=3, res=8, batch_size=4, device="cpu", backbone="colour-stub")
     paths = prepare_training_data(cfg, backbone=ColourBackbone(), progress=False)
     assert paths["depth_dir"].is_relative_to(tmp_path / "cache") and paths["crop_dir"].is_dir()
     with np.load(paths["knn_path"]) as data:
@@ -226,9 +228,9 @@ def test_prepare_training_data_disparity_chain(tmp_path):
 
 def test_prepare_training_data_synthetic_world(tmp_path, capsys):
     pytest.importorskip("depthg.world.synthetic")
-    cfg = SimpleNamespace(dataset="cityscapes", data_dir=None, cache_dir=str(tmp_path), classes="world",
-                          depth_source="gt", five_crop=True, crop_ratio=0.5, knn_k=4, num_neighbors=2, res=16,
-                          device="cpu", world_n_train=2, world_n_val=1, world_size=[32, 64], world_seed=0)
+    cfg = Config(dataset="cityscapes", data_dir=None, cache_dir=str(tmp_path), classes="world",
+                 depth_source="gt", five_crop=True, crop_ratio=0.5, knn_k=4, num_neighbors=2, res=16, batch_size=4,
+                 device="cpu", world_n_train=2, world_n_val=1, world_size=[32, 64], world_seed=0, backbone="colour-stub")
     paths = prepare_training_data(cfg, backbone=ColourBackbone(), progress=False)
     assert "synthetic world" in capsys.readouterr().err  # notes go to stderr (stdout is the CLI's JSON)
     world = world_folder(cfg)  # the folder is named by the world's arguments
@@ -239,4 +241,4 @@ def test_prepare_training_data_synthetic_world(tmp_path, capsys):
     assert len(crops) == 10 and crops[3]["depth"].shape == (1, 16, 32) and float(crops[3]["depth"].min()) > 0
     assert DepthCache(paths["depth_dir"]).units == "m"
     with pytest.raises(ValueError, match="data_dir is required"):
-        prepare_training_data(SimpleNamespace(dataset="cocostuff", data_dir=None, cache_dir=str(tmp_path)), progress=False)
+        prepare_training_data(Config(dataset="cocostuff", data_dir=None, cache_dir=str(tmp_path)), progress=False)

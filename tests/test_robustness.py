@@ -29,7 +29,14 @@ from torch import nn
 from depthg.config import Config, ConfigError
 from depthg.data import ImageDirectory
 from depthg.data.common import CorruptFileError, read_image
-from depthg.data.prepare import CroppedDataset, PreparationError, compute_knn, load_knn, prepare_training_data
+from depthg.data.prepare import (
+    CroppedDataset,
+    KnnSettings,
+    PreparationError,
+    compute_knn,
+    load_knn,
+    prepare_training_data,
+)
 from depthg.data.transforms import resize_center_crop
 from depthg.features import FeatureCache, FeatureCacheError, build_feature_cache, cache_problem
 from depthg.train import TrainError, load_checkpoint, train
@@ -207,15 +214,16 @@ def brute_force(colours: torch.Tensor, scale: torch.Tensor, k: int) -> np.ndarra
 def test_other_backbone_weights_recompute_the_knn(tmp_path, capfd):
     colours = torch.rand(12, 3, generator=torch.Generator().manual_seed(0)) * 0.9 + 0.1
     backbone = ScaledColour([1.0, 1.0, 1.0])
-    path = compute_knn(Colours(colours), backbone, tmp_path / "nns.npz", k=4, res=8, device="cpu", progress=False)
+    settings = KnnSettings(k=4, res=8, device="cpu")
+    path = compute_knn(Colours(colours), backbone, tmp_path / "nns.npz", settings, progress=False)
     np.testing.assert_array_equal(load_knn(path)[0], brute_force(colours, torch.ones(3), 4))
     stamp = path.stat().st_mtime_ns
-    compute_knn(Colours(colours), backbone, path, k=4, res=8, device="cpu", progress=False)
+    compute_knn(Colours(colours), backbone, path, settings, progress=False)
     assert path.stat().st_mtime_ns == stamp  # same key: reused
     capfd.readouterr()
     with torch.no_grad():  # "retrain" the backbone: same name, same weights string, other weights
         backbone.scale.copy_(torch.tensor([5.0, 0.2, 1.0])[None, :, None, None])
-    compute_knn(Colours(colours), backbone, path, k=4, res=8, device="cpu", progress=False)
+    compute_knn(Colours(colours), backbone, path, settings, progress=False)
     assert "the backbone weights" in capfd.readouterr().err
     np.testing.assert_array_equal(load_knn(path)[0], brute_force(colours, torch.tensor([5.0, 0.2, 1.0]), 4))
 

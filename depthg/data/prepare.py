@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..backbone import load_backbone
+from ..config import Config
 from ..depth import (
     DEPTH_MODEL_ALIASES,
     DepthCache,
@@ -60,6 +61,7 @@ __all__ = [
     "five_crop_boxes",
     "CroppedDataset",
     "compute_knn",
+    "KnnSettings",
     "knn_search",
     "prepare_training_data",
     "load_knn",
@@ -97,19 +99,29 @@ def five_crop_boxes(h: int, w: int, ratio: float) -> list[tuple[int, int, int, i
     return [(0, 0, ch, cw), (0, w - cw, ch, cw), (h - ch, 0, ch, cw), (h - ch, w - cw, ch, cw), (ct, cl, ch, cw)]
 
 
+def _crop_path(root: Path, part: str, split: str, i: int) -> Path:
+    """Crop ``i``'s file of ``part`` ("img", "label" or "depth") in a five-crop folder."""
+    return root / part / split / f"{i:06d}.png"
+
+
+def _file_record(data: bytes) -> list[Any]:
+    """``[size, sha256]`` of a crop file's bytes, as the index records them."""
+    return [len(data), hashlib.sha256(data).hexdigest()]
+
+
 def _save_png(path: Path, arr: np.ndarray) -> list[Any]:
-    """Write ``arr`` as a PNG atomically; return ``[size, sha256]`` of the bytes written."""
+    """Write ``arr`` as a PNG atomically; return its :func:`_file_record`."""
     buffer = io.BytesIO()
     Image.fromarray(arr).save(buffer, format="PNG")
     data = buffer.getvalue()
     with atomic_write(path, "wb") as f:
         f.write(data)
-    return [len(data), hashlib.sha256(data).hexdigest()]
+    return _file_record(data)
 
 
-def _file_record(path: Path) -> list[Any]:
-    data = path.read_bytes()
-    return [len(data), hashlib.sha256(data).hexdigest()]
+def _dataset_keys(dataset: Any) -> list[str]:
+    """The item keys of ``dataset`` (its ``keys`` attribute, else each item's "key")."""
+    return list(getattr(dataset, "keys", None) or [dataset[i]["key"] for i in range(len(dataset))])
 
 
 def _read_index(out_dir: Path) -> dict[str, Any] | None:
@@ -202,7 +214,7 @@ def five_crop(dataset: Any, out_dir: str | os.PathLike, ratio: float = 0.5, prog
     if out_dir.exists() and not out_dir.is_dir():
         raise PreparationError(f"five-crop output {out_dir} exists and is not a folder")
     check_outside_dataset(out_dir, dataset, "five-crop folder")
-    keys: list[str] = list(getattr(dataset, "keys", None) or [dataset[i]["key"] for i in range(len(dataset))])
+    keys = _dataset_keys(dataset)
     with build_lock(out_dir, "five-crop folder"):
         idents = _item_identities(dataset)
         index = _read_index(out_dir)
@@ -239,7 +251,7 @@ def _item_done(out_dir: Path, split: str, entry: dict[str, Any], n: int, ident: 
         if crop is None or "files" not in crop or ("depth" in crop["files"]) != with_depth:
             return False
         for part, (size, _) in crop["files"].items():
-            path = out_dir / part / split / f"{n * 5 + k:06d}.png"
+            path = _crop_path(out_dir, part, split, n * 5 + k)
             try:
                 if path.stat().st_size != size:
                     return False
@@ -326,12 +338,12 @@ def _five_crop_into(dataset: Any, out_dir: Path, keys: list[str], idents: list[A
         dmax = float(depth.max()) if depth is not None else None
         for k, (top, left, ch, cw) in enumerate(five_crop_boxes(h, w, ratio)):
             i = n * 5 + k
-            files = {
-                "img": _save_png(out_dir / "img" / split / f"{i:06d}.png", np.ascontiguousarray(img[top : top + ch, left : left + cw])),
-                "label": _save_png(out_dir / "label" / split / f"{i:06d}.png", np.ascontiguousarray(label[top : top + ch, left : left + cw])),
-            }
+            files = {part: _save_png(_crop_path(out_dir, part, split, i),
+                                     np.ascontiguousarray(arr[top : top + ch, left : left + cw]))
+                     for part, arr in (("img", img), ("label", label))}
             if depth_cache is not None and depth is not None:
-                files["depth"] = _file_record(depth_cache.write(f"{split}/{i:06d}", depth[:, top : top + ch, left : left + cw]))
+                written = depth_cache.write(f"{split}/{i:06d}", depth[:, top : top + ch, left : left + cw])
+                files["depth"] = _file_record(written.read_bytes())
             entry["crops"][str(i)] = {"key": keys[n], "crop": CROP_NAMES[k], "box": [top, left, ch, cw],
                                       "depth_min": dmin, "depth_max": dmax, "files": files}
         entry["sources"][n] = None if idents is None else idents[n]
@@ -402,7 +414,7 @@ class CroppedDataset(Dataset):
             for part, (size, _) in crop["files"].items():
                 if part == "depth" and self.depth_cache is None:
                     continue
-                path = self.root / part / self.split / f"{i:06d}.png"
+                path = _crop_path(self.root, part, self.split, i)
                 try:
                     actual = path.stat().st_size
                 except FileNotFoundError:
@@ -433,13 +445,13 @@ class CroppedDataset(Dataset):
         return len(self.crops)
 
     def load_image_tensor(self, index: int) -> torch.Tensor:
-        return image_to_tensor(read_image(self.root / "img" / self.split / f"{index:06d}.png"))
+        return image_to_tensor(read_image(_crop_path(self.root, "img", self.split, index)))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         key = f"{self.split}/{index:06d}"
-        img_path = self.root / "img" / self.split / f"{index:06d}.png"
+        img_path = _crop_path(self.root, "img", self.split, index)
         img = image_to_tensor(read_image(img_path))
-        label = torch.from_numpy(read_label(self.root / "label" / self.split / f"{index:06d}.png") - 1)
+        label = torch.from_numpy(read_label(_crop_path(self.root, "label", self.split, index)) - 1)
         item: dict[str, Any] = {"img": img, "label": label, "path": str(img_path), "key": key,
                                 "source_key": self.crops[index]["key"]}
         if self.depth_cache is not None:
@@ -522,20 +534,29 @@ class _ImagesOnly(Dataset):
         return resize_center_crop({"img": img}, self.res, self.resize)["img"]  # type: ignore[arg-type]
 
 
-def compute_knn(
-    dataset: Any,
-    backbone: torch.nn.Module,
-    out_path: str | os.PathLike,
-    k: int = 30,
-    res: int = 224,
-    batch_size: int = 32,
-    device: str | torch.device = "auto",
-    num_workers: int = 0,
-    chunk_size: int = 1024,
-    use_faiss: bool | None = None,
-    progress: bool = True,
-    resize: Resize = PAPER_RESIZE,
-) -> Path:
+@dataclass(frozen=True)
+class KnnSettings:
+    """How :func:`compute_knn` finds each image's neighbours."""
+
+    k: int = 30  # neighbours per image (besides itself)
+    res: int = 224  # images resized (short side, by ``resize``) and centre-cropped to res x res
+    resize: Resize = PAPER_RESIZE
+    batch_size: int = 32  # images per backbone forward
+    device: str | torch.device = "auto"
+    num_workers: int = 0
+    chunk_size: int = 1024  # rows compared at a time (:func:`knn_search`)
+    use_faiss: bool | None = None  # None: faiss when installed
+
+    @classmethod
+    def of(cls, cfg: Config, n_images: int) -> "KnnSettings":
+        """The settings of a run for ``n_images`` images: k = knn_k (at most every other image; Config keeps
+        num_neighbors <= knn_k), the training resolution and resize, the run's batch size and device."""
+        return cls(k=min(cfg.knn_k, n_images - 1), res=cfg.res, resize=RESIZES[cfg.mode], batch_size=cfg.batch_size,
+                   device=cfg.device, num_workers=cfg.num_workers)
+
+
+def compute_knn(dataset: Any, backbone: torch.nn.Module, out_path: str | os.PathLike,
+                settings: KnnSettings = KnnSettings(), progress: bool = True) -> Path:
     """Nearest neighbours of every image in backbone-feature space → ``out_path`` (npz).
 
     The npz holds ``nns`` (N, k+1) int64 with self at rank 0, ``keys`` (N,) str, ``k``, ``res`` and
@@ -552,8 +573,8 @@ def compute_knn(
     if out_path.exists() and not out_path.is_file():
         raise PreparationError(f"kNN output {out_path} exists and is not a file")
     check_outside_dataset(out_path, dataset, "kNN file")
-    keys = list(getattr(dataset, "keys", None) or [dataset[i]["key"] for i in range(len(dataset))])
-    n = len(keys)
+    keys = _dataset_keys(dataset)
+    n, k, res, resize = len(keys), settings.k, settings.res, settings.resize
     if n < 2:
         raise PreparationError(f"compute_knn needs at least 2 images, the dataset has {n}")
     if k >= n:
@@ -568,18 +589,19 @@ def compute_knn(
             return out_path
         if reason != "missing":
             note(f"kNN {out_path}: recomputing ({reason})")
-        dev = get_device(device)
+        dev = get_device(settings.device)
         was_training = backbone.training
         backbone.eval()  # no dropout while extracting (the released extraction kept Dropout2d on)
         backbone.to(dev)
-        loader = DataLoader(_ImagesOnly(dataset, res, resize), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        loader = DataLoader(_ImagesOnly(dataset, res, resize), batch_size=settings.batch_size, shuffle=False,
+                            num_workers=settings.num_workers)
         descs = []
         with torch.inference_mode():
             for img in tqdm(loader, desc=f"kNN features ({name}, {res}px)", disable=not progress):
                 feats = backbone(img.to(dev))
                 descs.append(F.normalize(feats.float().mean(dim=(2, 3)), dim=1).cpu())
         backbone.train(was_training)
-        nns = knn_search(torch.cat(descs), k, chunk_size=chunk_size, use_faiss=use_faiss)
+        nns = knn_search(torch.cat(descs), k, chunk_size=settings.chunk_size, use_faiss=settings.use_faiss)
         with atomic_write(out_path, "wb") as f:
             np.savez(f, nns=nns, keys=np.array(keys), k=np.int64(k), res=np.int64(res), backbone=np.array(name),
                      mode=np.array(resize.name), key=np.array(json.dumps(key, sort_keys=True)))
@@ -677,48 +699,39 @@ def _short_hash(*parts: Any) -> str:
     return hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest()[:8]
 
 
-def dataset_kwargs(cfg: Any) -> dict[str, Any]:
+def dataset_kwargs(cfg: Config) -> dict[str, Any]:
     """The dataset constructor's class arguments of a config -- one class mapping for every split
     (training, validation, preparation): ``classes`` for Cityscapes, ``n_classes`` for Potsdam and the
-    directory dataset; COCO-Stuff has its fixed 27 classes."""
-    name = getattr(cfg, "dataset", "cityscapes")
-    classes = getattr(cfg, "classes", 27)
-    if name == "cityscapes":
-        return {"classes": classes}
-    if name in ("potsdam", "directory"):
-        if isinstance(classes, bool) or not isinstance(classes, int):
-            raise PreparationError(f"config key 'classes' = {classes!r}: dataset {name!r} needs an integer number of classes")
-        return {"n_classes": int(classes)}
+    directory dataset (an integer there: ``Config`` checks it); COCO-Stuff has its fixed 27 classes."""
+    if cfg.dataset == "cityscapes":
+        return {"classes": cfg.classes}
+    if cfg.dataset in ("potsdam", "directory"):
+        return {"n_classes": int(cfg.classes)}
     return {}
 
 
-def world_folder(cfg: Any) -> Path:
+def world_folder(cfg: Config) -> Path:
     """Where the synthetic world of a config lives: ``cache_dir/synthetic_world_<arguments>``, so a world
     with other arguments (or from another generator version) is another folder, never a stale one."""
-    get = lambda name, default: getattr(cfg, name, default)  # noqa: E731
-    h, w = (int(v) for v in get("world_size", (256, 512)))
-    tag = (f"{int(get('world_n_train', 48))}+{int(get('world_n_val', 16))}_{h}x{w}_seed{int(get('world_seed', 0))}"
-           f"_v{GENERATOR_VERSION}")
-    return Path(get("cache_dir", "cache")) / f"synthetic_world_{tag}"
+    h, w = cfg.world_size
+    tag = f"{cfg.world_n_train}+{cfg.world_n_val}_{h}x{w}_seed{cfg.world_seed}_v{GENERATOR_VERSION}"
+    return Path(cfg.cache_dir) / f"synthetic_world_{tag}"
 
 
-def dataset_root(cfg: Any, progress: bool = True) -> Path:
+def dataset_root(cfg: Config, progress: bool = True) -> Path:
     """The dataset root of a config: ``cfg.data_dir``, or -- when it is None -- the embedded synthetic world
     in :func:`world_folder`, rendered first if missing (under a lock, in ``<folder>.partial``, renamed into
-    place when complete; a killed render resumes). Reads ``dataset, data_dir, cache_dir, world_n_train,
-    world_n_val, world_size, world_seed``.
+    place when complete; a killed render resumes).
     """
-    get = lambda name, default: getattr(cfg, name, default)  # noqa: E731
-    data_dir = get("data_dir", None)
-    if data_dir is not None:
-        return Path(data_dir)
-    name = get("dataset", "cityscapes")
-    if name != "cityscapes":
-        raise PreparationError(f"data_dir is required for dataset {name!r} (only 'cityscapes' falls back to the synthetic world)")
+    if cfg.data_dir is not None:
+        return Path(cfg.data_dir)
+    if cfg.dataset != "cityscapes":
+        raise PreparationError(f"data_dir is required for dataset {cfg.dataset!r} (only 'cityscapes' falls back to "
+                               "the synthetic world)")
     root = world_folder(cfg)
     note(f"data_dir is not set: using the embedded synthetic world at {root}")
-    args = (int(get("world_n_train", 48)), int(get("world_n_val", 16)))
-    kwargs = dict(size=tuple(get("world_size", (256, 512))), seed=int(get("world_seed", 0)))
+    args = (cfg.world_n_train, cfg.world_n_val)
+    kwargs = dict(size=tuple(cfg.world_size), seed=cfg.world_seed)
     with build_lock(root, "synthetic world"):
         if root.is_dir():
             make_world(root, *args, progress=False, **kwargs)  # complete: only checks (and repairs) its files
@@ -756,17 +769,14 @@ class _TrainSplit:
         return build_dataset(self.name, self.root, self.split, **self.kwargs, **extra)
 
 
-def _prepare_depth(cfg: Any, data: _TrainSplit, raw: Any, progress: bool) -> Path | None:
+def _prepare_depth(cfg: Config, data: _TrainSplit, raw: Any, progress: bool) -> Path | None:
     """Step 1: the training split's depth folder (a :class:`DepthCache`), or None without depth.
 
     ``depth_source`` "gt" reads the synthetic world's ``root/depth_gt``; "disparity" converts Cityscapes
     stereo into ``cache_dir/depth/<tag>/disparity``; any other source but "none" is a depth model whose
     estimates go to ``cache_dir/depth/<tag>/<model>`` (only the keys that are missing or stale are redone).
     """
-    get = lambda name, default: getattr(cfg, name, default)  # noqa: E731
-    source = str(get("depth_source", "gt") or "none")
-    if not get("use_depth", True):
-        source = "none"
+    source = cfg.depth_source if cfg.use_depth else "none"
     if source == "none":
         return None
     if source == "gt":
@@ -777,34 +787,33 @@ def _prepare_depth(cfg: Any, data: _TrainSplit, raw: Any, progress: bool) -> Pat
         depth_dir = data.cache_dir / "depth" / data.tag / "disparity"
         stereo_depth_for_dataset(raw, depth_dir, progress=progress)
         return depth_dir
-    model_name = str(get("depth_model", None) or source)
+    model_name = cfg.depth_model or source
     depth_dir = data.cache_dir / "depth" / data.tag / _slug(model_name)
     identity = _depth_model_identity(model_name)
     # load the model only when some key has no estimate from these weights yet
     if stale_depth_keys(raw, depth_dir, identity):
-        model = load_depth_model(model_name, get("device", "auto"))
+        model = load_depth_model(model_name, cfg.device)
         estimate_depth_for_dataset(raw, model, depth_dir, progress=progress, model_identity=identity)
     return depth_dir
 
 
-def _prepare_crops(cfg: Any, data: _TrainSplit, raw: Any, depth_dir: Path | None, progress: bool) -> Path | None:
+def _prepare_crops(cfg: Config, data: _TrainSplit, raw: Any, depth_dir: Path | None, progress: bool) -> Path | None:
     """Step 2: the five-crop folder of the split with its depth, or None when ``cfg.five_crop`` is off.
 
     Incremental: items whose image, label or depth changed are recropped (:func:`five_crop`). The folder's
     name holds the data, the class list, the depth folder and the crop ratio.
     """
-    get = lambda name, default: getattr(cfg, name, default)  # noqa: E731
-    depth_tag = "nodepth" if depth_dir is None else f"depth-{_short_hash(depth_dir.resolve())}"
-    ratio = float(get("crop_ratio", 0.5))
-    if not get("five_crop", True):
+    if not cfg.five_crop:
         return None
-    classes_tag = f"{_slug(str(get('classes', 27)))}-{_short_hash(*raw.class_names)}"  # e.g. a world's own class list
+    depth_tag = "nodepth" if depth_dir is None else f"depth-{_short_hash(depth_dir.resolve())}"
+    ratio = cfg.crop_ratio
+    classes_tag = f"{_slug(str(cfg.classes))}-{_short_hash(*raw.class_names)}"  # e.g. a world's own class list
     crop_dir = data.cache_dir / "crops" / f"{data.tag}_{classes_tag}_{depth_tag}_five_crop_{ratio}"
     five_crop(data.build(depth_dir=depth_dir), crop_dir, ratio, progress=progress)
     return crop_dir
 
 
-def _prepare_knn(cfg: Any, data: _TrainSplit, knn_data: Any, crop_dir: Path | None,
+def _prepare_knn(cfg: Config, data: _TrainSplit, knn_data: Any, crop_dir: Path | None,
                  backbone: torch.nn.Module | None, progress: bool) -> Path:
     """Step 3: the kNN file of ``knn_data`` (the crops, or the full images without five-crop).
 
@@ -812,41 +821,20 @@ def _prepare_knn(cfg: Any, data: _TrainSplit, knn_data: Any, crop_dir: Path | No
     holds the image set, the backbone, the resolution and the split. The backbone is loaded from
     ``cfg.backbone`` when none is passed in.
     """
-    get = lambda name, default: getattr(cfg, name, default)  # noqa: E731
-    res = int(get("res", 224))
-    k = max(int(get("knn_k", 30)), int(get("num_neighbors", 7)))
-    bb_name, weights = str(get("backbone", "vit_small_patch8_224")), get("weights", None)
-    bb_tag = _slug(bb_name) + "-" + _short_hash(bb_name, weights, sorted(dict(get("backbone_kwargs", {}) or {}).items()))
-    set_tag = crop_dir.name if crop_dir is not None else f"{data.tag}_{_slug(str(get('classes', 27)))}_full"
-    resize = RESIZES[str(get("mode", "paper"))]  # the training crops' resize
-    suffix = "" if resize is PAPER_RESIZE else f"_{resize.name}"
+    res, bb_name, weights = cfg.res, cfg.backbone, cfg.weights
+    bb_tag = _slug(bb_name) + "-" + _short_hash(bb_name, weights, sorted(cfg.backbone_kwargs.items()))
+    set_tag = crop_dir.name if crop_dir is not None else f"{data.tag}_{_slug(str(cfg.classes))}_full"
+    settings = KnnSettings.of(cfg, len(knn_data))
+    suffix = "" if settings.resize is PAPER_RESIZE else f"_{settings.resize.name}"
     knn_path = data.cache_dir / "knn" / f"nns_{set_tag}_{bb_tag}_{res}{suffix}_{data.split}.npz"
-    # at most every other image can be a neighbour
-    k = min(k, len(knn_data) - 1)
     if backbone is None:
-        backbone = load_backbone(bb_name, weights, **dict(get("backbone_kwargs", {}) or {}))
-    compute_knn(knn_data, backbone, knn_path, k=k, res=res,
-                batch_size=int(get("batch_size", 32)), device=get("device", "auto"),
-                num_workers=int(get("num_workers", 0)), progress=progress, resize=resize)
+        backbone = load_backbone(bb_name, weights, **cfg.backbone_kwargs)
+    compute_knn(knn_data, backbone, knn_path, settings, progress=progress)
     return knn_path
 
 
-def prepare_training_data(
-    cfg: Any,
-    backbone: torch.nn.Module | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
+def prepare_training_data(cfg: Config, backbone: torch.nn.Module | None = None, progress: bool = True) -> dict[str, Any]:
     """Depth cache → five-crop → kNN for the training split; each step reuses what is up to date.
-
-    Reads only these attributes of ``cfg`` (``depthg.config.Config``; defaults in brackets):
-
-    ``dataset`` ["cityscapes"], ``data_dir`` [None], ``cache_dir`` ["cache"], ``classes`` [27],
-    ``train_split`` ["train"], ``use_depth`` [True], ``depth_source`` ["gt"], ``depth_model`` [None],
-    ``five_crop`` [True], ``crop_ratio`` [0.5], ``knn_k`` [30], ``num_neighbors`` [7], ``res`` [224],
-    ``batch_size`` [32] (kNN batches), ``num_workers`` [0], ``device`` ["auto"], ``mode`` ["paper"]
-    (kNN image resize), ``backbone`` ["vit_small_patch8_224"], ``weights`` [None],
-    ``backbone_kwargs`` [{}], ``world_n_train`` [48], ``world_n_val`` [16], ``world_size``
-    [(256, 512)], ``world_seed`` [0].
 
     * ``data_dir=None`` with ``dataset="cityscapes"``: the synthetic world is built (resumably) with
       :func:`depthg.world.make_world` in :func:`world_folder` and used.
@@ -862,13 +850,10 @@ def prepare_training_data(
     Returns ``{"data_dir", "dataset", "dataset_kwargs", "train_split", "depth_dir", "crop_dir",
     "knn_path", "synthetic"}``; :func:`depthg.build.training_dataset` turns it into the training dataset.
     """
-    get = lambda name, default: getattr(cfg, name, default)  # noqa: E731
-    name: str = get("dataset", "cityscapes")
-    cache_dir = Path(get("cache_dir", "cache"))
-    split: str = get("train_split", "train")
-    synthetic = get("data_dir", None) is None
-    if not synthetic and inside(cache_dir, get("data_dir", None)):
-        raise PreparationError(f"cache_dir {cache_dir} is inside the dataset folder data_dir={get('data_dir', None)}; "
+    name, cache_dir, split = cfg.dataset, Path(cfg.cache_dir), cfg.train_split
+    synthetic = cfg.data_dir is None
+    if not synthetic and inside(cache_dir, cfg.data_dir):
+        raise PreparationError(f"cache_dir {cache_dir} is inside the dataset folder data_dir={cfg.data_dir}; "
                                "nothing is written into a dataset: choose a cache_dir outside it")
     if cache_dir.exists() and not cache_dir.is_dir():
         raise PreparationError(f"cache_dir {cache_dir} exists and is not a folder")
