@@ -689,9 +689,11 @@ def train_step(state: State, hp: dict[str, Any], render: Callable[[int, int], np
     geometry: list = []  # (boxes, flips) of the two global crops, for the cross-view patch loss
     crops = [c.to(dev) for c in multi_crop(state.pool[idx].float() / 255.0, hp, state.gen, geometry)]
     grid = (hp["global_size"] // 8, hp["global_size"] // 8)
-    mask = block_masks(2 * b, grid, hp["mask_prob"], tuple(hp["mask_ratio"]), state.gen).to(dev)
     use_ibot = state.student.patch_head is not None and hp["ibot_weight"] > 0
     use_dense = state.student.patch_head is not None and hp["dense_weight"] > 0
+    # masks draw from the data generator only when used, so a DINO-only recipe sees DINO's data stream
+    mask = (block_masks(2 * b, grid, hp["mask_prob"], tuple(hp["mask_ratio"]), state.gen).to(dev) if use_ibot
+            else torch.zeros(2 * b, grid[0] * grid[1], dtype=torch.bool, device=dev))
 
     # schedules: pure functions of the step
     lr = cosine_schedule(step, hp["steps"], hp["lr"], hp["min_lr"], hp["warmup_steps"])
