@@ -234,7 +234,7 @@ def _add_pretrain_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParse
         from depthg.world import pretrain as P
     except ImportError:
         return
-    p = sub.add_parser("pretrain", help="pretraining (DINO + iBOT) of the embedded backbone on the synthetic world")
+    p = sub.add_parser("pretrain", help="pretraining (DINO, optional patch losses) of the embedded backbone on the synthetic world")
     P.add_pretrain_arguments(p)
     p.set_defaults(func=lambda a: P.run_pretrain_from_args(a))
 

@@ -6,6 +6,7 @@ Each test runs a tiny ViT (embed 32, depth 2) for a few steps on tiny renders of
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -177,12 +178,14 @@ def test_tiny_run_exports_a_dino_format_backbone(tmp_path, monkeypatch):
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
+    # with every loss on: DINO, masked patches (iBOT) and cross-view patches
     full = tmp_path / "full"
     part = tmp_path / "part"
-    P.pretrain(full, **tiny_run_kwargs())
-    P.pretrain(part, **tiny_run_kwargs(stop_at=2))
+    losses = dict(ibot_weight=1.0, dense_weight=1.0)
+    P.pretrain(full, **tiny_run_kwargs(**losses))
+    P.pretrain(part, **tiny_run_kwargs(stop_at=2, **losses))
     assert int(safe_torch_load(part / P.CHECKPOINT_NAME)["step"]) == 2
-    summary = P.pretrain(part, **tiny_run_kwargs(resume=True))
+    summary = P.pretrain(part, **tiny_run_kwargs(resume=True, **losses))
     assert summary["step"] == 3
     a, b = safe_torch_load(full / P.CHECKPOINT_NAME), safe_torch_load(part / P.CHECKPOINT_NAME)
     for key in ("student", "teacher"):
@@ -353,6 +356,20 @@ def test_cross_view_targets_follow_the_image_not_the_crop():
     # disjoint crops share no image location: nothing to predict
     far = [(boxes, torch.tensor([False])), (boxes + 100, torch.tensor([False]))]
     assert P.cross_view_loss(teacher, teacher, far, grid, 0.02, 0.1).item() == 0.0
+
+
+def test_dense_recipe_preset_fills_only_options_left_at_their_default(tmp_path):
+    parser = P.add_pretrain_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--out-dir", str(tmp_path), "--recipe", "dense", "--steps", "1",
+                              "--batch-size", "2", "--embed-dim", "16", "--depth", "1", "--num-heads", "2",
+                              "--global-size", "16", "--local-size", "8", "--render-size", "16", "32",
+                              "--pool-size", "2", "--renderer", RENDERER, "--out-dim", "16",
+                              "--ibot-out-dim", "16", "--head-hidden-dim", "16", "--bottleneck-dim", "8",
+                              "--device", "cpu", "--no-progress", "--dense-weight", "0.5"])
+    P.run_pretrain_from_args(args)
+    hp = json.loads((tmp_path / "hparams.json").read_text())
+    assert hp["ibot_weight"] == 1.0 and hp["n_local"] == 4  # from the preset
+    assert hp["dense_weight"] == 0.5 and hp["global_size"] == 16 and hp["steps"] == 1  # given
 
 
 def test_dense_recipe_runs_and_resumes(tmp_path):

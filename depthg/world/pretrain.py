@@ -1,31 +1,34 @@
 """Self-supervised pretraining of the embedded ViT on freshly rendered synthetic-world images.
 
 Without DINO weights every run on the embedded default would read a random ViT. This module trains
-the workbench's own small backbone (``load_backbone("embedded")``) with two self-distillation
-objectives between a student ViT and its EMA teacher:
+the workbench's own small backbone (``load_backbone("embedded")``) by self-distillation between a
+student ViT and its EMA teacher, with up to three losses:
 
-* **image level (DINO)**: the student's CLS token on every crop predicts the teacher's CLS
-  distribution on the *other* global crops (2 global + ``n_local`` local crops, DINO's augmentations);
-* **patch level (iBOT / DINOv2)**: on half of the global crops a random set of blocks of patches is
-  replaced by a learned mask token before the student sees them; the student's output at each masked
-  patch predicts the teacher's output at the same patch of the unmasked crop. This is the objective that
-  makes *patch* features carry the scene, which is what STEGO and DepthG read.
+* **image level (DINO)**, always on: the student's CLS output on every crop (2 global + ``n_local``
+  local crops, DINO's augmentations) predicts the teacher's CLS output on the other global crop;
+* **masked patches (iBOT / DINOv2)**, ``ibot_weight``: on a share of the global crops, random blocks of
+  patches are replaced by a learned mask token before the student sees them; at each masked patch the
+  student predicts the teacher's output for the same patch of the unmasked crop;
+* **cross-view patches**, ``dense_weight``: each student patch of one global crop predicts the teacher's
+  output at the same image location in the other global crop (where the two overlap).
 
-Both heads are DINO heads (MLP -> bottleneck -> L2-normalised prototypes); the teacher's outputs are
-centred with DINOv2's Sinkhorn-Knopp balanced assignment (or DINO v1's EMA centre for the CLS head),
-and the student's CLS tokens get DINOv2's KoLeo regulariser. Schedules (learning rate, weight decay,
-teacher momentum and temperature) are pure functions of the step, and the image stream, crops and
-masks come from one ``torch.Generator``: a resumed run is bit-identical to an uninterrupted one.
+The two patch-level losses train the patch features STEGO and DepthG read. The committed weights use
+DINO alone (``DEFAULTS``); ``DENSE_RECIPE`` (``--recipe dense``) switches both patch losses on at
+128 px. depthg/weights/MODEL_CARD.md has the commands, wall times and probes of both, and
+docs/backbones.md why the defaults differ from DINO v1's.
 
-Data: a pool of ``pool_size`` rendered images, ``refresh_per_step`` of which are replaced by new
-renders every step. Image ``k`` of the stream is rendered from the seed sequence ``(seed, 7919, k)``,
-so it never repeats and never reproduces an image of ``make_world`` (which uses ``(seed, 0|1, i)``).
+Heads are DINO heads (MLP -> bottleneck -> L2-normalised prototypes); the teacher's outputs are centred
+with DINOv2's Sinkhorn-Knopp balanced assignment (or DINO v1's EMA centre for the CLS head), and the
+student's CLS tokens get DINOv2's KoLeo regulariser. Schedules are pure functions of the step, and the
+image stream, crops and masks come from one ``torch.Generator``: a resumed run is bit-identical to an
+uninterrupted one. Image ``k`` of the stream is rendered from the seed sequence ``(seed, 7919, k)``,
+so it never repeats and never reproduces an image of ``make_world`` (which uses ``(seed, 0|1, i)``);
+a pool of ``pool_size`` images is kept and ``refresh_per_step`` of them are re-rendered every step.
 
 Outputs under ``out_dir`` (written atomically; nothing goes into the repository): ``checkpoint.pth``
 (full state, plain tensors, loads with ``weights_only=True``), ``teacher_backbone.pth`` + ``.json``
-(the teacher ViT in DINO's backbone-only format, exported every ``export_every`` steps) and
-``log.jsonl``. The recipe of the committed weights, its wall time and its probes are in
-``depthg/weights/MODEL_CARD.md``; why the defaults differ from DINO v1's is in ``docs/backbones.md``.
+(the teacher ViT in DINO's backbone-only format, exported every ``export_every`` steps; probe it with
+``benchmarks/probe_backbone.py --backbone``) and ``log.jsonl``.
 """
 
 from __future__ import annotations
@@ -62,16 +65,17 @@ LOG_NAME = "log.jsonl"
 CHECKPOINT_VERSION = 2
 
 #: The recipe: every value that defines a run (schedules and data stream depend on all of them), so a
-#: resumed run must agree on each. These are the settings of the committed weights.
+#: resumed run must agree on each. These are the settings of the committed weights (DINO only, 64 px
+#: global crops); ``DENSE_RECIPE`` is the best patch-level recipe tried so far (see MODEL_CARD.md).
 DEFAULTS: dict[str, Any] = dict(
-    steps=800, batch_size=16, seed=0,
+    steps=950, batch_size=32, seed=0,
     # ViT-Tiny width at half depth, patch 8
     embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0, drop_path=0.1,
-    # multi-crop: global crops at the resolution the backbone is used at (128 px = 16 patches)
-    global_size=128, local_size=48, n_local=4, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25),
+    # multi-crop: 2 global and n_local local crops per image, sizes in px, scales as area fractions
+    global_size=64, local_size=32, n_local=6, global_scale=(0.25, 1.0), local_scale=(0.03, 0.25),
     render_size=(128, 256), pool_size=512, refresh_per_step=8, renderer="synthetic",
-    # DINO (CLS) head and iBOT (patch) head
-    out_dim=256, head_hidden_dim=512, bottleneck_dim=64, ibot_out_dim=256, ibot_weight=1.0,
+    # DINO (CLS) head; the patch head serves the masked-patch (iBOT) and cross-view losses when on
+    out_dim=256, head_hidden_dim=512, bottleneck_dim=64, ibot_out_dim=256, ibot_weight=0.0,
     mask_prob=0.5, mask_ratio=(0.1, 0.5), dense_weight=0.0,
     # optimisation
     lr=5e-4, min_lr=1e-6, warmup_steps=None, weight_decay=0.04, weight_decay_end=0.4,
@@ -80,6 +84,12 @@ DEFAULTS: dict[str, Any] = dict(
     clip_grad=3.0, freeze_last_layer_steps=None,
 )
 RUN_KEYS = tuple(DEFAULTS)
+
+#: DINO + masked-patch + cross-view patch losses with 128 px global crops (the resolution of use).
+DENSE_RECIPE: dict[str, Any] = dict(
+    steps=600, batch_size=16, global_size=128, local_size=48, n_local=4, local_scale=(0.05, 0.25),
+    ibot_weight=1.0, dense_weight=1.0,
+)
 
 
 class PretrainError(DepthGError, ValueError):
@@ -893,6 +903,8 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         else:
             kind = int if key.endswith("_steps") or value is None or isinstance(value, int) else type(value)
             a(flag, type=kind, default=value, help=_HELP.get(key))
+    a("--recipe", choices=("committed", "dense"), default="committed",
+      help="starting values: the committed weights' recipe or DENSE_RECIPE; explicit options win")
     a("--device", default="auto")
     a("--threads", type=int, default=None,
       help="torch CPU threads (1 is far faster than 2 on a CPU shared with other processes)")
@@ -913,6 +925,8 @@ def run_pretrain_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     recipe = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in DEFAULTS}
+    if args.recipe == "dense":  # the preset's values where an option was left at its default
+        recipe.update({k: v for k, v in DENSE_RECIPE.items() if recipe[k] == DEFAULTS[k]})
     summary = pretrain(args.out_dir, device=args.device, resume=args.resume, stop_at=args.stop_at,
                        max_minutes=args.max_minutes, checkpoint_every=args.checkpoint_every,
                        export_every=args.export_every, log_every=args.log_every,
