@@ -51,7 +51,7 @@ from depthg.backbone import load_backbone  # noqa: E402
 from depthg.build import fidelity  # noqa: E402
 from depthg.config import RELEASED_ITERATIONS, Config  # noqa: E402
 from depthg.data.transforms import resize_center_crop  # noqa: E402
-from depthg.features import FULL_PRECISION, Precision, build_feature_cache  # noqa: E402
+from depthg.features import FULL_PRECISION, CacheOptions, Precision, build_feature_cache  # noqa: E402
 from depthg.sampling import numba_available  # noqa: E402
 from depthg.train import amp_context, train, training_dataset  # noqa: E402
 from depthg.utils import atomic_write  # noqa: E402
@@ -171,8 +171,8 @@ def step_section(device: torch.device, size: dict[str, Any]) -> dict[str, Any]:
             precision, scaler = amp_policy(device, amp_on)
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()
-                cache = build_feature_cache(backbone, data, tmp, {"bench": name, "res": size["res"]}, batch_size=16,
-                                            device=device, progress=False, precision=precision)
+                options = CacheOptions(batch_size=16, device=device, progress=False, precision=precision)
+                cache = build_feature_cache(backbone, data, tmp, {"bench": name, "res": size["res"]}, options)
                 build_s = time.perf_counter() - t0
                 row: dict[str, Any] = {"backbone": label, "timm_name": name, "embed_dim": backbone.embed_dim,
                                        "preset": preset, "sampling": cfg.depth_sampling, "res": size["res"],
@@ -255,9 +255,10 @@ def run_section(device: torch.device, size: dict[str, Any], work: Path) -> dict[
     precision, _ = amp_context(base, device)
     out["precision"] = precision.name
     t0 = time.perf_counter()
-    build_feature_cache(backbone, crops, work / "cache_timing", {"timing": True}, batch_size=base.batch_size,
-                        device=device, transform=partial(resize_center_crop, res=base.res, resize=fidelity(base).resize),
-                        progress=False, precision=precision)
+    transform = partial(resize_center_crop, res=base.res, resize=fidelity(base).resize)
+    options = CacheOptions(batch_size=base.batch_size, device=device, transform=transform, progress=False,
+                           precision=precision)
+    build_feature_cache(backbone, crops, work / "cache_timing", {"timing": True}, options)
     out["cache_build_s_per_crop"] = (time.perf_counter() - t0) / len(crops)
     del backbone
     if device.type == "cuda":

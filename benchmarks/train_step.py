@@ -40,8 +40,8 @@ from depthg import sampling as S  # noqa: E402
 from depthg.backbone import load_backbone  # noqa: E402
 from depthg.build import build_loss, fidelity  # noqa: E402
 from depthg.config import Config  # noqa: E402
-from depthg.features import FULL_PRECISION, Precision, backbone_features, build_feature_cache  # noqa: E402
-from depthg.losses import DepthDecaySchedule  # noqa: E402
+from depthg.features import FULL_PRECISION, CacheOptions, Precision, backbone_features, build_feature_cache  # noqa: E402
+from depthg.losses import DepthDecaySchedule, LossInputs  # noqa: E402
 from depthg.train import CachedSource, build_models, channel_dropout, dropout_masks  # noqa: E402
 
 
@@ -120,8 +120,8 @@ def run_config(cfg: Config, backbone: torch.nn.Module, data: RandomCrops, cache,
         masks = dropout_masks(2 * b, feats.shape[1], cfg.dropout, gens["dropout"])
         target, target_pos = channel_dropout(feats, masks[:b]), channel_dropout(feats_pos, masks[b:])
         if cfg.depth_sampling == "fps":
-            g1 = S.fps_grid(depth, grid_hw, cfg.feature_samples, cfg.fov_deg, 0, fid.unproject, fid.cells_to_grid)
-            g2 = S.fps_grid(depth_pos, grid_hw, cfg.feature_samples, cfg.fov_deg, 0, fid.unproject, fid.cells_to_grid)
+            g1 = S.fps_grid(depth, grid_hw, cfg.feature_samples, cfg.fov_deg, 0, fid.fps)
+            g2 = S.fps_grid(depth_pos, grid_hw, cfg.feature_samples, cfg.fov_deg, 0, fid.fps)
         else:
             g1 = S.random_grid(b, cfg.feature_samples, gens["sample"]).to(device)
             g2 = S.random_grid(b, cfg.feature_samples, gens["sample"]).to(device)
@@ -129,8 +129,8 @@ def run_config(cfg: Config, backbone: torch.nn.Module, data: RandomCrops, cache,
             out = model(torch.cat([feats, feats_pos]), batch["label"][:b])
         code, code_pos = out["code"].float().split(b)
         w, s = sched.at(it)
-        terms = loss_fn(target, target_pos, code, code_pos, depth, depth_pos, g1, g2, depth_weight=w,
-                        depth_shift=s, generator=gens["loss"])
+        x = LossInputs(target, target_pos, code, code_pos, depth, depth_pos)
+        terms = loss_fn(x, (g1, g2), depth_weight=w, depth_shift=s, generator=gens["loss"])
         total = terms["total"] + out["cluster_loss"] + out["linear_loss"]
         for o in opts:
             o.zero_grad(set_to_none=True)
@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
     results: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        cache = build_feature_cache(backbone, data, tmp, {"bench": name, "res": args.res}, batch_size=16,
-                                    device=device, progress=False)
+        options = CacheOptions(batch_size=16, device=device, progress=False)
+        cache = build_feature_cache(backbone, data, tmp, {"bench": name, "res": args.res}, options)
         cache_build_s = time.perf_counter() - t0
         for bs in args.batch_sizes:
             for sampling in args.samplings:

@@ -21,9 +21,9 @@ from depthg.data.prepare import CroppedDataset, dataset_kwargs
 from depthg.data.transforms import PAPER_RESIZE, RELEASED_RESIZE, Resize
 from depthg.features import FULL_PRECISION, Precision
 from depthg.head import ClusterProbe, LinearProbe, SegmentationHead
-from depthg.lhp import strongest_attention, weighted_mean
+from depthg.lhp import LhpChoices, strongest_attention, weighted_mean
 from depthg.losses import CorrelationTerms, DepthGLoss, Negatives, derangement_negatives
-from depthg.sampling import CellsToGrid, Unproject, depth_to_points, indices_to_grid
+from depthg.sampling import CellsToGrid, FpsChoices, Unproject, depth_to_points, indices_to_grid
 from depthg.utils import DepthGError, safe_torch_load
 
 __all__ = ["TrainError", "Fidelity", "fidelity", "Segmenter", "build_models", "build_loss", "load_checkpoint",
@@ -70,6 +70,16 @@ class Fidelity:
                    negatives=R.super_perm_negatives, transposed_depth_pairs=True, resize=RELEASED_RESIZE,
                    depth_values="minmax255", lhp_keep_attention=R.weakest_attention,
                    lhp_normalise=R.divide_by_cell_count)
+
+    @property
+    def fps(self) -> FpsChoices:
+        """The FPS sampler's unprojection and read-out (``depthg.sampling.fps_grid``)."""
+        return FpsChoices(self.unproject, self.cells_to_grid)
+
+    @property
+    def lhp(self) -> LhpChoices:
+        """The LHP module's unprojection, attention mask and normalisation (``depthg.lhp``)."""
+        return LhpChoices(self.unproject, self.lhp_keep_attention, self.lhp_normalise)
 
 
 #: the fidelity preset of each ``Config.mode``.

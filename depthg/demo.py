@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from depthg.losses import DepthGLoss, tensor_correlation
+from depthg.losses import DepthGLoss, LossInputs, tensor_correlation
 
 __all__ = ["optimise_pair"]
 
@@ -66,8 +66,8 @@ def optimise_pair(
     records = []
     for step in range(steps):
         code = head(feats)
-        terms = loss_fn(feats, feats[pos], code, code[pos], depth, depth[pos], grids, grids[pos],
-                        depth_weight=depth_weight, depth_shift=depth_shift, generator=gen)
+        x = LossInputs(feats, feats[pos], code, code[pos], depth, depth[pos])
+        terms = loss_fn(x, (grids, grids[pos]), depth_weight=depth_weight, depth_shift=depth_shift, generator=gen)
         opt.zero_grad()
         terms["total"].backward()
         opt.step()

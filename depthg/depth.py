@@ -28,6 +28,7 @@ from .utils import DepthGError, atomic_write, build_lock, get_device, inside, no
 __all__ = [
     "DepthCache",
     "DepthCacheError",
+    "DepthSettings",
     "InvalidDepthError",
     "DepthModelNotFoundError",
     "DepthModel",
@@ -94,28 +95,35 @@ def _check_key(key: str) -> PurePosixPath:
     return p
 
 
+@dataclass(frozen=True)
+class DepthSettings:
+    """What a new :class:`DepthCache` records in ``depth_meta.json``: the depth ``source`` and its ``units``,
+    the quantisation ``scale`` (None: :data:`DEFAULT_SCALE` of the units) and ``offset``, the
+    ``normalisation`` and any ``extra`` keys. Reopening a cache checks source, units and scale."""
+
+    source: str
+    units: Literal["m", "relative", "unknown"]
+    scale: float | None = None
+    offset: float = 0.0
+    normalisation: str = "none"
+    extra: dict[str, Any] | None = None
+
+
 class DepthCache:
     """A folder of uint16 PNGs ``root/{key}.png`` holding ``offset + scale * pixel``, with
     ``root/depth_meta.json`` = ``{"source", "encoding": "uint16", "scale", "offset", "units", "normalisation",
     ...extras}`` (e.g. ``"invalid_value": 0`` in stereo caches).
 
-    ``DepthCache(root)`` opens a cache; passing ``source`` and ``units`` creates one, or reopens it only
-    if its metadata agrees, so two estimators never mix in one folder.
+    ``DepthCache(root)`` opens a cache; passing ``settings`` (:class:`DepthSettings`) creates one, or reopens
+    it only if its metadata agrees, so two estimators never mix in one folder.
     """
 
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        *,
-        source: str | None = None,
-        units: Literal["m", "relative", "unknown"] | None = None,
-        scale: float | None = None,
-        offset: float = 0.0,
-        normalisation: str = "none",
-        extra: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, root: str | os.PathLike, settings: DepthSettings | None = None) -> None:
         self.root = Path(root)
         self.meta_path = self.root / META_NAME
+        source = units = scale = None
+        if settings is not None:
+            source, units, scale = settings.source, settings.units, settings.scale
         if self.meta_path.is_file():
             self.meta = self._read_meta()
             wanted: dict[str, Any] = {"source": source, "units": units, "scale": scale}
@@ -133,19 +141,19 @@ class DepthCache:
                     f"depth cache {self.root} was made with different settings ({detail}). Use another "
                     "cache folder for another depth source, or delete this one to rebuild it."
                 )
-        elif source is not None or units is not None:
+        elif settings is not None:
             if source is None or units is None:
-                raise DepthCacheError(f"creating depth cache {self.root}: pass both source= and units=")
+                raise DepthCacheError(f"creating depth cache {self.root}: the settings need a source and units")
             if units not in DEFAULT_SCALE:
                 raise DepthCacheError(f"units must be one of {sorted(DEFAULT_SCALE)}, got {units!r}")
             self.meta = {
                 "source": source,
                 "encoding": "uint16",
                 "scale": float(scale if scale is not None else DEFAULT_SCALE[units]),
-                "offset": float(offset),
+                "offset": float(settings.offset),
                 "units": units,
-                "normalisation": normalisation,
-                **(extra or {}),
+                "normalisation": settings.normalisation,
+                **(settings.extra or {}),
             }
             with atomic_write(self.meta_path, "w") as f:
                 json.dump(self.meta, f, indent=2)
@@ -682,5 +690,6 @@ def _open_cache(cache_root: Path, depth_model: DepthModel, flip_tta: bool, model
                 png.unlink()
             meta_path.unlink()
             (cache_root / SOURCES_NAME).unlink(missing_ok=True)
-    return DepthCache(cache_root, source=depth_model.name, units=depth_model.units,  # type: ignore[arg-type]
-                      normalisation=depth_model.normalisation, extra=extra)
+    settings = DepthSettings(depth_model.name, depth_model.units,  # type: ignore[arg-type]
+                             normalisation=depth_model.normalisation, extra=extra)
+    return DepthCache(cache_root, settings)

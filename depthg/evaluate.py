@@ -51,10 +51,12 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 @torch.no_grad()
 def predict_batch(backbone: nn.Module, model: Segmenter, img: torch.Tensor, out_size: tuple[int, int],
-                  flip: bool = True, crf: bool = False,
+                  opts: EvalOptions | None = None,
                   amp: Callable[[], Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(cluster log-probs, linear log-probs), each (B, K, H, W) at ``out_size``, for images (B, 3, h, w);
-    ``model`` holds the head and the probes."""
+    ``model`` holds the head and the probes; of ``opts`` (default :class:`EvalOptions`) only ``flip`` (average
+    with the mirrored image's code) and ``crf`` (refine with the dense CRF) act here."""
+    flip, crf = (opts.flip, opts.crf) if opts is not None else (True, False)
     head, cluster, linear = model.head, model.cluster, model.linear
     ctx = amp if amp is not None else nullcontext
     with ctx():
@@ -146,8 +148,7 @@ def evaluate_model(backbone: nn.Module, model: Segmenter, dataset: Any, opts: Ev
     for batch in tqdm(loader, desc="eval", disable=not opts.progress, leave=False):
         img = batch["img"].to(device)
         label = batch["label"].to(device)
-        cluster_logp, linear_logp = predict_batch(backbone, model, img, tuple(label.shape[-2:]), flip=opts.flip,
-                                                  crf=opts.crf, amp=amp)
+        cluster_logp, linear_logp = predict_batch(backbone, model, img, tuple(label.shape[-2:]), opts, amp=amp)
         cluster_pred, linear_pred = cluster_logp.argmax(1), linear_logp.argmax(1)
         cluster_metrics.update(cluster_pred, label)
         linear_metrics.update(linear_pred, label)

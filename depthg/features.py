@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from depthg.utils import DepthGError, atomic_write, build_lock, digest, note, partial_dir, publish_dir, sha256_file
 
 __all__ = ["FeatureCache", "FeatureCacheError", "Precision", "backbone_features", "backbone_fingerprint",
-           "build_feature_cache", "cache_key", "cache_problem"]
+           "CacheOptions", "build_feature_cache", "cache_key", "cache_problem"]
 
 CACHE_VERSION = 3  # 3: content-keyed, per-file sizes and SHA-256 in the manifest, lock + atomic folder
 
@@ -134,27 +134,38 @@ class FeatureCache:
         return out
 
 
+@dataclass(frozen=True)
+class CacheOptions:
+    """How :func:`build_feature_cache` computes the features.
+
+    ``transform`` maps each dataset item to the training resolution (None = as is); ``precision`` is the
+    run's AMP policy, the same the trainer recomputes features under (the only one of these in the key).
+    """
+
+    batch_size: int = 16
+    device: torch.device | str = "cpu"
+    transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    progress: bool = True
+    precision: Precision | None = None  # None = full precision
+
+
 def build_feature_cache(
     backbone: torch.nn.Module,
     dataset: Any,
     root_dir: str | Path,
     info: dict[str, Any],
-    batch_size: int = 16,
-    device: torch.device | str = "cpu",
-    transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-    progress: bool = True,
-    precision: Precision | None = None,
+    options: CacheOptions = CacheOptions(),
 ) -> FeatureCache:
     """Compute (or reuse) the cache for ``dataset`` under ``root_dir/<key>/``.
 
     Args:
         dataset: items {"img" (3, H, W) in [0, 1], "depth"? (1, H, W), "label"? (H, W)} at the training
-            resolution after ``transform``.
+            resolution after ``options.transform``.
         info: identifying facts (backbone, res, mode, split, data digest); the weights fingerprint and
             the dataset length are added here.
-        precision: the run's AMP policy, the same the trainer recomputes features under.
+        options: batch size, device, transform, progress bar and precision (:class:`CacheOptions`).
     """
-    precision = precision or FULL_PRECISION
+    precision = options.precision or FULL_PRECISION
     info = dict(info, version=CACHE_VERSION, n=len(dataset), backbone_sha256=backbone_fingerprint(backbone))
     if precision.dtype is not None:  # full-precision caches keep the keys they had before AMP was keyed
         info["precision"] = precision.name
@@ -170,7 +181,7 @@ def build_feature_cache(
         if work.exists():  # a killed build: start again (features are cheap to redo, and must be whole)
             shutil.rmtree(work)
         work.mkdir(parents=True)
-        _write_cache(backbone, dataset, work, dict(info, key=key), batch_size, device, transform, progress, precision)
+        _write_cache(backbone, dataset, work, dict(info, key=key), options)
         publish_dir(work, root)
     return FeatureCache.open(root, verify=False)
 
@@ -213,19 +224,19 @@ def cache_problem(root: Path, key: str | None = None, verify: bool | None = None
     return None
 
 
-def _write_cache(backbone: torch.nn.Module, dataset: Any, root: Path, info: dict[str, Any], batch_size: int,
-                 device: torch.device | str, transform: Callable[[dict[str, Any]], dict[str, Any]] | None,
-                 progress: bool, precision: Precision) -> None:
+def _write_cache(backbone: torch.nn.Module, dataset: Any, root: Path, info: dict[str, Any],
+                 options: CacheOptions) -> None:
     """Compute every crop's features (+ depth, labels) into memmaps in ``root`` and write the manifest last."""
     n = len(dataset)
     if n == 0:
         raise FeatureCacheError(f"cannot build a feature cache of an empty dataset ({info})")
-    device = torch.device(device)
+    batch_size, transform, precision = options.batch_size, options.transform, options.precision or FULL_PRECISION
+    device = torch.device(options.device)
     backbone = backbone.to(device).eval()
 
     feats_mm = depth_mm = label_mm = None
     shapes: dict[str, list[int] | None] = {"feat_shape": None, "depth_shape": None, "label_shape": None}
-    bar = tqdm(range(0, n, batch_size), desc="feature cache", disable=not progress, leave=False)
+    bar = tqdm(range(0, n, batch_size), desc="feature cache", disable=not options.progress, leave=False)
     for start in bar:
         items = [dataset[i] for i in range(start, min(start + batch_size, n))]
         if transform is not None:

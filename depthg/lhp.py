@@ -6,6 +6,7 @@ docs/method.md §7 gives the method, docs/fidelity.md §3.12 the released varian
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
@@ -52,6 +53,17 @@ def weighted_mean(mixed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return mixed / weights.sum(-1).clamp_min(_EPS).unsqueeze(1)
 
 
+@dataclass(frozen=True)
+class LhpChoices:
+    """The LHP steps that differ between the paper (the defaults) and the released code
+    (``depthg.build.Fidelity.lhp``): the depth unprojection (B, 1, h, w) -> (B, hw, 3), which attention
+    entries are kept (att, threshold) -> mask, and the normalisation (mixed, weights) -> (B, D, hw)."""
+
+    unproject: Unproject = depth_to_points
+    keep_attention: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = strongest_attention
+    normalise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = weighted_mean
+
+
 class LocalHiddenPositives(nn.Module):
     """Depth- or attention-guided propagation of the code, then a 1x1 MLP projection (docs/method.md §7).
 
@@ -60,8 +72,7 @@ class LocalHiddenPositives(nn.Module):
         strategy: ``"depth"`` (nearest cells in 3D) or ``"attention"`` (most attended cells).
         quantile: fraction of each row kept.
         fov_deg: field of view for the depth unprojection.
-        unproject, keep_attention, normalise: the paper's functions or the released ones
-            (``depthg.build.Fidelity``).
+        choices: the paper's functions or the released ones (:class:`LhpChoices`).
     """
 
     def __init__(
@@ -70,9 +81,7 @@ class LocalHiddenPositives(nn.Module):
         strategy: Literal["depth", "attention"] = "depth",
         quantile: float = 0.01,
         fov_deg: float = 90.0,
-        unproject: Unproject = depth_to_points,
-        keep_attention: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = strongest_attention,
-        normalise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = weighted_mean,
+        choices: LhpChoices = LhpChoices(),
     ) -> None:
         super().__init__()
         if strategy not in ("depth", "attention"):
@@ -80,7 +89,8 @@ class LocalHiddenPositives(nn.Module):
         if not 0.0 < quantile < 1.0:
             raise LHPError(f"quantile must be in (0, 1), got {quantile}")
         self.dim, self.strategy, self.quantile, self.fov_deg = dim, strategy, quantile, fov_deg
-        self.unproject, self.keep_attention, self.normalise = unproject, keep_attention, normalise
+        self.unproject, self.keep_attention = choices.unproject, choices.keep_attention
+        self.normalise = choices.normalise
         self.projection = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.ReLU(), nn.Conv2d(dim, dim, 1))
 
     def extra_repr(self) -> str:

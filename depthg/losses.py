@@ -64,10 +64,8 @@ def tensor_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def correlation_loss(
-    f1: torch.Tensor,
-    f2: torch.Tensor,
-    c1: torch.Tensor,
-    c2: torch.Tensor,
+    feats: tuple[torch.Tensor, torch.Tensor],
+    codes: tuple[torch.Tensor, torch.Tensor],
     shift: float,
     centering: Centering = "paper",
     zero_clamp: bool = True,
@@ -75,8 +73,8 @@ def correlation_loss(
     """STEGO's loss -mean (F^SC - shift) * clamp(S, 0) for one pair of sampled maps (docs/method.md §3.2-3.3).
 
     Args:
-        f1, f2: backbone features (B, C, h, w), (B, C, i, j); F gets no gradient (frozen backbone).
-        c1, c2: codes (B, D, h, w), (B, D, i, j) at the same locations.
+        feats: (f1, f2) backbone features (B, C, h, w), (B, C, i, j); F gets no gradient (frozen backbone).
+        codes: (c1, c2) codes (B, D, h, w), (B, D, i, j) at the same locations.
         shift: b, the attraction/repulsion threshold.
         centering: ``"paper"`` subtracts F's mean over (i, j) per query; ``"released"`` then adds back
             F's global mean (docs/fidelity.md §3.7); ``"none"`` does not centre.
@@ -86,6 +84,7 @@ def correlation_loss(
         (scalar loss, S (B, h, w, i, j)).
     """
     _check_centering(centering)
+    (f1, f2), (c1, c2) = feats, codes
     with torch.no_grad():
         fd = tensor_correlation(f1, f2)
         if centering == "paper":
@@ -290,6 +289,23 @@ class CorrelationTerms:
         return cls(**{**{f.name: getattr(cfg, f.name) for f in fields(cls)}, **overrides})
 
 
+@dataclass(frozen=True)
+class LossInputs:
+    """What one :class:`DepthGLoss` call compares, anchors first, then their kNN positives.
+
+    ``feats``, ``feats_pos``: (B, C, h, w) correlation-target (backbone) features; ``code``, ``code_pos``:
+    (B, D, h, w) the head's codes on the same grid; ``depth``, ``depth_pos``: (B, 1, H, W) or (B, H, W) depth,
+    larger = farther, or None when the depth term is off (only the anchor's enters the depth term, as released).
+    """
+
+    feats: torch.Tensor
+    feats_pos: torch.Tensor
+    code: torch.Tensor
+    code_pos: torch.Tensor
+    depth: torch.Tensor | None = None
+    depth_pos: torch.Tensor | None = None
+
+
 class DepthGLoss(nn.Module):
     """STEGO's three correlation terms plus DepthG's depth-feature term (docs/method.md §3.4, §5).
 
@@ -337,14 +353,8 @@ class DepthGLoss(nn.Module):
 
     def forward(
         self,
-        feats: torch.Tensor,
-        feats_pos: torch.Tensor,
-        code: torch.Tensor,
-        code_pos: torch.Tensor,
-        depth: torch.Tensor | None,
-        depth_pos: torch.Tensor | None,
-        grid1: torch.Tensor,
-        grid2: torch.Tensor,
+        x: LossInputs,
+        grids: tuple[torch.Tensor, torch.Tensor],
         depth_weight: float = 0.0,
         depth_shift: float = 0.0,
         generator: torch.Generator | None = None,
@@ -352,11 +362,9 @@ class DepthGLoss(nn.Module):
         """All loss terms of one step.
 
         Args:
-            feats, feats_pos: backbone features (B, C, h, w) of the anchor and its kNN positive.
-            code, code_pos: head outputs (B, D, h, w) on the same grid.
-            depth, depth_pos: (B, 1, H, W) depth, larger = farther, or None when ``depth_weight`` is 0;
-                only the anchor's enters the depth term (as released).
-            grid1, grid2: (B, S, S, 2) (x, y) sample coordinates (``align_corners=True``).
+            x: the anchors' and positives' features, codes and depth (:class:`LossInputs`).
+            grids: (grid1, grid2), each (B, S, S, 2) (x, y) sample coordinates (``align_corners=True``) of the
+                anchors and the positives.
             depth_weight, depth_shift: w_depth(t), b_depth(t) at this step.
             generator: draws the negative permutations.
 
@@ -364,6 +372,8 @@ class DepthGLoss(nn.Module):
             the unweighted ``pos_intra``, ``pos_inter``, ``neg_inter`` (mean over the pairings) and
             ``depth`` (0 when ``depth_weight`` is 0), and the weighted ``total``.
         """
+        feats, feats_pos, code, code_pos, depth = x.feats, x.feats_pos, x.code, x.code_pos, x.depth
+        grid1, grid2 = grids
         for name, t in (("feats", feats), ("feats_pos", feats_pos), ("code", code), ("code_pos", code_pos)):
             _check_4d(name, t)
         if grid1.shape != grid2.shape:
@@ -374,13 +384,13 @@ class DepthGLoss(nn.Module):
         f2, c2 = sample(feats_pos, grid2), sample(code_pos, grid2)
         kw = dict(centering=t.centering, zero_clamp=t.zero_clamp)
 
-        pos_intra, _ = correlation_loss(f1, f1, c1, c1, t.pos_intra_shift, **kw)
-        pos_inter, _ = correlation_loss(f1, f2, c1, c2, t.pos_inter_shift, **kw)
+        pos_intra, _ = correlation_loss((f1, f1), (c1, c1), t.pos_intra_shift, **kw)
+        pos_inter, _ = correlation_loss((f1, f2), (c1, c2), t.pos_inter_shift, **kw)
 
         neg_terms = []
         for _ in range(t.neg_samples):
             fn, cn = self.negatives(f1, c1, feats, code, grid2, generator)
-            neg_terms.append(correlation_loss(f1, fn, c1, cn, t.neg_inter_shift, **kw)[0])
+            neg_terms.append(correlation_loss((f1, fn), (c1, cn), t.neg_inter_shift, **kw)[0])
         neg_inter = torch.stack(neg_terms).mean() if neg_terms else code.new_zeros(())
 
         if depth_weight != 0.0:

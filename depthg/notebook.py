@@ -35,7 +35,7 @@ from depthg.data import build_dataset
 from depthg.data.prepare import dataset_root, world_folder
 from depthg.data.transforms import resize_center_crop
 from depthg.depth import repo_root
-from depthg.evaluate import predict_batch
+from depthg.evaluate import EvalOptions, predict_batch
 from depthg.utils import get_device, sha256_file
 from depthg.viz import get_palette
 
@@ -221,8 +221,8 @@ def predict_examples(trained: TrainedRun, assignment: Any, n: int = 4) -> dict[s
     items = [resize_center_crop(trained.val_set[i], res=cfg.eval_res, resize=fidelity(cfg).resize)
              for i in range(min(n, len(trained.val_set)))]
     img = torch.stack([it["img"] for it in items]).to(trained.device)
-    cluster_logp, linear_logp = predict_batch(trained.backbone, m, img, tuple(img.shape[-2:]), flip=cfg.eval_flip,
-                                              crf=False)
+    opts = EvalOptions(flip=cfg.eval_flip, crf=False)
+    cluster_logp, linear_logp = predict_batch(trained.backbone, m, img, tuple(img.shape[-2:]), opts)
     matched = torch.as_tensor(assignment)[cluster_logp.argmax(1).cpu()]  # cluster id -> class (-1: unmatched)
     return {"images": [it["img"] for it in items], "labels": [it["label"] for it in items],
             "cluster": list(matched), "linear": list(linear_logp.argmax(1).cpu())}

@@ -259,27 +259,35 @@ Unproject = Callable[[torch.Tensor, float], torch.Tensor]
 CellsToGrid = Callable[[torch.Tensor, int, int, int], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class FpsChoices:
+    """How :func:`fps_grid` unprojects the pooled depth and reads its cells out as coordinates: the paper's
+    functions (the defaults) or the released ones (``depthg.build.Fidelity.fps``)."""
+
+    unproject: Unproject = depth_to_points
+    cells_to_grid: CellsToGrid = indices_to_grid
+
+
 def fps_grid(
     depth: torch.Tensor,
     grid_hw: tuple[int, int],
     n_side: int,
     fov_deg: float = 90.0,
     start: int | torch.Tensor = 0,
-    unproject: Unproject = depth_to_points,
-    cells_to_grid: CellsToGrid = indices_to_grid,
+    choices: FpsChoices = FpsChoices(),
 ) -> torch.Tensor:
     """Depth-guided FPS coordinates (B, n_side, n_side, 2): pool ``depth`` (B, 1, H, W) to ``grid_hw``,
-    unproject (``fov_deg``), pick n_side**2 cells by FPS from ``start``, turn them into coordinates.
-    ``unproject`` / ``cells_to_grid`` are the paper's functions or the released ones (``depthg.build.Fidelity``).
+    unproject (``fov_deg``), pick n_side**2 cells by FPS from ``start``, turn them into coordinates, each
+    step with the paper's or the released function (``choices``).
     """
     _check_depth(depth)
     h, w = int(grid_hw[0]), int(grid_hw[1])
     if n_side * n_side > h * w:
         raise SamplingError(f"cannot sample n_side**2 = {n_side * n_side} cells from a {h}x{w} grid")
     pooled = F.adaptive_avg_pool2d(depth, (h, w))
-    points = unproject(pooled, fov_deg)
+    points = choices.unproject(pooled, fov_deg)
     indices = farthest_point_sample(points, n_side * n_side, start=start)
-    return cells_to_grid(indices.to(depth.device), h, w, n_side)
+    return choices.cells_to_grid(indices.to(depth.device), h, w, n_side)
 
 
 # ----------------------------------------------------------------------------------------------------

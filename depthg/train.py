@@ -49,7 +49,7 @@ from depthg.config import Config
 from depthg.data.prepare import dataset_digest, load_knn, prepare_training_data
 from depthg.data.transforms import PAPER_RESIZE, Resize, resize_center_crop
 from depthg.evaluate import EvalOptions, evaluate_model
-from depthg.features import Precision, backbone_features, backbone_fingerprint, build_feature_cache
+from depthg.features import CacheOptions, Precision, backbone_features, backbone_fingerprint, build_feature_cache
 from depthg.lhp import LocalHiddenPositives
 from depthg.utils import atomic_torch_save, atomic_write, get_device, inside
 
@@ -539,8 +539,8 @@ def _feature_source(cfg: Config, place: Place, crops: Any, data: dict[str, Any],
             "res": cfg.res, "mode": resize.name, "depth_normalization": depth_normalization(cfg, data),
             "content": dataset_digest(crops), "split": cfg.train_split}
     transform = partial(resize_center_crop, res=cfg.res, resize=resize)
-    make = partial(build_feature_cache, backbone, crops, Path(cfg.cache_dir) / "features", info, device=place.device,
-                   transform=transform, progress=place.progress, precision=amp)
+    options = CacheOptions(device=place.device, transform=transform, progress=place.progress, precision=amp)
+    make = partial(build_feature_cache, backbone, crops, Path(cfg.cache_dir) / "features", info, options)
     return CachedSource(_rank0_first(place.dinfo, make), place.device)
 
 
@@ -563,8 +563,7 @@ def _trainable(cfg: Config, fid: Fidelity, in_dim: int, n_classes: int,
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 7)
             lhp = LocalHiddenPositives(cfg.dim, strategy=cfg.lhp_strategy, quantile=cfg.lhp_quantile,
-                                       fov_deg=cfg.fov_deg, unproject=fid.unproject,
-                                       keep_attention=fid.lhp_keep_attention, normalise=fid.lhp_normalise).to(device)
+                                       fov_deg=cfg.fov_deg, choices=fid.lhp).to(device)
         model.add_module("lhp", lhp)
     # the LHP projection trains with the head, at the head's learning rate
     head_params = list(model.head.parameters()) + (list(lhp.parameters()) if lhp is not None else [])
@@ -641,22 +640,6 @@ class Batch:
 
 
 @dataclass
-class LossInputs:
-    """What one STEGO + DepthG loss call compares, anchors first, then their kNN positives.
-
-    ``target``, ``target_pos``: (b, C, h, w) correlation-target features; ``code``, ``code_pos``: (b, D, h, w)
-    the head's codes; ``depth``, ``depth_pos``: (b, H, W) or None.
-    """
-
-    target: torch.Tensor
-    target_pos: torch.Tensor
-    code: torch.Tensor
-    code_pos: torch.Tensor
-    depth: torch.Tensor | None
-    depth_pos: torch.Tensor | None
-
-
-@dataclass
 class StepOut:
     """What a step hands to logging: every loss term (on the device, not synchronised) and its schedules."""
 
@@ -689,7 +672,7 @@ def train_step(run: Run, it: int) -> StepOut:
 
     # -- losses: STEGO + DepthG with this step's depth weight and shift
     depth_weight, depth_shift = run.depth_sched.at(it)
-    x = LossInputs(target, target_pos, code, code_pos, batch.depth, batch.depth_pos)
+    x = L.LossInputs(target, target_pos, code, code_pos, batch.depth, batch.depth_pos)
     terms = depthg_loss(run, x, grids, depth_weight, depth_shift)
     loss = terms["total"]
     # -- local hidden positives (docs/method.md §7): the loss again on propagated codes with new grids
@@ -756,21 +739,20 @@ def sampling_grids(run: Run, n_side: int, depth: torch.Tensor | None,
     if cfg.fps_random_start and not fid.fps_fixed_start:
         n_cells = run.grid_hw[0] * run.grid_hw[1]
         starts = [torch.randint(0, n_cells, (cfg.batch_size,), generator=gen)[rows].to(depth.device) for _ in range(2)]
-    g1, g2 = (S.fps_grid(d, run.grid_hw, n_side, cfg.fov_deg, start, fid.unproject, fid.cells_to_grid).to(device)
+    g1, g2 = (S.fps_grid(d, run.grid_hw, n_side, cfg.fov_deg, start, fid.fps).to(device)
               for d, start in zip((depth, depth_pos), starts))
     return g1, g2
 
 
-def depthg_loss(run: Run, x: LossInputs, grids: tuple[torch.Tensor, torch.Tensor], depth_weight: float,
+def depthg_loss(run: Run, x: L.LossInputs, grids: tuple[torch.Tensor, torch.Tensor], depth_weight: float,
                 depth_shift: float) -> dict[str, torch.Tensor]:
     """The STEGO + DepthG loss terms (``"total"`` among them); the depth term is off without ``use_depth``."""
     if not run.cfg.use_depth:
         depth_weight = 0.0
-    return run.loss_fn(x.target, x.target_pos, x.code, x.code_pos, x.depth, x.depth_pos, grids[0], grids[1],
-                       depth_weight=depth_weight, depth_shift=depth_shift, generator=run.gens.loss)
+    return run.loss_fn(x, grids, depth_weight=depth_weight, depth_shift=depth_shift, generator=run.gens.loss)
 
 
-def lhp_loss(run: Run, x: LossInputs, img: torch.Tensor | None, n_side: int, depth_weight: float,
+def lhp_loss(run: Run, x: L.LossInputs, img: torch.Tensor | None, n_side: int, depth_weight: float,
              depth_shift: float) -> dict[str, torch.Tensor]:
     """Local hidden positives (docs/method.md §7): the loss terms on the propagated codes, new grids."""
     assert run.lhp is not None

@@ -27,7 +27,7 @@ from depthg.data import (
     build_dataset,
 )
 from depthg.data.transforms import PAPER_RESIZE, RELEASED_RESIZE, resize_center_crop
-from depthg.depth import DepthCache, InvalidDepthError
+from depthg.depth import DepthCache, DepthSettings, InvalidDepthError
 from depthg.utils import DepthGError
 
 H, W = 6, 8
@@ -107,7 +107,7 @@ def test_cityscapes_keys_paths_and_depth(tmp_path):
     assert ds.disparity_path(key) == tmp_path / "disparity/train/aachen/aachen_000000_000019_disparity.png"
     assert ds.camera_path(key) == tmp_path / "camera/train/aachen/aachen_000000_000019_camera.json"
 
-    cache = DepthCache(tmp_path.parent / "cache", source="test", units="m")
+    cache = DepthCache(tmp_path.parent / "cache", DepthSettings("test", "m"))
     for k in ds.keys:
         cache.write(k, np.full((H, W), 12.5))
     ds = Cityscapes(tmp_path, "train", depth_dir=cache.root)

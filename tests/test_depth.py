@@ -14,6 +14,7 @@ from depthg.data import Cityscapes
 from depthg.depth import (
     DepthCache,
     DepthCacheError,
+    DepthSettings,
     DepthModelNotFoundError,
     InvalidDepthError,
     build_tiny_random_depth_model,
@@ -32,7 +33,7 @@ H, W = 30, 40
 # cache
 # ------------------------------------------------------------------------------------------------
 def test_cache_roundtrip_and_meta(tmp_path):
-    cache = DepthCache(tmp_path / "c", source="unit", units="m")
+    cache = DepthCache(tmp_path / "c", DepthSettings("unit", "m"))
     depth = torch.rand(1, H, W) * 100
     path = cache.write("train/city/img0", depth)
     assert path == tmp_path / "c" / "train" / "city" / "img0.png"
@@ -45,7 +46,7 @@ def test_cache_roundtrip_and_meta(tmp_path):
     assert float((back - depth).abs().max()) <= 0.5 / 256 + 1e-6  # half a quantisation step
 
     with pytest.raises(DepthCacheError, match="source: cache has 'unit', asked for 'other'"):
-        DepthCache(tmp_path / "c", source="other", units="m")
+        DepthCache(tmp_path / "c", DepthSettings("other", "m"))
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "empty" / "depth_meta.json")):
         DepthCache(tmp_path / "empty")
     with pytest.raises(DepthCacheError, match="invalid depth-cache key"):
@@ -53,7 +54,7 @@ def test_cache_roundtrip_and_meta(tmp_path):
 
 
 def test_cache_rejects_bad_values(tmp_path):
-    cache = DepthCache(tmp_path, source="unit", units="relative")
+    cache = DepthCache(tmp_path, DepthSettings("unit", "relative"))
     for bad, what in ((float("nan"), "NaN"), (float("inf"), "inf"), (-0.5, "negative")):
         d = torch.ones(H, W)
         d[3, 4] = bad

@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 import depthg.train as T
 from depthg.backbone import load_backbone
 from depthg.config import Config
-from depthg.features import FULL_PRECISION, Precision, backbone_features, build_feature_cache
+from depthg.features import FULL_PRECISION, CacheOptions, Precision, backbone_features, build_feature_cache
 from depthg.train import CropSource, TrainError, broadcast_flag, collective_device, load_checkpoint, train
 
 # the trainer tests' tiny set-up: a 2+2-image world, a 2-block random ViT, 32-px crops
@@ -155,8 +155,8 @@ def _cache_vs_recompute(tmp_path, cache_precision: Precision, recompute_precisio
     seen = _record_autocast(backbone, torch.device(device).type)
     crops = _Crops()
     # one batch of all crops for the cache and the recomputation: identical inputs, identical kernels
-    cache = build_feature_cache(backbone, crops, tmp_path, {"test": "precision"}, batch_size=len(crops),
-                                device=device, progress=False, precision=cache_precision)
+    options = CacheOptions(batch_size=len(crops), device=device, progress=False, precision=cache_precision)
+    cache = build_feature_cache(backbone, crops, tmp_path, {"test": "precision"}, options)
     source = CropSource(crops, backbone, res=32, device=torch.device(device), amp=recompute_precision)
     recomputed = source.fetch(torch.arange(len(crops)))["feats"].cpu()
     return cache, cache.batch(range(len(crops)))["feats"], recomputed, seen
@@ -184,10 +184,11 @@ def test_a_full_precision_cache_does_not_match_an_autocast_recomputation(tmp_pat
 
 def test_cache_key_separates_precisions(tmp_path):
     crops, backbone = _Crops(), _tiny_backbone()
-    full = build_feature_cache(backbone, crops, tmp_path, {"k": 1}, progress=False)
-    bf16 = build_feature_cache(backbone, crops, tmp_path, {"k": 1}, progress=False, precision=BF16_CPU)
+    full = build_feature_cache(backbone, crops, tmp_path, {"k": 1}, CacheOptions(progress=False))
+    bf16_options = CacheOptions(progress=False, precision=BF16_CPU)
+    bf16 = build_feature_cache(backbone, crops, tmp_path, {"k": 1}, bf16_options)
     assert full.root != bf16.root and "precision" not in full.manifest
-    assert build_feature_cache(backbone, crops, tmp_path, {"k": 1}, progress=False, precision=BF16_CPU).root == bf16.root
+    assert build_feature_cache(backbone, crops, tmp_path, {"k": 1}, bf16_options).root == bf16.root
 
 
 def test_training_from_cache_equals_recomputation_under_autocast(prepared, monkeypatch):
@@ -196,9 +197,9 @@ def test_training_from_cache_equals_recomputation_under_autocast(prepared, monke
     given: list[Precision | None] = []
     original = T.build_feature_cache
 
-    def spy(*args, **kwargs):
-        given.append(kwargs.get("precision"))
-        return original(*args, **kwargs)
+    def spy(backbone, dataset, root_dir, info, options):
+        given.append(options.precision)
+        return original(backbone, dataset, root_dir, info, options)
 
     monkeypatch.setattr(T, "build_feature_cache", spy)
     cached = _quiet_train(tiny_config(prepared / "cache", prepared / "amp_cached", steps=1, feature_cache=True))

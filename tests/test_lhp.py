@@ -17,8 +17,7 @@ REL = Fidelity.released()
 def make_lhp(dim: int, mode: str = "paper", **kwargs) -> LocalHiddenPositives:
     """The LHP module with the paper's or the released functions (as depthg.train builds it)."""
     fid = Fidelity.paper() if mode == "paper" else REL
-    return LocalHiddenPositives(dim, unproject=fid.unproject, keep_attention=fid.lhp_keep_attention,
-                                normalise=fid.lhp_normalise, **kwargs)
+    return LocalHiddenPositives(dim, choices=fid.lhp, **kwargs)
 
 
 def brute_force(code, depth=None, attention=None, quantile=0.1, mode="paper", strategy="depth"):

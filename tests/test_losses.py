@@ -12,6 +12,7 @@ from depthg.losses import (
     DepthDecaySchedule,
     DepthGLoss,
     LossError,
+    LossInputs,
     correlation_loss,
     depth_feature_loss,
     depth_similarity,
@@ -68,12 +69,12 @@ def test_correlation_loss_hand_example_all_centerings():
         "released": -((centred - centred.mean() + fd.mean() - shift) * clamped).mean(),
     }
     for centering, value in expected.items():
-        loss, code_corr = correlation_loss(a, b, c1, c2, shift, centering=centering)
+        loss, code_corr = correlation_loss((a, b), (c1, c2), shift, centering=centering)
         assert loss.dim() == 0
         torch.testing.assert_close(loss, value.float(), msg=centering)
         torch.testing.assert_close(code_corr.view(2, 2), cd)
     # without the zero clamp negative code correlations count too
-    loss, _ = correlation_loss(a, b, c1, c2, shift, centering="none", zero_clamp=False)
+    loss, _ = correlation_loss((a, b), (c1, c2), shift, centering="none", zero_clamp=False)
     torch.testing.assert_close(loss, -((fd - shift) * cd).mean())
 
 
@@ -82,8 +83,8 @@ def test_released_centering_keeps_global_mean_paper_removes_it():
     fd = tensor_correlation(f1, f2)
     # with code correlation 1 everywhere the loss is -mean(F^SC - shift)
     ones = torch.ones(2, 1, 5, 5)
-    paper, _ = correlation_loss(f1, f2, ones, ones, 0.0, centering="paper")
-    released, _ = correlation_loss(f1, f2, ones, ones, 0.0, centering="released")
+    paper, _ = correlation_loss((f1, f2), (ones, ones), 0.0, centering="paper")
+    released, _ = correlation_loss((f1, f2), (ones, ones), 0.0, centering="released")
     assert abs(paper.item()) < 1e-6
     torch.testing.assert_close(released, -fd.mean(), atol=1e-6, rtol=1e-5)
 
@@ -94,7 +95,7 @@ def test_gradients_reach_only_the_code():
     f2.requires_grad_(True)
     c1.requires_grad_(True)
     c2.requires_grad_(True)
-    loss, _ = correlation_loss(f1, f2, c1, c2, 0.2)
+    loss, _ = correlation_loss((f1, f2), (c1, c2), 0.2)
     loss.backward()
     assert f1.grad is None and f2.grad is None
     assert c1.grad is not None and c1.grad.abs().sum() > 0 and c2.grad.abs().sum() > 0
@@ -103,7 +104,7 @@ def test_gradients_reach_only_the_code():
 def test_correlation_loss_bad_centering():
     f1, f2, c1, c2 = _maps()
     with pytest.raises(LossError, match="centering"):
-        correlation_loss(f1, f2, c1, c2, 0.1, centering="mean")
+        correlation_loss((f1, f2), (c1, c2), 0.1, centering="mean")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -182,12 +183,12 @@ def _step_inputs(batch=4, seed=0):
 def test_depthg_loss_terms_match_manual_computation_paper():
     feats, feats_pos, code, code_pos, depth, depth_pos, grid1, grid2 = _step_inputs()
     loss_fn = DepthGLoss(CorrelationTerms(0.5, 0.1, 0.3, 0.2, 0.7, 0.8, neg_samples=3))
-    out = loss_fn(feats, feats_pos, code, code_pos, depth, depth_pos, grid1, grid2,
+    out = loss_fn(LossInputs(feats, feats_pos, code, code_pos, depth, depth_pos), (grid1, grid2),
                   depth_weight=0.2, depth_shift=0.05, generator=torch.Generator().manual_seed(5))
     assert set(out) == {"pos_intra", "pos_inter", "neg_inter", "depth", "total"}
     f1, c1, f2, c2 = sample(feats, grid1), sample(code, grid1), sample(feats_pos, grid2), sample(code_pos, grid2)
-    intra = correlation_loss(f1, f1, c1, c1, 0.1, centering="paper")[0]
-    inter = correlation_loss(f1, f2, c1, c2, 0.2, centering="paper")[0]
+    intra = correlation_loss((f1, f1), (c1, c1), 0.1, centering="paper")[0]
+    inter = correlation_loss((f1, f2), (c1, c2), 0.2, centering="paper")[0]
     g = torch.Generator().manual_seed(5)
     negs = []
     for _ in range(3):
@@ -195,7 +196,7 @@ def test_depthg_loss_terms_match_manual_computation_paper():
         assert not (perm == torch.arange(4)).any()
         # each negative read at its own coordinates = sample(feats[perm], grid1[perm])
         fn, cn = sample(feats[perm], grid1[perm]), sample(code[perm], grid1[perm])
-        negs.append(correlation_loss(f1, fn, c1, cn, 0.8, centering="paper")[0])
+        negs.append(correlation_loss((f1, fn), (c1, cn), 0.8, centering="paper")[0])
     neg = torch.stack(negs).mean()
     torch.testing.assert_close(out["pos_intra"], intra)
     torch.testing.assert_close(out["pos_inter"], inter)
@@ -211,14 +212,14 @@ def test_depthg_loss_released_negatives_use_super_perm_and_coords2():
     loss_fn = DepthGLoss(CorrelationTerms(0.5, 0.1, 0.3, 0.2, 0.7, 0.8, neg_samples=2, centering=RELEASED),
                          **RELEASED_LOSS)
     assert loss_fn.terms.centering == "released" and loss_fn.depth_similarity == "released"
-    out = loss_fn(feats, feats_pos, code, code_pos, depth, depth_pos, grid1, grid2,
+    out = loss_fn(LossInputs(feats, feats_pos, code, code_pos, depth, depth_pos), (grid1, grid2),
                   depth_weight=0.1, depth_shift=0.03, generator=torch.Generator().manual_seed(7))
     f1, c1 = sample(feats, grid1), sample(code, grid1)
     g = torch.Generator().manual_seed(7)
     negs = []
     for _ in range(2):
         perm = super_perm(4, g)
-        negs.append(correlation_loss(f1, sample(feats[perm], grid2), c1, sample(code[perm], grid2), 0.8,
+        negs.append(correlation_loss((f1, sample(feats[perm], grid2)), (c1, sample(code[perm], grid2)), 0.8,
                                      centering="released")[0])
     torch.testing.assert_close(out["neg_inter"], torch.stack(negs).mean())
     # released depth term: D = 1 -> -(1 - b) mean clamp(S_intra)
@@ -231,11 +232,11 @@ def test_released_depth_term_equals_shifted_self_term():
     feats, feats_pos, code, code_pos, depth, depth_pos, grid1, grid2 = _step_inputs(seed=3)
     lam, b_self, w_d, b_d = 0.58, 0.07, 0.19, 0.03
     loss_fn = DepthGLoss(CorrelationTerms(lam, b_self, 0.0, 0.0, 0.0, 0.0, neg_samples=0, centering=RELEASED), **RELEASED_LOSS)
-    out = loss_fn(feats, feats_pos, code, code_pos, depth, depth_pos, grid1, grid2, depth_weight=w_d,
-                  depth_shift=b_d)
+    x = LossInputs(feats, feats_pos, code, code_pos, depth, depth_pos)
+    out = loss_fn(x, (grid1, grid2), depth_weight=w_d, depth_shift=b_d)
     shifted = DepthGLoss(CorrelationTerms(lam, b_self - w_d * (1 - b_d) / lam, 0.0, 0.0, 0.0, 0.0, neg_samples=0,
                                           centering=RELEASED), **RELEASED_LOSS)
-    out2 = shifted(feats, feats_pos, code, code_pos, depth, depth_pos, grid1, grid2, depth_weight=0.0)
+    out2 = shifted(x, (grid1, grid2), depth_weight=0.0)
     assert abs(out["total"].item() - out2["total"].item()) < 1e-6
     assert math.isclose(b_self - w_d * (1 - b_d) / lam, -0.248, abs_tol=1e-3)
 
@@ -244,7 +245,7 @@ def test_paper_depth_term_uses_3d_distance_at_the_code_locations():
     feats, feats_pos, code, code_pos, depth, depth_pos, grid1, grid2 = _step_inputs(seed=4)
     loss_fn = DepthGLoss(depth_similarity="distance")
     assert loss_fn.depth_similarity == "distance"
-    out = loss_fn(feats, feats_pos, code, code_pos, depth, depth_pos, grid1, grid2,
+    out = loss_fn(LossInputs(feats, feats_pos, code, code_pos, depth, depth_pos), (grid1, grid2),
                   depth_weight=1.0, depth_shift=0.3)
     # the same term built by hand from its parts
     from depthg.sampling import depth_to_points
@@ -256,21 +257,22 @@ def test_paper_depth_term_uses_3d_distance_at_the_code_locations():
     expected = depth_feature_loss(sample(code, grid1), sim, 0.3)
     torch.testing.assert_close(out["depth"], expected)
     # changing the depth changes the paper term but not the released one
-    out_b = loss_fn(feats, feats_pos, code, code_pos, depth.flip(-1), depth_pos, grid1, grid2,
+    out_b = loss_fn(LossInputs(feats, feats_pos, code, code_pos, depth.flip(-1), depth_pos), (grid1, grid2),
                     depth_weight=1.0, depth_shift=0.3)
     assert not torch.allclose(out["depth"], out_b["depth"])
     rel = DepthGLoss(CorrelationTerms(centering=RELEASED), **RELEASED_LOSS)
-    r1 = rel(feats, feats_pos, code, code_pos, depth, depth_pos, grid1, grid2, depth_weight=1.0)
-    r2 = rel(feats, feats_pos, code, code_pos, depth.flip(-1), depth_pos, grid1, grid2, depth_weight=1.0)
+    flipped = LossInputs(feats, feats_pos, code, code_pos, depth.flip(-1), depth_pos)
+    r1 = rel(LossInputs(feats, feats_pos, code, code_pos, depth, depth_pos), (grid1, grid2), depth_weight=1.0)
+    r2 = rel(flipped, (grid1, grid2), depth_weight=1.0)
     torch.testing.assert_close(r1["depth"], r2["depth"])
 
 
 def test_depthg_loss_no_depth_and_errors():
     feats, feats_pos, code, code_pos, depth, depth_pos, grid1, grid2 = _step_inputs()
-    out = DepthGLoss()(feats, feats_pos, code, code_pos, None, None, grid1, grid2)
+    out = DepthGLoss()(LossInputs(feats, feats_pos, code, code_pos), (grid1, grid2))
     assert out["depth"].item() == 0.0
     with pytest.raises(LossError, match="depth"):
-        DepthGLoss()(feats, feats_pos, code, code_pos, None, None, grid1, grid2, depth_weight=0.1)
+        DepthGLoss()(LossInputs(feats, feats_pos, code, code_pos), (grid1, grid2), depth_weight=0.1)
     with pytest.raises(LossError, match="at least 2"):
         derangement(1)
 

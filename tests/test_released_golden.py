@@ -36,7 +36,7 @@ REL = Fidelity.released()
 
 def released_fps_grid(depth: torch.Tensor, grid_hw: tuple[int, int], n_side: int) -> torch.Tensor:
     """:func:`fps_grid` with the released unprojection and read-out."""
-    return fps_grid(depth, grid_hw, n_side, unproject=REL.unproject, cells_to_grid=REL.cells_to_grid)
+    return fps_grid(depth, grid_hw, n_side, choices=REL.fps)
 
 FIXTURE = Path(__file__).parent / "data" / "released_c284180.pt"
 SHA256 = "f80e376f69b7f2b00ec4a9b58d5f8ce73028f8a5ebf8d3aca321f79cada8cf13"
@@ -130,14 +130,14 @@ def _full_loss(fx: Fixture, group: str, grid1: torch.Tensor, grid2: torch.Tensor
 
     monkeypatch.setattr(R, "super_perm", stored_perm)
     queue.extend(perms)
-    terms = _loss_fn(fx, cfg, n_neg)(*inputs, grid1, grid2, depth_weight=1.0, depth_shift=shift)
+    terms = _loss_fn(fx, cfg, n_neg)(L.LossInputs(*inputs), (grid1, grid2), depth_weight=1.0, depth_shift=shift)
     assert not queue
     for name in ("pos_intra", "pos_inter", "neg_inter", "depth"):
         yield f"{out}.{name}", terms[name], fx[f"{out}.{name}"], TOL_LOSS
     per_pairing = []
     for k in range(n_neg):  # one pairing at a time, to compare each pairing's mean
         queue.append(perms[k])
-        per_pairing.append(_loss_fn(fx, cfg, 1)(*inputs, grid1, grid2)["neg_inter"])
+        per_pairing.append(_loss_fn(fx, cfg, 1)(L.LossInputs(*inputs), (grid1, grid2))["neg_inter"])
     yield f"{out}.neg_inter_per_pairing", torch.stack(per_pairing), fx[f"{out}.neg_inter_per_pairing"], TOL_LOSS
 
 
@@ -146,7 +146,7 @@ def compare_helper(fx: Fixture, monkeypatch=None):
     shift = fx.f("helper.in.shift")
     for pointwise, centering in ((1, "released"), (0, "none")):
         for zero_clamp in (1, 0):
-            loss, cd = L.correlation_loss(f1, f2, c1, c2, shift, centering=centering, zero_clamp=bool(zero_clamp))
+            loss, cd = L.correlation_loss((f1, f2), (c1, c2), shift, centering=centering, zero_clamp=bool(zero_clamp))
             key = f"helper.out.pointwise{pointwise}_zeroclamp{zero_clamp}.loss_mean"
             yield key, loss, fx[key], TOL_LOSS
             yield "helper.out.cd", cd, fx["helper.out.cd"], TOL_LOSS
@@ -252,8 +252,7 @@ def compare_unproject(fx: Fixture, monkeypatch=None):
 
 def compare_lhp(fx: Fixture, monkeypatch=None):
     grid_hw = tuple(fx["lhp.in.grid_hw"].tolist())
-    lhp = LocalHiddenPositives(grid_hw[0] * grid_hw[1], "depth", fx.f("lhp.cfg.quantile"), unproject=REL.unproject,
-                               keep_attention=REL.lhp_keep_attention, normalise=REL.lhp_normalise)
+    lhp = LocalHiddenPositives(grid_hw[0] * grid_hw[1], "depth", fx.f("lhp.cfg.quantile"), choices=REL.lhp)
     weights = lhp.propagation_weights(grid_hw, depth=fx["lhp.in.depth"])
     # The workbench computes exact distances; the released matrix-product distances are checked
     # separately (test_lhp_matmul_weights_differ_only_by_rounding), see docs/released_golden.md.
@@ -263,8 +262,7 @@ def compare_lhp(fx: Fixture, monkeypatch=None):
 def compare_lhp_attn(fx: Fixture, monkeypatch=None):
     grid_hw = tuple(fx["lhp_attn.in.grid_hw"].tolist())
     quantile = 1.0 - fx.f("lhp_attn.cfg.quantile")  # the released threshold quantile is 0.99
-    lhp = LocalHiddenPositives(grid_hw[0] * grid_hw[1], "attention", quantile, unproject=REL.unproject,
-                               keep_attention=REL.lhp_keep_attention, normalise=REL.lhp_normalise)
+    lhp = LocalHiddenPositives(grid_hw[0] * grid_hw[1], "attention", quantile, choices=REL.lhp)
     weights = lhp.propagation_weights(grid_hw, attention=fx["lhp_attn.in.attn"][:, :, 1:, 1:].mean(1))
     yield "lhp_attn.out.weights", weights, fx["lhp_attn.out.weights"], TOL_LHP_ATTN
 

@@ -38,7 +38,7 @@ from depthg.data.prepare import (
     prepare_training_data,
 )
 from depthg.data.transforms import resize_center_crop
-from depthg.features import FeatureCache, FeatureCacheError, build_feature_cache, cache_problem
+from depthg.features import CacheOptions, FeatureCache, FeatureCacheError, build_feature_cache, cache_problem
 from depthg.train import TrainError, load_checkpoint, train
 from depthg.world import make_world
 
@@ -241,8 +241,8 @@ def _prepare_and_cache(cfg_dict: dict, barrier, queue) -> None:
     barrier.wait()  # start together
     data = prepare_training_data(cfg, backbone=backbone, progress=False)
     crops = CroppedDataset(data["crop_dir"], "train")
-    cache = build_feature_cache(backbone, crops, Path(cfg.cache_dir) / "features", {"test": 1}, device="cpu",
-                                transform=lambda it: resize_center_crop(it, 32), progress=False)
+    options = CacheOptions(device="cpu", transform=lambda it: resize_center_crop(it, 32), progress=False)
+    cache = build_feature_cache(backbone, crops, Path(cfg.cache_dir) / "features", {"test": 1}, options)
     queue.put(((str(cache.root), cache.manifest["files"], str(data["knn_path"])), sys.stderr.getvalue()))
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from depthg.released import global_steps_to_iterations, radians_unprojection, transposed_readout
 from depthg.sampling import (
+    FpsChoices,
     SampleCountSchedule,
     SamplingError,
     depth_to_points,
@@ -240,7 +241,7 @@ def test_fps_grid_pipeline_matches_manual_steps():
     g = torch.Generator().manual_seed(4)
     depth = torch.rand(2, 1, 32, 32, generator=g) * 255
     for unproject, to_grid in ((depth_to_points, indices_to_grid), (radians_unprojection, transposed_readout)):
-        grid = fps_grid(depth, (8, 8), 4, unproject=unproject, cells_to_grid=to_grid)
+        grid = fps_grid(depth, (8, 8), 4, choices=FpsChoices(unproject, to_grid))
         pooled = F.adaptive_avg_pool2d(depth, (8, 8))
         idx = farthest_point_sample(unproject(pooled, 90.0), 16)
         torch.testing.assert_close(grid, to_grid(idx, 8, 8, 4))

@@ -62,7 +62,7 @@ def test_batch_order_is_a_pure_function_of_seed_and_step():
 def test_steps_lower_the_stego_loss(prepared):
     from depthg.backbone import load_backbone
     from depthg.data.transforms import resize_center_crop
-    from depthg.losses import CorrelationTerms, DepthGLoss
+    from depthg.losses import CorrelationTerms, DepthGLoss, LossInputs
     from depthg.sampling import random_grid
     from depthg.train import training_dataset
     from depthg.data.prepare import prepare_training_data
@@ -87,7 +87,7 @@ def test_steps_lower_the_stego_loss(prepared):
         model.eval()
         with torch.no_grad():
             code = model.head(feats)
-            out = loss_fn(feats[:4], feats[4:], code[:4], code[4:], None, None, grid1, grid2,
+            out = loss_fn(LossInputs(feats[:4], feats[4:], code[:4], code[4:]), (grid1, grid2),
                           generator=torch.Generator().manual_seed(7))
         return float(out["total"])
 

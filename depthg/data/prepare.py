@@ -33,6 +33,7 @@ from ..config import Config
 from ..depth import (
     DEPTH_MODEL_ALIASES,
     DepthCache,
+    DepthSettings,
     disparity_to_depth,
     estimate_depth_for_dataset,
     load_depth_model,
@@ -216,16 +217,16 @@ def five_crop(dataset: Any, out_dir: str | os.PathLike, ratio: float = 0.5, prog
     check_outside_dataset(out_dir, dataset, "five-crop folder")
     keys = _dataset_keys(dataset)
     with build_lock(out_dir, "five-crop folder"):
-        idents = _item_identities(dataset)
+        items = _SourceItems(keys, _item_identities(dataset))
         index = _read_index(out_dir)
-        if index is not None and _crops_fresh(out_dir, index, dataset, keys, idents, ratio):
+        if index is not None and _crops_fresh(out_dir, index, dataset, items, ratio):
             return out_dir
         work = partial_dir(out_dir)
         if out_dir.exists():  # continue from the published folder: unchanged items are kept as they are
             if work.exists():
                 shutil.rmtree(work)
             os.replace(out_dir, work)
-        _five_crop_into(dataset, work, keys, idents, ratio, progress, out_dir)
+        _five_crop_into(dataset, work, items, ratio, progress, out_dir)
         publish_dir(work, out_dir)
     return out_dir
 
@@ -264,20 +265,35 @@ def _has_depth(dataset: Any) -> bool:
     return getattr(dataset, "depth_cache", None) is not None or getattr(dataset, "npy_depth_dir", None) is not None
 
 
-def _crops_fresh(out_dir: Path, index: dict[str, Any], dataset: Any, keys: list[str], idents: list[Any] | None,
-                 ratio: float) -> bool:
+def _crops_fresh(out_dir: Path, index: dict[str, Any], dataset: Any, items: _SourceItems, ratio: float) -> bool:
     _check_compatible(index, _dataset_info(dataset), ratio, out_dir)
     entry = index["splits"].get(dataset.split)
     if index.get("format") != INDEX_FORMAT or entry is None or not entry.get("complete"):
         return False
-    if entry.get("source_keys") != keys or entry.get("has_depth") != _has_depth(dataset):
+    if entry.get("source_keys") != items.keys or entry.get("has_depth") != _has_depth(dataset):
         return False
-    return all(_item_done(out_dir, dataset.split, entry, n, None if idents is None else idents[n], entry["has_depth"])
-               for n in range(len(keys)))
+    return all(_item_done(out_dir, dataset.split, entry, n, items.ident(n), entry["has_depth"])
+               for n in range(len(items.keys)))
 
 
-def _five_crop_into(dataset: Any, out_dir: Path, keys: list[str], idents: list[Any] | None, ratio: float,
-                    progress: bool, shown: Path) -> None:
+@dataclass(frozen=True)
+class _SourceItems:
+    """The items :func:`five_crop` crops: their keys and, per item, the identity of its source files
+    (``idents`` None for datasets that cannot say, :func:`_item_identities`)."""
+
+    keys: list[str]
+    idents: list[Any] | None
+
+    def ident(self, n: int) -> Any:
+        """Item ``n``'s source identity (None when unknown)."""
+        return None if self.idents is None else self.idents[n]
+
+
+def _five_crop_into(dataset: Any, out_dir: Path, items: _SourceItems, ratio: float, progress: bool,
+                    shown: Path) -> None:
+    """Crop the stale items of ``items`` into the work folder ``out_dir`` (``shown``: the folder named in
+    messages), updating its index as it goes."""
+    keys, idents = items.keys, items.idents
     split = dataset.split
     info = _dataset_info(dataset)
     index = _read_index(out_dir) or {"format": INDEX_FORMAT, "ratio": ratio, **info, "splits": {}}
@@ -299,23 +315,23 @@ def _five_crop_into(dataset: Any, out_dir: Path, keys: list[str], idents: list[A
         if src_cache is not None:
             m = src_cache.meta
             standard = {"source", "encoding", "scale", "offset", "units", "normalisation"}
-            settings = dict(source=str(m.get("source")), units=m["units"], scale=src_cache.scale,
-                            offset=src_cache.offset, normalisation=str(m.get("normalisation", "none")),
-                            extra={k: v for k, v in m.items() if k not in standard})
+            settings = DepthSettings(str(m.get("source")), m["units"], scale=src_cache.scale,
+                                     offset=src_cache.offset, normalisation=str(m.get("normalisation", "none")),
+                                     extra={k: v for k, v in m.items() if k not in standard})
         else:
-            settings = dict(source="directory npy", units="unknown")
+            settings = DepthSettings("directory npy", "unknown")
         try:
-            depth_cache = DepthCache(out_dir / "depth", **settings)  # type: ignore[arg-type]
+            depth_cache = DepthCache(out_dir / "depth", settings)
         except DepthGError:  # the depth came from another source than before: redo all depth crops
             note(f"five-crop {shown}: the depth source changed; recropping every item")
             shutil.rmtree(out_dir / "depth")
             entry["crops"] = {}
-            depth_cache = DepthCache(out_dir / "depth", **settings)  # type: ignore[arg-type]
+            depth_cache = DepthCache(out_dir / "depth", settings)
     if entry.get("has_depth") != has_depth:
         entry["crops"] = {}
     entry["has_depth"] = has_depth
 
-    todo = [n for n in range(len(keys)) if not _item_done(out_dir, split, entry, n, None if idents is None else idents[n], has_depth)]
+    todo = [n for n in range(len(keys)) if not _item_done(out_dir, split, entry, n, items.ident(n), has_depth)]
     changed = [keys[n] for n in todo if entry["sources"][n] is not None and idents is not None
                and entry["sources"][n] != idents[n]]
     if changed:
@@ -346,7 +362,7 @@ def _five_crop_into(dataset: Any, out_dir: Path, keys: list[str], idents: list[A
                 files["depth"] = _file_record(written.read_bytes())
             entry["crops"][str(i)] = {"key": keys[n], "crop": CROP_NAMES[k], "box": [top, left, ch, cw],
                                       "depth_min": dmin, "depth_max": dmax, "files": files}
-        entry["sources"][n] = None if idents is None else idents[n]
+        entry["sources"][n] = items.ident(n)
         if count % 25 == 24:
             _write_index(out_dir, index)
     entry["complete"] = True
@@ -665,7 +681,7 @@ def stereo_depth_for_dataset(dataset: Any, cache_root: str | os.PathLike, progre
     cache_root = Path(cache_root)
     check_outside_dataset(cache_root, dataset, "depth cache")
     with build_lock(cache_root, "depth cache"):
-        cache = DepthCache(cache_root, source="cityscapes-disparity", units="m", extra={"invalid_value": 0})
+        cache = DepthCache(cache_root, DepthSettings("cityscapes-disparity", "m", extra={"invalid_value": 0}))
         recorded = cache.recorded_sources()
         idents = {}
         for key in dataset.keys:
