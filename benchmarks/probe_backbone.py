@@ -155,13 +155,10 @@ def probe(name: str, feats_tr: torch.Tensor, feats_va: torch.Tensor, ytr: torch.
 
 def load_named_backbone(meta_path: Path) -> tuple[object, dict]:
     """The backbone an architecture JSON (``embedded_vit.json`` or a pretraining run's
-    ``teacher_backbone.json``) describes, loaded the way ``load_backbone("embedded")`` loads it."""
-    saved = backbone_mod.EMBEDDED_DIR, backbone_mod.EMBEDDED_JSON
-    backbone_mod.EMBEDDED_DIR, backbone_mod.EMBEDDED_JSON = meta_path.parent, meta_path.name
-    try:
-        return backbone_mod.load_backbone("embedded"), json.loads(meta_path.read_text())
-    finally:
-        backbone_mod.EMBEDDED_DIR, backbone_mod.EMBEDDED_JSON = saved
+    ``teacher_backbone.json``) describes: its timm name and kwargs with the weights file it names."""
+    meta = json.loads(meta_path.read_text())
+    weights = meta_path.parent / meta["weights"]
+    return backbone_mod.load_backbone(meta["timm_name"], weights=weights, **meta["timm_kwargs"]), meta
 
 
 def markdown(report: dict) -> str:
