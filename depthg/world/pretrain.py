@@ -703,7 +703,7 @@ def train_step(state: State, hp: dict[str, Any], render: Callable[[int, int], np
     use_dense = state.student.patch_head is not None and hp["dense_weight"] > 0
     # masks draw from the data generator only when used, so a DINO-only recipe sees DINO's data stream
     mask = (block_masks(2 * b, grid, hp["mask_prob"], tuple(hp["mask_ratio"]), state.gen).to(dev) if use_ibot
-            else torch.zeros(2 * b, grid[0] * grid[1], dtype=torch.bool, device=dev))
+            else None)
 
     # schedules: pure functions of the step
     lr = cosine_schedule(step, hp["steps"], hp["lr"], hp["min_lr"], hp["warmup_steps"])
@@ -729,8 +729,7 @@ def train_step(state: State, hp: dict[str, Any], render: Callable[[int, int], np
             t_patch = state.teacher.patch_head(t_tokens[:, 1:])  # (2B, h*w, K)
 
     # student: masked global crops and unmasked local crops
-    s_tokens = vit_tokens(state.student.backbone, globals_, mask if use_ibot else None,
-                          state.student.mask_token)
+    s_tokens = vit_tokens(state.student.backbone, globals_, mask, state.student.mask_token)
     s_cls = [s_tokens[:, 0]]
     if hp["n_local"]:
         s_cls.append(vit_tokens(state.student.backbone, torch.cat(crops[2:]))[:, 0])
