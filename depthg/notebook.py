@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import depthg
-from depthg.ablation import run_ablation, variant_config
+from depthg.ablation import backbone_sha256, run_ablation, variant_config
 from depthg.backbone import Backbone, load_backbone
 from depthg.build import Segmenter, build_models, fidelity, load_checkpoint, validation_dataset
 from depthg.config import Config
@@ -264,17 +264,22 @@ def figure_runs(variants: Mapping[str, str], seed: int, runs_dir: str | os.PathL
     configs = {label: variant_config(v, seed, steps=steps, out_dir=runs_dir / "ablation", overrides=overrides,
                                      world_seed=world_seed) for label, v in variants.items()}
     paths = {label: Path(cfg.output_dir) / "results.json" for label, cfg in configs.items()}
+    missing = [variants[label] for label, p in paths.items() if not p.is_file()]
     for label, path in paths.items():
         if path.is_file():  # a run in that folder must be the one asked for (not, e.g., a smoke run)
-            stored = Config.from_dict(json.loads(path.read_text())["config"]).to_dict()
+            stored = json.loads(path.read_text())
             wanted = configs[label].to_dict()
-            differ = sorted(k for k in wanted if k not in _WHERE and stored.get(k) != wanted[k])
+            differ = sorted(k for k, v in Config.from_dict(stored["config"]).to_dict().items()
+                            if k not in _WHERE and v != wanted[k])
             if differ:
                 raise FileExistsError(f"{path} holds a run with another config (differs in {', '.join(differ)}); "
                                       "move it away or give another runs_dir")
-    missing = [variants[label] for label, p in paths.items() if not p.is_file()]
+            # a run made with other backbone weights (e.g. before the embedded file changed) is redone
+            if stored.get("ablation_backbone_sha256") != backbone_sha256(configs[label]):
+                print(f"{path}: made with other backbone weights than today's; it is trained again")
+                missing.append(variants[label])
     if missing and not train_if_missing:
-        raise FileNotFoundError(f"no runs at {[str(p) for p in paths.values()]}; make them with: python -m depthg "
+        raise FileNotFoundError(f"no runs (or only runs of other weights) at {[str(p) for p in paths.values()]}; make them with: python -m depthg "
                                 f"ablate --seeds {seed} --variants {' '.join(missing)} (or set train_if_missing=True)")
     if missing:
         print(f"training {missing} (seed {seed}) with depthg.ablation.run_ablation -- the same runs "

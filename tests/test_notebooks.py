@@ -198,7 +198,7 @@ def test_choose_run_says_why_and_builds_the_same_configs(tmp_path):
 
 
 def test_figure_runs_never_reuse_a_run_with_another_config(tmp_path):
-    from depthg.ablation import variant_config
+    from depthg.ablation import backbone_sha256, variant_config
     from depthg.notebook import SMOKE, as_overrides, figure_runs
 
     cache = tmp_path / "cache"
@@ -209,5 +209,12 @@ def test_figure_runs_never_reuse_a_run_with_another_config(tmp_path):
     (folder / "results.json").write_text(json.dumps({"config": wanted.replace(world_n_train=9).to_dict()}))
     with pytest.raises(FileExistsError, match="differs in world_n_train"):
         figure_runs({"STEGO": "stego"}, 0, tmp_path, cache, smoke=True, train_if_missing=False)
-    (folder / "results.json").write_text(json.dumps({"config": wanted.to_dict(), "steps": 4}))
+    sha = backbone_sha256(wanted)
+    (folder / "results.json").write_text(json.dumps({"config": wanted.to_dict(), "steps": 4,
+                                                     "ablation_backbone_sha256": sha}))
     assert figure_runs({"STEGO": "stego"}, 0, tmp_path, cache, smoke=True, train_if_missing=False)["STEGO"]["steps"] == 4
+    # the same config made with other backbone weights is not reused
+    (folder / "results.json").write_text(json.dumps({"config": wanted.to_dict(), "steps": 4,
+                                                     "ablation_backbone_sha256": "0" * 64}))
+    with pytest.raises(FileNotFoundError, match="only runs of other weights"):
+        figure_runs({"STEGO": "stego"}, 0, tmp_path, cache, smoke=True, train_if_missing=False)
