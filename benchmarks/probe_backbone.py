@@ -31,10 +31,12 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from cityscapesscripts.helpers.labels import id2label
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,8 +91,9 @@ def pixel_patches(images: torch.Tensor) -> torch.Tensor:
     return cols.reshape(n, c * PATCH * PATCH, h // PATCH, w // PATCH)
 
 
-def scores(pred: torch.Tensor, target: torch.Tensor, n_classes: int) -> dict[str, float]:
-    """Accuracy and mIoU (percent) over valid targets; mIoU over classes present in the targets."""
+def scores(pred: torch.Tensor, target: torch.Tensor, n_classes: int) -> dict[str, Any]:
+    """Accuracy, mIoU and per-class IoU (percent; None = class absent from the targets) over valid
+    targets; mIoU over the classes present."""
     valid = target >= 0
     p, t = pred[valid], target[valid]
     conf = torch.bincount(t * n_classes + p, minlength=n_classes**2).reshape(n_classes, n_classes).double()
@@ -98,7 +101,8 @@ def scores(pred: torch.Tensor, target: torch.Tensor, n_classes: int) -> dict[str
     present = conf.sum(1) > 0
     iou = tp / (conf.sum(0) + conf.sum(1) - tp).clamp(min=1)
     return {"accuracy": round(100 * tp.sum().item() / conf.sum().item(), 2),
-            "miou": round(100 * iou[present].mean().item(), 2)}
+            "miou": round(100 * iou[present].mean().item(), 2),
+            "iou": [round(100 * v, 2) if ok else None for v, ok in zip(iou.tolist(), present.tolist())]}
 
 
 def linear_probe(xtr: torch.Tensor, ytr: torch.Tensor, xva: torch.Tensor, n_classes: int,
@@ -175,6 +179,17 @@ def markdown(report: dict) -> str:
     for name, r in report["results"].items():
         lines.append(f"| {name} | {r['linear']['accuracy']:.2f} | {r['linear']['miou']:.2f} | "
                      f"{r['knn']['accuracy']:.2f} | {r['knn']['miou']:.2f} |")
+    # per-class linear-probe IoU: which classes the features separate, next to how common each class is
+    names = report["world"].get("class_names") or [str(i) for i in report["world"]["label_ids"]]
+    share = report["world"].get("val_patch_share") or [None] * len(names)
+    rows = [n for n in report["results"] if "iou" in report["results"][n]["linear"]]
+    if rows:
+        lines += ["", "Per-class linear-probe IoU (val patches; share = fraction of val patches of the class):", "",
+                  "| class | share % | " + " | ".join(rows) + " |", "|---|---|" + "---|" * len(rows)]
+        for c, name in enumerate(names):
+            cells = [report["results"][n]["linear"]["iou"][c] for n in rows]
+            lines.append(f"| {name} | {'' if share[c] is None else f'{share[c]:.1f}'} | "
+                         + " | ".join("–" if v is None else f"{v:.1f}" for v in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -228,7 +243,10 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python benchmarks/probe_backbone.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "world": {"seed": args.world_seed, "role": args.role, "n_train": args.n_train, "n_val": args.n_val,
                   "size": list(args.size), "generator_version": GENERATOR_VERSION,
-                  "n_classes": n_classes, "label_ids": label_ids},
+                  "n_classes": n_classes, "label_ids": label_ids,
+                  "class_names": [id2label[i].name for i in label_ids],
+                  "val_patch_share": [round(100 * v, 2) for v in
+                                      (torch.bincount(yva[yva >= 0], minlength=n_classes) / (yva >= 0).sum()).tolist()]},
         "patch_grid": [args.size[0] // PATCH, args.size[1] // PATCH],
         "protocol": {"target": "majority label of each 8x8 patch", "knn_k": args.k,
                      "knn_metric": "cosine", "linear": "logistic regression, L-BFGS, standardised features",
