@@ -32,7 +32,7 @@ def tiny_run_kwargs(**over) -> dict:
               global_size=32, local_size=16, n_local=2, render_size=(32, 64), pool_size=6,
               refresh_per_step=1, renderer=RENDERER, out_dim=64, head_hidden_dim=32,
               bottleneck_dim=16, seed=3, device="cpu", progress=False, checkpoint_every=100,
-              export_every=100, log_every=1)
+              export_every=100, log_every=1, ibot_weight=0.0, dense_weight=0.0)
     kw.update(over)
     return kw
 

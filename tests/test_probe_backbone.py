@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 from pathlib import Path
 
 import torch
 
-_SPEC = importlib.util.spec_from_file_location(
-    "probe_backbone", Path(__file__).resolve().parents[1] / "benchmarks" / "probe_backbone.py")
-probe = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(probe)
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # for probe_backbone only
+import probe_backbone as probe  # noqa: E402
 
 
 def test_patch_targets_take_each_patch_majority_and_ignore_unlabelled():

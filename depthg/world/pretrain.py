@@ -13,8 +13,8 @@ student ViT and its EMA teacher, with up to three losses:
   output at the same image location in the other global crop (where the two overlap).
 
 The two patch-level losses train the patch features STEGO and DepthG read. The committed weights use
-DINO alone (``DEFAULTS``); ``DENSE_RECIPE`` (``--recipe dense``) switches both patch losses on at
-128 px. depthg/weights/MODEL_CARD.md has the commands, wall times and probes of both, and
+all three losses with 64 px global crops (``DEFAULTS``); ``DENSE_RECIPE`` (``--recipe dense``) is the
+same at 128 px. depthg/weights/MODEL_CARD.md has the commands, wall times and probes of both, and
 docs/backbones.md why the defaults differ from DINO v1's.
 
 Heads are DINO heads (MLP -> bottleneck -> L2-normalised prototypes); the teacher's outputs are centred
@@ -65,18 +65,18 @@ LOG_NAME = "log.jsonl"
 CHECKPOINT_VERSION = 2
 
 #: The recipe: every value that defines a run (schedules and data stream depend on all of them), so a
-#: resumed run must agree on each. These are the settings of the committed weights (DINO only, 64 px
-#: global crops); ``DENSE_RECIPE`` is the best patch-level recipe tried so far (see MODEL_CARD.md).
+#: resumed run must agree on each. These are the settings of the committed weights (DINO + masked-patch
+#: + cross-view patch losses, 64 px global crops, 2000 steps of 32); MODEL_CARD.md has the runs behind them.
 DEFAULTS: dict[str, Any] = dict(
-    steps=950, batch_size=32, seed=0,
+    steps=2000, batch_size=32, seed=0,
     # ViT-Tiny width at half depth, patch 8
     embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0, drop_path=0.1,
     # multi-crop: 2 global and n_local local crops per image, sizes in px, scales as area fractions
     global_size=64, local_size=32, n_local=6, global_scale=(0.25, 1.0), local_scale=(0.03, 0.25),
     render_size=(128, 256), pool_size=512, refresh_per_step=8, renderer="synthetic",
     # DINO (CLS) head; the patch head serves the masked-patch (iBOT) and cross-view losses when on
-    out_dim=256, head_hidden_dim=512, bottleneck_dim=64, ibot_out_dim=256, ibot_weight=0.0,
-    mask_prob=0.5, mask_ratio=(0.1, 0.5), dense_weight=0.0,
+    out_dim=256, head_hidden_dim=512, bottleneck_dim=64, ibot_out_dim=256, ibot_weight=1.0,
+    mask_prob=0.5, mask_ratio=(0.1, 0.5), dense_weight=1.0,
     # optimisation
     lr=5e-4, min_lr=1e-6, warmup_steps=None, weight_decay=0.04, weight_decay_end=0.4,
     momentum_teacher=0.992, student_temp=0.1, teacher_temp=0.02, warmup_teacher_temp=0.02,
@@ -85,7 +85,7 @@ DEFAULTS: dict[str, Any] = dict(
 )
 RUN_KEYS = tuple(DEFAULTS)
 
-#: DINO + masked-patch + cross-view patch losses with 128 px global crops (the resolution of use).
+#: The same three losses with 128 px global crops (the resolution of use), fewer and smaller batches.
 DENSE_RECIPE: dict[str, Any] = dict(
     steps=600, batch_size=16, global_size=128, local_size=48, n_local=4, local_scale=(0.05, 0.25),
     ibot_weight=1.0, dense_weight=1.0,
