@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from depthg.config import DEPTH_SIMILARITY
+from depthg.config import DEPTH_SIMILARITY, Config
 from depthg.config import PAPER_DEPTH_SIMILARITY as _PAPER_DEFAULT
 from depthg.released import constant_depth_similarity, transposed_pairs
 from depthg.sampling import decay_events, depth_to_points, sample
@@ -266,17 +266,19 @@ Negatives = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 @dataclass(frozen=True)
 class CorrelationTerms:
     """Weights (lambda) and shifts (b) of STEGO's three terms, the negatives per step, the S3 centring
-    (:func:`correlation_loss`) and the code clamp (docs/method.md §3.4). Field names are config keys."""
+    (:func:`correlation_loss`) and the code clamp (docs/method.md §3.4). Field names are config keys, and
+    the defaults are the default :class:`~depthg.config.Config`'s, so ``CorrelationTerms()`` is the loss a
+    default config builds."""
 
-    pos_intra_weight: float = 0.58
-    pos_intra_shift: float = 0.07
-    pos_inter_weight: float = 0.36
-    pos_inter_shift: float = 0.025
-    neg_inter_weight: float = 0.70
-    neg_inter_shift: float = 0.761
-    neg_samples: int = 5
-    centering: Centering = "paper"
-    zero_clamp: bool = True
+    pos_intra_weight: float = Config.pos_intra_weight
+    pos_intra_shift: float = Config.pos_intra_shift
+    pos_inter_weight: float = Config.pos_inter_weight
+    pos_inter_shift: float = Config.pos_inter_shift
+    neg_inter_weight: float = Config.neg_inter_weight
+    neg_inter_shift: float = Config.neg_inter_shift
+    neg_samples: int = Config.neg_samples
+    centering: Centering = Config.centering
+    zero_clamp: bool = Config.zero_clamp
 
     def __post_init__(self) -> None:
         if self.neg_samples < 0:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from depthg.config import Config
 from depthg.losses import (
     CorrelationTerms,
     DepthDecaySchedule,
@@ -182,7 +183,7 @@ def _step_inputs(batch=4, seed=0):
 
 def test_depthg_loss_terms_match_manual_computation_paper():
     feats, feats_pos, code, code_pos, depth, depth_pos, grid1, grid2 = _step_inputs()
-    loss_fn = DepthGLoss(CorrelationTerms(0.5, 0.1, 0.3, 0.2, 0.7, 0.8, neg_samples=3))
+    loss_fn = DepthGLoss(CorrelationTerms(0.5, 0.1, 0.3, 0.2, 0.7, 0.8, neg_samples=3, centering="paper"))
     out = loss_fn(LossInputs(feats, feats_pos, code, code_pos, depth, depth_pos), (grid1, grid2),
                   depth_weight=0.2, depth_shift=0.05, generator=torch.Generator().manual_seed(5))
     assert set(out) == {"pos_intra", "pos_inter", "neg_inter", "depth", "total"}
@@ -265,6 +266,12 @@ def test_paper_depth_term_uses_3d_distance_at_the_code_locations():
     r1 = rel(LossInputs(feats, feats_pos, code, code_pos, depth, depth_pos), (grid1, grid2), depth_weight=1.0)
     r2 = rel(flipped, (grid1, grid2), depth_weight=1.0)
     torch.testing.assert_close(r1["depth"], r2["depth"])
+
+
+def test_default_terms_are_the_default_configs():
+    # one source of STEGO's defaults: a loss built without a config is the one a default config builds
+    assert CorrelationTerms() == CorrelationTerms.from_config(Config())
+    assert CorrelationTerms(neg_samples=2) == CorrelationTerms.from_config(Config(neg_samples=2))
 
 
 def test_depthg_loss_no_depth_and_errors():
