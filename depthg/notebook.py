@@ -303,7 +303,7 @@ def describe_run(result: Mapping[str, Any]) -> str:
         data = c["data_dir"]
     if c["backbone"] == "embedded":
         pth = Path(depthg.__file__).parent / "weights" / "embedded_vit.pth"
-        weights = f"the embedded DINO-pretrained ViT (depthg/weights/embedded_vit.pth, sha256 {sha256_file(pth)[:12]}…)"
+        weights = f"the embedded self-supervised ViT, DINO + patch losses (depthg/weights/embedded_vit.pth, sha256 {sha256_file(pth)[:12]}…)"
     elif c["weights"]:
         weights = f"{c['backbone']} with weights {c['weights']}"
     else:
