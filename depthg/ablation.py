@@ -99,6 +99,12 @@ def backbone_sha256(cfg: Config) -> str | None:
     return sha256_file(path)
 
 
+def made_with_weights(result: dict[str, Any], sha: str | None) -> bool:
+    """Whether a finished run (its ``results.json``) was made with the backbone weights ``sha``, as stamped
+    by :func:`run_ablation`; an unstamped run cannot show which weights it used, so it does not count."""
+    return "ablation_backbone_sha256" in result and result["ablation_backbone_sha256"] == sha
+
+
 def _stats(values: list[float]) -> dict[str, float]:
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else math.nan
@@ -228,7 +234,7 @@ def run_ablation(variants: Sequence[str] = DEFAULT_VARIANTS, seeds: Sequence[int
                 old = json.loads(results_path.read_text())
                 # reuse only a finished run of the same config and the same backbone weights
                 if (old.get("config") == cfg.to_dict() and old.get("steps") == cfg.steps
-                        and old.get("ablation_backbone_sha256", sha) == sha):
+                        and made_with_weights(old, sha)):
                     result = old
             if result is None:
                 print(f"[ablation] {variant} seed {seed}", file=sys.stderr)

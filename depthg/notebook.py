@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import depthg
-from depthg.ablation import backbone_sha256, run_ablation, variant_config
+from depthg.ablation import backbone_sha256, made_with_weights, run_ablation, variant_config
 from depthg.backbone import Backbone, load_backbone
 from depthg.build import Segmenter, build_models, fidelity, load_checkpoint, validation_dataset
 from depthg.config import Config
@@ -275,7 +275,7 @@ def figure_runs(variants: Mapping[str, str], seed: int, runs_dir: str | os.PathL
                 raise FileExistsError(f"{path} holds a run with another config (differs in {', '.join(differ)}); "
                                       "move it away or give another runs_dir")
             # a run made with other backbone weights (e.g. before the embedded file changed) is redone
-            if stored.get("ablation_backbone_sha256") != backbone_sha256(configs[label]):
+            if not made_with_weights(stored, backbone_sha256(configs[label])):
                 print(f"{path}: made with other backbone weights than today's; it is trained again")
                 missing.append(variants[label])
     if missing and not train_if_missing:

@@ -13,6 +13,7 @@ from depthg.ablation import (
     AblationError,
     collect_runs,
     load_report,
+    made_with_weights,
     markdown_table,
     paired_differences,
     report_rows,
@@ -96,3 +97,12 @@ def test_collect_runs_reads_results_files(tmp_path):
     (rows,) = collect_runs(tmp_path)
     assert rows["run"] == "a/seed0" and rows["depth"] == "centred" and rows["sampling"] == "random"
     assert rows["unsup_miou"] == 5.0 and rows["world_seed"] == 0 and rows["backbone"] == "embedded"
+
+
+def test_a_run_counts_as_made_with_weights_only_when_stamped_with_them():
+    sha = "a" * 64
+    assert made_with_weights({"ablation_backbone_sha256": sha}, sha)
+    assert not made_with_weights({"ablation_backbone_sha256": "b" * 64}, sha)
+    assert not made_with_weights({}, sha)  # unstamped: which weights made it is unknown, so it is redone
+    assert made_with_weights({"ablation_backbone_sha256": None}, None)  # random weights, stamped as such
+    assert not made_with_weights({}, None)
