@@ -173,8 +173,8 @@ def markdown(report: dict) -> str:
              f"World: `make_world` seed {w['seed']}, {w['n_train']} train / {w['n_val']} val images at "
              f"{w['size'][0]}x{w['size'][1]}, {w['n_classes']} classes; patch grid "
              f"{report['patch_grid'][0]}x{report['patch_grid'][1]}; target = majority label of each 8x8 patch.",
-             f"Backbone: `{report['backbone']['path']}` (sha256 `{report['backbone']['weights_sha256'][:16]}...`, "
-             f"exported at step {report['backbone'].get('step', '?')}).", "",
+             f"Backbone: `{report['backbone']['path']}` (sha256 `{report['backbone']['weights_sha256'][:16]}...`"
+             + (f", exported at step {report['backbone']['step']}" if "step" in report["backbone"] else "") + ").", "",
              "| features | linear acc | linear mIoU | kNN acc | kNN mIoU |", "|---|---|---|---|---|"]
     for name, r in report["results"].items():
         lines.append(f"| {name} | {r['linear']['accuracy']:.2f} | {r['linear']['miou']:.2f} | "

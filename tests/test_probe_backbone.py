@@ -38,3 +38,7 @@ def test_markdown_lists_each_class_with_its_share():
               "results": {"backbone": {"linear": lin, "knn": lin}}}
     md = probe.markdown(report)
     assert "| road | 100.0 | 30.0 |" in md and "| sidewalk | 0.0 | – |" in md
+    # a file without a recorded step (the embedded weights) names no step; a pretraining export names its own
+    assert "(sha256 `0000000000000000...`)." in md and "step" not in md
+    report["backbone"]["step"] = 1500
+    assert "(sha256 `0000000000000000...`, exported at step 1500)." in probe.markdown(report)
