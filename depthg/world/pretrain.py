@@ -66,9 +66,9 @@ CHECKPOINT_VERSION = 2
 
 #: The recipe: every value that defines a run (schedules and data stream depend on all of them), so a
 #: resumed run must agree on each. These are the settings of the committed weights (DINO + masked-patch
-#: + cross-view patch losses, 64 px global crops, 2000 steps of 32); MODEL_CARD.md has the runs behind them.
+#: + cross-view patch losses, 64 px global crops, 3400 steps of 32); MODEL_CARD.md has the runs behind them.
 DEFAULTS: dict[str, Any] = dict(
-    steps=2000, batch_size=32, seed=0,
+    steps=3400, batch_size=32, seed=0,
     # ViT-Tiny width at half depth, patch 8
     embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0, drop_path=0.1,
     # multi-crop: 2 global and n_local local crops per image, sizes in px, scales as area fractions
