@@ -9,7 +9,8 @@
 (d) ``depthg.train.train`` on the ``cityscapes_vitb8`` preset (paper mode, its AMP policy) on a synthetic
     world rendered at Cityscapes resolution (1024 x 2048): 200 iterations from the feature cache and 20
     that recompute features (the preset's default), each projected to the full 2,334-iteration
-    run with Cityscapes' sizes (2,975 training images -> 14,875 five-crops, 500 validation images);
+    run with Cityscapes' sizes (2,975 training images -> 14,875 five-crops, 500 validation images); the
+    evaluations' rate is measured on the validation images cycled to 128, so every loader worker is busy;
 (e) everything in one JSON file, with the goal it is measured against: the paper's Cityscapes ViT-B/8 run in
     under 30 minutes on one H100-class GPU.
 
@@ -70,7 +71,8 @@ SIZES: dict[str, dict[str, Any]] = {
                   backbones={"vit_s8": ("vit_small_patch8_224", "cocostuff_vits8"),
                              "vit_b8": ("vit_base_patch8_224", "cocostuff_vitb8")}),
         run=dict(world_size=[1024, 2048], n_train=16, n_val=8, iterations=200, recompute_iterations=20,
-                 eval_every=100, log_every=10, render_workers=min(8, os.cpu_count() or 1), overrides={}),
+                 eval_every=100, log_every=10, render_workers=min(8, os.cpu_count() or 1), eval_images=128,
+                 overrides={}),
     ),
     "dry": dict(
         fps=dict(batch=4, grid=8, n_side=3, repeats=2),
@@ -78,7 +80,7 @@ SIZES: dict[str, dict[str, Any]] = {
                   backbones={"vit_s8": ("vit_small_patch8_224", "cocostuff_vits8"),
                              "vit_b8": ("vit_base_patch8_224", "cocostuff_vitb8")}),
         run=dict(world_size=[64, 128], n_train=2, n_val=2, iterations=4, recompute_iterations=3,
-                 eval_every=2, log_every=1, render_workers=0,
+                 eval_every=2, log_every=1, render_workers=0, eval_images=4,
                  overrides=dict(backbone_kwargs=TINY_VIT, res=32, eval_res=32, batch_size=4, dim=8,
                                 feature_samples=3, knn_k=5, num_neighbors=2, eval_batch_size=4, threads=1)),
     ),
@@ -134,7 +136,8 @@ def run_cuda_tests(timeout_s: int = 300) -> dict[str, Any]:
             "returncode": proc.returncode, "seconds": seconds,
             "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
             "failed": counts["failures"] + counts["errors"], "skipped": counts["skipped"],
-            "failed_tests": failed, "summary": lines[-1] if lines else proc.stderr.strip()[-500:]}
+            "failed_tests": failed, "summary": lines[-1] if lines else proc.stderr.strip()[-500:],
+            "output_tail": (proc.stdout + proc.stderr)[-6000:] if proc.returncode else ""}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -257,13 +260,14 @@ def run_section(device: torch.device, size: dict[str, Any], work: Path) -> dict[
     t0 = time.perf_counter()
     transform = partial(resize_center_crop, res=base.res, resize=fidelity(base).resize)
     options = CacheOptions(batch_size=base.batch_size, device=device, transform=transform, progress=False,
-                           precision=precision)
+                           precision=precision, workers=base.num_workers)
     build_feature_cache(backbone, crops, work / "cache_timing", {"timing": True}, options)
     out["cache_build_s_per_crop"] = (time.perf_counter() - t0) / len(crops)
     del backbone
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
+    out["eval"] = eval_section(base, device, size["eval_images"])
     runs: dict[str, Any] = {}
     for name, cache, iterations in (("feature_cache", True, size["iterations"]),
                                     ("recompute", False, size["recompute_iterations"])):
@@ -284,6 +288,7 @@ def run_section(device: torch.device, size: dict[str, Any], work: Path) -> dict[
             "iterations": iterations, "eval_every": size["eval_every"], "wall_s": result["wall_time_s"],
             "s_per_iteration": s_it, "iterations_per_s": 1.0 / s_it,
             "setup_s": train_t[first] - first * s_it,  # backbone, datasets, feature cache (if any), models
+            # in-run evaluations: one batch of n_val images (the projection uses out["eval"] instead)
             "validation_s_per_image": float(np.mean(val_s)) / size["n_val"],
             "final_eval_s_per_image": (result["wall_time_s"] - last) / size["n_val"],
             "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
@@ -295,13 +300,53 @@ def run_section(device: torch.device, size: dict[str, Any], work: Path) -> dict[
     return out
 
 
+class _Repeated(torch.utils.data.Dataset):
+    """``dataset``'s items cycled to ``n`` (its class attributes kept): enough batches to keep every loader worker busy."""
+
+    def __init__(self, dataset: Any, n: int) -> None:
+        self.dataset, self.n = dataset, n
+        for name in ("n_classes", "class_names", "palette"):
+            if hasattr(dataset, name):
+                setattr(self, name, getattr(dataset, name))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.dataset[i % len(self.dataset)]
+
+
+def eval_section(cfg: Config, device: torch.device, n_images: int) -> dict[str, Any]:
+    """Seconds per image of the training-time validation (no flip, no CRF) and the final evaluation (flip, no
+    CRF) with the run's loader workers, on the validation images cycled to ``n_images``. The in-run
+    validations see one batch (the world has few validation images), which leaves the workers idle."""
+    from depthg.build import build_models, validation_dataset
+    from depthg.evaluate import EvalOptions, evaluate_model
+
+    val = _Repeated(validation_dataset(cfg, cfg.data_dir), n_images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        backbone = load_backbone(cfg.backbone, None, **cfg.backbone_kwargs).to(device).eval()
+    model = build_models(cfg, backbone.embed_dim, int(val.n_classes)).to(device)
+    precision, _ = amp_context(cfg, device)
+    out: dict[str, Any] = {"n_images": n_images, "num_workers": cfg.num_workers, "batch_size": cfg.eval_batch_size}
+    for name, flip in (("validation", False), ("final_eval", True)):
+        opts = EvalOptions.of(cfg, flip=flip, crf=False, progress=False, max_images=None)
+        t0 = time.perf_counter()
+        evaluate_model(backbone, model, val, opts, device=device, amp=precision)
+        out[f"{name}_s_per_image"] = (time.perf_counter() - t0) / n_images
+    log(f"eval: validation {out['validation_s_per_image'] * 1e3:.1f} ms/image, final {out['final_eval_s_per_image'] * 1e3:.1f} "
+        f"ms/image ({cfg.num_workers} loader workers)")
+    return out
+
+
 def project(row: dict[str, Any], data: dict[str, Any], cache: bool) -> dict[str, Any]:
     """The full preset run on Cityscapes' sizes, linear in the measured rates."""
     n_validations = RELEASED_ITERATIONS // data["eval_every"] + (RELEASED_ITERATIONS % data["eval_every"] != 0)
     parts = {
         "iterations_s": RELEASED_ITERATIONS * row["s_per_iteration"],
-        "validation_s": n_validations * CITYSCAPES_VAL_IMAGES * row["validation_s_per_image"],
-        "final_eval_s": CITYSCAPES_VAL_IMAGES * row["final_eval_s_per_image"],
+        "validation_s": n_validations * CITYSCAPES_VAL_IMAGES * data["eval"]["validation_s_per_image"],
+        "final_eval_s": CITYSCAPES_VAL_IMAGES * data["eval"]["final_eval_s_per_image"],
         "feature_cache_build_s": CITYSCAPES_CROPS * data["cache_build_s_per_crop"] if cache else 0.0,
     }
     training_s = sum(parts.values())

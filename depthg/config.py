@@ -122,7 +122,7 @@ class Config:
     depth_normalization: str = "auto"
     knn_k: int = 30
     num_neighbors: int = 7
-    num_workers: int = 0
+    num_workers: int = 0  # loader processes (evaluation, kNN); threads reading training crops and building the cache
     world_n_train: int = 48  # synthetic world size (only used when data_dir is None)
     world_n_val: int = 16
     world_size: list[int] = field(default_factory=lambda: [256, 512])
@@ -493,6 +493,7 @@ _BASE: dict[str, Any] = dict(
     fov_deg=90.0, lhp=False, seed=0, sample_min_side=1, eval_crf=True, eval_flip=True,
     feature_samples=11, sample_decay_factor=1.0, sample_decay_every=0,
     eval_every=100, checkpoint_every=100, centering="released", depth_sampling="fps",
+    num_workers=8,  # the released runs' loader workers; here also the threads reading training crops
 )
 #: The Cityscapes run's loss weights and shifts (the synthetic default uses them too).
 _CITYSCAPES_LOSS: dict[str, Any] = dict(
@@ -565,7 +566,7 @@ def _synthetic_values() -> dict[str, Any]:
         backbone="embedded", weights=None, res=128, eval_res=128, dim=32, batch_size=16, steps=steps,
         centering="none", feature_samples=8, depth_decay_every=round(400 * steps / RELEASED_ITERATIONS),
         feature_cache=True, eval_batch_size=16, eval_crf=False,
-        world_n_train=48, world_n_val=16, world_size=[256, 512], log_every=10, threads=1,
+        world_n_train=48, world_n_val=16, world_size=[256, 512], log_every=10, threads=1, num_workers=0,
     )
 
 

@@ -107,9 +107,9 @@ class EvalOptions:
     @classmethod
     def of(cls, cfg: Config, **changes: Any) -> "EvalOptions":
         """The evaluation protocol of ``cfg`` (eval_res, the run's resize, eval_flip, eval_crf, eval_batch_size,
-        eval_max_images), with ``changes`` on top."""
+        eval_max_images) and its loader workers (num_workers), with ``changes`` on top."""
         values = dict(res=cfg.eval_res, resize=fidelity(cfg).resize, flip=cfg.eval_flip, crf=cfg.eval_crf,
-                      batch_size=cfg.eval_batch_size, max_images=cfg.eval_max_images)
+                      batch_size=cfg.eval_batch_size, max_images=cfg.eval_max_images, num_workers=cfg.num_workers)
         return cls(**{**values, **changes})
 
 
@@ -222,7 +222,7 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *, data
     if inside(output, root):  # nothing is written into a dataset folder
         raise EvaluationError(f"refusing to write the evaluation {output}: it is inside the dataset folder {root}; "
                               "pass --output outside it")
-    options = EvalOptions.of(cfg, num_workers=cfg.num_workers, progress=progress, n_predictions=n_predictions,
+    options = EvalOptions.of(cfg, progress=progress, n_predictions=n_predictions,
                              predictions_dir=output.with_suffix("") if n_predictions else None)
     metrics = evaluate_model(backbone, model, dataset, options, device=device, amp=amp)
     result = {

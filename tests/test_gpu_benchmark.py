@@ -91,7 +91,28 @@ def test_cityscapes_run_projection_is_consistent(report):
         assert p["training_s"] == pytest.approx(parts)
         assert (p["feature_cache_build_s"] > 0) == (name == "feature_cache")
         assert p["meets_goal"] == (p["training_s"] < 1800)
+        # the evaluations are projected from the measured evaluation rate, not from the one-batch in-run ones
+        assert p["validation_s"] == pytest.approx(24 * 500 * run["eval"]["validation_s_per_image"])
+        assert p["final_eval_s"] == pytest.approx(500 * run["eval"]["final_eval_s_per_image"])
+    assert run["eval"]["n_images"] >= 4 and _positive(run["eval"]["validation_s_per_image"])
     assert report["goal"]["projected_s"] == run["runs"]["feature_cache"]["projection"]["training_s"]
+
+
+def _keys(value, prefix=""):
+    """Every key path of a JSON value (list items share their first item's keys)."""
+    if isinstance(value, dict):
+        return {prefix + k for k in value} | {p for k, v in value.items() for p in _keys(v, f"{prefix}{k}.")}
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return _keys(value[0], prefix + "[].")
+    return set()
+
+
+def test_the_committed_measurement_is_a_gpu_run_of_this_script(report):
+    committed = json.loads((REPO / "benchmarks" / "results" / "gpu.json").read_text())
+    assert committed["dry_run"] is False and committed["device"].startswith("cuda")
+    assert "NVIDIA" in committed["device_name"] and committed["command"] == "python benchmarks/gpu.py "
+    assert committed["cuda_tests"]["failed"] == 0 and committed["cuda_tests"]["passed"] >= 5
+    assert _keys(committed) == _keys(report)  # written by the script as it is now
 
 
 def test_seconds_per_iteration_skips_intervals_with_a_validation():

@@ -27,6 +27,7 @@ from depthg.backbone import load_backbone
 from depthg.config import Config
 from depthg.features import FULL_PRECISION, CacheOptions, Precision, backbone_features, build_feature_cache
 from depthg.train import CropSource, TrainError, broadcast_flag, collective_device, load_checkpoint, train
+from depthg.utils import map_threads
 
 # the trainer tests' tiny set-up: a 2+2-image world, a 2-block random ViT, 32-px crops
 from test_train import TINY, _quiet_train, tiny_config  # noqa: E402
@@ -213,6 +214,54 @@ def test_training_from_cache_equals_recomputation_under_autocast(prepared, monke
 
 
 # ----------------------------------------------------------------------------------------------------
+# 3. what a GPU step waits for: crops read on threads, cache rows moved as stored; same values
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_map_threads_is_the_serial_map():
+    items = list(range(23))
+    expected = [(x * 7919) % 101 for x in items]
+    for workers in (0, 1, 2, 8, 64):
+        assert map_threads(lambda x: (x * 7919) % 101, items, workers) == expected
+    assert map_threads(str, [], 4) == []
+    with pytest.raises(ZeroDivisionError):  # an error in a worker reaches the caller
+        map_threads(lambda x: 1 // x, [1, 0, 2], 3)
+
+
+def test_crop_source_reads_the_same_batch_on_threads():
+    crops, backbone = _Crops(n=8), _tiny_backbone()
+    idx = torch.tensor([5, 0, 3, 3, 7, 1])
+    serial = CropSource(crops, backbone, res=32, device=torch.device("cpu"), amp=FULL_PRECISION).fetch(idx)
+    threaded = CropSource(crops, backbone, res=32, device=torch.device("cpu"), amp=FULL_PRECISION, workers=4).fetch(idx)
+    assert serial.keys() == threaded.keys()
+    for key in serial:
+        assert torch.equal(serial[key], threaded[key]), key
+
+
+def test_cache_rows_as_stored_widen_to_the_float32_rows(tmp_path):
+    crops, backbone = _Crops(), _tiny_backbone()
+    serial = build_feature_cache(backbone, crops, tmp_path / "a", {"k": 1}, CacheOptions(batch_size=3, progress=False))
+    threaded = build_feature_cache(backbone, crops, tmp_path / "b", {"k": 1},
+                                   CacheOptions(batch_size=3, progress=False, workers=3))
+    for name in ("feats.f16", "depth.f32", "label.i16"):  # threads change nothing in the files
+        assert (serial.root / name).read_bytes() == (threaded.root / name).read_bytes(), name
+    idx = [4, 0, 4, 2]
+    wide, stored = serial.batch(idx), serial.batch(idx, as_stored=True)
+    assert (stored["feats"].dtype, stored["label"].dtype, wide["feats"].dtype, wide["label"].dtype) == (
+        torch.float16, torch.int16, torch.float32, torch.int64)
+    assert torch.equal(stored["feats"].float(), wide["feats"]) and torch.equal(stored["label"].long(), wide["label"])
+    assert torch.equal(stored["depth"], wide["depth"])
+    fetched = T.CachedSource(serial, torch.device("cpu")).fetch(torch.tensor(idx))
+    assert all(torch.equal(fetched[k], wide[k]) for k in wide) and fetched["feats"].dtype == torch.float32
+
+
+def test_loader_threads_leave_training_unchanged(prepared):
+    runs = [_quiet_train(tiny_config(prepared / "cache", prepared / f"threads{w}", steps=2, feature_cache=False,
+                                     num_workers=w)) for w in (0, 3)]
+    assert runs[0]["last_train_losses"] == runs[1]["last_train_losses"]
+
+
+# ----------------------------------------------------------------------------------------------------
 # CUDA only (run by benchmarks/gpu.py on a GPU machine)
 # ----------------------------------------------------------------------------------------------------
 
@@ -266,9 +315,9 @@ def test_cuda_amp_cache_and_recomputation_agree(tmp_path, amp):
 @pytest.mark.cuda
 @needs_cuda
 def test_cuda_training_from_cache_equals_recomputation_with_amp(prepared):
-    changes = dict(steps=1, device="cuda", amp="bf16")
-    cached = _quiet_train(tiny_config(prepared / "cache", prepared / "cuda_cached", steps=2, feature_cache=True, **changes))
-    direct = _quiet_train(tiny_config(prepared / "cache", prepared / "cuda_direct", steps=2, feature_cache=False, **changes))
+    changes = dict(steps=2, device="cuda", amp="bf16")
+    cached = _quiet_train(tiny_config(prepared / "cache", prepared / "cuda_cached", feature_cache=True, **changes))
+    direct = _quiet_train(tiny_config(prepared / "cache", prepared / "cuda_direct", feature_cache=False, **changes))
     for key in ("pos_intra", "pos_inter", "neg_inter", "depth", "total"):
         a, b = cached["last_train_losses"][key], direct["last_train_losses"][key]
         assert abs(a - b) <= 2e-3 * max(1.0, abs(b)), (key, a, b)
