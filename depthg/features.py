@@ -242,9 +242,9 @@ def _write_cache(backbone: torch.nn.Module, dataset: Any, root: Path, info: dict
 
     feats_mm = depth_mm = label_mm = None
     shapes: dict[str, list[int] | None] = {"feat_shape": None, "depth_shape": None, "label_shape": None}
+    load = (lambda i: transform(dataset[i])) if transform is not None else dataset.__getitem__
     bar = tqdm(range(0, n, batch_size), desc="feature cache", disable=not options.progress, leave=False)
     for start in bar:
-        load = (lambda i: transform(dataset[i])) if transform is not None else dataset.__getitem__
         items = map_threads(load, range(start, min(start + batch_size, n)), options.workers)
         img = torch.stack([it["img"] for it in items]).to(device)
         feats = backbone_features(backbone, img, precision).cpu().numpy()
