@@ -134,7 +134,7 @@ class FeatureCache:
         if self.depth is not None:
             out["depth"] = torch.from_numpy(np.asarray(self.depth[uniq], dtype=np.float32)[inverse])
         if self.label is not None:
-            out["label"] = torch.from_numpy(np.asarray(np.asarray(self.label[uniq])[inverse], dtype=label_dtype))
+            out["label"] = torch.from_numpy(np.asarray(self.label[uniq][inverse], dtype=label_dtype))
         return out
 
 

@@ -158,7 +158,7 @@ class CropSource:
         return len(self.dataset)
 
     def fetch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        items = map_threads(lambda i: self.transform(self.dataset[int(i)]), indices.tolist(), self.workers)
+        items = map_threads(lambda i: self.transform(self.dataset[i]), indices.tolist(), self.workers)
         img = torch.stack([it["img"] for it in items]).to(self.device)
         feats = backbone_features(self.backbone, img, self.amp)  # the feature cache's function and policy
         out = {"feats": feats, "img": img, "label": torch.stack([it["label"] for it in items]).to(self.device)}
@@ -715,7 +715,7 @@ def fetch_batch(run: Run, it: int) -> Batch:
     idx, pos = batch_indices(it, len(run.source), cfg.batch_size, cfg.seed, run.nns, cfg.num_neighbors)
     # one fetch for anchors and positives: rows [0, b) are the anchors, [b, 2b) their positives
     raw = run.source.fetch(torch.cat([idx[rows], pos[rows]]))
-    feats, feats_pos = raw["feats"].float().split(b)
+    feats, feats_pos = raw["feats"].split(b)  # float32 from both sources
     depth = depth_pos = None
     if "depth" in raw:
         depth, depth_pos = raw["depth"].split(b)
