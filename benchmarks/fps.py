@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from depthg.released import radians_unprojection  # noqa: E402
-from depthg.sampling import farthest_point_sample, numba_available  # noqa: E402
+from depthg.method.released import radians_unprojection  # noqa: E402
+from depthg.method.sampling import farthest_point_sample, numba_available  # noqa: E402
 from depthg.utils import atomic_write  # noqa: E402
 
 

@@ -53,7 +53,7 @@ from depthg.build import fidelity  # noqa: E402
 from depthg.config import RELEASED_ITERATIONS, Config  # noqa: E402
 from depthg.data.transforms import resize_center_crop  # noqa: E402
 from depthg.features import FULL_PRECISION, CacheOptions, Precision, build_feature_cache  # noqa: E402
-from depthg.sampling import numba_available  # noqa: E402
+from depthg.method.sampling import numba_available  # noqa: E402
 from depthg.train import amp_context, train, training_dataset  # noqa: E402
 from depthg.utils import atomic_write  # noqa: E402
 

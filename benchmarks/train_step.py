@@ -41,7 +41,8 @@ from depthg.backbone import load_backbone  # noqa: E402
 from depthg.build import build_loss, fidelity  # noqa: E402
 from depthg.config import Config  # noqa: E402
 from depthg.features import FULL_PRECISION, CacheOptions, Precision, backbone_features, build_feature_cache  # noqa: E402
-from depthg.losses import DepthDecaySchedule, LossInputs  # noqa: E402
+from depthg.method.losses import LossInputs  # noqa: E402
+from depthg.method.schedules import DepthDecaySchedule  # noqa: E402
 from depthg.train import CachedSource, build_models, channel_dropout, dropout_masks  # noqa: E402
 
 

@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-from depthg.ablation import DEFAULT_VARIANTS, run_ablation
+from depthg.lab.ablation import DEFAULT_VARIANTS, run_ablation
 from depthg.backbone import load_backbone
 from depthg.build import dataset_kwargs
 from depthg.config import MODES, PRESETS, Config, ConfigError, apply_overrides, load_config
@@ -219,7 +219,7 @@ def _add_ablate_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--dev-world-seed", type=int, default=None,
                    help="the development world the choices were made on; marks this run as the held-out test")
     p.add_argument("--variants", nargs="*", default=None,
-                   help="variants (default: the held-out table); see depthg.ablation.VARIANTS")
+                   help="variants (default: the held-out table); see depthg.lab.ablation.VARIANTS")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: the preset's)")
     p.add_argument("--out-dir", default="runs/ablation")

@@ -14,16 +14,17 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from depthg import released as R
 from depthg.config import Config
 from depthg.data import build_dataset
 from depthg.data.prepare import CroppedDataset, dataset_kwargs
 from depthg.data.transforms import PAPER_RESIZE, RELEASED_RESIZE, Resize
 from depthg.features import FULL_PRECISION, Precision
-from depthg.head import ClusterProbe, LinearProbe, SegmentationHead
-from depthg.lhp import LhpChoices, strongest_attention, weighted_mean
-from depthg.losses import CorrelationTerms, DepthGLoss, Negatives, derangement_negatives
-from depthg.sampling import CellsToGrid, FpsChoices, Unproject, depth_to_points, indices_to_grid
+from depthg.method.head import ClusterProbe, LinearProbe, SegmentationHead
+from depthg.method.lhp import LhpChoices, strongest_attention, weighted_mean
+from depthg.method.losses import CorrelationTerms, DepthGLoss, Negatives, derangement_negatives
+from depthg.method.released import (divide_by_cell_count, radians_unprojection, super_perm_negatives,
+                                     transposed_readout, weakest_attention)
+from depthg.method.sampling import CellsToGrid, FpsChoices, Unproject, depth_to_points, indices_to_grid
 from depthg.utils import DepthGError, safe_torch_load
 
 __all__ = ["TrainError", "Fidelity", "fidelity", "Segmenter", "build_models", "build_loss", "load_checkpoint",
@@ -44,7 +45,7 @@ class TrainError(DepthGError, RuntimeError):
 class Fidelity:
     """Which computation each difference between the paper and the released code uses (docs/fidelity.md).
 
-    The defaults are the paper path; :meth:`released` takes every function of ``depthg.released``. The
+    The defaults are the paper path; :meth:`released` takes every function of ``depthg.method.released``. The
     loss, the sampler, the LHP module, the resize of training and evaluation and the depth loader receive
     these functions and flags; only the config knows the mode. The released timing of the decays is two
     config keys (``decay_after_step``, ``sample_decay_at_start``), the depth similarity one more.
@@ -66,19 +67,19 @@ class Fidelity:
 
     @classmethod
     def released(cls) -> "Fidelity":
-        return cls(unproject=R.radians_unprojection, cells_to_grid=R.transposed_readout, fps_fixed_start=True,
-                   negatives=R.super_perm_negatives, transposed_depth_pairs=True, resize=RELEASED_RESIZE,
-                   depth_values="minmax255", lhp_keep_attention=R.weakest_attention,
-                   lhp_normalise=R.divide_by_cell_count)
+        return cls(unproject=radians_unprojection, cells_to_grid=transposed_readout, fps_fixed_start=True,
+                   negatives=super_perm_negatives, transposed_depth_pairs=True, resize=RELEASED_RESIZE,
+                   depth_values="minmax255", lhp_keep_attention=weakest_attention,
+                   lhp_normalise=divide_by_cell_count)
 
     @property
     def fps(self) -> FpsChoices:
-        """The FPS sampler's unprojection and read-out (``depthg.sampling.fps_grid``)."""
+        """The FPS sampler's unprojection and read-out (``depthg.method.sampling.fps_grid``)."""
         return FpsChoices(self.unproject, self.cells_to_grid)
 
     @property
     def lhp(self) -> LhpChoices:
-        """The LHP module's unprojection, attention mask and normalisation (``depthg.lhp``)."""
+        """The LHP module's unprojection, attention mask and normalisation (``depthg.method.lhp``)."""
         return LhpChoices(self.unproject, self.lhp_keep_attention, self.lhp_normalise)
 
 

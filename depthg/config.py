@@ -10,7 +10,7 @@ their default config, in full precision (docs/method.md §11).
 ``mode`` is a preset of fidelity choices (docs/fidelity.md): ``"paper"`` keeps *the same hyper-parameters
 and the same training length* as the released runs and applies only the fixes; ``"released"`` computes what
 the released code computes. It fills the keys left at None (:data:`MODE_DEFAULTS`: the depth similarity,
-autocast and the two released timing flags) and picks the released functions of ``depthg.released``
+autocast and the two released timing flags) and picks the released functions of ``depthg.method.released``
 (``depthg.build.Fidelity``). Decay intervals count iterations in both modes.
 
 Every field is validated in ``__post_init__``: an unknown key is an error listing the valid keys (with
@@ -31,7 +31,10 @@ from typing import Any
 
 import yaml
 
-from depthg.released import RELEASED_ITERATIONS, global_steps_to_iterations
+from depthg.method.lhp import LHP_STRATEGIES
+from depthg.method.losses import CENTERINGS, DEPTH_SIMILARITIES, PAPER_DEPTH_SIMILARITY, CorrelationTerms
+from depthg.method.released import RELEASED_ITERATIONS, global_steps_to_iterations
+from depthg.method.sampling import SAMPLING_STRATEGIES
 from depthg.utils import DepthGError, atomic_write
 
 __all__ = [
@@ -51,13 +54,8 @@ class ConfigError(DepthGError, ValueError):
 
 MODES = ("paper", "released")
 DATASETS = ("cityscapes", "cocostuff", "potsdam", "directory")
-DEPTH_SAMPLING = ("random", "fps")
-# Depth similarities of the depth-feature term (formulas: depthg.losses.depth_similarity).
-DEPTH_SIMILARITY = ("released", "product", "distance", "centred", "quantile")
-# Paper mode's default, chosen on the miniature reproduction's development world (docs/method.md §4.3).
-PAPER_DEPTH_SIMILARITY = "centred"
-CENTERING = ("paper", "released", "none")
-LHP_STRATEGIES = ("depth", "attention")
+# The method's own choices (depth sampling, depth similarity, centring, LHP strategy) and its defaults are
+# defined in depthg.method and read from there.
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 # keys holding text: non-empty strings (the optional ones may be None); overrides keep their raw text
 STRING_KEYS = ("name", "output_dir", "cache_dir", "backbone", "device", "train_split", "val_split", "depth_source")
@@ -70,12 +68,14 @@ INTEGER_MINIMUM = dict(
     eval_max_images=1, threads=1, checkpoint_every=0, log_every=1,
 )
 #: what each mode sets where a key is None (``decay_after_step`` and ``sample_decay_at_start`` are the
-#: released timing: ``depthg.sampling.decay_events``, docs/fidelity.md §3.9-3.10).
+#: released timing: ``depthg.method.schedules.decay_events``, docs/fidelity.md §3.9-3.10).
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     "paper": dict(depth_similarity=PAPER_DEPTH_SIMILARITY, amp="auto", decay_after_step=False,
                   sample_decay_at_start=False),
     "released": dict(depth_similarity="released", amp="off", decay_after_step=True, sample_decay_at_start=True),
 }
+#: the STEGO terms' defaults, owned by the loss (``Config()`` builds ``CorrelationTerms()``).
+_TERMS = CorrelationTerms()
 PRESETS = (
     "cocostuff_vits8",
     "cocostuff_vitb8",
@@ -148,27 +148,27 @@ class Config:
     # processes, 1 thread was ~25x faster per step than 2 (synthetic preset, measured 2026-11-24).
     threads: int | None = None
 
-    # --- STEGO loss (docs/method.md §3) -----------------------------------------------------------
+    # --- STEGO loss (docs/method.md §3); defaults: depthg.method.losses.CorrelationTerms -------------
     feature_samples: int = 11
     # Spatial centring of the feature correlation (docs/method.md §3.2; "none" = pointwise False).
     # "released": subtract the per-query mean, then add back the global mean of F (what the released
     # code computes and what every preset's shifts were tuned with, so both modes use it in the presets);
     # "paper": the STEGO paper's literal S3 without the add-back (shifts then act relative to 0).
-    centering: str = "released"
-    zero_clamp: bool = True
-    neg_samples: int = 5
-    pos_intra_weight: float = 0.58
-    pos_intra_shift: float = 0.07
-    pos_inter_weight: float = 0.36
-    pos_inter_shift: float = 0.025
-    neg_inter_weight: float = 0.7000000000000001
-    neg_inter_shift: float = 0.761
+    centering: str = _TERMS.centering
+    zero_clamp: bool = _TERMS.zero_clamp
+    neg_samples: int = _TERMS.neg_samples
+    pos_intra_weight: float = _TERMS.pos_intra_weight
+    pos_intra_shift: float = _TERMS.pos_intra_shift
+    pos_inter_weight: float = _TERMS.pos_inter_weight
+    pos_inter_shift: float = _TERMS.pos_inter_shift
+    neg_inter_weight: float = _TERMS.neg_inter_weight
+    neg_inter_shift: float = _TERMS.neg_inter_shift
 
     # --- DepthG (docs/method.md §4, §6, §8) -------------------------------------------------------
     use_depth: bool = True
     depth_weight: float = 0.19
     depth_shift: float = 0.03
-    # None = by mode (MODE_DEFAULTS); all options: DEPTH_SIMILARITY.
+    # None = by mode (MODE_DEFAULTS); all options: depthg.method.losses.DEPTH_SIMILARITIES.
     depth_similarity: str | None = None
     depth_decay_factor: float = 0.6
     depth_decay_every: int = 250
@@ -232,9 +232,9 @@ class Config:
             self._expect_string(key, none_ok=True)
         self._expect_choice("mode", MODES)
         self._expect_choice("dataset", DATASETS)
-        self._expect_choice("depth_sampling", DEPTH_SAMPLING)
-        self._expect_choice("depth_similarity", DEPTH_SIMILARITY)
-        self._expect_choice("centering", CENTERING)
+        self._expect_choice("depth_sampling", SAMPLING_STRATEGIES)
+        self._expect_choice("depth_similarity", DEPTH_SIMILARITIES)
+        self._expect_choice("centering", CENTERINGS)
         self._expect_choice("lhp_strategy", LHP_STRATEGIES)
         self._expect_choice("amp", AMP_CHOICES)
         self._expect_choice("depth_normalization", ("auto", "none", "minmax", "minmax255"))

@@ -28,8 +28,6 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from depthg import losses as L
-from depthg import sampling as S
 from depthg.backbone import load_backbone
 from depthg.build import (
     Fidelity,
@@ -50,7 +48,10 @@ from depthg.data.prepare import dataset_digest, load_knn, prepare_training_data
 from depthg.data.transforms import PAPER_RESIZE, Resize, resize_center_crop
 from depthg.evaluate import EvalOptions, evaluate_model
 from depthg.features import CacheOptions, Precision, backbone_features, backbone_fingerprint, build_feature_cache
-from depthg.lhp import LocalHiddenPositives
+from depthg.method.lhp import LocalHiddenPositives
+from depthg.method.losses import DepthGLoss, LossInputs
+from depthg.method.sampling import fps_grid, random_grid
+from depthg.method.schedules import DepthDecaySchedule, SampleCountSchedule
 from depthg.utils import atomic_torch_save, atomic_write, get_device, inside, map_threads
 
 __all__ = ["train", "TrainError", "batch_indices", "Segmenter", "load_checkpoint", "build_models", "broadcast_flag",
@@ -423,9 +424,9 @@ class Run:
     optimizers: Optimizers
     # the objective, its schedules (pure functions of the iteration) and the random streams
     fidelity: Fidelity  # the paper's or the released computation of each difference (depthg.build)
-    loss_fn: L.DepthGLoss
-    depth_sched: L.DepthDecaySchedule
-    sample_sched: S.SampleCountSchedule
+    loss_fn: DepthGLoss
+    depth_sched: DepthDecaySchedule
+    sample_sched: SampleCountSchedule
     gens: Generators
     grid_hw: tuple[int, int]  # (h, w) feature-grid size of a training crop
 
@@ -581,12 +582,12 @@ def _trainable(cfg: Config, fid: Fidelity, in_dim: int, n_classes: int,
     return model, lhp, optimizers
 
 
-def _objective(cfg: Config, fid: Fidelity) -> tuple[L.DepthGLoss, L.DepthDecaySchedule, S.SampleCountSchedule]:
+def _objective(cfg: Config, fid: Fidelity) -> tuple[DepthGLoss, DepthDecaySchedule, SampleCountSchedule]:
     """The STEGO + DepthG loss, the depth weight/shift schedule and the sample-count schedule."""
     loss_fn = build_loss(cfg, fid)
-    depth_sched = L.DepthDecaySchedule(cfg.depth_weight, cfg.depth_shift, cfg.depth_decay_factor,
+    depth_sched = DepthDecaySchedule(cfg.depth_weight, cfg.depth_shift, cfg.depth_decay_factor,
                                        cfg.depth_decay_every, after_step=cfg.decay_after_step)
-    sample_sched = S.SampleCountSchedule(cfg.feature_samples, factor=cfg.sample_decay_factor,
+    sample_sched = SampleCountSchedule(cfg.feature_samples, factor=cfg.sample_decay_factor,
                                          every=cfg.sample_decay_every, min_side=cfg.sample_min_side,
                                          after_step=cfg.decay_after_step, at_start=cfg.sample_decay_at_start)
     return loss_fn, depth_sched, sample_sched
@@ -680,7 +681,7 @@ def train_step(run: Run, it: int) -> StepOut:
 
     # -- losses: STEGO + DepthG with this step's depth weight and shift
     depth_weight, depth_shift = run.depth_sched.at(it)
-    x = L.LossInputs(target, target_pos, code, code_pos, batch.depth, batch.depth_pos)
+    x = LossInputs(target, target_pos, code, code_pos, batch.depth, batch.depth_pos)
     terms = depthg_loss(run, x, grids, depth_weight, depth_shift)
     loss = terms["total"]
     # -- local hidden positives (docs/method.md §7): the loss again on propagated codes with new grids
@@ -739,7 +740,7 @@ def sampling_grids(run: Run, n_side: int, depth: torch.Tensor | None,
     sliced to this rank: uniform random (STEGO) or farthest-point sampling on the depth (DepthG)."""
     cfg, rows, device, gen, fid = run.cfg, run.place.rows, run.place.device, run.gens.sample, run.fidelity
     if cfg.depth_sampling == "random":  # anchors' grids first, then the positives' (one stream)
-        g1, g2 = (S.random_grid(cfg.batch_size, n_side, generator=gen)[rows].to(device) for _ in range(2))
+        g1, g2 = (random_grid(cfg.batch_size, n_side, generator=gen)[rows].to(device) for _ in range(2))
         return g1, g2
     if depth is None or depth_pos is None:
         raise TrainError("depth_sampling='fps' needs depth for every training crop (prepare the depth cache)")
@@ -747,12 +748,12 @@ def sampling_grids(run: Run, n_side: int, depth: torch.Tensor | None,
     if cfg.fps_random_start and not fid.fps_fixed_start:
         n_cells = run.grid_hw[0] * run.grid_hw[1]
         starts = [torch.randint(0, n_cells, (cfg.batch_size,), generator=gen)[rows].to(depth.device) for _ in range(2)]
-    g1, g2 = (S.fps_grid(d, run.grid_hw, n_side, cfg.fov_deg, start, fid.fps).to(device)
+    g1, g2 = (fps_grid(d, run.grid_hw, n_side, cfg.fov_deg, start, fid.fps).to(device)
               for d, start in zip((depth, depth_pos), starts))
     return g1, g2
 
 
-def depthg_loss(run: Run, x: L.LossInputs, grids: tuple[torch.Tensor, torch.Tensor], depth_weight: float,
+def depthg_loss(run: Run, x: LossInputs, grids: tuple[torch.Tensor, torch.Tensor], depth_weight: float,
                 depth_shift: float) -> dict[str, torch.Tensor]:
     """The STEGO + DepthG loss terms (``"total"`` among them); the depth term is off without ``use_depth``."""
     if not run.cfg.use_depth:
@@ -760,7 +761,7 @@ def depthg_loss(run: Run, x: L.LossInputs, grids: tuple[torch.Tensor, torch.Tens
     return run.loss_fn(x, grids, depth_weight=depth_weight, depth_shift=depth_shift, generator=run.gens.loss)
 
 
-def lhp_loss(run: Run, x: L.LossInputs, img: torch.Tensor | None, n_side: int, depth_weight: float,
+def lhp_loss(run: Run, x: LossInputs, img: torch.Tensor | None, n_side: int, depth_weight: float,
              depth_shift: float) -> dict[str, torch.Tensor]:
     """Local hidden positives (docs/method.md §7): the loss terms on the propagated codes, new grids."""
     assert run.lhp is not None

@@ -1,4 +1,4 @@
-"""depthg.ablation without training: variant configs, paired t-intervals, summaries, reading reports."""
+"""depthg.lab.ablation without training: variant configs, paired t-intervals, summaries, reading reports."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from depthg.ablation import (
+from depthg.lab.ablation import (
     DEFAULT_VARIANTS,
     VARIANTS,
     AblationError,
@@ -20,7 +20,7 @@ from depthg.ablation import (
     summarise,
     variant_config,
 )
-from depthg.config import PAPER_DEPTH_SIMILARITY
+from depthg.method.losses import PAPER_DEPTH_SIMILARITY
 
 
 def test_paired_differences_hand_example():

@@ -45,7 +45,7 @@ def test_paper_run_values_match_released_script():
 
 
 def test_modes_differ_in_fixes_not_in_timing():
-    from depthg.losses import DepthDecaySchedule
+    from depthg.method.schedules import DepthDecaySchedule
 
     # the script's depth-decay intervals in global steps (paper_reproduction.sh)
     script = {"cocostuff_vits8": 250, "cocostuff_vitb8": 300, "cityscapes_vitb8": 400, "potsdam_vits8": 200}
@@ -134,7 +134,7 @@ def test_mode_switch_converts_dependent_keys():
     assert switched.depth_similarity == released.depth_similarity == "released"
     assert switched.amp == released.amp == "off"  # the released code trains in fp32
     # the same decay interval (every 250 iterations), released timing flags
-    from depthg.losses import DepthDecaySchedule
+    from depthg.method.schedules import DepthDecaySchedule
 
     def events(cfg):
         sched = DepthDecaySchedule(cfg.depth_weight, cfg.depth_shift, cfg.depth_decay_factor,

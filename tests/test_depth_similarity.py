@@ -1,7 +1,7 @@
 """Depth similarities that pull and push (centred, quantile), the pull/push count, the paper default.
 
 Every similarity is checked against a brute-force double loop over point pairs written independently of
-the vectorised code in depthg.losses.
+the vectorised code in depthg.method.losses.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import math
 import pytest
 import torch
 
-from depthg.config import DEPTH_SIMILARITY, PAPER_DEPTH_SIMILARITY, Config, ConfigError
-from depthg.losses import (
+from depthg.config import Config, ConfigError
+from depthg.method.losses import (
     DEPTH_SIMILARITIES,
     DISTANCE_QUANTILE,
+    PAPER_DEPTH_SIMILARITY,
     WORKING_RANGE,
     DepthGLoss,
     LossError,
@@ -22,7 +23,7 @@ from depthg.losses import (
     depth_similarity,
     pull_push_fractions,
 )
-from depthg.sampling import depth_to_points, random_grid, sample
+from depthg.method.sampling import depth_to_points, random_grid, sample
 
 
 def _points(b: int = 2, h: int = 3, w: int = 4, seed: int = 0, far: float = 0.0) -> torch.Tensor:
@@ -59,9 +60,13 @@ def _brute_quantile(values: list[float], q: float) -> float:
 
 
 def test_options_are_listed_once_and_agree_with_the_config():
-    assert DEPTH_SIMILARITIES == DEPTH_SIMILARITY
-    assert {"released", "product", "distance", "centred", "quantile"} <= set(DEPTH_SIMILARITY)
-    assert PAPER_DEPTH_SIMILARITY in DEPTH_SIMILARITY and PAPER_DEPTH_SIMILARITY != "released"
+    assert {"released", "product", "distance", "centred", "quantile"} <= set(DEPTH_SIMILARITIES)
+    assert PAPER_DEPTH_SIMILARITY in DEPTH_SIMILARITIES and PAPER_DEPTH_SIMILARITY != "released"
+    # the config accepts exactly the loss's options: it reads them from depthg.method.losses
+    for kind in DEPTH_SIMILARITIES:
+        assert Config(depth_similarity=kind).depth_similarity == kind
+    with pytest.raises(ConfigError, match="depth_similarity"):
+        Config(depth_similarity="nearest")
 
 
 def test_centred_matches_brute_force():

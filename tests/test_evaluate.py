@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from depthg.build import Segmenter
 from depthg.data.transforms import RELEASED_RESIZE
 from depthg.evaluate import EvalOptions, evaluate_model
-from depthg.head import ClusterProbe, LinearProbe, SegmentationHead
+from depthg.method.head import ClusterProbe, LinearProbe, SegmentationHead
 
 K, P, RES = 4, 8, 32  # classes, patch size, image size (4x4 patch grid)
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-import depthg.released as R
-from depthg import lhp, losses, sampling
+import depthg.method.released as R
+from depthg.method import lhp, losses, sampling
 from depthg.build import Fidelity, depth_normalization, fidelity
 from depthg.config import Config
 from depthg.data.transforms import PAPER_RESIZE, RELEASED_RESIZE
-from depthg.sampling import decay_events
+from depthg.method.schedules import decay_events
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,8 +61,7 @@ def test_decay_events_simulates_the_loop(after_step: bool, at_start: bool) -> No
 def test_method_code_never_reads_the_mode() -> None:
     """Only the config (the preset) and the build layer (which picks the functions) branch on ``mode``;
     method code neither tests it nor passes it on (results.json still records it)."""
-    method = ["train.py", "losses.py", "sampling.py", "lhp.py", "released.py", "evaluate.py", "data/transforms.py",
-              "data/prepare.py"]
-    for name in method:
+    method = sorted(p.relative_to(ROOT / "depthg").as_posix() for p in (ROOT / "depthg" / "method").glob("*.py"))
+    for name in method + ["train.py", "evaluate.py", "data/transforms.py", "data/prepare.py"]:
         text = (ROOT / "depthg" / name).read_text()
         assert not re.search(r"\bmode\s*(==|!=)|self\.mode|mode=(cfg\.)?mode\b", text), name

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from depthg.head import ClusterProbe, LinearProbe, SegmentationHead
+from depthg.method.head import ClusterProbe, LinearProbe, SegmentationHead
 from depthg.utils import DepthGError
 
 

@@ -30,7 +30,7 @@ def _cell(*outputs: dict) -> dict:
 
 def test_output_problems_flags_errors_and_library_noise():
     check = _script()
-    clean = _cell({"name": "stdout", "text": "open3d and depthg.sampling pick the same 121 cells: True\n"},
+    clean = _cell({"name": "stdout", "text": "open3d and depthg.method.sampling pick the same 121 cells: True\n"},
                   {"output_type": "display_data", "mimes": ["image/png", "text/plain"], "plain": "<Figure>"},
                   {"name": "stderr", "text": "train: 100%|##########| 4/4 [00:01<00:00,  3.1it/s]\r"})
     assert check.output_problems([clean]) == []

@@ -1,4 +1,4 @@
-"""Tests for depthg.lhp: propagation weights and the batched propagation against a brute-force loop."""
+"""Tests for depthg.method.lhp: propagation weights and the batched propagation against a brute-force loop."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from depthg.build import Fidelity
-from depthg.lhp import LHPError, LocalHiddenPositives, row_quantile
-from depthg.sampling import depth_to_points
+from depthg.method.lhp import LHPError, LocalHiddenPositives, row_quantile
+from depthg.method.sampling import depth_to_points
 
 REL = Fidelity.released()
 

@@ -1,4 +1,4 @@
-"""Tests for depthg.losses: correlations, STEGO loss, depth similarity, DepthGLoss, decay schedule."""
+"""Tests for depthg.method.losses: correlations, STEGO loss, depth similarity, DepthGLoss, decay schedule."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from depthg.config import Config
-from depthg.losses import (
+from depthg.method.losses import (
     CorrelationTerms,
-    DepthDecaySchedule,
     DepthGLoss,
     LossError,
     LossInputs,
@@ -20,8 +19,9 @@ from depthg.losses import (
     derangement,
     tensor_correlation,
 )
-from depthg.released import global_steps_to_iterations, super_perm, super_perm_negatives
-from depthg.sampling import random_grid, sample
+from depthg.method.released import global_steps_to_iterations, super_perm, super_perm_negatives
+from depthg.method.sampling import random_grid, sample
+from depthg.method.schedules import DepthDecaySchedule
 
 #: what released mode hands the loss (depthg.build.Fidelity.released and the released config keys)
 RELEASED_LOSS = dict(depth_similarity="released", negatives=super_perm_negatives, transposed_depth_pairs=True)
@@ -249,7 +249,7 @@ def test_paper_depth_term_uses_3d_distance_at_the_code_locations():
     out = loss_fn(LossInputs(feats, feats_pos, code, code_pos, depth, depth_pos), (grid1, grid2),
                   depth_weight=1.0, depth_shift=0.3)
     # the same term built by hand from its parts
-    from depthg.sampling import depth_to_points
+    from depthg.method.sampling import depth_to_points
     pooled = torch.nn.functional.adaptive_avg_pool2d(depth, (7, 7))
     pts = depth_to_points(pooled).transpose(1, 2).reshape(4, 3, 7, 7)
     p = sample(pts, grid1)

@@ -11,7 +11,7 @@ import torch
 
 from depthg.data.middlebury import MOTORCYCLE_CALIBRATION, load_motorcycle
 from depthg.metrics import MetricsInputError, align_depth, depth_abs_rel, depth_delta, depth_scores
-from depthg.sampling import (
+from depthg.method.sampling import (
     SamplingError,
     covering_radius,
     depth_to_points,

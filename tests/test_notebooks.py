@@ -84,9 +84,9 @@ def outside_documents(source: str) -> list[str]:
 def test_thinness_checks_catch_what_they_should():
     assert private_imports("from depthg.data.prepare import _short_hash, _slug   # naming\n") == [
         "from depthg.data.prepare import _short_hash", "from depthg.data.prepare import _slug"]
-    assert private_imports("from depthg.viz import (show_image,\n    _as_numpy)") == ["from depthg.viz import _as_numpy"]
+    assert private_imports("from depthg.lab.viz import (show_image,\n    _as_numpy)") == ["from depthg.lab.viz import _as_numpy"]
     assert private_imports("x = viz._as_numpy(img)") == ["viz._as_numpy"]
-    assert private_imports("from depthg import viz\nfrom depthg.notebook import choose_run\nx = 3 * _y") == []
+    assert private_imports("from depthg import viz\nfrom depthg.lab.notebook import choose_run\nx = 3 * _y") == []
     assert outside_documents("see docs/method.md §11 and [this](../docs/fidelity.md#33-x)") == []
     assert outside_documents('with atomic_write(output_dir / "captions.md", "w") as f:') == []
     assert outside_documents("see method.md §6 and released_code.md §2.4, ../shared/reference/design.md") == [
@@ -167,7 +167,7 @@ def test_notebook_runs_in_smoke_mode(name, tmp_path, shared, monkeypatch):
 
 
 def test_at_root_resolves_against_the_repository_root(tmp_path, monkeypatch):
-    from depthg.notebook import at_root
+    from depthg.lab.notebook import at_root
 
     monkeypatch.chdir(ROOT)
     assert at_root("runs/x") == Path("runs/x")  # in the root: stays relative, as the CLI writes it
@@ -178,7 +178,7 @@ def test_at_root_resolves_against_the_repository_root(tmp_path, monkeypatch):
 
 def test_choose_run_says_why_and_builds_the_same_configs(tmp_path):
     from depthg.config import Config, apply_overrides
-    from depthg.notebook import SMOKE, as_overrides, choose_run
+    from depthg.lab.notebook import SMOKE, as_overrides, choose_run
 
     common = dict(mode="paper", seed=3, device="cpu", output_dir=tmp_path / "out", cache_dir=tmp_path / "cache")
     fallback = choose_run("Cityscapes", "cityscapes_vitb8", None, None, **common)
@@ -198,8 +198,8 @@ def test_choose_run_says_why_and_builds_the_same_configs(tmp_path):
 
 
 def test_figure_runs_never_reuse_a_run_with_another_config(tmp_path):
-    from depthg.ablation import backbone_sha256, variant_config
-    from depthg.notebook import SMOKE, as_overrides, figure_runs
+    from depthg.lab.ablation import backbone_sha256, variant_config
+    from depthg.lab.notebook import SMOKE, as_overrides, figure_runs
 
     cache = tmp_path / "cache"
     overrides = [f"cache_dir={cache}"] + as_overrides({k: v for k, v in SMOKE.items() if k != "steps"})

@@ -20,15 +20,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import depthg.losses as L
-import depthg.released as R
+import depthg.method.losses as L
+import depthg.method.released as R
 from depthg.backbone import load_backbone
 from depthg.build import Fidelity
 from depthg.data.transforms import RELEASED_RESIZE, resize_center_crop
-from depthg.head import ClusterProbe
-from depthg.lhp import LocalHiddenPositives
+from depthg.method.head import ClusterProbe
+from depthg.method.lhp import LocalHiddenPositives
 from depthg.metrics import UnsupervisedMetrics
-from depthg.sampling import farthest_point_sample, fps_grid, numba_available, sample
+from depthg.method.sampling import farthest_point_sample, fps_grid, numba_available, sample
 
 #: the released choices of every function under test (depthg.build.Fidelity)
 REL = Fidelity.released()

@@ -1,4 +1,4 @@
-"""Tests for depthg.sampling: unprojection, batched FPS, grid coordinates, schedules."""
+"""Tests for depthg.method.sampling: unprojection, batched FPS, grid coordinates, schedules."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from depthg.released import global_steps_to_iterations, radians_unprojection, transposed_readout
-from depthg.sampling import (
+from depthg.method.released import global_steps_to_iterations, radians_unprojection, transposed_readout
+from depthg.method.sampling import (
     FpsChoices,
-    SampleCountSchedule,
     SamplingError,
     depth_to_points,
     farthest_point_sample,
@@ -22,6 +21,7 @@ from depthg.sampling import (
     random_grid,
     sample,
 )
+from depthg.method.schedules import SampleCountSchedule
 
 BACKENDS = ["torch"] + (["numba"] if numba_available() else [])
 

@@ -62,8 +62,8 @@ def test_batch_order_is_a_pure_function_of_seed_and_step():
 def test_steps_lower_the_stego_loss(prepared):
     from depthg.backbone import load_backbone
     from depthg.data.transforms import resize_center_crop
-    from depthg.losses import CorrelationTerms, DepthGLoss, LossInputs
-    from depthg.sampling import random_grid
+    from depthg.method.losses import CorrelationTerms, DepthGLoss, LossInputs
+    from depthg.method.sampling import random_grid
     from depthg.train import training_dataset
     from depthg.data.prepare import prepare_training_data
 

@@ -1,4 +1,4 @@
-"""Tests of depthg.viz: conversions against hand computation, figures built headless, files written."""
+"""Tests of depthg.lab.viz: conversions against hand computation, figures built headless, files written."""
 
 import json
 
@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from depthg import viz  # noqa: E402
+from depthg.lab import viz  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

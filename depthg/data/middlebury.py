@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from skimage.data import stereo_motorcycle
 
-from depthg.sampling import depth_to_points_intrinsics
+from depthg.method.sampling import depth_to_points_intrinsics
 from depthg.stereo import StereoCalibration, StereoError
 
 from .common import image_to_tensor

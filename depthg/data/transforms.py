@@ -8,7 +8,7 @@ torchvision's ``center_crop``.
 A :class:`Resize` names how the image and how the label/depth are resized. :data:`PAPER_RESIZE`: the
 image bilinear with antialiasing, label and depth with torch's ``nearest-exact`` (a label cannot be
 interpolated; interpolating depth would invent depths across object borders). :data:`RELEASED_RESIZE`:
-all three with PIL's NEAREST rule, as the released code does (``depthg.released.pil_nearest_resize``,
+all three with PIL's NEAREST rule, as the released code does (``depthg.method.released.pil_nearest_resize``,
 docs/fidelity.md §3.8).
 """
 
@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from depthg.released import pil_nearest_resize
+from depthg.method.released import pil_nearest_resize
 
 __all__ = ["Resize", "PAPER_RESIZE", "RELEASED_RESIZE", "RESIZES", "resize_center_crop", "resized_size", "center_crop_box",
            "bilinear_resize", "nearest_exact_resize"]

@@ -21,7 +21,8 @@ from typing import Any, Sequence
 from scipy import stats
 
 from depthg.backbone import EMBEDDED_DIR, EMBEDDED_JSON
-from depthg.config import DEPTH_SIMILARITY, PAPER_DEPTH_SIMILARITY, Config, apply_overrides
+from depthg.config import Config, apply_overrides
+from depthg.method.losses import DEPTH_SIMILARITIES, PAPER_DEPTH_SIMILARITY
 from depthg.train import train
 from depthg.utils import DepthGError, atomic_write, sha256_file
 
@@ -29,7 +30,7 @@ __all__ = ["VARIANTS", "DEFAULT_VARIANTS", "METRICS", "variant_config", "run_abl
            "paired_differences", "markdown_table", "backbone_sha256", "load_report", "report_rows",
            "collect_runs"]
 
-_PAPER_SIMILARITIES = tuple(s for s in DEPTH_SIMILARITY if s != "released")
+_PAPER_SIMILARITIES = tuple(s for s in DEPTH_SIMILARITIES if s != "released")
 
 #: name -> (mode, overrides, description). ``depthg`` uses paper mode's default depth similarity.
 VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {

@@ -1,7 +1,7 @@
 """Small demonstrations of the losses on a single pair of crops (used by notebook 03).
 
 :func:`optimise_pair` trains a segmentation head on two overlapping crops, each the other's positive,
-with :class:`depthg.losses.DepthGLoss`, and returns the loss curves and the code correlation before and
+with :class:`depthg.method.losses.DepthGLoss`, and returns the loss curves and the code correlation before and
 after. Two crops are far too few to learn anything general: it shows the *direction* of the forces the
 loss terms exert on the code similarity S, not a result.
 """
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from depthg.losses import DepthGLoss, LossInputs, tensor_correlation
+from depthg.method.losses import DepthGLoss, LossInputs, tensor_correlation
 
 __all__ = ["optimise_pair"]
 

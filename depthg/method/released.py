@@ -13,7 +13,7 @@ from itertools import accumulate, repeat
 import torch
 import torch.nn.functional as F
 
-from depthg.sampling import sample
+from depthg.method.sampling import sample
 
 __all__ = [
     "RELEASED_MAX_STEPS", "STEPS_PER_ITERATION", "RELEASED_ITERATIONS", "global_steps_to_iterations",

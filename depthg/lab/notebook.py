@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import depthg
-from depthg.ablation import backbone_sha256, made_with_weights, run_ablation, variant_config
+from depthg.lab.ablation import backbone_sha256, made_with_weights, run_ablation, variant_config
 from depthg.backbone import Backbone, load_backbone
 from depthg.build import Segmenter, build_models, fidelity, load_checkpoint, validation_dataset
 from depthg.config import Config
@@ -37,7 +37,7 @@ from depthg.data.transforms import resize_center_crop
 from depthg.depth import repo_root
 from depthg.evaluate import EvalOptions, predict_batch
 from depthg.utils import get_device, sha256_file
-from depthg.viz import get_palette
+from depthg.lab.viz import get_palette
 
 __all__ = ["SMOKE", "RANDOM_BACKBONE", "at_root", "backbone_problem", "RunChoice", "choose_run", "TrainedRun",
            "load_trained", "predict_examples", "as_overrides", "figure_runs", "describe_run", "example_items"]
@@ -233,7 +233,7 @@ _WHERE = ("output_dir", "cache_dir", "data_dir", "device")
 
 
 def as_overrides(values: Mapping[str, Any]) -> list[str]:
-    """{key: value} as the ``key=value`` strings the CLI and :mod:`depthg.ablation` take (values as JSON,
+    """{key: value} as the ``key=value`` strings the CLI and :mod:`depthg.lab.ablation` take (values as JSON,
     which the config parses as YAML)."""
     return [f"{k}={json.dumps(v)}" for k, v in values.items()]
 
@@ -245,7 +245,7 @@ def figure_runs(variants: Mapping[str, str], seed: int, runs_dir: str | os.PathL
 
     ``variants`` = {label: ablation variant}, e.g. {"STEGO": "stego", "DepthG": "depthg"}. Each
     run is read from ``runs_dir/ablation/<variant>/seed<seed>/results.json`` (what ``python -m depthg
-    ablate`` writes); missing runs are trained here with :func:`depthg.ablation.run_ablation` (same
+    ablate`` writes); missing runs are trained here with :func:`depthg.lab.ablation.run_ablation` (same
     configs, same folders), or, with ``train_if_missing=False``, reported with the command that makes them.
     A folder that holds a run with another config (a smoke run, other steps) is an error, never reused.
     ``world_seed``: the synthetic world the runs were trained on (``ablate --world-seed``; None: the preset's).
@@ -282,7 +282,7 @@ def figure_runs(variants: Mapping[str, str], seed: int, runs_dir: str | os.PathL
         raise FileNotFoundError(f"no runs (or only runs of other weights) at {[str(p) for p in paths.values()]}; make them with: python -m depthg "
                                 f"ablate --seeds {seed} --variants {' '.join(missing)} (or set train_if_missing=True)")
     if missing:
-        print(f"training {missing} (seed {seed}) with depthg.ablation.run_ablation -- the same runs "
+        print(f"training {missing} (seed {seed}) with depthg.lab.ablation.run_ablation -- the same runs "
               "`python -m depthg ablate` makes")
         run_ablation(variants=missing, seeds=(seed,), steps=steps, out_dir=runs_dir / "ablation", overrides=overrides,
                      progress=not smoke, world_seed=world_seed)

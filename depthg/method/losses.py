@@ -1,6 +1,9 @@
 """STEGO's correlation losses and DepthG's depth-feature loss (equations S1-S5, R1-R5 of docs/method.md §12).
 
-This is the paper's reading; the released negatives and depth pairing live in ``depthg.released``.
+This is the paper's reading; the released negatives and depth pairing live in :mod:`depthg.method.released`.
+The loss owns its defaults: :class:`CorrelationTerms`' weights and shifts, the depth similarities
+(:data:`DEPTH_SIMILARITIES`) and paper mode's default one (:data:`PAPER_DEPTH_SIMILARITY`);
+``depthg.config`` reads them from here.
 """
 
 from __future__ import annotations
@@ -12,22 +15,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from depthg.config import DEPTH_SIMILARITY, Config
-from depthg.config import PAPER_DEPTH_SIMILARITY as _PAPER_DEFAULT
-from depthg.released import constant_depth_similarity, transposed_pairs
-from depthg.sampling import decay_events, depth_to_points, sample
+from depthg.method.released import constant_depth_similarity, transposed_pairs
+from depthg.method.sampling import depth_to_points, sample
 from depthg.utils import DepthGError
 
 Centering = Literal["paper", "released", "none"]
+#: every spatial centring of the feature correlation :func:`correlation_loss` accepts.
+CENTERINGS: tuple[str, ...] = ("paper", "released", "none")
 SimilarityKind = Literal["released", "product", "distance", "centred", "quantile"]
-#: every depth similarity :func:`depth_similarity` accepts (``depthg.config.DEPTH_SIMILARITY``).
-DEPTH_SIMILARITIES: tuple[str, ...] = DEPTH_SIMILARITY
+#: every depth similarity :func:`depth_similarity` accepts (docs/method.md §4.3 gives each formula).
+DEPTH_SIMILARITIES: tuple[str, ...] = ("released", "product", "distance", "centred", "quantile")
+#: paper mode's default depth similarity, chosen on the miniature reproduction's development world
+#: (docs/method.md §4.3).
+PAPER_DEPTH_SIMILARITY: SimilarityKind = "centred"
 #: depth (metres) beyond which ``quantile`` moves points back along their ray (estimators saturate near 80 m).
 WORKING_RANGE = 80.0
 #: the per-image pair-distance quantile ``quantile`` uses as its unit distance.
 DISTANCE_QUANTILE = 0.5
-#: paper mode's default depth similarity (docs/method.md §4.3).
-PAPER_DEPTH_SIMILARITY: SimilarityKind = _PAPER_DEFAULT  # type: ignore[assignment]
 _EPS = 1e-10
 
 
@@ -42,7 +46,7 @@ def _check_4d(name: str, t: torch.Tensor) -> None:
 
 
 def _check_centering(centering: str) -> None:
-    if centering not in ("paper", "released", "none"):
+    if centering not in CENTERINGS:
         raise LossError(f"centering must be 'paper', 'released' or 'none', got {centering!r}")
 
 
@@ -115,7 +119,7 @@ def _pair_distances(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
 
 
 def _released_similarity(p1: torch.Tensor, p2: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
-    """Depth maps (B, 1, H, W) -> the constant D (B, S, S, S, S) of ``depthg.released``, ``size = (S, S)``."""
+    """Depth maps (B, 1, H, W) -> the constant D (B, S, S, S, S) of ``depthg.method.released``, ``size = (S, S)``."""
     if size is None:
         raise LossError("depth_similarity(kind='released') needs size=(S, S) to resize the depth to")
     if p1.shape[1] != 1 or p2.shape[1] != 1:
@@ -266,19 +270,22 @@ Negatives = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 @dataclass(frozen=True)
 class CorrelationTerms:
     """Weights (lambda) and shifts (b) of STEGO's three terms, the negatives per step, the S3 centring
-    (:func:`correlation_loss`) and the code clamp (docs/method.md §3.4). Field names are config keys, and
-    the defaults are the default :class:`~depthg.config.Config`'s, so ``CorrelationTerms()`` is the loss a
-    default config builds."""
+    (:func:`correlation_loss`) and the code clamp (docs/method.md §3.4). Field names are config keys.
 
-    pos_intra_weight: float = Config.pos_intra_weight
-    pos_intra_shift: float = Config.pos_intra_shift
-    pos_inter_weight: float = Config.pos_inter_weight
-    pos_inter_shift: float = Config.pos_inter_shift
-    neg_inter_weight: float = Config.neg_inter_weight
-    neg_inter_shift: float = Config.neg_inter_shift
-    neg_samples: int = Config.neg_samples
-    centering: Centering = Config.centering
-    zero_clamp: bool = Config.zero_clamp
+    The defaults are the released default config's (the COCO-Stuff ViT-S/8 run, docs/method.md §11) with
+    the released centring; ``depthg.config.Config`` takes its defaults of these keys from here, so
+    ``CorrelationTerms()`` is the loss a default config builds.
+    """
+
+    pos_intra_weight: float = 0.58
+    pos_intra_shift: float = 0.07
+    pos_inter_weight: float = 0.36
+    pos_inter_shift: float = 0.025
+    neg_inter_weight: float = 0.7000000000000001  # the released value, in full (not 0.7)
+    neg_inter_shift: float = 0.761
+    neg_samples: int = 5
+    centering: Centering = "released"
+    zero_clamp: bool = True
 
     def __post_init__(self) -> None:
         if self.neg_samples < 0:
@@ -312,7 +319,7 @@ class DepthGLoss(nn.Module):
     """STEGO's three correlation terms plus DepthG's depth-feature term (docs/method.md §3.4, §5).
 
     total = w_intra * pos_intra + w_inter * pos_inter + w_neg * neg_inter + depth_weight * depth. The depth
-    weight and shift decay (:class:`DepthDecaySchedule`), so :meth:`forward` takes them at every step.
+    weight and shift decay (:class:`depthg.method.schedules.DepthDecaySchedule`), so :meth:`forward` takes them at every step.
 
     Args:
         terms: the STEGO terms' settings.
@@ -320,7 +327,7 @@ class DepthGLoss(nn.Module):
         fov_deg: field of view of the pinhole unprojection of the 3D similarities.
         negatives: :func:`derangement_negatives`, or the released ``super_perm_negatives``.
         transposed_depth_pairs: pair the ``released`` similarity with the transposed read-out's codes
-            (``depthg.released.transposed_pairs``).
+            (``depthg.method.released.transposed_pairs``).
     """
 
     def __init__(
@@ -406,39 +413,3 @@ class DepthGLoss(nn.Module):
                  + t.neg_inter_weight * neg_inter + depth_weight * depth_loss)
         return {"pos_intra": pos_intra, "pos_inter": pos_inter, "neg_inter": neg_inter,
                 "depth": depth_loss, "total": total}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Depth weight / shift decay
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DepthDecaySchedule:
-    """Depth weight and shift decay w <- factor*w, b <- factor*b (docs/method.md §8.1, R5).
-
-    ``.at(iteration)`` gives (w_depth, b_depth) at that 0-based iteration: w0 * factor**k with k =
-    :func:`depthg.sampling.decay_events` (``every`` in iterations, 0 = off; ``after_step``: the released
-    timing).
-    """
-
-    weight0: float
-    shift0: float
-    factor: float = 1.0
-    every: int = 0
-    after_step: bool = False
-
-    def __post_init__(self) -> None:
-        if self.every < 0 or self.factor < 0:
-            raise LossError(f"DepthDecaySchedule needs every >= 0 and factor >= 0, got every={self.every}, "
-                            f"factor={self.factor}")
-
-    def events(self, iteration: int) -> int:
-        """Number of decays that act at ``iteration``."""
-        if iteration < 0:
-            raise LossError(f"iteration must be >= 0, got {iteration}")
-        return decay_events(iteration, self.every, self.after_step)
-
-    def at(self, iteration: int) -> tuple[float, float]:
-        scale = self.factor ** self.events(iteration)
-        return self.weight0 * scale, self.shift0 * scale

@@ -1,7 +1,7 @@
 """Where the losses look: depth -> 3D points, batched farthest point sampling (FPS), grid coordinates.
 
 The paper's depth-guided sampling (docs/method.md §6); the released unprojection and read-out are in
-``depthg.released``. Grid coordinates are (x, y) in [-1, 1] for ``grid_sample(align_corners=True)``.
+:mod:`depthg.method.released`. Grid coordinates are (x, y) in [-1, 1] for ``grid_sample(align_corners=True)``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from depthg.utils import DepthGError
+
+
+#: where the losses look: STEGO's uniform random locations, or DepthG's farthest points in 3D.
+SAMPLING_STRATEGIES: tuple[str, ...] = ("random", "fps")
 
 
 class SamplingError(DepthGError, ValueError):
@@ -288,52 +292,3 @@ def fps_grid(
     points = choices.unproject(pooled, fov_deg)
     indices = farthest_point_sample(points, n_side * n_side, start=start)
     return choices.cells_to_grid(indices.to(depth.device), h, w, n_side)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Sample-count schedule
-# ----------------------------------------------------------------------------------------------------
-
-
-def decay_events(iteration: int, every: int, after_step: bool = False, at_start: bool = False) -> int:
-    """How many decays act at 0-based ``iteration`` with one every ``every`` iterations (0 = never).
-
-    Paper: iteration // every. Released timing (docs/fidelity.md §3.9-3.10): ``after_step`` delays each
-    decay by one iteration, ``at_start`` adds one at iteration 0.
-    """
-    t = iteration - 1 if after_step else iteration
-    if every <= 0 or t < 0:
-        return 0
-    return t // every + (1 if at_start else 0)
-
-
-@dataclass(frozen=True)
-class SampleCountSchedule:
-    """The FPS sample-count decay S <- floor(factor * S) (docs/method.md §8.2, R6).
-
-    ``.at(iteration)`` is the n_side at that 0-based iteration; timing as :func:`decay_events`;
-    ``min_side`` floors the count (the released floor is 0, which would empty the loss).
-    """
-
-    n_side0: int
-    factor: float = 1.0
-    every: int = 0
-    min_side: int = 1
-    after_step: bool = False
-    at_start: bool = False
-
-    def __post_init__(self) -> None:
-        if self.n_side0 < 1 or self.every < 0 or not 0.0 < self.factor <= 1.0:
-            raise SamplingError(f"SampleCountSchedule needs n_side0 >= 1, every >= 0 and 0 < factor <= 1; "
-                                f"got n_side0={self.n_side0}, every={self.every}, factor={self.factor}")
-
-    def at(self, iteration: int) -> int:
-        if iteration < 0:
-            raise SamplingError(f"iteration must be >= 0, got {iteration}")
-        n = self.n_side0
-        for _ in range(decay_events(iteration, self.every, self.after_step, self.at_start)):
-            new = max(int(n * self.factor), self.min_side)
-            if new == n:
-                break
-            n = new
-        return n

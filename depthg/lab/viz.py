@@ -3,7 +3,7 @@ correlation tensors, training curves, per-class IoU bars and confusion matrices.
 
 Everything here is for notebooks and ``reproduce_figures.ipynb``; nothing here is on the training hot
 path, and nothing here *computes* the method (unprojection, FPS, correlations and losses live in
-:mod:`depthg.sampling`, :mod:`depthg.losses` and :mod:`depthg.lhp`). The functions take plain tensors or
+:mod:`depthg.method.sampling`, :mod:`depthg.method.losses` and :mod:`depthg.method.lhp`). The functions take plain tensors or
 arrays in the workbench conventions:
 
 - images (3, H, W) or (H, W, 3), float in [0, 1] or uint8;
@@ -280,7 +280,7 @@ def grid_to_cells(grid: Any, h: int, w: int) -> np.ndarray:
 
 
 def indices_to_cells(indices: Any, w: int) -> np.ndarray:
-    """Row-major flat indices (index = r·w + c, as :func:`depthg.sampling.depth_to_points`) → (..., 2) (row, col)."""
+    """Row-major flat indices (index = r·w + c, as :func:`depthg.method.sampling.depth_to_points`) → (..., 2) (row, col)."""
     idx = _as_numpy(indices).astype(np.int64)
     return np.stack([idx // w, idx % w], axis=-1).astype(np.float64)
 
@@ -719,7 +719,7 @@ np.save(sys.argv[2], np.asarray(down.points))
 
 def open3d_farthest_point_indices(points: Any, n_samples: int, start_index: int = 0) -> np.ndarray:
     """Farthest point sampling with open3d (``PointCloud.farthest_point_down_sample``) as an independent
-    cross-check of :func:`depthg.sampling.farthest_point_sample`; returns the selected indices, sorted.
+    cross-check of :func:`depthg.method.sampling.farthest_point_sample`; returns the selected indices, sorted.
 
     points: (N, 3) or (1, N, 3). open3d runs in a child Python process (its import would otherwise bring
     dash's Jupyter comm and the WebRTC visualiser into the notebook's kernel). open3d returns the selected

@@ -1,6 +1,6 @@
 """Local hidden positives: propagate each cell's code to its neighbours in 3D or in attention, then project.
 
-docs/method.md §7 gives the method, docs/fidelity.md §3.12 the released variants (``depthg.released``).
+docs/method.md §7 gives the method, docs/fidelity.md §3.12 the released variants (:mod:`depthg.method.released`).
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from depthg.sampling import Unproject, depth_to_points
+from depthg.method.sampling import Unproject, depth_to_points
 from depthg.utils import DepthGError
 
+#: how the propagation finds each cell's neighbours: nearest in 3D, or most attended by the backbone.
+LHP_STRATEGIES: tuple[str, ...] = ("depth", "attention")
 _EPS = 1e-10
 
 
@@ -84,7 +86,7 @@ class LocalHiddenPositives(nn.Module):
         choices: LhpChoices = LhpChoices(),
     ) -> None:
         super().__init__()
-        if strategy not in ("depth", "attention"):
+        if strategy not in LHP_STRATEGIES:
             raise LHPError(f"strategy must be 'depth' or 'attention', got {strategy!r}")
         if not 0.0 < quantile < 1.0:
             raise LHPError(f"quantile must be in (0, 1), got {quantile}")
