@@ -52,9 +52,10 @@ from depthg.backbone import load_backbone  # noqa: E402
 from depthg.build import fidelity  # noqa: E402
 from depthg.config import RELEASED_ITERATIONS, Config  # noqa: E402
 from depthg.data.transforms import resize_center_crop  # noqa: E402
-from depthg.features import FULL_PRECISION, CacheOptions, Precision, build_feature_cache  # noqa: E402
+from depthg.features import CacheOptions, build_feature_cache  # noqa: E402
+from depthg.precision import FULL_PRECISION, Precision, amp_context  # noqa: E402
 from depthg.method.sampling import numba_available  # noqa: E402
-from depthg.train import amp_context, train, training_dataset  # noqa: E402
+from depthg.train import train, training_dataset  # noqa: E402
 from depthg.utils import atomic_write  # noqa: E402
 
 GOAL_S = 30 * 60  # the paper's Cityscapes ViT-B/8 run in under 30 minutes on one H100-class GPU

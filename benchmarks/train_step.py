@@ -36,11 +36,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from depthg import sampling as S  # noqa: E402
+from depthg.method.sampling import fps_grid, random_grid  # noqa: E402
 from depthg.backbone import load_backbone  # noqa: E402
 from depthg.build import build_loss, fidelity  # noqa: E402
 from depthg.config import Config  # noqa: E402
-from depthg.features import FULL_PRECISION, CacheOptions, Precision, backbone_features, build_feature_cache  # noqa: E402
+from depthg.features import CacheOptions, backbone_features, build_feature_cache  # noqa: E402
+from depthg.precision import FULL_PRECISION, Precision  # noqa: E402
 from depthg.method.losses import LossInputs  # noqa: E402
 from depthg.method.schedules import DepthDecaySchedule  # noqa: E402
 from depthg.train import CachedSource, build_models, channel_dropout, dropout_masks  # noqa: E402
@@ -121,11 +122,11 @@ def run_config(cfg: Config, backbone: torch.nn.Module, data: RandomCrops, cache,
         masks = dropout_masks(2 * b, feats.shape[1], cfg.dropout, gens["dropout"])
         target, target_pos = channel_dropout(feats, masks[:b]), channel_dropout(feats_pos, masks[b:])
         if cfg.depth_sampling == "fps":
-            g1 = S.fps_grid(depth, grid_hw, cfg.feature_samples, cfg.fov_deg, 0, fid.fps)
-            g2 = S.fps_grid(depth_pos, grid_hw, cfg.feature_samples, cfg.fov_deg, 0, fid.fps)
+            g1 = fps_grid(depth, grid_hw, cfg.feature_samples, cfg.fov_deg, 0, fid.fps)
+            g2 = fps_grid(depth_pos, grid_hw, cfg.feature_samples, cfg.fov_deg, 0, fid.fps)
         else:
-            g1 = S.random_grid(b, cfg.feature_samples, gens["sample"]).to(device)
-            g2 = S.random_grid(b, cfg.feature_samples, gens["sample"]).to(device)
+            g1 = random_grid(b, cfg.feature_samples, gens["sample"]).to(device)
+            g2 = random_grid(b, cfg.feature_samples, gens["sample"]).to(device)
         with precision():
             out = model(torch.cat([feats, feats_pos]), batch["label"][:b])
         code, code_pos = out["code"].float().split(b)

@@ -29,7 +29,7 @@ from depthg.depth import estimate_depth_for_dataset, load_depth_model
 from depthg.evaluate import evaluate_checkpoint
 from depthg.train import train
 from depthg.utils import DepthGError
-from depthg.world import make_world
+from depthg.world import make_world, pretrain
 
 
 def _config_from_args(args: argparse.Namespace) -> Config:
@@ -229,14 +229,10 @@ def _add_ablate_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _add_pretrain_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """``pretrain``, only when the optional module is present and imports."""
-    try:  # imported only to add its options; a missing or broken optional module must not break the CLI
-        from depthg.world import pretrain as P
-    except ImportError:
-        return
+    """``pretrain``: the embedded backbone's pretraining; its options are defined in :mod:`depthg.world.pretrain`."""
     p = sub.add_parser("pretrain", help="pretraining (DINO, optional patch losses) of the embedded backbone on the synthetic world")
-    P.add_pretrain_arguments(p)
-    p.set_defaults(func=lambda a: P.run_pretrain_from_args(a))
+    pretrain.add_pretrain_arguments(p)
+    p.set_defaults(func=pretrain.run_pretrain_from_args)
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -1,5 +1,5 @@
-"""From a config to the objects a run is made of: fidelity choices, datasets, head and probes, precision,
-checkpoints.
+"""From a config to the objects a run is made of: fidelity choices, datasets, head and probes, loss,
+checkpoints (the precision policy is :mod:`depthg.precision`).
 
 ``depthg.train``, ``depthg.evaluate``, the CLI and the notebooks build their objects here, so the trainer
 and the evaluator do not import each other.
@@ -18,7 +18,6 @@ from depthg.config import Config
 from depthg.data import build_dataset
 from depthg.data.prepare import CroppedDataset, dataset_kwargs
 from depthg.data.transforms import PAPER_RESIZE, RELEASED_RESIZE, Resize
-from depthg.features import FULL_PRECISION, Precision
 from depthg.method.head import ClusterProbe, LinearProbe, SegmentationHead
 from depthg.method.lhp import LhpChoices, strongest_attention, weighted_mean
 from depthg.method.losses import CorrelationTerms, DepthGLoss, Negatives, derangement_negatives
@@ -28,7 +27,7 @@ from depthg.method.sampling import CellsToGrid, FpsChoices, Unproject, depth_to_
 from depthg.utils import DepthGError, safe_torch_load
 
 __all__ = ["TrainError", "Fidelity", "fidelity", "Segmenter", "build_models", "build_loss", "load_checkpoint",
-           "amp_context", "dataset_kwargs", "depth_normalization", "training_dataset", "validation_dataset",
+           "dataset_kwargs", "depth_normalization", "training_dataset", "validation_dataset",
            "n_classes_of"]
 
 
@@ -148,21 +147,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != "depthg-train-v1":
         raise TrainError(f"{path}: not a depthg training checkpoint (expected format 'depthg-train-v1')")
     return ckpt
-
-
-def amp_context(cfg: Config, device: torch.device) -> tuple[Precision, torch.amp.GradScaler | None]:
-    """The run's precision policy: autocast on CUDA only (bf16 when supported under "auto"); fp16 gets a
-    GradScaler. One policy for the feature cache, the per-step recomputation, the head and evaluation."""
-    if device.type != "cuda" or cfg.amp == "off":
-        return FULL_PRECISION, None
-    if cfg.amp == "auto":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        if dtype is None:
-            return FULL_PRECISION, None
-    else:
-        dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return Precision("cuda", dtype), scaler
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from huggingface_hub import constants, try_to_load_from_cache
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .utils import DepthGError, atomic_write, build_lock, get_device, inside, note
+from .utils import DepthGError, atomic_write, build_lock, get_device, inside, note, repo_root
 
 __all__ = [
     "DepthCache",
@@ -36,7 +36,6 @@ __all__ = [
     "load_depth_model",
     "build_tiny_random_depth_model",
     "hub_reachable",
-    "repo_root",
     "estimate_depth",
     "estimate_depth_for_dataset",
     "disparity_to_depth",
@@ -380,14 +379,6 @@ def _depth_kind(config: Any) -> Literal["metric", "relative"]:
     if mtype not in _RELATIVE_TYPES:
         warnings.warn(f"unknown depth model type {mtype!r}; treating its output as relative (disparity-like)")
     return "relative"
-
-
-def repo_root() -> Path:
-    """The workbench's repository root (the folder holding ``depthg/`` and ``pyproject.toml``); the
-    current directory when the package is installed elsewhere. Relative model paths are resolved here,
-    so a notebook (run in ``notebooks/``) and the command line (run in the root) find the same folder."""
-    root = Path(__file__).resolve().parents[1]
-    return root if (root / "pyproject.toml").is_file() else Path.cwd()
 
 
 def _hub_endpoint() -> str:

@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from depthg.backbone import load_backbone
-from depthg.build import Segmenter, amp_context, build_models, fidelity, load_checkpoint, validation_dataset
+from depthg.build import Segmenter, build_models, fidelity, load_checkpoint, validation_dataset
 from depthg.config import Config, apply_overrides
 from depthg.crf import dense_crf
 from depthg.data.common import default_palette
@@ -32,6 +32,7 @@ from depthg.data.prepare import dataset_root
 from depthg.data.transforms import PAPER_RESIZE, Resize, resize_center_crop
 from depthg.features import backbone_fingerprint
 from depthg.metrics import UnsupervisedMetrics
+from depthg.precision import amp_context
 from depthg.utils import DepthGError, atomic_write, get_device, inside, sha256_file
 
 __all__ = ["evaluate_model", "EvalOptions", "evaluate_checkpoint", "EvaluationError", "predict_batch"]

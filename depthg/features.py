@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -17,10 +16,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from depthg.precision import FULL_PRECISION, Precision
 from depthg.utils import (DepthGError, atomic_write, build_lock, digest, map_threads, note, partial_dir, publish_dir,
                           sha256_file)
 
-__all__ = ["FeatureCache", "FeatureCacheError", "Precision", "backbone_features", "backbone_fingerprint",
+__all__ = ["FeatureCache", "FeatureCacheError", "backbone_features", "backbone_fingerprint",
            "CacheOptions", "build_feature_cache", "cache_key", "cache_problem"]
 
 CACHE_VERSION = 3  # 3: content-keyed, per-file sizes and SHA-256 in the manifest, lock + atomic folder
@@ -34,27 +34,6 @@ _FILES = {"feats.f16": ("feat_shape", np.float16), "depth.f32": ("depth_shape", 
 
 class FeatureCacheError(DepthGError, RuntimeError):
     """The feature cache is missing, incomplete or does not match the requested data."""
-
-
-@dataclass(frozen=True)
-class Precision:
-    """Autocast to ``dtype`` on ``device_type`` (None = full precision); ``with precision(): y = model(x)``."""
-
-    device_type: str = "cpu"
-    dtype: torch.dtype | None = None
-
-    def __call__(self) -> AbstractContextManager:
-        if self.dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
-
-    @property
-    def name(self) -> str:
-        """"fp32", "bf16" or "fp16" (what the cache manifest records)."""
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, str(self.dtype))
-
-
-FULL_PRECISION = Precision()
 
 
 @torch.no_grad()

@@ -33,7 +33,6 @@ from depthg.build import (
     Fidelity,
     Segmenter,
     TrainError,
-    amp_context,
     build_loss,
     build_models,
     depth_normalization,
@@ -47,11 +46,12 @@ from depthg.config import Config
 from depthg.data.prepare import dataset_digest, load_knn, prepare_training_data
 from depthg.data.transforms import PAPER_RESIZE, Resize, resize_center_crop
 from depthg.evaluate import EvalOptions, evaluate_model
-from depthg.features import CacheOptions, Precision, backbone_features, backbone_fingerprint, build_feature_cache
+from depthg.features import CacheOptions, backbone_features, backbone_fingerprint, build_feature_cache
 from depthg.method.lhp import LocalHiddenPositives
 from depthg.method.losses import DepthGLoss, LossInputs
 from depthg.method.sampling import fps_grid, random_grid
 from depthg.method.schedules import DepthDecaySchedule, SampleCountSchedule
+from depthg.precision import Precision, amp_context
 from depthg.utils import atomic_torch_save, atomic_write, get_device, inside, map_threads
 
 __all__ = ["train", "TrainError", "batch_indices", "Segmenter", "load_checkpoint", "build_models", "broadcast_flag",
@@ -905,10 +905,12 @@ def final_results(run: Run, state: LoopState) -> dict[str, Any]:
 
 
 def _tensorboard(out_dir: Path) -> Any:
+    """A TensorBoard ``SummaryWriter`` on ``out_dir/tb``, or None when tensorboard is not installed (the run
+    then logs to ``log.jsonl`` only)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from torch.utils.tensorboard import SummaryWriter
-        return SummaryWriter(str(out_dir / "tb"))
-    except Exception:  # tensorboard not installed: JSON lines only
+    except ImportError:  # torch raises it when the tensorboard package is missing
         return None
+    return SummaryWriter(str(out_dir / "tb"))

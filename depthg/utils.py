@@ -1,4 +1,5 @@
-"""Shared helpers: errors, atomic writes and builds, file identity, safe checkpoint loading, devices.
+"""Shared helpers: errors, atomic writes and builds, file identity, safe checkpoint loading, devices, the
+repository root.
 
 Every file is written under a temporary name and renamed into place (:func:`atomic_write`); derived
 folders are built under a lock (:func:`build_lock`) in ``<folder>.partial`` and swapped in whole
@@ -195,6 +196,14 @@ def inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
     """True when ``path`` is ``folder`` or lies below it (after resolving links and ``..``)."""
     p, f = Path(path).resolve(), Path(folder).resolve()
     return p == f or p.is_relative_to(f)
+
+
+def repo_root() -> Path:
+    """The workbench's repository root (the folder holding ``depthg/`` and ``pyproject.toml``); the
+    current directory when the package is installed elsewhere. Relative model paths are resolved here,
+    so a notebook (run in ``notebooks/``) and the command line (run in the root) find the same folder."""
+    root = Path(__file__).resolve().parents[1]  # depthg/utils.py -> the folder holding depthg/
+    return root if (root / "pyproject.toml").is_file() else Path.cwd()
 
 
 def get_device(pref: str | torch.device = "auto") -> torch.device:

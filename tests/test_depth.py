@@ -23,8 +23,8 @@ from depthg.depth import (
     estimate_depth_for_dataset,
     hub_reachable,
     load_depth_model,
-    repo_root,
 )
+from depthg.utils import repo_root
 
 H, W = 30, 40
 

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import depthg.method.released as R
-from depthg.method import lhp, losses, sampling
+from depthg.method import lhp, losses, released, sampling
 from depthg.build import Fidelity, depth_normalization, fidelity
 from depthg.config import Config
 from depthg.data.transforms import PAPER_RESIZE, RELEASED_RESIZE
@@ -18,18 +17,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_presets_pick_the_paper_or_the_released_functions():
-    paper, released = fidelity(Config(mode="paper")), fidelity(Config(mode="released"))
-    assert paper == Fidelity.paper() and released == Fidelity.released()
+    paper, rel = fidelity(Config(mode="paper")), fidelity(Config(mode="released"))
+    assert paper == Fidelity.paper() and rel == Fidelity.released()
     assert (paper.unproject, paper.cells_to_grid, paper.negatives) == (
         sampling.depth_to_points, sampling.indices_to_grid, losses.derangement_negatives)
     assert (paper.lhp_keep_attention, paper.lhp_normalise, paper.resize) == (
         lhp.strongest_attention, lhp.weighted_mean, PAPER_RESIZE)
     assert not (paper.fps_fixed_start or paper.transposed_depth_pairs) and paper.depth_values == "none"
-    assert (released.unproject, released.cells_to_grid, released.negatives) == (
-        R.radians_unprojection, R.transposed_readout, R.super_perm_negatives)
-    assert (released.lhp_keep_attention, released.lhp_normalise, released.resize) == (
-        R.weakest_attention, R.divide_by_cell_count, RELEASED_RESIZE)
-    assert released.fps_fixed_start and released.transposed_depth_pairs and released.depth_values == "minmax255"
+    assert (rel.unproject, rel.cells_to_grid, rel.negatives) == (
+        released.radians_unprojection, released.transposed_readout, released.super_perm_negatives)
+    assert (rel.lhp_keep_attention, rel.lhp_normalise, rel.resize) == (
+        released.weakest_attention, released.divide_by_cell_count, RELEASED_RESIZE)
+    assert rel.fps_fixed_start and rel.transposed_depth_pairs and rel.depth_values == "minmax255"
     # "auto" depth values follow the fidelity on five-crops only
     assert depth_normalization(Config(mode="released"), {"crop_dir": "x"}) == "minmax255"
     assert depth_normalization(Config(mode="released"), {"crop_dir": None}) == "none"

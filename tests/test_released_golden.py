@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import depthg.method.losses as L
-import depthg.method.released as R
+from depthg.method import losses, released
 from depthg.backbone import load_backbone
 from depthg.build import Fidelity
 from depthg.data.transforms import RELEASED_RESIZE, resize_center_crop
@@ -103,13 +102,13 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float, what: str) -> float:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _loss_fn(fx: Fixture, prefix: str, neg_samples: int) -> L.DepthGLoss:
+def _loss_fn(fx: Fixture, prefix: str, neg_samples: int) -> losses.DepthGLoss:
     assert bool(fx[prefix + "cfg.pointwise"])  # released pointwise centring
-    terms = L.CorrelationTerms(pos_intra_shift=fx.f(prefix + "cfg.pos_intra_shift"),
+    terms = losses.CorrelationTerms(pos_intra_shift=fx.f(prefix + "cfg.pos_intra_shift"),
                                pos_inter_shift=fx.f(prefix + "cfg.pos_inter_shift"),
                                neg_inter_shift=fx.f(prefix + "cfg.neg_inter_shift"),
                                neg_samples=neg_samples, zero_clamp=True, centering="released")
-    return L.DepthGLoss(terms, depth_similarity="released", negatives=REL.negatives,
+    return losses.DepthGLoss(terms, depth_similarity="released", negatives=REL.negatives,
                         transposed_depth_pairs=REL.transposed_depth_pairs)
 
 
@@ -128,16 +127,16 @@ def _full_loss(fx: Fixture, group: str, grid1: torch.Tensor, grid2: torch.Tensor
         assert size == perms.shape[1]
         return queue.pop(0)
 
-    monkeypatch.setattr(R, "super_perm", stored_perm)
+    monkeypatch.setattr(released, "super_perm", stored_perm)
     queue.extend(perms)
-    terms = _loss_fn(fx, cfg, n_neg)(L.LossInputs(*inputs), (grid1, grid2), depth_weight=1.0, depth_shift=shift)
+    terms = _loss_fn(fx, cfg, n_neg)(losses.LossInputs(*inputs), (grid1, grid2), depth_weight=1.0, depth_shift=shift)
     assert not queue
     for name in ("pos_intra", "pos_inter", "neg_inter", "depth"):
         yield f"{out}.{name}", terms[name], fx[f"{out}.{name}"], TOL_LOSS
     per_pairing = []
     for k in range(n_neg):  # one pairing at a time, to compare each pairing's mean
         queue.append(perms[k])
-        per_pairing.append(_loss_fn(fx, cfg, 1)(L.LossInputs(*inputs), (grid1, grid2))["neg_inter"])
+        per_pairing.append(_loss_fn(fx, cfg, 1)(losses.LossInputs(*inputs), (grid1, grid2))["neg_inter"])
     yield f"{out}.neg_inter_per_pairing", torch.stack(per_pairing), fx[f"{out}.neg_inter_per_pairing"], TOL_LOSS
 
 
@@ -146,7 +145,7 @@ def compare_helper(fx: Fixture, monkeypatch=None):
     shift = fx.f("helper.in.shift")
     for pointwise, centering in ((1, "released"), (0, "none")):
         for zero_clamp in (1, 0):
-            loss, cd = L.correlation_loss((f1, f2), (c1, c2), shift, centering=centering, zero_clamp=bool(zero_clamp))
+            loss, cd = losses.correlation_loss((f1, f2), (c1, c2), shift, centering=centering, zero_clamp=bool(zero_clamp))
             key = f"helper.out.pointwise{pointwise}_zeroclamp{zero_clamp}.loss_mean"
             yield key, loss, fx[key], TOL_LOSS
             yield "helper.out.cd", cd, fx["helper.out.cd"], TOL_LOSS
@@ -167,7 +166,7 @@ def compare_fps(fx: Fixture, monkeypatch=None):
     for s in (5, 7):
         coords01 = fx[f"fps.out.S{s}.coords01"]
         yield f"fps.out.S{s}.coords01", released_fps_grid(depth, grid_hw, s), coords01 * 2 - 1, TOL_COORDS
-        points = R.radians_unprojection(F.adaptive_avg_pool2d(depth, grid_hw), 90.0)
+        points = released.radians_unprojection(F.adaptive_avg_pool2d(depth, grid_hw), 90.0)
         for backend in backends:
             order = farthest_point_sample(points, s * s, backend=backend)
             yield f"fps.out.S{s}.order", order, fx[f"fps.out.S{s}.order"], 0.0
@@ -187,9 +186,9 @@ def compare_fps_loss(fx: Fixture, monkeypatch):
 
 def compare_depthcorr(fx: Fixture, monkeypatch=None):
     code, depth = fx["depthcorr.in.code"], fx["depthcorr.in.depth"]
-    dd = L.depth_similarity(depth, depth, "released", size=tuple(code.shape[-2:]))
+    dd = losses.depth_similarity(depth, depth, "released", size=tuple(code.shape[-2:]))
     yield "depthcorr.out.dd", dd, fx["depthcorr.out.dd"], 0.0
-    loss = L.depth_feature_loss(code, dd, fx.f("depthcorr.in.shift"))
+    loss = losses.depth_feature_loss(code, dd, fx.f("depthcorr.in.shift"))
     yield "depthcorr.out.loss_mean", loss, fx["depthcorr.out.loss_mean"], TOL_LOSS
 
 
@@ -246,7 +245,7 @@ def compare_vit(fx: Fixture, monkeypatch=None, tmp_dir: Path | None = None):
 
 def compare_unproject(fx: Fixture, monkeypatch=None):
     ref = fx["unproject.out.points"]
-    ours = R.radians_unprojection(fx["unproject.in.depth"], fx.f("unproject.cfg.fov"))
+    ours = released.radians_unprojection(fx["unproject.in.depth"], fx.f("unproject.cfg.fov"))
     yield "unproject.out.points", ours, ref.permute(0, 2, 3, 1).reshape(ref.shape[0], -1, 3), TOL_POINTS
 
 
@@ -319,16 +318,16 @@ def test_released_depth_term_pairs_code_with_transposed_depth(fx: Fixture) -> No
     code = fx["fps_loss.in.code"]
     depth = fx["fps_loss.in.depth"]
     shift = fx.f("loss.cfg.depth_feat_shift")
-    loss_fn = L.DepthGLoss(L.CorrelationTerms(centering="released", neg_samples=0), depth_similarity="released",
+    loss_fn = losses.DepthGLoss(losses.CorrelationTerms(centering="released", neg_samples=0), depth_similarity="released",
                            negatives=REL.negatives, transposed_depth_pairs=REL.transposed_depth_pairs)
     for s in (5, 7):
         grid = released_fps_grid(depth, (14, 14), s)
         code_s = sample(code, grid)
         ours = loss_fn.depth_term(code_s, depth, grid, (14, 14), shift)
-        plain = L.depth_feature_loss(code_s, L.depth_similarity(depth, depth, "released", size=(s, s)), shift)
-        released = fx[f"fps_loss.out.S{s}.depth"]
-        assert abs(float(ours) - float(released)) <= TOL_LOSS
-        assert abs(float(plain) - float(released)) > 1e-3
+        plain = losses.depth_feature_loss(code_s, losses.depth_similarity(depth, depth, "released", size=(s, s)), shift)
+        theirs = fx[f"fps_loss.out.S{s}.depth"]
+        assert abs(float(ours) - float(theirs)) <= TOL_LOSS
+        assert abs(float(plain) - float(theirs)) > 1e-3
 
 
 # Image sizes the released loaders resize: Cityscapes frames and their five-crops, COCO-Stuff
@@ -367,7 +366,7 @@ def test_pil_nearest_indices_match_pil_on_many_sizes() -> None:
     for n_in, n_out in zip(rng.integers(1, 3000, 400), rng.integers(1, 1200, 400)):
         ramp = np.arange(n_in, dtype=np.int32)[None, :]
         ref = np.asarray(Image.fromarray(ramp).resize((int(n_out), 1), Image.NEAREST))[0]
-        assert np.array_equal(R.pil_nearest_indices(int(n_in), int(n_out)).numpy(), ref), (n_in, n_out)
+        assert np.array_equal(released.pil_nearest_indices(int(n_in), int(n_out)).numpy(), ref), (n_in, n_out)
 
 
 def test_paper_mode_resize_keeps_nearest_exact() -> None:
@@ -378,8 +377,8 @@ def test_paper_mode_resize_keeps_nearest_exact() -> None:
     out = resize_center_crop({"img": torch.zeros(3, h, w), "label": label}, res)["label"]
     ref = F.interpolate(label[None, None].float(), size=(res, 2 * res), mode="nearest-exact")[0, 0].long()
     assert torch.equal(out, ref[:, res // 2 : res // 2 + res])
-    released = resize_center_crop({"img": torch.zeros(3, h, w), "label": label}, res, RELEASED_RESIZE)["label"]
-    assert not torch.equal(out, released)
+    theirs = resize_center_crop({"img": torch.zeros(3, h, w), "label": label}, res, RELEASED_RESIZE)["label"]
+    assert not torch.equal(out, theirs)
 
 
 if __name__ == "__main__":  # print the measured differences (docs/released_golden.md quotes them)

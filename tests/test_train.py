@@ -98,25 +98,25 @@ def test_steps_lower_the_stego_loss(prepared):
 
 
 def test_resume_after_kill_is_bit_identical(prepared, monkeypatch):
-    import depthg.train as T
+    import depthg.train as train_module
 
     full = tiny_config(prepared / "cache", prepared / "full", steps=6, checkpoint_every=2)
     _quiet_train(full)
     reference = load_checkpoint(prepared / "full" / "checkpoint_last.pt")["model"]
 
     killed = tiny_config(prepared / "cache", prepared / "killed", steps=6, checkpoint_every=2)
-    original = T.batch_indices
+    original = train_module.batch_indices
 
     def dying(step, *args, **kwargs):
         if step == 3:  # killed during step 3: the last checkpoint is the one after step 2
             raise KeyboardInterrupt("simulated kill")
         return original(step, *args, **kwargs)
 
-    monkeypatch.setattr(T, "batch_indices", dying)
+    monkeypatch.setattr(train_module, "batch_indices", dying)
     with pytest.raises(KeyboardInterrupt):
         _quiet_train(killed)
     assert load_checkpoint(prepared / "killed" / "checkpoint_last.pt")["step"] == 2
-    monkeypatch.setattr(T, "batch_indices", original)
+    monkeypatch.setattr(train_module, "batch_indices", original)
     _quiet_train(killed, resume=True)
     resumed = load_checkpoint(prepared / "killed" / "checkpoint_last.pt")
     assert resumed["step"] == 6

@@ -34,9 +34,8 @@ from depthg.config import Config
 from depthg.data import build_dataset
 from depthg.data.prepare import dataset_root, world_folder
 from depthg.data.transforms import resize_center_crop
-from depthg.depth import repo_root
 from depthg.evaluate import EvalOptions, predict_batch
-from depthg.utils import get_device, sha256_file
+from depthg.utils import get_device, repo_root, sha256_file
 from depthg.lab.viz import get_palette
 
 __all__ = ["SMOKE", "RANDOM_BACKBONE", "at_root", "backbone_problem", "RunChoice", "choose_run", "TrainedRun",
@@ -61,7 +60,7 @@ def at_root(path: str | os.PathLike | None) -> Path | None:
     """A notebook's path parameter as a path that works from the current directory.
 
     Absolute paths stay as they are; relative ones are relative to the repository root
-    (:func:`depthg.depth.repo_root`). When the notebook already runs in the root (papermill from the root)
+    (:func:`depthg.utils.repo_root`). When the notebook already runs in the root (papermill from the root)
     they stay relative, so the configs it writes match those of ``python -m depthg ...`` run there.
     """
     if path is None:

@@ -57,6 +57,16 @@ from depthg.backbone import interpolate_pos_embed, save_backbone_dino_format
 from depthg.world.synthetic import render_scene
 from depthg.utils import DepthGError, atomic_torch_save, atomic_write, get_device, safe_torch_load
 
+__all__ = [
+    # running it: the function, its command line, the recipes and the files it writes
+    "pretrain", "add_pretrain_arguments", "run_pretrain_from_args", "main", "export_embedded", "PretrainError",
+    "DEFAULTS", "DENSE_RECIPE", "CHECKPOINT_NAME", "BACKBONE_NAME", "BACKBONE_JSON", "LOG_NAME",
+    # its parts, each tested on its own: model, losses, schedules, augmentations, masks, EMA
+    "build_vit", "vit_tokens", "DINOHead", "DINOModel", "dino_loss", "ibot_loss", "koleo_loss", "cross_view_loss",
+    "ema_centered_targets", "sinkhorn_targets", "cosine_schedule", "teacher_temperature", "multi_crop",
+    "random_resized_crops", "block_masks", "patch_centres", "crop_coordinates", "ema_update",
+]
+
 TIMM_NAME = "vit_small_patch8_224"  # the ViT-S/8 family; embed_dim/depth/heads are overridden
 CHECKPOINT_NAME = "checkpoint.pth"
 BACKBONE_NAME = "teacher_backbone.pth"
