@@ -15,7 +15,8 @@ from typing import Any
 from depthg.lab.ablation import DEFAULT_VARIANTS, run_ablation
 from depthg.backbone import load_backbone
 from depthg.build import dataset_kwargs
-from depthg.config import MODES, PRESETS, Config, ConfigError, apply_overrides, load_config
+from depthg.config import (MODES, PRESETS, Config, ConfigError, apply_overrides, merge_values, parse_overrides,
+                           read_config_file)
 from depthg.data import build_dataset
 from depthg.data.prepare import (
     CroppedDataset,
@@ -33,15 +34,16 @@ from depthg.world import make_world, pretrain
 
 
 def _config_from_args(args: argparse.Namespace) -> Config:
+    """The command's config: ``--config FILE`` (+ ``--mode``) or ``--preset NAME`` (+ ``--mode``), with the
+    ``key=value`` overrides merged in before the one validation."""
     if args.config and args.preset:
         raise ConfigError("give either --config or --preset, not both")
     if args.config:
-        cfg = load_config(args.config)
-        if args.mode:
-            cfg = apply_overrides(cfg, [f"mode={args.mode}"])
-    else:
-        cfg = Config.preset(args.preset or "synthetic", args.mode or "paper")
-    return apply_overrides(cfg, args.overrides)
+        values = read_config_file(args.config)
+        if args.mode:  # the mode first (it converts the keys that depend on it), then the overrides
+            values = merge_values(values, {"mode": args.mode})
+        return Config.from_dict(merge_values(values, parse_overrides(args.overrides)), source=args.config)
+    return apply_overrides(Config.preset(args.preset or "synthetic", args.mode or "paper"), args.overrides)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

@@ -14,7 +14,9 @@ autocast and the two released timing flags) and picks the released functions of 
 (``depthg.build.Fidelity``). Decay intervals count iterations in both modes.
 
 Every field is validated in ``__post_init__``: an unknown key is an error listing the valid keys (with
-close-match suggestions), an impossible value is an error naming the key and the allowed values.
+close-match suggestions), an impossible value is an error naming the key and the allowed values. A config
+file and its ``key=value`` overrides are merged first and validated once, as merged (:func:`load_config`);
+building a Config reads no file (the embedded backbone's patch size is :data:`EMBEDDED_PATCH_SIZE`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import difflib
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,11 @@ __all__ = [
     "Config",
     "ConfigError",
     "load_config",
+    "read_config_file",
     "save_config",
     "apply_overrides",
+    "parse_overrides",
+    "merge_values",
     "PRESETS",
     "MODES",
 ]
@@ -317,17 +321,7 @@ class Config:
                               "world classes; expected the directory dataset's number of classes")
         patch = backbone_patch_size(self.backbone, self.backbone_kwargs)
         if patch is not None:
-            for key in ("res", "eval_res"):
-                if getattr(self, key) % patch:
-                    raise ConfigError(f"config key {key!r} = {getattr(self, key)}: expected a multiple of the backbone's "
-                                      f"patch size {patch} ({self.backbone})")
-            grid = self.res // patch
-            if self.depth_sampling == "fps" and self.feature_samples > grid:
-                raise ConfigError(
-                    f"config key 'feature_samples' = {self.feature_samples}: FPS picks feature_samples x "
-                    f"feature_samples cells of the {grid}x{grid} feature grid (res {self.res} / patch {patch}); "
-                    f"expected at most {grid}"
-                )
+            self.check_patch_size(patch)
         if self.lhp and self.lhp_strategy == "attention" and self.feature_cache:
             raise ConfigError("config key 'lhp_strategy' = 'attention' needs the backbone's attention each step: "
                               "set feature_cache=false")
@@ -345,6 +339,22 @@ class Config:
             if self.num_neighbors > n - 1:
                 raise ConfigError(f"config key 'num_neighbors' = {self.num_neighbors}: each of the {n} training "
                                   f"{'crops' if self.five_crop else 'images'} has {n - 1} others; expected at most {n - 1}")
+
+    def check_patch_size(self, patch: int) -> None:
+        """The sizes against a backbone's patch size: ``res`` and ``eval_res`` are multiples of it, and FPS
+        finds its feature_samples x feature_samples cells on the res / patch grid. Validation calls it with
+        the size the backbone's name implies; ``depthg.build.build_backbone`` with the loaded model's."""
+        for key in ("res", "eval_res"):
+            if getattr(self, key) % patch:
+                raise ConfigError(f"config key {key!r} = {getattr(self, key)}: expected a multiple of the backbone's "
+                                  f"patch size {patch} ({self.backbone})")
+        grid = self.res // patch
+        if self.depth_sampling == "fps" and self.feature_samples > grid:
+            raise ConfigError(
+                f"config key 'feature_samples' = {self.feature_samples}: FPS picks feature_samples x "
+                f"feature_samples cells of the {grid}x{grid} feature grid (res {self.res} / patch {patch}); "
+                f"expected at most {grid}"
+            )
 
     # ---- validation primitives: each raises ConfigError naming the key, its value and what is allowed ---
     def _expect_choice(self, key: str, allowed: tuple) -> None:
@@ -418,17 +428,11 @@ class Config:
 
     def with_mode(self, mode: str) -> "Config":
         """The same run in the other fidelity mode: the mode's defaults (:data:`MODE_DEFAULTS`) replace the
-        current ones, and released mode starts FPS at cell 0, as the released code does.
+        current ones, and released mode starts FPS at cell 0, as the released code does (:func:`merge_values`).
 
         Changing only ``mode`` would leave a hybrid (e.g. released mode with the 3D-distance depth term).
         """
-        if mode not in MODES:
-            raise ConfigError(f"config key 'mode' = {mode!r}: expected one of {list(MODES)}")
-        if mode == self.mode:
-            return self.replace()
-        values = {**self.to_dict(), **{key: None for key in MODE_DEFAULTS[mode]}, "mode": mode}
-        values.update(_mode_values(mode))
-        return Config(**values)
+        return Config(**merge_values(self.to_dict(), {"mode": mode}))
 
     def save(self, path: str | Path) -> Path:
         return save_config(self, path)
@@ -460,25 +464,22 @@ class Config:
         return cls(**values)
 
 
+#: the patch size of the embedded backbone (depthg/weights/embedded_vit.json: ``vit_small_patch8_224``).
+#: Validation uses this constant, so building a Config reads no file; ``depthg.build.build_backbone`` checks
+#: the loaded backbone's real patch size against the run's sizes again.
+EMBEDDED_PATCH_SIZE = 8
+
+
 def backbone_patch_size(backbone: str, backbone_kwargs: dict[str, Any] | None = None) -> int | None:
-    """The patch size a backbone name implies (``vit_small_patch8_224`` -> 8, ``vitb16`` -> 16, ``embedded`` ->
-    its ``embedded_vit.json``), without building it; None when the name does not say."""
+    """The patch size a backbone name implies, without building it or reading a file: ``patch_size`` in
+    ``backbone_kwargs``, else ``vit_small_patch8_224`` -> 8, ``vitb16`` -> 16, ``embedded`` ->
+    :data:`EMBEDDED_PATCH_SIZE`; None when the name does not say."""
     kwargs = dict(backbone_kwargs or {})
     if isinstance(kwargs.get("patch_size"), int) and not isinstance(kwargs["patch_size"], bool):
         return int(kwargs["patch_size"])
-    name = backbone
     if backbone == "embedded":
-        module = sys.modules.get("depthg.backbone")  # tests may point the module at another folder
-        folder = Path(module.EMBEDDED_DIR) if module is not None else Path(__file__).resolve().parent / "weights"
-        try:
-            meta = json.loads((folder / "embedded_vit.json").read_text())
-            name = str(meta["timm_name"])
-            inner = meta.get("timm_kwargs", {}).get("patch_size")
-            if isinstance(inner, int):
-                return inner
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return None
-    match = re.search(r"patch(\d+)", name) or re.fullmatch(r"vit[a-z](\d+)", name.lower())
+        return EMBEDDED_PATCH_SIZE
+    match = re.search(r"patch(\d+)", backbone) or re.fullmatch(r"vit[a-z](\d+)", backbone.lower())
     return int(match.group(1)) if match else None
 
 
@@ -594,8 +595,9 @@ def check_keys(keys: Any, source: str) -> None:
     raise ConfigError(f"{source}: unknown config key(s) {', '.join(hints)}. Valid keys: {', '.join(valid)}")
 
 
-def load_config(path: str | Path) -> Config:
-    """Read a YAML (``.yaml``/``.yml``) or JSON (``.json``) config file."""
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The values of a YAML (``.yaml``/``.yml``) or JSON (``.json``) config file, keys checked but values not
+    yet validated: a file may hold part of a config that overrides complete (:func:`load_config`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
@@ -606,6 +608,16 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from None
     if values is None:
         values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
+    check_keys(values.keys(), str(path))
+    return values
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The config of a file with ``["key=value", ...]`` overrides on top, validated once, as merged: a file
+    that is valid only with its overrides (``use_depth: false`` + ``depth_sampling=random``) is accepted."""
+    values = merge_values(read_config_file(path), parse_overrides(overrides))
     return Config.from_dict(values, source=str(path))
 
 
@@ -623,8 +635,8 @@ def save_config(cfg: Config, path: str | Path) -> Path:
     return path
 
 
-def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
-    """Apply ``["key=value", ...]`` (values parsed with ``yaml.safe_load``) and re-validate.
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["key=value", ...]`` -> ``{key: value}``, values parsed with ``yaml.safe_load``, keys checked.
 
     ``steps=500``, ``weights=null``, ``backbone_kwargs={embed_dim: 32}``, ``data_dir=/data/cityscapes``.
     """
@@ -649,6 +661,25 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
             value = raw.strip() if not isinstance(value, str) else value
         changes[key] = value
     check_keys(changes.keys(), "overrides")
-    if "mode" in changes:  # switch the mode first (converting its dependent keys), then the rest
-        cfg = cfg.with_mode(changes.pop("mode"))
-    return Config(**{**cfg.to_dict(), **changes})
+    return changes
+
+
+def merge_values(values: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with ``changes`` on top, not validated. A change of ``mode`` is applied first and converts
+    the keys that depend on it (:data:`MODE_DEFAULTS`; released mode also starts FPS at cell 0), then the
+    other changes, so ``mode=released depth_similarity=product`` keeps the explicit similarity."""
+    merged, rest = dict(values), dict(changes)
+    if "mode" in rest:
+        mode = rest.pop("mode")
+        if mode not in MODES:
+            raise ConfigError(f"config key 'mode' = {mode!r}: expected one of {list(MODES)}")
+        if mode != merged.get("mode", Config.mode):
+            merged.update({key: None for key in MODE_DEFAULTS[mode]})
+            merged.update(_mode_values(mode))
+    merged.update(rest)
+    return merged
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """``cfg`` with ``["key=value", ...]`` applied (:func:`parse_overrides`, :func:`merge_values`), validated once."""
+    return Config(**merge_values(cfg.to_dict(), parse_overrides(overrides)))

@@ -146,3 +146,49 @@ def test_mode_switch_converts_dependent_keys():
     assert back.depth_similarity == "centred" and back.depth_decay_every == 250
     assert Config(mode="released").depth_similarity == "released"
     assert Config(mode="paper").depth_similarity == "centred"
+
+
+def test_a_file_and_its_overrides_are_merged_then_validated_once(tmp_path):
+    """``--config base.yaml depth_sampling=random``: base.yaml alone is invalid (FPS without depth), the merged
+    config is valid, and both the library and the command line accept it."""
+    from depthg.__main__ import _config_from_args, build_parser
+
+    base = tmp_path / "base.yaml"
+    base.write_text("use_depth: false\nsteps: 5\n")
+    with pytest.raises(ConfigError, match="depth_sampling"):
+        load_config(base)
+    cfg = load_config(base, ["depth_sampling=random"])
+    assert (cfg.use_depth, cfg.depth_sampling, cfg.steps) == (False, "random", 5)
+    parse = build_parser().parse_args
+    assert _config_from_args(parse(["train", "--config", str(base), "depth_sampling=random"])) == cfg
+    with pytest.raises(ConfigError, match="depth_sampling"):
+        _config_from_args(parse(["train", "--config", str(base)]))
+    # --mode converts the file's mode-dependent keys first; the overrides still apply on top
+    released = _config_from_args(parse(["train", "--config", str(base), "--mode", "released",
+                                        "depth_sampling=random", "depth_similarity=product"]))
+    assert (released.mode, released.amp, released.depth_similarity) == ("released", "off", "product")
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(base, ["depth_sampels=random"])
+
+
+def test_building_a_config_reads_no_file(monkeypatch):
+    """The embedded backbone's patch size reaches validation as a constant: no file is opened (and no
+    module looked up) while a Config is built."""
+    import builtins
+    import io
+    import pathlib
+    from pathlib import Path
+
+    def no_io(*args, **kwargs):
+        raise AssertionError(f"file access while building a Config: {args!r}")
+
+    for owner, name in ((builtins, "open"), (io, "open"), (pathlib.Path, "open"), (pathlib.Path, "read_text"),
+                        (pathlib.Path, "read_bytes"), (pathlib.Path, "is_file"), (pathlib.Path, "exists")):
+        monkeypatch.setattr(owner, name, no_io)
+    cfg = Config(backbone="embedded", res=64, eval_res=64, feature_samples=8)
+    assert Config.preset("synthetic").backbone == "embedded"
+    with pytest.raises(ConfigError, match="multiple of the backbone's patch size 8"):
+        Config(backbone="embedded", res=100)
+    monkeypatch.undo()
+    assert "sys.modules" not in (Path(__file__).resolve().parents[1] / "depthg" / "config.py").read_text()
+    assert cfg.res == 64
