@@ -55,7 +55,8 @@ from depthg.data.transforms import resize_center_crop  # noqa: E402
 from depthg.features import CacheOptions, build_feature_cache  # noqa: E402
 from depthg.precision import FULL_PRECISION, Precision, amp_context  # noqa: E402
 from depthg.method.sampling import numba_available  # noqa: E402
-from depthg.train import train, training_dataset  # noqa: E402
+from depthg.build import training_dataset  # noqa: E402
+from depthg.train import train  # noqa: E402
 from depthg.utils import atomic_write  # noqa: E402
 
 GOAL_S = 30 * 60  # the paper's Cityscapes ViT-B/8 run in under 30 minutes on one H100-class GPU
@@ -252,14 +253,15 @@ def run_section(device: torch.device, size: dict[str, Any], work: Path) -> dict[
     t0 = time.perf_counter()
     data = prepare_training_data(base, backbone=backbone, progress=False)
     out["prepare_s"] = time.perf_counter() - t0  # five-crop + kNN
-    crops = training_dataset(base, data)
+    fid = fidelity(base)
+    crops = training_dataset(base, fid, data)
     out["n_crops"] = len(crops)
 
     # the feature cache's build rate under the run's precision policy (PNG crops -> backbone -> fp16 memmap)
     precision, _ = amp_context(base, device)
     out["precision"] = precision.name
     t0 = time.perf_counter()
-    transform = partial(resize_center_crop, res=base.res, resize=fidelity(base).resize)
+    transform = partial(resize_center_crop, res=base.res, resize=fid.resize)
     options = CacheOptions(batch_size=base.batch_size, device=device, transform=transform, progress=False,
                            precision=precision, workers=base.num_workers)
     build_feature_cache(backbone, crops, work / "cache_timing", {"timing": True}, options)
@@ -321,7 +323,7 @@ def eval_section(cfg: Config, device: torch.device, n_images: int) -> dict[str, 
     """Seconds per image of the training-time validation (no flip, no CRF) and the final evaluation (flip, no
     CRF) with the run's loader workers, on the validation images cycled to ``n_images``. The in-run
     validations see one batch (the world has few validation images), which leaves the workers idle."""
-    from depthg.build import build_models, validation_dataset
+    from depthg.build import build_models, fidelity, validation_dataset
     from depthg.evaluate import EvalOptions, evaluate_model
 
     val = _Repeated(validation_dataset(cfg, cfg.data_dir), n_images)
@@ -332,7 +334,7 @@ def eval_section(cfg: Config, device: torch.device, n_images: int) -> dict[str, 
     precision, _ = amp_context(cfg, device)
     out: dict[str, Any] = {"n_images": n_images, "num_workers": cfg.num_workers, "batch_size": cfg.eval_batch_size}
     for name, flip in (("validation", False), ("final_eval", True)):
-        opts = EvalOptions.of(cfg, flip=flip, crf=False, progress=False, max_images=None)
+        opts = EvalOptions.of(cfg, fidelity(cfg), flip=flip, crf=False, progress=False, max_images=None)
         t0 = time.perf_counter()
         evaluate_model(backbone, model, val, opts, device=device, amp=precision)
         out[f"{name}_s_per_image"] = (time.perf_counter() - t0) / n_images

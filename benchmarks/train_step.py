@@ -38,13 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from depthg.method.sampling import fps_grid, random_grid  # noqa: E402
 from depthg.backbone import load_backbone  # noqa: E402
-from depthg.build import build_loss, fidelity  # noqa: E402
+from depthg.build import build_loss, build_models, fidelity  # noqa: E402
 from depthg.config import Config  # noqa: E402
 from depthg.features import CacheOptions, backbone_features, build_feature_cache  # noqa: E402
 from depthg.precision import FULL_PRECISION, Precision  # noqa: E402
 from depthg.method.losses import LossInputs  # noqa: E402
 from depthg.method.schedules import DepthDecaySchedule  # noqa: E402
-from depthg.train import CachedSource, build_models, channel_dropout, dropout_masks  # noqa: E402
+from depthg.train import channel_dropout, dropout_masks  # noqa: E402
+from depthg.train_support import CachedSource  # noqa: E402
 
 
 class RandomCrops(torch.utils.data.Dataset):

@@ -14,10 +14,11 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from depthg.backbone import Backbone, load_backbone
 from depthg.config import Config
 from depthg.data import build_dataset
 from depthg.data.prepare import CroppedDataset, dataset_kwargs
-from depthg.data.transforms import PAPER_RESIZE, RELEASED_RESIZE, Resize
+from depthg.data.transforms import RESIZES, Resize
 from depthg.method.head import ClusterProbe, LinearProbe, SegmentationHead
 from depthg.method.lhp import LhpChoices, strongest_attention, weighted_mean
 from depthg.method.losses import CorrelationTerms, DepthGLoss, Negatives, derangement_negatives
@@ -26,9 +27,9 @@ from depthg.method.released import (divide_by_cell_count, radians_unprojection, 
 from depthg.method.sampling import CellsToGrid, FpsChoices, Unproject, depth_to_points, indices_to_grid
 from depthg.utils import DepthGError, safe_torch_load
 
-__all__ = ["TrainError", "Fidelity", "fidelity", "Segmenter", "build_models", "build_loss", "load_checkpoint",
-           "dataset_kwargs", "depth_normalization", "training_dataset", "validation_dataset",
-           "n_classes_of"]
+__all__ = ["TrainError", "Fidelity", "fidelity", "FIDELITY_PRESETS", "Segmenter", "build_backbone", "build_models",
+           "build_loss", "load_checkpoint", "dataset_kwargs", "depth_normalization", "training_dataset",
+           "validation_dataset", "n_classes_of"]
 
 
 class TrainError(DepthGError, RuntimeError):
@@ -44,10 +45,13 @@ class TrainError(DepthGError, RuntimeError):
 class Fidelity:
     """Which computation each difference between the paper and the released code uses (docs/fidelity.md).
 
-    The defaults are the paper path; :meth:`released` takes every function of ``depthg.method.released``. The
-    loss, the sampler, the LHP module, the resize of training and evaluation and the depth loader receive
-    these functions and flags; only the config knows the mode. The released timing of the decays is two
-    config keys (``decay_after_step``, ``sample_decay_at_start``), the depth similarity one more.
+    The defaults are the paper path; :meth:`released` takes every function of ``depthg.method.released``. A
+    run builds one (:func:`fidelity`, in ``build_run`` / ``evaluate_checkpoint`` / ``load_trained``) and hands
+    it down: the loss, the sampler, the LHP module, the resize of training and evaluation and the depth
+    loader receive its functions and flags; only the config knows the mode. The released timing of the
+    decays is two config keys (``decay_after_step``, ``sample_decay_at_start``), the depth similarity one more.
+    The resize comes from the one mode -> resize table, ``depthg.data.transforms.RESIZES``, which the data
+    preparation (kNN) reads too.
     """
 
     unproject: Unproject = depth_to_points  # §3.4, FPS and LHP
@@ -55,7 +59,7 @@ class Fidelity:
     fps_fixed_start: bool = False  # §3.5: FPS starts at cell 0 even with fps_random_start
     negatives: Negatives = derangement_negatives  # §3.6
     transposed_depth_pairs: bool = False  # §3.2, with depth_similarity="released"
-    resize: Resize = PAPER_RESIZE  # §3.8, training crops, kNN and evaluation
+    resize: Resize = RESIZES["paper"]  # §3.8, training crops, kNN and evaluation
     depth_values: str = "none"  # §3.11, what depth_normalization="auto" gives five-cropped data
     lhp_keep_attention: Callable = strongest_attention  # §3.12
     lhp_normalise: Callable = weighted_mean  # §3.12
@@ -67,7 +71,7 @@ class Fidelity:
     @classmethod
     def released(cls) -> "Fidelity":
         return cls(unproject=radians_unprojection, cells_to_grid=transposed_readout, fps_fixed_start=True,
-                   negatives=super_perm_negatives, transposed_depth_pairs=True, resize=RELEASED_RESIZE,
+                   negatives=super_perm_negatives, transposed_depth_pairs=True, resize=RESIZES["released"],
                    depth_values="minmax255", lhp_keep_attention=weakest_attention,
                    lhp_normalise=divide_by_cell_count)
 
@@ -87,7 +91,8 @@ FIDELITY_PRESETS: dict[str, Callable[[], Fidelity]] = {"paper": Fidelity.paper, 
 
 
 def fidelity(cfg: Config) -> Fidelity:
-    """The fidelity choices of ``cfg.mode`` (validated by :class:`depthg.config.Config`)."""
+    """The fidelity choices of ``cfg.mode`` (validated by :class:`depthg.config.Config`): made once per run
+    and passed down, never re-derived from the config further in."""
     return FIDELITY_PRESETS[cfg.mode]()
 
 
@@ -124,6 +129,18 @@ def n_classes_of(dataset: Any) -> int:
     return int(dataset.n_classes)
 
 
+def build_backbone(cfg: Config, device: torch.device | str | None = None) -> Backbone:
+    """The run's frozen backbone (``cfg.backbone``, ``weights``, ``backbone_kwargs``), on ``device`` when given.
+
+    The config was validated against the patch size its backbone *name* implies (the embedded one's is a
+    constant, ``depthg.config.EMBEDDED_PATCH_SIZE``); here the sizes are checked against the loaded
+    model's real patch size, before any data is prepared.
+    """
+    backbone = load_backbone(cfg.backbone, cfg.weights, **cfg.backbone_kwargs)
+    cfg.check_patch_size(backbone.patch_size)
+    return backbone.to(device) if device is not None else backbone
+
+
 def build_models(cfg: Config, in_dim: int, n_classes: int) -> Segmenter:
     """Head, cluster probe and linear probe, initialised from cfg.seed (independent of the global RNG)."""
     with torch.random.fork_rng(devices=[]):
@@ -154,17 +171,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def depth_normalization(cfg: Config, data: dict[str, Any]) -> str:
+def depth_normalization(cfg: Config, fid: Fidelity, data: dict[str, Any]) -> str:
     """Depth values fed to the model; ``"auto"``: the fidelity's ``depth_values`` for five-crops (they store
     the parent image's min/max), else the depth cache's own values (metres for metric sources)."""
     if cfg.depth_normalization != "auto":
         return cfg.depth_normalization
-    return fidelity(cfg).depth_values if data.get("crop_dir") is not None else "none"
+    return fid.depth_values if data.get("crop_dir") is not None else "none"
 
 
-def training_dataset(cfg: Config, data: dict[str, Any]) -> Any:
+def training_dataset(cfg: Config, fid: Fidelity, data: dict[str, Any]) -> Any:
     """The training crops (or the full images when five_crop is off) with their depth."""
-    norm = depth_normalization(cfg, data)
+    norm = depth_normalization(cfg, fid, data)
     if data.get("crop_dir") is not None:
         return CroppedDataset(data["crop_dir"], data["train_split"], depth_normalization=norm,
                               with_depth=data.get("depth_dir") is not None)

@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from depthg.backbone import load_backbone
-from depthg.build import Segmenter, build_models, fidelity, load_checkpoint, validation_dataset
+from depthg.build import Fidelity, Segmenter, build_backbone, build_models, fidelity, load_checkpoint, validation_dataset
 from depthg.config import Config, apply_overrides
 from depthg.crf import dense_crf
 from depthg.data.common import default_palette
@@ -106,10 +105,10 @@ class EvalOptions:
     n_predictions: int = 0
 
     @classmethod
-    def of(cls, cfg: Config, **changes: Any) -> "EvalOptions":
-        """The evaluation protocol of ``cfg`` (eval_res, the run's resize, eval_flip, eval_crf, eval_batch_size,
-        eval_max_images) and its loader workers (num_workers), with ``changes`` on top."""
-        values = dict(res=cfg.eval_res, resize=fidelity(cfg).resize, flip=cfg.eval_flip, crf=cfg.eval_crf,
+    def of(cls, cfg: Config, fid: Fidelity, **changes: Any) -> "EvalOptions":
+        """The evaluation protocol of ``cfg`` (eval_res, eval_flip, eval_crf, eval_batch_size, eval_max_images)
+        with the run's resize (``fid``) and loader workers (num_workers), with ``changes`` on top."""
+        values = dict(res=cfg.eval_res, resize=fid.resize, flip=cfg.eval_flip, crf=cfg.eval_crf,
                       batch_size=cfg.eval_batch_size, max_images=cfg.eval_max_images, num_workers=cfg.num_workers)
         return cls(**{**values, **changes})
 
@@ -209,7 +208,7 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *, data
     root = data_root if data_root is not None else dataset_root(cfg, progress=False)
     dataset = validation_dataset(cfg, root)
     device = get_device(cfg.device)
-    backbone = load_backbone(cfg.backbone, cfg.weights, **cfg.backbone_kwargs).to(device)
+    backbone = build_backbone(cfg, device)
     trained_on = (ckpt.get("data") or {}).get("backbone_sha256")
     if trained_on is not None and backbone_fingerprint(backbone) != trained_on:
         raise EvaluationError(f"{path}: the backbone {cfg.backbone!r} (weights {cfg.weights!r}) now loads other weights "
@@ -223,7 +222,7 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *, data
     if inside(output, root):  # nothing is written into a dataset folder
         raise EvaluationError(f"refusing to write the evaluation {output}: it is inside the dataset folder {root}; "
                               "pass --output outside it")
-    options = EvalOptions.of(cfg, progress=progress, n_predictions=n_predictions,
+    options = EvalOptions.of(cfg, fidelity(cfg), progress=progress, n_predictions=n_predictions,
                              predictions_dir=output.with_suffix("") if n_predictions else None)
     metrics = evaluate_model(backbone, model, dataset, options, device=device, amp=amp)
     result = {

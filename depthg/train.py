@@ -1,10 +1,13 @@
 """Train a DepthG / STEGO segmentation head on a frozen backbone -- one plain PyTorch loop.
 
-Read it top to bottom (nanoGPT style): *build* (``build_run``: config -> a ``Run`` of objects), *step*
-(``train_step``: batch -> targets -> grids -> head -> losses -> backward) and *loop* (``train_loop``:
-logging, validation, checkpoints). Every random stream is explicit and checkpointed, so a resumed run is
-bit-identical; the paper-or-released choices are made once (``depthg.build.fidelity``). docs/training.md
-describes the set-up order, resume, model selection and multi-process (DDP) runs.
+Read it top to bottom (nanoGPT style): :func:`train` is the whole run; *build* (:func:`build_run`: config ->
+a :class:`Run` of objects), *step* (:func:`train_step`: batch -> targets -> grids -> head -> losses ->
+backward), *loop* (:func:`train_loop`: logging, validation, checkpoints) and the final evaluation follow in
+that order, resume last. Every random stream is explicit and checkpointed, so a resumed run is
+bit-identical; the paper-or-released choices are made once per run (one ``depthg.build.Fidelity``, handed
+down). What the loop stands on (processes, data order, feature sources, RNG state, the run folder) is in
+:mod:`depthg.train_support`. docs/training.md describes the set-up order, resume, model selection and
+multi-process (DDP) runs.
 """
 
 from __future__ import annotations
@@ -12,15 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
 import time
-import warnings
 from dataclasses import dataclass, field, replace
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,14 +28,13 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from depthg.backbone import load_backbone
 from depthg.build import (
     Fidelity,
     Segmenter,
     TrainError,
+    build_backbone,
     build_loss,
     build_models,
-    depth_normalization,
     fidelity,
     load_checkpoint,
     n_classes_of,
@@ -43,274 +42,39 @@ from depthg.build import (
     validation_dataset,
 )
 from depthg.config import Config
-from depthg.data.prepare import dataset_digest, load_knn, prepare_training_data
-from depthg.data.transforms import PAPER_RESIZE, Resize, resize_center_crop
+from depthg.data.prepare import dataset_digest, prepare_training_data
 from depthg.evaluate import EvalOptions, evaluate_model
-from depthg.features import CacheOptions, backbone_features, backbone_fingerprint, build_feature_cache
+from depthg.features import backbone_fingerprint
 from depthg.method.lhp import LocalHiddenPositives
 from depthg.method.losses import DepthGLoss, LossInputs
 from depthg.method.sampling import fps_grid, random_grid
 from depthg.method.schedules import DepthDecaySchedule, SampleCountSchedule
 from depthg.precision import Precision, amp_context
-from depthg.utils import atomic_torch_save, atomic_write, get_device, inside, map_threads
+from depthg.train_support import (
+    CachedSource,
+    CropSource,
+    Place,
+    batch_indices,
+    broadcast_flag,
+    checkpoint_to_resume,
+    feature_source,
+    json_default,
+    load_neighbours,
+    open_run_folder,
+    rank0_first,
+    rng_state,
+    set_rng_state,
+    setup_place,
+)
+from depthg.utils import atomic_torch_save, atomic_write
 
-__all__ = ["train", "TrainError", "batch_indices", "Segmenter", "load_checkpoint", "build_models", "broadcast_flag",
-           "collective_device"]
-
-
-# ----------------------------------------------------------------------------------------------------
-# distributed helpers
-# ----------------------------------------------------------------------------------------------------
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    initialised_here: bool = False
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group that torchrun (or a test) described in the environment, if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    initialised_here = False
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
-        initialised_here = True
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), initialised_here)
-
-
-def collective_device(backend: str, device: torch.device) -> torch.device:
-    """Where a tensor handed to a collective must live: NCCL moves only CUDA tensors, gloo CPU tensors."""
-    if backend == "nccl":
-        if device.type != "cuda":
-            raise TrainError(f"the nccl backend moves only CUDA tensors, but the run's device is {device}")
-        return device
-    return torch.device("cpu")
-
-
-def broadcast_flag(value: bool, device: torch.device, src: int = 0) -> bool:
-    """Rank ``src``'s boolean on every rank (``value`` itself without a process group).
-
-    The flag travels as a one-element tensor on :func:`collective_device` of the group's backend, so the
-    same call works under gloo (CPU) and NCCL (the rank's CUDA device).
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    flag = torch.tensor([int(value)], device=collective_device(dist.get_backend(), device))
-    dist.broadcast(flag, src)
-    return bool(flag.item())
+__all__ = ["train", "TrainError", "Run", "build_run", "train_step", "train_loop", "final_results", "selection_metric",
+           "channel_dropout", "dropout_masks"]
 
 
 # ----------------------------------------------------------------------------------------------------
-# data order: a pure function of (seed, step)
+# the run: build -> loop -> final evaluation
 # ----------------------------------------------------------------------------------------------------
-@lru_cache(maxsize=4)
-def _epoch_order(seed: int, epoch: int, n: int, num_neighbors: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=gen)
-    ranks = torch.randint(1, num_neighbors + 1, (n,), generator=gen)
-    return perm, ranks
-
-
-def batch_indices(step: int, n: int, batch_size: int, seed: int, nns: np.ndarray, num_neighbors: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global batch of iteration ``step``: (anchor indices, kNN-positive indices), each (batch_size,).
-
-    Epoch e visits a permutation of the N crops drawn from a generator seeded by (seed, e); the last
-    incomplete batch is dropped. Each crop's positive is its neighbour of rank 1..num_neighbors drawn
-    uniformly (rank 0 is the crop itself).
-    """
-    steps_per_epoch = n // batch_size
-    if steps_per_epoch == 0:
-        raise TrainError(f"batch_size={batch_size} is larger than the training set ({n} crops)")
-    epoch, within = divmod(step, steps_per_epoch)
-    perm, ranks = _epoch_order(seed, epoch, n, num_neighbors)
-    idx = perm[within * batch_size : (within + 1) * batch_size]
-    pos = torch.from_numpy(np.asarray(nns)[idx.numpy(), ranks[idx].numpy()].astype(np.int64))
-    return idx, pos
-
-
-# ----------------------------------------------------------------------------------------------------
-# training data sources
-# ----------------------------------------------------------------------------------------------------
-class CropSource:
-    """Training crops read from disk; features computed by the frozen backbone each step."""
-
-    def __init__(self, dataset: Any, backbone: nn.Module, res: int, device: torch.device, amp: Precision,
-                 resize: Resize = PAPER_RESIZE, workers: int = 0) -> None:
-        self.dataset = dataset
-        self.backbone = backbone
-        self.transform = partial(resize_center_crop, res=res, resize=resize)
-        self.device = device
-        self.amp = amp
-        self.workers = workers  # threads reading and resizing the crops (0 = this thread)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def fetch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        items = map_threads(lambda i: self.transform(self.dataset[i]), indices.tolist(), self.workers)
-        img = torch.stack([it["img"] for it in items]).to(self.device)
-        feats = backbone_features(self.backbone, img, self.amp)  # the feature cache's function and policy
-        out = {"feats": feats, "img": img, "label": torch.stack([it["label"] for it in items]).to(self.device)}
-        if "depth" in items[0]:
-            out["depth"] = torch.stack([it["depth"] for it in items]).float().to(self.device)
-        return out
-
-
-class CachedSource:
-    """Training crops' features, depth and labels from the feature cache (depthg.features)."""
-
-    def __init__(self, cache: Any, device: torch.device) -> None:
-        self.cache = cache
-        self.device = device
-
-    def __len__(self) -> int:
-        return len(self.cache)
-
-    def fetch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        # moved as stored (float16 features, int16 labels) and widened on the device: half the bytes to copy
-        raw = self.cache.batch(indices, as_stored=True)
-        out = {k: v.to(self.device) for k, v in raw.items()}
-        out["feats"] = out["feats"].float()
-        if "label" in out:
-            out["label"] = out["label"].long()
-        return out
-
-
-def channel_dropout(feats: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Dropout2d with a precomputed (B, C) keep-mask already scaled by 1/(1-p)."""
-    return feats if mask is None else feats * mask[:, :, None, None].to(device=feats.device, dtype=feats.dtype)
-
-
-def dropout_masks(batch: int, channels: int, p: float, generator: torch.Generator) -> torch.Tensor | None:
-    if p <= 0:
-        return None
-    keep = (torch.rand(batch, channels, generator=generator) >= p).float()
-    return keep / (1.0 - p)
-
-
-# ----------------------------------------------------------------------------------------------------
-# checkpoints and RNG state
-# ----------------------------------------------------------------------------------------------------
-def _numpy_state() -> dict[str, Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
-
-
-def _set_numpy_state(state: dict[str, Any]) -> None:
-    np.random.set_state((state["name"], state["keys"].numpy().astype(np.uint32), state["pos"],
-                         state["has_gauss"], state["cached"]))
-
-
-def _rng_state(gens: dict[str, torch.Generator]) -> dict[str, Any]:
-    py = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": _numpy_state(),
-        "python": [py[0], list(py[1]), py[2]],
-        "generators": {k: g.get_state() for k, g in gens.items()},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], gens: dict[str, torch.Generator]) -> None:
-    torch.set_rng_state(state["torch"])
-    _set_numpy_state(state["numpy"])
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    for k, g in gens.items():
-        g.set_state(state["generators"][k])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-RESUMABLE_CHANGES = {"steps", "threads", "eval_every", "checkpoint_every", "log_every", "device", "num_workers",
-                     "output_dir", "eval_batch_size", "eval_max_images", "eval_crf", "eval_flip", "name"}
-
-
-# ----------------------------------------------------------------------------------------------------
-# the training run
-# ----------------------------------------------------------------------------------------------------
-def _log(run: Run, state: LoopState, group: str, values: dict[str, Any]) -> None:
-    """Rank 0: a ``log.jsonl`` record {"step", "time", group: values} and TensorBoard scalars ``group/<key>``."""
-    record = {"step": state.step, "time": time.time() - state.t_start, group: values}
-    with open(run.place.out_dir / "log.jsonl", "a") as handle:
-        handle.write(json.dumps(record, default=_json_default) + "\n")
-    if state.writer is not None:
-        for k, v in values.items():
-            state.writer.add_scalar(f"{group}/{k}", v, state.step)
-
-
-def _trim_log(path: Path, step: int) -> None:
-    """Keep only the log records of steps <= ``step`` (all of them go for a fresh run, step 0)."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines() if step > 0 else []
-    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    with atomic_write(path, "w") as handle:
-        handle.write("".join(line + "\n" for line in keep))
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The scalar part of an evaluation result (for logs)."""
-    out: dict[str, Any] = {}
-    for group in ("cluster", "linear"):
-        if group in metrics:
-            out[f"{group}_accuracy"] = metrics[group]["accuracy"]
-            out[f"{group}_miou"] = metrics[group]["miou"]
-    return out
-
-
-#: What a run writes into its output_dir (``tb`` is a folder; ``checkpoint_*_eval*`` are evaluate's outputs).
-RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint_last.pt", "checkpoint_best.pt", "results.json", "tb")
-
-
-def _run_files(out_dir: Path) -> list[Path]:
-    """The files and folders of a previous run in ``out_dir`` (nothing else there counts or is touched)."""
-    if not out_dir.is_dir():
-        return []
-    found = [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
-    return found + sorted(out_dir.glob("checkpoint_*_eval*"))
-
-
-def check_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse an ``output_dir`` that is a file, or that holds another run unless ``resume`` / ``overwrite``
-    says what to do with it. Touches nothing."""
-    if resume and overwrite:
-        raise TrainError("give either resume (continue the run in output_dir) or overwrite (replace it), not both")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise TrainError(f"config key 'output_dir' = {str(out_dir)!r}: it is a file; expected a folder for the run")
-    found = _run_files(out_dir)
-    if found and not resume and not overwrite:
-        raise TrainError(
-            f"output_dir {out_dir} holds another run ({', '.join(p.name for p in found)}); pass --resume (resume=True) "
-            "to continue it, --overwrite (overwrite=True) to replace it, or choose another output_dir"
-        )
-
-
 def train(cfg: Config, resume: bool = False, *, progress: bool = True, data: dict[str, Any] | None = None,
           overwrite: bool = False) -> dict[str, Any]:
     """Train the head described by ``cfg`` (build -> loop -> final evaluation); return the final and the
@@ -340,7 +104,7 @@ def train(cfg: Config, resume: bool = False, *, progress: bool = True, data: dic
         if ckpt is not None:
             restore(run, state, ckpt)
             ckpt = None  # free the checkpoint's tensors before the loop
-        open_run_folder(run, state, overwrite)
+        state.writer = open_run_folder(cfg, place, state.step, overwrite)
         # loop: train_step, logging, validation, checkpoints
         train_loop(run, state)
         # final evaluation of the last and the best weights with the full protocol (rank 0)
@@ -355,52 +119,6 @@ def train(cfg: Config, resume: bool = False, *, progress: bool = True, data: dic
 # ----------------------------------------------------------------------------------------------------
 # build: config -> the run's objects
 # ----------------------------------------------------------------------------------------------------
-@dataclass
-class Place:
-    """Where the run executes and writes: device, process group, this rank's batch rows, run folder."""
-
-    device: torch.device
-    dinfo: DistInfo
-    local_b: int  # this rank's share b of the global batch
-    rows: slice  # this rank's rows of the global batch: [rank * b, (rank + 1) * b)
-    out_dir: Path
-    progress: bool  # progress bars (rank 0 only)
-
-    @property
-    def ckpt_last(self) -> Path:
-        return self.out_dir / "checkpoint_last.pt"
-
-    @property
-    def ckpt_best(self) -> Path:
-        return self.out_dir / "checkpoint_best.pt"
-
-
-@dataclass
-class Generators:
-    """The run's explicit random streams; the global torch RNG drives only the head's dropout."""
-
-    sample: torch.Generator  # grids and FPS starts, drawn for the global batch (the same on every rank)
-    dropout: torch.Generator  # target dropout masks, drawn for the global batch (the same on every rank)
-    loss: torch.Generator  # negative permutations (one stream per rank)
-
-    def named(self) -> dict[str, torch.Generator]:
-        """The streams by name, as the checkpoint stores them."""
-        return {"sample": self.sample, "dropout": self.dropout, "loss": self.loss}
-
-
-@dataclass
-class Optimizers:
-    """One Adam per trained part (docs/method.md §5): head (+ LHP projection), cluster probe, linear probe."""
-
-    head: torch.optim.Optimizer
-    cluster: torch.optim.Optimizer
-    linear: torch.optim.Optimizer
-
-    def named(self) -> dict[str, torch.optim.Optimizer]:
-        """The optimisers by name, in stepping order, as the checkpoint stores them."""
-        return {"head": self.head, "cluster": self.cluster, "linear": self.linear}
-
-
 @dataclass
 class Run:
     """Everything a training run is made of, built once from the config by :func:`build_run`."""
@@ -431,88 +149,31 @@ class Run:
     grid_hw: tuple[int, int]  # (h, w) feature-grid size of a training crop
 
 
-@dataclass
-class LoopState:
-    """What the loop changes: the step, the best validation so far, the last logged losses, the log writer."""
-
-    t_start: float
-    step: int = 0
-    best: dict[str, Any] = field(default_factory=lambda: {"step": None, "metric": -math.inf, "metrics": None})
-    last_losses: dict[str, float] = field(default_factory=dict)
-    writer: Any = None  # TensorBoard SummaryWriter on rank 0 when installed
-
-
-def setup_place(cfg: Config, progress: bool) -> Place:
-    """Device and (optional) DDP process group; the global batch must split evenly over the ranks."""
-    device = get_device(cfg.device)
-    dinfo = init_distributed(device)
-    if dinfo.enabled and device.type == "cuda":
-        device = torch.device("cuda", dinfo.local_rank)
-        torch.cuda.set_device(device)
-    if cfg.batch_size % dinfo.world_size:
-        raise TrainError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({dinfo.world_size})")
-    local_b = cfg.batch_size // dinfo.world_size
-    rows = slice(dinfo.rank * local_b, (dinfo.rank + 1) * local_b)
-    return Place(device, dinfo, local_b, rows, Path(cfg.output_dir), progress and dinfo.is_main)
-
-
-def checkpoint_to_resume(cfg: Config, place: Place, resume: bool, overwrite: bool) -> dict[str, Any] | None:
-    """Check the run folder (touching nothing) and, on ``resume``, load and check its last checkpoint."""
-    out_dir = place.out_dir
-    check_run_folder(out_dir, resume, overwrite)
-    if cfg.data_dir is not None and inside(out_dir, cfg.data_dir):
-        raise TrainError(f"output_dir {out_dir} is inside the dataset folder data_dir={cfg.data_dir}; "
-                         "nothing is written into a dataset: choose an output_dir outside it")
-    if not resume:
-        return None
-    if not place.ckpt_last.is_file():
-        raise TrainError(f"resume=True but there is no checkpoint at {place.ckpt_last}")
-    ckpt = load_checkpoint(place.ckpt_last)
-    changed = {k for k, v in ckpt["config"].items() if cfg.to_dict().get(k) != v} - RESUMABLE_CHANGES
-    if changed:
-        raise TrainError(f"cannot resume {place.ckpt_last}: config keys changed since it was written: {sorted(changed)}")
-    if int(ckpt["step"]) > cfg.steps:
-        raise TrainError(f"cannot resume {place.ckpt_last} at step {int(ckpt['step'])} with steps={cfg.steps}: "
-                         "the checkpoint is already past the end; raise steps")
-    return ckpt
-
-
-def _rank0_first(dinfo: DistInfo, make: Callable[[], Any]) -> Any:
-    """``make()`` on rank 0 first; the other ranks wait, then call it and find rank 0's files."""
-    if dinfo.is_main:
-        made = make()
-    if dinfo.enabled:
-        dist.barrier()
-    if not dinfo.is_main:
-        made = make()
-    return made
-
-
 def build_run(cfg: Config, place: Place, data: dict[str, Any] | None) -> Run:
-    """Backbone, data, feature source, seeds, models, optimisers, loss and schedules, in this order.
+    """Fidelity, backbone, data, feature source, seeds, models, optimisers, loss and schedules, in this order.
 
     The seeds are set *after* the data and cache preparation: those steps draw from the global torch RNG
     only when they actually build something (e.g. the kNN DataLoader's base seed), so seeding before them
     would make the head-dropout stream depend on whether the caches already existed.
     """
+    fid = fidelity(cfg)  # the run's one set of paper-or-released choices, handed to everything below
     # frozen backbone, then the data (rank 0 prepares; the others wait, then read the same files)
-    backbone = load_backbone(cfg.backbone, cfg.weights, **cfg.backbone_kwargs).to(place.device)
+    backbone = build_backbone(cfg, place.device)
     amp, scaler = amp_context(cfg, place.device)
     if data is None:
-        data = _rank0_first(place.dinfo, partial(prepare_training_data, cfg, backbone=backbone,
-                                                 progress=place.progress))
-    crops = training_dataset(cfg, data)
-    nns = _load_neighbours(cfg, data, len(crops))
+        data = rank0_first(place.dinfo, partial(prepare_training_data, cfg, backbone=backbone,
+                                                progress=place.progress))
+    crops = training_dataset(cfg, fid, data)
+    nns = load_neighbours(cfg, data, len(crops))
     # What the run trains on, recorded in every checkpoint: a resume must continue on the same data and
     # backbone, and evaluation must use the backbone the head was trained on.
     run_data = {"content": dataset_digest(crops), "knn_sha256": hashlib.sha256(nns.tobytes()).hexdigest(),
                 "backbone_sha256": backbone_fingerprint(backbone)}
     val_set = validation_dataset(cfg, data["data_dir"])
     n_classes = n_classes_of(val_set)
-    source = _feature_source(cfg, place, crops, data, backbone, amp)
+    source = feature_source(cfg, fid, place, crops, backbone, amp)
 
     gens = _seed_everything(cfg, place.dinfo.rank)
-    fid = fidelity(cfg)
     model, lhp, optimizers = _trainable(cfg, fid, backbone.embed_dim, n_classes, place.device)
     ddp_model: nn.Module = model
     if place.dinfo.enabled:
@@ -526,31 +187,17 @@ def build_run(cfg: Config, place: Place, data: dict[str, Any] | None) -> Run:
                gens=gens, grid_hw=(cfg.res // patch, cfg.res // patch))
 
 
-def _load_neighbours(cfg: Config, data: dict[str, Any], n_crops: int) -> np.ndarray:
-    """The (N, k+1) kNN table of the training crops, checked against N and ``num_neighbors``."""
-    nns, _ = load_knn(data["knn_path"])
-    if nns.shape[0] != n_crops or nns.shape[1] < cfg.num_neighbors + 1:
-        raise TrainError(f"kNN file {data['knn_path']} has shape {nns.shape}; expected ({n_crops}, >= "
-                         f"{cfg.num_neighbors + 1}): lower num_neighbors or raise knn_k")
-    return nns
+@dataclass
+class Generators:
+    """The run's explicit random streams; the global torch RNG drives only the head's dropout."""
 
+    sample: torch.Generator  # grids and FPS starts, drawn for the global batch (the same on every rank)
+    dropout: torch.Generator  # target dropout masks, drawn for the global batch (the same on every rank)
+    loss: torch.Generator  # negative permutations (one stream per rank)
 
-def _feature_source(cfg: Config, place: Place, crops: Any, data: dict[str, Any], backbone: nn.Module,
-                    amp: Precision) -> CropSource | CachedSource:
-    """The training features: precomputed once (exact: the backbone is frozen and the crops are fixed)
-    when ``feature_cache`` is on, else the backbone's forward on the crops each step."""
-    resize = fidelity(cfg).resize
-    if not cfg.feature_cache:
-        return CropSource(crops, backbone, cfg.res, place.device, amp, resize, workers=cfg.num_workers)
-    # keyed by the crops' content (file hashes; or source identity + class mapping without crops)
-    info = {"backbone": cfg.backbone, "backbone_kwargs": cfg.backbone_kwargs,
-            "res": cfg.res, "mode": resize.name, "depth_normalization": depth_normalization(cfg, data),
-            "content": dataset_digest(crops), "split": cfg.train_split}
-    transform = partial(resize_center_crop, res=cfg.res, resize=resize)
-    options = CacheOptions(device=place.device, transform=transform, progress=place.progress, precision=amp,
-                           workers=cfg.num_workers)
-    make = partial(build_feature_cache, backbone, crops, Path(cfg.cache_dir) / "features", info, options)
-    return CachedSource(_rank0_first(place.dinfo, make), place.device)
+    def named(self) -> dict[str, torch.Generator]:
+        """The streams by name, as the checkpoint stores them."""
+        return {"sample": self.sample, "dropout": self.dropout, "loss": self.loss}
 
 
 def _seed_everything(cfg: Config, rank: int) -> Generators:
@@ -561,6 +208,19 @@ def _seed_everything(cfg: Config, rank: int) -> Generators:
     return Generators(sample=torch.Generator().manual_seed(cfg.seed + 1),
                       dropout=torch.Generator().manual_seed(cfg.seed + 2),
                       loss=torch.Generator().manual_seed(cfg.seed + 3 + 1000 * rank))
+
+
+@dataclass
+class Optimizers:
+    """One Adam per trained part (docs/method.md §5): head (+ LHP projection), cluster probe, linear probe."""
+
+    head: torch.optim.Optimizer
+    cluster: torch.optim.Optimizer
+    linear: torch.optim.Optimizer
+
+    def named(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimisers by name, in stepping order, as the checkpoint stores them."""
+        return {"head": self.head, "cluster": self.cluster, "linear": self.linear}
 
 
 def _trainable(cfg: Config, fid: Fidelity, in_dim: int, n_classes: int,
@@ -591,41 +251,6 @@ def _objective(cfg: Config, fid: Fidelity) -> tuple[DepthGLoss, DepthDecaySchedu
                                          every=cfg.sample_decay_every, min_side=cfg.sample_min_side,
                                          after_step=cfg.decay_after_step, at_start=cfg.sample_decay_at_start)
     return loss_fn, depth_sched, sample_sched
-
-
-def restore(run: Run, state: LoopState, ckpt: dict[str, Any]) -> None:
-    """Continue from ``ckpt``: weights, optimisers, scaler, every RNG stream, step, best and last losses."""
-    changed_data = [k for k, v in (ckpt.get("data") or {}).items() if run.run_data.get(k) != v]
-    if changed_data:
-        raise TrainError(f"cannot resume {run.place.ckpt_last}: the training data changed since it was written "
-                         f"({', '.join(changed_data)} differ); start a new run (another output_dir or --overwrite)")
-    run.model.load_state_dict(ckpt["model"])
-    for k, opt in run.optimizers.named().items():
-        opt.load_state_dict(ckpt["optimizers"][k])
-    if run.scaler is not None and ckpt.get("scaler"):
-        run.scaler.load_state_dict(ckpt["scaler"])
-    # each rank continues its own streams (or rank 0's when the world size changed)
-    dinfo = run.place.dinfo
-    rng = ckpt["rng"][dinfo.rank] if len(ckpt["rng"]) == dinfo.world_size else ckpt["rng"][0]
-    _set_rng_state(rng, run.gens.named())
-    state.step, state.best = int(ckpt["step"]), ckpt["best"]
-    if state.best["metric"] is None:
-        state.best["metric"] = -math.inf
-    # a run resumed after its last step keeps the last logged losses
-    state.last_losses = dict(ckpt.get("last_train_losses") or {})
-
-
-def open_run_folder(run: Run, state: LoopState, overwrite: bool) -> None:
-    """Rank 0 writes the run folder: old run removed (``overwrite``), config saved, log trimmed to ``step``."""
-    out_dir = run.place.out_dir
-    if run.place.dinfo.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if overwrite:  # validation and preparation passed: now the previous run's files go
-            for old in _run_files(out_dir):
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
-        run.cfg.save(out_dir / "config.yaml")
-        _trim_log(out_dir / "log.jsonl", state.step)  # a fresh run starts a new log; a resumed one drops later lines
-        state.writer = _tensorboard(out_dir)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -734,6 +359,18 @@ def correlation_targets(run: Run, batch: Batch) -> tuple[torch.Tensor, torch.Ten
     return channel_dropout(batch.feats, m_anchor), channel_dropout(batch.feats_pos, m_pos)
 
 
+def channel_dropout(feats: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Dropout2d with a precomputed (B, C) keep-mask already scaled by 1/(1-p)."""
+    return feats if mask is None else feats * mask[:, :, None, None].to(device=feats.device, dtype=feats.dtype)
+
+
+def dropout_masks(batch: int, channels: int, p: float, generator: torch.Generator) -> torch.Tensor | None:
+    if p <= 0:
+        return None
+    keep = (torch.rand(batch, channels, generator=generator) >= p).float()
+    return keep / (1.0 - p)
+
+
 def sampling_grids(run: Run, n_side: int, depth: torch.Tensor | None,
                    depth_pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(b, n_side, n_side, 2) sampling grids for anchors and positives, drawn for the *global* batch and
@@ -778,6 +415,17 @@ def lhp_loss(run: Run, x: LossInputs, img: torch.Tensor | None, n_side: int, dep
 # ----------------------------------------------------------------------------------------------------
 # the loop: steps, logging, validation, checkpoints
 # ----------------------------------------------------------------------------------------------------
+@dataclass
+class LoopState:
+    """What the loop changes: the step, the best validation so far, the last logged losses, the log writer."""
+
+    t_start: float
+    step: int = 0
+    best: dict[str, Any] = field(default_factory=lambda: {"step": None, "metric": -math.inf, "metrics": None})
+    last_losses: dict[str, float] = field(default_factory=dict)
+    writer: Any = None  # TensorBoard SummaryWriter on rank 0 when installed
+
+
 def train_loop(run: Run, state: LoopState) -> None:
     """Steps ``state.step`` .. ``cfg.steps``; log, validate and checkpoint on their schedules."""
     cfg = run.cfg
@@ -810,17 +458,37 @@ def log_losses(run: Run, state: LoopState, out: StepOut, bar: Any) -> None:
     _log(run, state, "train", state.last_losses)
 
 
+def _log(run: Run, state: LoopState, group: str, values: dict[str, Any]) -> None:
+    """Rank 0: a ``log.jsonl`` record {"step", "time", group: values} and TensorBoard scalars ``group/<key>``."""
+    record = {"step": state.step, "time": time.time() - state.t_start, group: values}
+    with open(run.place.out_dir / "log.jsonl", "a") as handle:
+        handle.write(json.dumps(record, default=json_default) + "\n")
+    if state.writer is not None:
+        for k, v in values.items():
+            state.writer.add_scalar(f"{group}/{k}", v, state.step)
+
+
 def evaluate_now(run: Run, flip: bool, crf: bool) -> dict[str, Any]:
     """Evaluate the current head and probes on the validation split (the training RNG streams untouched)."""
     cfg, model = run.cfg, run.model
     model.eval()
     # Evaluation must not move the training RNG streams (its DataLoader draws a base seed from the
     # global torch RNG), so eval_every stays result-neutral (RESUMABLE_CHANGES).
-    opts = EvalOptions.of(cfg, flip=flip, crf=crf, progress=False)
+    opts = EvalOptions.of(cfg, run.fidelity, flip=flip, crf=crf, progress=False)
     with torch.random.fork_rng(devices=[]):
         metrics = evaluate_model(run.backbone, model, run.val_set, opts, device=run.place.device, amp=run.amp)
     model.train()
     return metrics
+
+
+def selection_metric(cfg: Config) -> str:
+    """The cluster metric that selects ``checkpoint_best`` on validation: ``"miou"``, on Potsdam
+    ``"accuracy"``, as the released checkpoint callback monitors them (so "best" stays comparable)."""
+    return "accuracy" if cfg.dataset == "potsdam" else "miou"
+
+
+#: how results.json names each selection metric
+METRIC_NAMES = {"accuracy": "cluster accuracy", "miou": "cluster mIoU"}
 
 
 def validate(run: Run, state: LoopState) -> None:
@@ -830,9 +498,7 @@ def validate(run: Run, state: LoopState) -> None:
         metrics = evaluate_now(run, flip=False, crf=False)
         summary = _summary(metrics)
         _log(run, state, "val", summary)
-        # The released checkpoint callback monitors cluster mIoU, on Potsdam cluster accuracy;
-        # the same monitor here keeps "best" comparable.
-        monitor = "accuracy" if run.cfg.dataset == "potsdam" else "miou"
+        monitor = selection_metric(run.cfg)
         if metrics["cluster"][monitor] > state.best["metric"]:
             improved = True
             state.best = {"step": state.step, "metric": metrics["cluster"][monitor], "metric_name": monitor,
@@ -844,10 +510,20 @@ def validate(run: Run, state: LoopState) -> None:
         save_checkpoint(run, state, run.place.ckpt_best)
 
 
+def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The scalar part of an evaluation result (for logs)."""
+    out: dict[str, Any] = {}
+    for group in ("cluster", "linear"):
+        if group in metrics:
+            out[f"{group}_accuracy"] = metrics[group]["accuracy"]
+            out[f"{group}_miou"] = metrics[group]["miou"]
+    return out
+
+
 def save_checkpoint(run: Run, state: LoopState, path: Path) -> None:
     """Atomic checkpoint at ``state.step``; the RNG states of every rank are gathered so that DDP resumes exactly."""
     dinfo = run.place.dinfo
-    states = [_rng_state(run.gens.named())]
+    states = [rng_state(run.gens.named())]
     if dinfo.enabled:
         gathered: list[Any] = [None] * dinfo.world_size
         dist.all_gather_object(gathered, states[0])
@@ -887,7 +563,8 @@ def final_results(run: Run, state: LoopState) -> dict[str, Any]:
         "protocol": {"flip": cfg.eval_flip, "crf": cfg.eval_crf, "eval_res": cfg.eval_res, "split": cfg.val_split},
         "final": {"step": step, "note": "weights after the last step (no model selection)",
                   "metrics": final_metrics},
-        "best_on_val": {"step": best["step"], "selected_by": "validation cluster mIoU (no flip, no CRF)",
+        "best_on_val": {"step": best["step"],
+                        "selected_by": f"validation {METRIC_NAMES[selection_metric(cfg)]} (no flip, no CRF)",
                         "note": "selected on the validation split itself, as the released code does: "
                                 "optimistic, not a held-out number",
                         "metrics": best_metrics},
@@ -898,19 +575,32 @@ def final_results(run: Run, state: LoopState) -> dict[str, Any]:
         "config": cfg.to_dict(),
     }
     with atomic_write(place.out_dir / "results.json", "w") as handle:
-        json.dump(result, handle, indent=2, default=_json_default)
+        json.dump(result, handle, indent=2, default=json_default)
     if state.writer is not None:
         state.writer.close()
     return result
 
 
-def _tensorboard(out_dir: Path) -> Any:
-    """A TensorBoard ``SummaryWriter`` on ``out_dir/tb``, or None when tensorboard is not installed (the run
-    then logs to ``log.jsonl`` only)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # torch raises it when the tensorboard package is missing
-        return None
-    return SummaryWriter(str(out_dir / "tb"))
+# ----------------------------------------------------------------------------------------------------
+# resume: continue a run from its last checkpoint
+# ----------------------------------------------------------------------------------------------------
+def restore(run: Run, state: LoopState, ckpt: dict[str, Any]) -> None:
+    """Continue from ``ckpt``: weights, optimisers, scaler, every RNG stream, step, best and last losses."""
+    changed_data = [k for k, v in (ckpt.get("data") or {}).items() if run.run_data.get(k) != v]
+    if changed_data:
+        raise TrainError(f"cannot resume {run.place.ckpt_last}: the training data changed since it was written "
+                         f"({', '.join(changed_data)} differ); start a new run (another output_dir or --overwrite)")
+    run.model.load_state_dict(ckpt["model"])
+    for k, opt in run.optimizers.named().items():
+        opt.load_state_dict(ckpt["optimizers"][k])
+    if run.scaler is not None and ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
+    # each rank continues its own streams (or rank 0's when the world size changed)
+    dinfo = run.place.dinfo
+    rng = ckpt["rng"][dinfo.rank] if len(ckpt["rng"]) == dinfo.world_size else ckpt["rng"][0]
+    set_rng_state(rng, run.gens.named())
+    state.step, state.best = int(ckpt["step"]), ckpt["best"]
+    if state.best["metric"] is None:
+        state.best["metric"] = -math.inf
+    # a run resumed after its last step keeps the last logged losses
+    state.last_losses = dict(ckpt.get("last_train_losses") or {})

@@ -337,6 +337,24 @@ def test_embedded(tiny_vit_kwargs, img, tmp_path, monkeypatch):
         load_backbone("embedded", weights=tmp_path / "weights" / "embedded_vit.pth")
 
 
+def test_the_run_checks_the_loaded_backbones_patch_size(tiny_vit_kwargs, tmp_path, monkeypatch):
+    """Config validation knows the embedded backbone's patch size as a constant (8); when the embedded file
+    holds another architecture, the run's build_backbone finds it out before any data is prepared."""
+    from depthg.build import build_backbone
+    from depthg.config import Config, ConfigError
+
+    monkeypatch.setattr(bb, "EMBEDDED_DIR", tmp_path / "weights")
+    source = make_source(tiny_vit_kwargs, patch_size=16)
+    save_backbone_dino_format(source, tmp_path / "weights" / "embedded_vit.pth")
+    meta = {"timm_name": "vit_small_patch8_224", "timm_kwargs": {**tiny_vit_kwargs, "patch_size": 16},
+            "weights": "embedded_vit.pth"}
+    (tmp_path / "weights" / "embedded_vit.json").write_text(json.dumps(meta))
+    cfg = Config(backbone="embedded", res=72, eval_res=64, depth_sampling="random")  # valid for patch 8
+    with pytest.raises(ConfigError, match="'res' = 72: expected a multiple of the backbone's patch size 16"):
+        build_backbone(cfg)
+    assert build_backbone(cfg.replace(res=64)).patch_size == 16
+
+
 def test_saved_file_is_plain_and_official(tiny_vit_kwargs, tmp_path):
     source = make_source(tiny_vit_kwargs)
     with pytest.warns(UserWarning):

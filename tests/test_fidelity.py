@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from depthg.method import lhp, losses, released, sampling
-from depthg.build import Fidelity, depth_normalization, fidelity
-from depthg.config import Config
-from depthg.data.transforms import PAPER_RESIZE, RELEASED_RESIZE
+from depthg.build import FIDELITY_PRESETS, Fidelity, depth_normalization, fidelity
+from depthg.config import MODES, Config
+from depthg.data.transforms import PAPER_RESIZE, RELEASED_RESIZE, RESIZES
 from depthg.method.schedules import decay_events
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +30,28 @@ def test_presets_pick_the_paper_or_the_released_functions():
         released.weakest_attention, released.divide_by_cell_count, RELEASED_RESIZE)
     assert rel.fps_fixed_start and rel.transposed_depth_pairs and rel.depth_values == "minmax255"
     # "auto" depth values follow the fidelity on five-crops only
-    assert depth_normalization(Config(mode="released"), {"crop_dir": "x"}) == "minmax255"
-    assert depth_normalization(Config(mode="released"), {"crop_dir": None}) == "none"
+    assert depth_normalization(Config(mode="released"), rel, {"crop_dir": "x"}) == "minmax255"
+    assert depth_normalization(Config(mode="released"), rel, {"crop_dir": None}) == "none"
+    # the resize of each mode comes from the one mode -> resize table the data preparation reads too
+    assert (paper.resize, rel.resize) == (RESIZES["paper"], RESIZES["released"])
+    assert set(RESIZES) == set(FIDELITY_PRESETS) == set(MODES)
+
+
+def test_a_run_derives_its_fidelity_once():
+    """``fidelity(cfg)`` is called where a run (or a loaded run) is built, and the object is handed down:
+    nothing further in re-derives it from the config."""
+    import ast
+
+    callers = set()
+    for path in sorted((ROOT / "depthg").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "fidelity":
+                        callers.add(f"{path.relative_to(ROOT).as_posix()}:{fn.name}")
+    assert callers == {"depthg/train.py:build_run", "depthg/evaluate.py:evaluate_checkpoint",
+                       "depthg/lab/notebook.py:load_trained"}
 
 
 def test_mode_fills_the_timing_flags_unless_set():
@@ -61,6 +81,6 @@ def test_method_code_never_reads_the_mode() -> None:
     """Only the config (the preset) and the build layer (which picks the functions) branch on ``mode``;
     method code neither tests it nor passes it on (results.json still records it)."""
     method = sorted(p.relative_to(ROOT / "depthg").as_posix() for p in (ROOT / "depthg" / "method").glob("*.py"))
-    for name in method + ["train.py", "evaluate.py", "data/transforms.py", "data/prepare.py"]:
+    for name in method + ["train.py", "train_support.py", "evaluate.py", "data/transforms.py", "data/prepare.py"]:
         text = (ROOT / "depthg" / name).read_text()
         assert not re.search(r"\bmode\s*(==|!=)|self\.mode|mode=(cfg\.)?mode\b", text), name

@@ -23,11 +23,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import depthg.train as train_module
+import depthg.train_support as train_support
 from depthg.backbone import load_backbone
 from depthg.config import Config
 from depthg.features import CacheOptions, backbone_features, build_feature_cache
-from depthg.precision import FULL_PRECISION, Precision
-from depthg.train import CropSource, TrainError, broadcast_flag, collective_device, load_checkpoint, train
+from depthg.precision import FULL_PRECISION, Precision, amp_context
+from depthg.build import TrainError, load_checkpoint
+from depthg.train import train
+from depthg.train_support import CropSource, broadcast_flag, collective_device
 from depthg.utils import map_threads
 
 # the trainer tests' tiny set-up: a 2+2-image world, a 2-block random ViT, 32-px crops
@@ -197,13 +200,13 @@ def test_training_from_cache_equals_recomputation_under_autocast(prepared, monke
     # The trainer enables AMP on CUDA only; here its policy is CPU bf16 autocast, for every part of the run.
     monkeypatch.setattr(train_module, "amp_context", lambda cfg, device: (BF16_CPU, None))
     given: list[Precision | None] = []
-    original = train_module.build_feature_cache
+    original = train_support.build_feature_cache
 
     def spy(backbone, dataset, root_dir, info, options):
         given.append(options.precision)
         return original(backbone, dataset, root_dir, info, options)
 
-    monkeypatch.setattr(train_module, "build_feature_cache", spy)
+    monkeypatch.setattr(train_support, "build_feature_cache", spy)
     cached = _quiet_train(tiny_config(prepared / "cache", prepared / "amp_cached", steps=1, feature_cache=True))
     direct = _quiet_train(tiny_config(prepared / "cache", prepared / "amp_direct", steps=1, feature_cache=False))
     # the run built its cache under its own policy (on this tiny model the losses alone cannot tell bf16
@@ -252,7 +255,7 @@ def test_cache_rows_as_stored_widen_to_the_float32_rows(tmp_path):
         torch.float16, torch.int16, torch.float32, torch.int64)
     assert torch.equal(stored["feats"].float(), wide["feats"]) and torch.equal(stored["label"].long(), wide["label"])
     assert torch.equal(stored["depth"], wide["depth"])
-    fetched = train_module.CachedSource(serial, torch.device("cpu")).fetch(torch.tensor(idx))
+    fetched = train_support.CachedSource(serial, torch.device("cpu")).fetch(torch.tensor(idx))
     assert all(torch.equal(fetched[k], wide[k]) for k in wide) and fetched["feats"].dtype == torch.float32
 
 
@@ -306,7 +309,7 @@ def test_nccl_broadcast_flag_two_gpus(tmp_path):
 @needs_cuda
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_cuda_amp_cache_and_recomputation_agree(tmp_path, amp):
-    precision, _ = train_module.amp_context(Config(amp=amp, device="cuda"), torch.device("cuda"))  # the trainer's policy
+    precision, _ = amp_context(Config(amp=amp, device="cuda"), torch.device("cuda"))  # the trainer's policy
     assert precision.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     _, cached, recomputed, seen = _cache_vs_recompute(tmp_path, precision, precision, device="cuda")
     assert seen == [(True, precision.dtype)] * 2

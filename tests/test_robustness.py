@@ -39,7 +39,8 @@ from depthg.data.prepare import (
 )
 from depthg.data.transforms import resize_center_crop
 from depthg.features import CacheOptions, FeatureCache, FeatureCacheError, build_feature_cache, cache_problem
-from depthg.train import TrainError, load_checkpoint, train
+from depthg.build import TrainError, load_checkpoint
+from depthg.train import train
 from depthg.world import make_world
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2, img_size=64)

@@ -11,7 +11,9 @@ import torch
 import torch.multiprocessing as mp
 
 from depthg.config import Config
-from depthg.train import batch_indices, build_models, load_checkpoint, train
+from depthg.build import build_models, load_checkpoint
+from depthg.train import train
+from depthg.train_support import batch_indices
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2, img_size=64)
 
@@ -64,7 +66,7 @@ def test_steps_lower_the_stego_loss(prepared):
     from depthg.data.transforms import resize_center_crop
     from depthg.method.losses import CorrelationTerms, DepthGLoss, LossInputs
     from depthg.method.sampling import random_grid
-    from depthg.train import training_dataset
+    from depthg.build import fidelity, training_dataset
     from depthg.data.prepare import prepare_training_data
 
     cfg = tiny_config(prepared / "cache", prepared / "stego", use_depth=False, depth_sampling="random",
@@ -74,7 +76,7 @@ def test_steps_lower_the_stego_loss(prepared):
         warnings.simplefilter("ignore")
         backbone = load_backbone(cfg.backbone, None, **TINY)
         data = prepare_training_data(cfg, backbone=backbone, progress=False)
-    crops = training_dataset(cfg, data)
+    crops = training_dataset(cfg, fidelity(cfg), data)
     items = [resize_center_crop(crops[i], 32) for i in range(8)]
     img = torch.stack([it["img"] for it in items])
     with torch.no_grad():
@@ -125,7 +127,7 @@ def test_resume_after_kill_is_bit_identical(prepared, monkeypatch):
 
 
 def test_resume_refuses_a_changed_config(prepared):
-    from depthg.train import TrainError
+    from depthg.build import TrainError
 
     cfg = tiny_config(prepared / "cache", prepared / "full", steps=6, lr=1e-2)
     with pytest.raises(TrainError, match="lr"):
@@ -204,3 +206,44 @@ def test_validation_does_not_change_the_training_run(prepared):
     b = load_checkpoint(prepared / "eval1" / "checkpoint_last.pt")["model"]
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def _write_potsdam_tiles(root, n_train: int = 5, n_val: int = 2, size: int = 48) -> None:
+    """Potsdam in STEGO's layout (imgs/, gt/, split lists), PNG tiles whose colour follows the label."""
+    import numpy as np
+    from PIL import Image
+
+    gen = np.random.default_rng(0)
+    (root / "imgs").mkdir(parents=True)
+    (root / "gt").mkdir()
+    names = [f"t{i}" for i in range(n_train + n_val)]
+    for name in names:
+        gt = np.repeat(np.repeat(gen.integers(0, 6, (size // 8, size // 8)), 8, 0), 8, 1).astype(np.uint8)
+        img = (gt[:, :, None] * np.array([40, 25, 10]) + gen.integers(0, 30, (size, size, 3))).astype(np.uint8)
+        Image.fromarray(img).save(root / "imgs" / f"{name}.png")
+        Image.fromarray(gt).save(root / "gt" / f"{name}.png")
+    (root / "labelled_train.txt").write_text("\n".join(names[:n_train]) + "\n")
+    (root / "labelled_test.txt").write_text("\n".join(names[n_train:]) + "\n")
+
+
+def test_results_name_the_metric_that_selected_the_best_checkpoint(tmp_path):
+    """Potsdam selects checkpoint_best by validation cluster accuracy (the released monitor); results.json
+    says so, and the best step is the one with the highest logged validation accuracy."""
+    import json
+
+    _write_potsdam_tiles(tmp_path / "potsdam")
+    cfg = tiny_config(tmp_path / "cache", tmp_path / "run", dataset="potsdam", classes=3, data_dir=str(tmp_path / "potsdam"),
+                      use_depth=False, depth_sampling="random", depth_weight=0.0, five_crop=False, batch_size=4,
+                      knn_k=3, num_neighbors=2, steps=3, eval_every=1, eval_flip=False)
+    result = _quiet_train(cfg)
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert result["best_on_val"]["selected_by"] == on_disk["best_on_val"]["selected_by"] \
+        == "validation cluster accuracy (no flip, no CRF)"
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    accuracy = {r["step"]: r["val"]["cluster_accuracy"] for r in log if "val" in r}
+    best = max(accuracy.values())
+    assert accuracy[result["best_on_val"]["step"]] == best and min(s for s, a in accuracy.items() if a == best) \
+        == result["best_on_val"]["step"]
+    # elsewhere the monitor is cluster mIoU, and the label says that
+    city = _quiet_train(tiny_config(tmp_path / "cache", tmp_path / "city", steps=1, eval_every=1))
+    assert city["best_on_val"]["selected_by"] == "validation cluster mIoU (no flip, no CRF)"

@@ -29,7 +29,7 @@ import torch
 import depthg
 from depthg.lab.ablation import backbone_sha256, made_with_weights, run_ablation, variant_config
 from depthg.backbone import Backbone, load_backbone
-from depthg.build import Segmenter, build_models, fidelity, load_checkpoint, validation_dataset
+from depthg.build import Fidelity, Segmenter, build_backbone, build_models, fidelity, load_checkpoint, validation_dataset
 from depthg.config import Config
 from depthg.data import build_dataset
 from depthg.data.prepare import dataset_root, world_folder
@@ -164,10 +164,11 @@ def _data_root(cfg: Config) -> Path:
 
 @dataclass
 class TrainedRun:
-    """A finished run loaded back: its config, the frozen backbone, the trained head and probes (final
-    weights, eval mode), the validation set and its palette, and the device they are on."""
+    """A finished run loaded back: its config and fidelity choices, the frozen backbone, the trained head and
+    probes (final weights, eval mode), the validation set and its palette, and the device they are on."""
 
     config: Config
+    fidelity: Fidelity
     backbone: Backbone
     model: Segmenter
     val_set: Any
@@ -197,14 +198,14 @@ def load_trained(run: str | os.PathLike | dict[str, Any], device: str | torch.de
         with warnings.catch_warnings():
             # training already warned that a random backbone means nothing; loading it again need not repeat it
             warnings.filterwarnings("ignore", message=".*has random weights", category=UserWarning)
-            backbone = load_backbone(cfg.backbone, cfg.weights, **cfg.backbone_kwargs)
+            backbone = build_backbone(cfg)
     backbone = backbone.to(device)
     model = build_models(cfg, backbone.embed_dim, int(val_set.n_classes))
     state = load_checkpoint(Path(cfg.output_dir) / checkpoint)["model"]
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith("lhp.")})
     palette = getattr(val_set, "palette", None)
     palette = get_palette(int(val_set.n_classes)) if palette is None else np.asarray(palette)
-    return TrainedRun(cfg, backbone, model.to(device).eval(), val_set, palette, device)
+    return TrainedRun(cfg, fidelity(cfg), backbone, model.to(device).eval(), val_set, palette, device)
 
 
 @torch.no_grad()
@@ -217,7 +218,7 @@ def predict_examples(trained: TrainedRun, assignment: Any, n: int = 4) -> dict[s
     (R, R) maps, R = ``eval_res``.
     """
     cfg, m = trained.config, trained.model
-    items = [resize_center_crop(trained.val_set[i], res=cfg.eval_res, resize=fidelity(cfg).resize)
+    items = [resize_center_crop(trained.val_set[i], res=cfg.eval_res, resize=trained.fidelity.resize)
              for i in range(min(n, len(trained.val_set)))]
     img = torch.stack([it["img"] for it in items]).to(trained.device)
     opts = EvalOptions(flip=cfg.eval_flip, crf=False)
