@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,65 @@ def test_reference_patterns_catch_what_they_should():
     assert OUTSIDE.search("ecosystem.md §3") and BARE_METHOD.search("(method.md §5.3)")
     assert not BARE_METHOD.search("docs/method.md §8.3")
     assert not OUTSIDE.search("docs/fidelity.md §3.3 and docs/released_golden.md")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the layout: the method stands alone, functions stay short
+# ----------------------------------------------------------------------------------------------------
+#: what depthg/method may import besides the standard library (docs/architecture.md)
+METHOD_MAY_IMPORT = ("torch", "numpy", "numba", "depthg.utils", "depthg.method")
+
+
+def method_imports(path: Path) -> set[str]:
+    """Every module a file of depthg/method imports (absolute names; relative imports resolved)."""
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            found.add(".".join(base + ([node.module] if node.module else [])) or node.module or "")
+    return found
+
+
+def test_the_method_imports_only_torch_numpy_the_stdlib_and_utils():
+    allowed = set(sys.stdlib_module_names)
+    bad = []
+    for path in sorted((ROOT / "depthg" / "method").glob("*.py")):
+        for name in sorted(method_imports(path)):
+            top = name.split(".")[0]
+            if top in allowed or top == "__future__" or any(name == m or name.startswith(m + ".") for m in METHOD_MAY_IMPORT):
+                continue
+            bad.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not bad, "depthg/method must stand alone:\n" + "\n".join(bad)
+
+
+def test_importing_the_method_loads_nothing_of_the_run():
+    code = ("import sys, depthg.method\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('yaml', 'scipy', 'timm', 'PIL', 'transformers')"
+            " or (m.startswith('depthg.') and not m.startswith(('depthg.method', 'depthg.utils')))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"importing depthg.method loaded: {out.strip()}"
+
+
+def test_the_method_checker_sees_a_run_import(tmp_path, monkeypatch):
+    (tmp_path / "depthg" / "method").mkdir(parents=True)
+    (tmp_path / "depthg" / "method" / "losses.py").write_text("import yaml\nfrom depthg.config import Config\n")
+    monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
+    with pytest.raises(AssertionError, match="imports depthg.config"):
+        test_the_method_imports_only_torch_numpy_the_stdlib_and_utils()
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = []
+    for path in sorted((ROOT / "depthg").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                if node.end_lineno - first + 1 > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - first + 1} lines)")
+    assert not long, "split these functions:\n" + "\n".join(long)
