@@ -23,6 +23,7 @@ from huggingface_hub import constants, try_to_load_from_cache
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .dataset_protocol import SegmentationSource, image_loader, is_full_resolution, item_identities, item_keys
 from .utils import DepthGError, atomic_write, build_lock, get_device, inside, note, repo_root
 
 __all__ = [
@@ -562,14 +563,16 @@ def estimate_depth(depth_model: DepthModel, images: torch.Tensor, flip_tta: bool
 
 def _check_not_in_sources(cache_root: Path, dataset: Any) -> None:
     """Caches never go inside the dataset's folders (docs/fidelity.md §4)."""
-    for src in getattr(dataset, "source_dirs", []):
+    if not isinstance(dataset, SegmentationSource):  # a plain dataset names no folders
+        return
+    for src in dataset.source_dirs:
         if inside(cache_root, src):
             raise DepthCacheError(
                 f"refusing to write depth into {cache_root}: it is inside the dataset's source folder {Path(src).resolve()}. "
                 "Pick a cache folder outside the image and label trees."
             )
-    root = getattr(dataset, "root", None)
-    if root is not None and getattr(dataset, "name", "") != "cropped" and inside(cache_root, root):
+    root = dataset.root  # the five-crops keep their depth crops in their own folder: that is allowed
+    if dataset.name != "cropped" and inside(cache_root, root):
         raise DepthCacheError(
             f"refusing to write depth into {cache_root}: it is inside the dataset folder {Path(root).resolve()}. "
             "Nothing is written into a dataset; pick a cache folder outside it."
@@ -578,14 +581,8 @@ def _check_not_in_sources(cache_root: Path, dataset: Any) -> None:
 
 def _image_identities(dataset: Any, keys: Sequence[str]) -> dict[str, Any]:
     """``{key: identity of the item's image file}`` (size, modification time); {} for datasets that cannot say."""
-    identity = getattr(dataset, "item_identity", None)
-    if identity is None:
-        return {}
-    return {k: identity(i, ("img",)) for i, k in enumerate(keys)}
-
-
-def _dataset_keys(dataset: Any) -> Sequence[str]:
-    return getattr(dataset, "keys", None) or [dataset[i]["key"] for i in range(len(dataset))]
+    identities = item_identities(dataset, ("img",))
+    return {} if identities is None else dict(zip(keys, identities))
 
 
 def _stale(cache: DepthCache, keys: Sequence[str], recorded: dict[str, Any], current: dict[str, Any]) -> list[int]:
@@ -598,7 +595,7 @@ def stale_depth_keys(dataset: Any, cache_root: str | os.PathLike, model_identity
     image, or by another model (``model_identity`` differs from the cache's): what
     :func:`estimate_depth_for_dataset` would compute."""
     cache_root = Path(cache_root)
-    keys = _dataset_keys(dataset)
+    keys = item_keys(dataset)
     if not (cache_root / META_NAME).is_file():
         return list(keys)
     cache = DepthCache(cache_root)
@@ -633,13 +630,13 @@ def estimate_depth_for_dataset(
     atomically, so an interrupted run resumes. A cache made by another ``model_identity`` is emptied and
     made again; each rebuild says why on stderr. Returns ``cache_root``.
     """
-    if getattr(dataset, "transform", None) is not None:
+    if not is_full_resolution(dataset):
         raise ValueError("estimate_depth_for_dataset needs full-resolution items: pass a dataset with transform=None")
     cache_root = Path(cache_root)
     _check_not_in_sources(cache_root, dataset)
     with build_lock(cache_root, "depth cache"):
         cache = _open_cache(cache_root, depth_model, flip_tta, model_identity)
-        keys = _dataset_keys(dataset)
+        keys = item_keys(dataset)
         recorded = cache.recorded_sources()
         current = _image_identities(dataset, keys)
         todo = _stale(cache, keys, recorded, current)
@@ -647,11 +644,11 @@ def estimate_depth_for_dataset(
         if changed:
             note(f"depth cache {cache_root}: {len(changed)} image(s) changed since their depth was estimated "
                  f"(e.g. {changed[0]}); estimating them again")
-        load = getattr(dataset, "load_image_tensor", None)
+        load = image_loader(dataset)
 
         def items() -> Iterable[tuple[str, torch.Tensor]]:
             for i in todo:
-                yield (keys[i], load(i) if load is not None else dataset[i]["img"])
+                yield (keys[i], load(i))
 
         bar = tqdm(total=len(todo), desc=f"depth ({depth_model.name})", disable=not progress or not todo)
         for batch in _batches(items(), batch_size):

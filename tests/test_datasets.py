@@ -343,3 +343,41 @@ def test_resize_center_crop_modes():
     paper = resize_center_crop(item, res)["img"]
     assert not torch.equal(paper, released) and 0 <= float(paper.min()) and float(paper.max()) <= 1
     assert torch.allclose(resize_center_crop({"img": torch.full((3, h, w), 0.3)}, res)["img"], torch.tensor(0.3))
+
+
+# ------------------------------------------------------------------------------------------------
+# the dataset protocol
+# ------------------------------------------------------------------------------------------------
+def test_every_reader_and_the_five_crops_provide_the_dataset_protocol(tmp_path):
+    """depthg.dataset_protocol.SegmentationSource is what the caches read; every reader provides all of it,
+    and a plain map-style dataset falls back to its items."""
+    from depthg.data.prepare import CroppedDataset, five_crop
+    from depthg.dataset_protocol import SegmentationSource, image_loader, item_identities, item_keys
+
+    write_cityscapes(tmp_path / "cs")
+    fine = np.arange(H * W, dtype=np.uint8).reshape(H, W) % 182
+    write_coco(tmp_path / "coco", "train", ["000000000009"], [fine])
+    write_potsdam(tmp_path / "potsdam")
+    save_png(tmp_path / "dir" / "imgs" / "train" / "a.png", rgb(0))
+    save_png(tmp_path / "dir" / "labels" / "train" / "a.png", np.zeros((H, W), np.uint8))
+    readers = [Cityscapes(tmp_path / "cs", "train"), CocoStuff(tmp_path / "coco", "train"),
+               Potsdam(tmp_path / "potsdam", "train"), ImageDirectory(tmp_path / "dir", "train", n_classes=2)]
+    crops = CroppedDataset(five_crop(readers[0], tmp_path / "crops", progress=False), "train")
+    for ds in readers + [crops]:
+        assert isinstance(ds, SegmentationSource), type(ds).__name__
+        assert item_keys(ds) == [ds[i]["key"] for i in range(len(ds))]
+        assert torch.equal(image_loader(ds)(0), ds[0]["img"])
+        assert isinstance(ds.content_digest(("img",)), str) and ds.content_digest(("img",)) != ds.content_digest()
+    assert item_identities(readers[0]) is not None and item_identities(crops) is None  # crops: keyed by hashes
+
+    class Plain(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, i: int) -> dict:
+            return {"img": torch.full((3, 2, 2), float(i)), "label": torch.zeros(2, 2, dtype=torch.long), "key": f"k{i}"}
+
+    plain = Plain()
+    assert not isinstance(plain, SegmentationSource)
+    assert item_keys(plain) == ["k0", "k1"] and item_identities(plain) is None
+    assert torch.equal(image_loader(plain)(1), torch.ones(3, 2, 2))

@@ -1,8 +1,9 @@
 """Shared machinery of the dataset loaders: the item format, file reading, split lists and the errors.
 
 Items are ``{"img" (3, H, W) in [0, 1], "label" (H, W) int64 (-1 = ignore), "depth"? (1, H, W),
-"path", "key"}``; ``key`` names the item in every cache. Bad input raises a :class:`DepthGError`
-subclass naming the file (docs/datasets.md).
+"path", "key"}``; ``key`` names the item in every cache. What a reader provides besides its items is the
+dataset protocol, :class:`depthg.dataset_protocol.SegmentationSource`, which :class:`SegmentationDataset`
+implements. Bad input raises a :class:`DepthGError` subclass naming the file (docs/datasets.md).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..depth import DepthCache
-from ..utils import DepthGError, file_identity
+from ..utils import DepthGError, digest, file_identity
 
 __all__ = [
     "DatasetNotFoundError",
@@ -175,9 +176,10 @@ class Sample:
 
 
 class SegmentationDataset(Dataset):
-    """Base class: subclasses implement :meth:`_find_samples`, set the label table ``lut`` (raw value → class
-    id, -1 = ignore) or override :meth:`map_label`, and may override the readers; ``transform`` is a
-    callable on the item dict."""
+    """Base class of the readers; it provides the whole dataset protocol (:class:`depthg.dataset_protocol.
+    SegmentationSource`). Subclasses implement :meth:`_find_samples`, set ``name``, ``n_classes``,
+    ``class_names``, ``palette`` and the label table ``lut`` (raw value → class id, -1 = ignore) or override
+    :meth:`map_label`, and may override the readers; ``transform`` is a callable on the item dict."""
 
     name: ClassVar[str] = "dataset"
     n_classes: int
@@ -241,6 +243,13 @@ class SegmentationDataset(Dataset):
     def label_mapping(self) -> dict[str, Any]:
         """What turns raw label values into class ids (part of every label-holding artefact's key)."""
         return {"dataset": self.name, "n_classes": int(self.n_classes), "class_names": list(self.class_names)}
+
+    def content_digest(self, parts: tuple[str, ...] = ("img", "label", "depth")) -> str:
+        """A key over what the items' ``parts`` hold: the keys, the identity (size, modification time) of every
+        source file of ``parts`` and, when labels count, the label mapping."""
+        items = [self.item_identity(n, parts) for n in range(len(self))]
+        mapping = self.label_mapping() if "label" in parts else None
+        return digest({"keys": list(self.keys), "items": items, "labels": mapping, "parts": list(parts)})
 
     @property
     def keys(self) -> list[str]:

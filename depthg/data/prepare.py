@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..backbone import load_backbone
 from ..config import Config
+from ..dataset_protocol import SegmentationSource, image_loader, is_full_resolution, item_identities, item_keys
 from ..depth import (
     DEPTH_MODEL_ALIASES,
     DepthCache,
@@ -54,6 +55,7 @@ from ..utils import (
 )
 from ..world.synthetic import GENERATOR_VERSION, make_world
 from .common import CorruptFileError, image_to_tensor, read_image, read_label
+from .cityscapes import Cityscapes
 from .registry import build_dataset
 from .transforms import PAPER_RESIZE, RESIZES, Resize, resize_center_crop
 
@@ -120,11 +122,6 @@ def _save_png(path: Path, arr: np.ndarray) -> list[Any]:
     return _file_record(data)
 
 
-def _dataset_keys(dataset: Any) -> list[str]:
-    """The item keys of ``dataset`` (its ``keys`` attribute, else each item's "key")."""
-    return list(getattr(dataset, "keys", None) or [dataset[i]["key"] for i in range(len(dataset))])
-
-
 def _read_index(out_dir: Path) -> dict[str, Any] | None:
     path = out_dir / INDEX_NAME
     if not path.is_file():
@@ -143,22 +140,19 @@ def _write_index(out_dir: Path, index: dict[str, Any]) -> None:
         json.dump(index, f, indent=1)
 
 
-def _dataset_info(dataset: Any) -> dict[str, Any]:
+def _dataset_info(dataset: SegmentationSource) -> dict[str, Any]:
     return {
-        "dataset": getattr(dataset, "name", type(dataset).__name__),
-        "root": str(getattr(dataset, "root", "")),
+        "dataset": dataset.name,
+        "root": str(dataset.root),
         "n_classes": int(dataset.n_classes),
         "class_names": list(dataset.class_names),
-        "palette": np.asarray(getattr(dataset, "palette", np.zeros((0, 3)))).tolist(),
+        "palette": np.asarray(dataset.palette).tolist(),
     }
 
 
 def check_outside_dataset(target: str | os.PathLike, dataset: Any, what: str) -> None:
     """Refuse to write ``target`` inside the dataset's folder (its root or its image/label trees)."""
-    folders = [Path(d) for d in getattr(dataset, "source_dirs", [])]
-    root = getattr(dataset, "root", None)
-    if root is not None:
-        folders.append(Path(root))
+    folders = [*map(Path, dataset.source_dirs), Path(dataset.root)] if isinstance(dataset, SegmentationSource) else []
     for folder in folders:
         if inside(target, folder):
             raise PreparationError(
@@ -167,28 +161,13 @@ def check_outside_dataset(target: str | os.PathLike, dataset: Any, what: str) ->
             )
 
 
-def _item_identities(dataset: Any, parts: tuple[str, ...] = ("img", "label", "depth")) -> list[Any] | None:
-    """Per item, the identity of the files it is read from (None for datasets that cannot say)."""
-    identity = getattr(dataset, "item_identity", None)
-    if identity is None:
-        return None
-    return [identity(n, parts) for n in range(len(dataset))]
-
-
 def dataset_digest(dataset: Any, parts: tuple[str, ...] = ("img", "label", "depth")) -> str | None:
     """A key of what ``dataset``'s items hold: crop-file hashes for :class:`CroppedDataset`, the source files'
     identity (size, modification time) and the label mapping for the loaders; None when it cannot tell.
 
     ``parts`` picks which of ("img", "label", "depth") count (kNN needs the images only).
     """
-    own = getattr(dataset, "content_digest", None)
-    if own is not None:
-        return own(parts)
-    items = _item_identities(dataset, parts)
-    if items is None:
-        return None
-    mapping = dataset.label_mapping() if "label" in parts and hasattr(dataset, "label_mapping") else None
-    return digest({"keys": list(dataset.keys), "items": items, "labels": mapping, "parts": list(parts)})
+    return dataset.content_digest(parts) if isinstance(dataset, SegmentationSource) else None
 
 
 def five_crop(dataset: Any, out_dir: str | os.PathLike, ratio: float = 0.5, progress: bool = True) -> Path:
@@ -205,7 +184,7 @@ def five_crop(dataset: Any, out_dir: str | os.PathLike, ratio: float = 0.5, prog
     ``out_dir.partial`` (the index is rewritten every few items, so a killed run resumes there) and the
     folder is renamed back when every item is done. ``out_dir`` must not lie inside the dataset.
     """
-    if getattr(dataset, "transform", None) is not None:
+    if not is_full_resolution(dataset):
         raise PreparationError("five_crop needs full-resolution items: pass a dataset with transform=None")
     if not 0 < ratio <= 1:
         raise PreparationError(f"crop ratio must be in (0, 1], got {ratio}")
@@ -215,9 +194,9 @@ def five_crop(dataset: Any, out_dir: str | os.PathLike, ratio: float = 0.5, prog
     if out_dir.exists() and not out_dir.is_dir():
         raise PreparationError(f"five-crop output {out_dir} exists and is not a folder")
     check_outside_dataset(out_dir, dataset, "five-crop folder")
-    keys = _dataset_keys(dataset)
+    keys = item_keys(dataset)
     with build_lock(out_dir, "five-crop folder"):
-        items = _SourceItems(keys, _item_identities(dataset))
+        items = _SourceItems(keys, item_identities(dataset))
         index = _read_index(out_dir)
         if index is not None and _crops_fresh(out_dir, index, dataset, items, ratio):
             return out_dir
@@ -279,7 +258,7 @@ def _crops_fresh(out_dir: Path, index: dict[str, Any], dataset: Any, items: _Sou
 @dataclass(frozen=True)
 class _SourceItems:
     """The items :func:`five_crop` crops: their keys and, per item, the identity of its source files
-    (``idents`` None for datasets that cannot say, :func:`_item_identities`)."""
+    (``idents`` None for datasets that cannot say, :func:`depthg.dataset_protocol.item_identities`)."""
 
     keys: list[str]
     idents: list[Any] | None
@@ -370,7 +349,8 @@ def _five_crop_into(dataset: Any, out_dir: Path, items: _SourceItems, ratio: flo
 
 
 class CroppedDataset(Dataset):
-    """The crops written by :func:`five_crop`, as dict items like every other dataset.
+    """The crops written by :func:`five_crop`, as dict items like every other dataset (it provides the dataset
+    protocol, :class:`depthg.dataset_protocol.SegmentationSource`).
 
     ``depth_normalization``:
 
@@ -448,6 +428,10 @@ class CroppedDataset(Dataset):
         hashes = [[crop["files"][p][1] for p in parts if p in crop["files"]] for crop in self.crops]
         return digest({"ratio": self.ratio, "dataset": self.source_dataset, "classes": self.class_names if "label" in parts else None,
                        "parts": list(parts), "files": hashes})
+
+    def item_identity(self, index: int, parts: tuple[str, ...] = ("img", "label", "depth")) -> None:
+        """None: the crops are keyed by their files' hashes (:meth:`content_digest`), not by size and time."""
+        return None
 
     @property
     def keys(self) -> list[str]:
@@ -540,13 +524,13 @@ def knn_search(
 class _ImagesOnly(Dataset):
     def __init__(self, dataset: Any, res: int, resize: Resize) -> None:
         self.dataset, self.res, self.resize = dataset, res, resize
+        self.load = image_loader(dataset)  # the image file alone where the dataset can read it so
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        load = getattr(self.dataset, "load_image_tensor", None)
-        img = load(i) if load is not None else self.dataset[i]["img"]
+        img = self.load(i)
         return resize_center_crop({"img": img}, self.res, self.resize)["img"]  # type: ignore[arg-type]
 
 
@@ -589,7 +573,7 @@ def compute_knn(dataset: Any, backbone: torch.nn.Module, out_path: str | os.Path
     if out_path.exists() and not out_path.is_file():
         raise PreparationError(f"kNN output {out_path} exists and is not a file")
     check_outside_dataset(out_path, dataset, "kNN file")
-    keys = _dataset_keys(dataset)
+    keys = item_keys(dataset)
     n, k, res, resize = len(keys), settings.k, settings.res, settings.resize
     if n < 2:
         raise PreparationError(f"compute_knn needs at least 2 images, the dataset has {n}")
@@ -676,7 +660,7 @@ def stereo_depth_for_dataset(dataset: Any, cache_root: str | os.PathLike, progre
     steps) are marked invalid (0) like pixels without disparity. A key is converted again when its
     disparity or camera file changed since (their size and modification time are recorded).
     """
-    if not hasattr(dataset, "disparity_path"):
+    if not isinstance(dataset, Cityscapes):  # the reader that knows the disparity/ and camera/ files
         raise PreparationError(f"depth_source='disparity' needs a Cityscapes dataset with disparity/ and camera/ folders, got {dataset!r}")
     cache_root = Path(cache_root)
     check_outside_dataset(cache_root, dataset, "depth cache")
