@@ -1,4 +1,5 @@
-"""The repository stands on its own: no reference to documents outside it, no import cycle in depthg/."""
+"""The repository stands on its own (no reference to documents outside it) and its layout holds: no import
+cycle in depthg/, the method in depthg/method imports nothing of the run, no function over 80 lines."""
 
 from __future__ import annotations
 

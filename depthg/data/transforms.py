@@ -68,7 +68,7 @@ class Resize:
 
 PAPER_RESIZE = Resize("paper", bilinear_resize, nearest_exact_resize)
 RELEASED_RESIZE = Resize("released", pil_nearest_resize, pil_nearest_resize)
-#: the resize of each fidelity preset, by ``Config.mode`` (``depthg.build.Fidelity``).
+#: the mode -> resize table, the only one: ``depthg.build.Fidelity``'s presets and the kNN preparation read it.
 RESIZES = {r.name: r for r in (PAPER_RESIZE, RELEASED_RESIZE)}
 
 
