@@ -8,7 +8,6 @@ overrides parsed as YAML: ``python -m depthg train --preset synthetic steps=100 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -29,7 +28,7 @@ from depthg.data.prepare import (
 from depthg.depth import estimate_depth_for_dataset, load_depth_model
 from depthg.evaluate import evaluate_checkpoint
 from depthg.train import train
-from depthg.utils import DepthGError
+from depthg.utils import DepthGError, json_text
 from depthg.world import make_world, pretrain
 
 
@@ -55,7 +54,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _print(result: Any) -> None:
-    print(json.dumps(result, indent=2, default=str))
+    """The command's result on stdout as strict JSON (no NaN: a missing value is null)."""
+    print(json_text(result))
 
 
 def cmd_synthesize(args: argparse.Namespace) -> Any:
@@ -251,9 +251,13 @@ def main(argv: list[str] | None = None) -> Any:
 
 
 def _cli() -> None:
-    """Entry point of ``python -m depthg`` / ``depthg``: bad input ends with its message, not a traceback."""
+    """Entry point of ``python -m depthg`` / ``depthg``: bad input ends with its message, Ctrl-C with one line
+    and exit code 130 (temporary files are removed on the way out), never with a traceback."""
     try:
         main(sys.argv[1:])
+    except KeyboardInterrupt:
+        print("depthg: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     except (DepthGError, OSError) as err:  # bad input, missing/unreadable files, a file where a folder goes
         text = str(err) if not isinstance(err, OSError) or err.filename is None or str(err.filename) in str(err) \
             else f"{err} ({err.filename})"

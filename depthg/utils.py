@@ -4,24 +4,31 @@ repository root.
 Every file is written under a temporary name and renamed into place (:func:`atomic_write`); derived
 folders are built under a lock (:func:`build_lock`) in ``<folder>.partial`` and swapped in whole
 (:func:`publish_dir`), so a killed run or a second process never leaves or sees half an artefact.
+A command holds its output folder for as long as it runs (:func:`folder_lock`) and never writes over what it
+did not make (:func:`owned_output`); JSON it writes is strict (:func:`json_text`); a source file is known by
+its content (:func:`file_digest`); large files reserve their disk space first (:func:`allocate_file`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 import tempfile
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, TypeVar
 
+import numpy as np
 import torch
 from filelock import FileLock, Timeout
 
@@ -140,10 +147,13 @@ def _torch_file_kind(path: Path) -> str:
     return "not a torch checkpoint (it does not start like a torch.save file; a YAML/JSON/text file?)"
 
 
-def file_identity(path: str | os.PathLike) -> list[int]:
-    """``[size, mtime_ns]`` of a file: what a cache records about a source to notice that it changed."""
-    st = os.stat(path)
-    return [int(st.st_size), int(st.st_mtime_ns)]
+def file_identity(path: str | os.PathLike) -> list[Any]:
+    """``[size, sha256]`` of a file: what a cache records about a source to notice that it changed.
+
+    The content digest (:func:`file_digest`) catches an edit that keeps the size and the modification time
+    (``touch -r``, archives with fixed times); a file that was only touched keeps its identity.
+    """
+    return [int(os.stat(path).st_size), file_digest(path)]
 
 
 def digest(value: Any) -> str:
@@ -225,3 +235,250 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: handle.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# Strict JSON: what every results file and the CLI's stdout are written with
+# ------------------------------------------------------------------------------------------------
+def json_ready(value: Any) -> Any:
+    """``value`` as plain JSON values: NaN and +-inf become None (null: "no value", e.g. the IoU of a class
+    absent from the split), numpy and torch scalars and arrays plain numbers and lists, paths strings, anything
+    else its ``str``."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, (np.generic, np.ndarray, torch.Tensor)):
+        return json_ready(value.tolist())
+    return str(value)
+
+
+def json_text(value: Any, indent: int | None = 2, **kwargs: Any) -> str:
+    """Strict JSON text of ``value`` (:func:`json_ready`): no ``NaN`` or ``Infinity``, which strict parsers reject."""
+    return json.dumps(json_ready(value), indent=indent, allow_nan=False, **kwargs)
+
+
+def write_json(path: str | os.PathLike, value: Any, indent: int | None = 2, **kwargs: Any) -> Path:
+    """Write :func:`json_text` of ``value`` to ``path`` atomically (:func:`atomic_write`)."""
+    with atomic_write(path, "w") as handle:
+        handle.write(json_text(value, indent=indent, **kwargs) + "\n")
+    return Path(path)
+
+
+def read_json_strict(text: str, where: str) -> Any:
+    """Parse JSON text, refusing a key given twice in one object (the second would silently win) and the
+    non-standard constants NaN and Infinity. Raises :class:`DepthGError` naming ``where``."""
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in items:
+            if key in out:
+                raise DepthGError(f"{where}: the key {key!r} is given twice; keep one")
+            out[key] = value
+        return out
+
+    def constant(name: str) -> Any:
+        raise DepthGError(f"{where}: {name} is not valid JSON; write null or a number")
+
+    try:
+        return json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+    except json.JSONDecodeError as err:
+        raise DepthGError(f"{where} is not valid JSON: {err}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Output folders: one command at a time, never over what a command did not make
+# ------------------------------------------------------------------------------------------------
+class FolderBusyError(DepthGError, BlockingIOError):
+    """Another command holds the folder a command wants to write into."""
+
+
+class OutputNotOwnedError(DepthGError, FileExistsError):
+    """An output path holds files the command did not make."""
+
+
+#: the lock file :func:`folder_lock` keeps inside a folder (never counted as a file of the folder)
+FOLDER_LOCK = ".depthg-lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[Path]:
+    """Hold ``folder`` for one command: a second command on it is refused at once (not made to wait), so two
+    runs never write into one folder. The folder is created when missing, and removed again at the end when
+    the command left nothing in it. The lock is the kernel's (``flock``): a killed command releases it.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputNotOwnedError(f"the {what} {folder} is a file; expected a folder")
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / FOLDER_LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise FolderBusyError(f"another command is writing into the {what} {folder} (it holds {folder / FOLDER_LOCK}); "
+                              "wait for it to finish, or choose another folder") from None
+    try:
+        yield folder
+    finally:
+        lock.release()
+        if created and [p.name for p in folder.iterdir()] == [FOLDER_LOCK]:
+            (folder / FOLDER_LOCK).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+#: the name of a temporary file of :func:`atomic_write` (``tempfile.mkstemp``: ``.<name>.<8 random>.tmp``)
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def owned_output(path: str | os.PathLike, what: str, ours: str | Callable[[Path], bool]) -> Path:
+    """``path``, when a command may write there: it does not exist, is an empty folder, or is ``ours`` -- a
+    folder holding the marker (or manifest) file named ``ours``, or a file or folder the predicate ``ours``
+    accepts. Anything else holds files the command did not make: :class:`OutputNotOwnedError`, nothing touched.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return path
+    if path.is_dir():  # the lock and the temporary files of atomic_write (a killed write) do not count
+        names = sorted(p.name for p in path.iterdir() if p.name != FOLDER_LOCK and not _TEMPORARY.fullmatch(p.name))
+        if not names:
+            return path
+        mine = (path / ours).is_file() if isinstance(ours, str) else ours(path)
+        held = f"{len(names)} file(s) ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+    else:
+        mine = not isinstance(ours, str) and ours(path)
+        held = "a file"
+    if not mine:
+        marker = f" (no {ours})" if isinstance(ours, str) else ""
+        raise OutputNotOwnedError(f"refusing to write the {what} {path}: it holds {held} that this command did not "
+                                  f"make{marker}; choose another path, or move those files away")
+    return path
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files :func:`atomic_write` left in ``folder`` when its process was killed
+    (``.<name>.<random>.tmp``). Only for a folder the caller holds (:func:`folder_lock`), where no other
+    process is writing."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        if tmp.is_file() and _TEMPORARY.fullmatch(tmp.name):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+# ------------------------------------------------------------------------------------------------
+# Content digests of source files, and what they cost
+# ------------------------------------------------------------------------------------------------
+#: digests of files hashed in this process (or read from a memo file): "device:inode" -> (size, modification
+#: time, inode change time; sha256). Keyed by the inode, so a folder renamed into place keeps its entries.
+_DIGESTS: dict[str, tuple[tuple[int, ...], str]] = {}
+_NEW_DIGESTS: set[str] = set()  # keys learnt since the memo was last saved
+#: a file changed more recently than this is hashed again next time: a second write within the same clock tick
+#: would leave every time stamp as it was (git calls such entries "racy")
+_RACY_NS = 2_000_000_000
+
+
+def _memo_key(st: os.stat_result) -> tuple[str, tuple[int, ...]]:
+    return f"{st.st_dev}:{st.st_ino}", (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's content, hashed once per version of the file.
+
+    The digest is remembered with the file's device, inode, size, modification time and inode change time:
+    while all of them stay the same the file is not read again. Any write changes the inode change time, which
+    no tool sets back (``touch -r``, ``cp -p`` and archives restore only the modification time), so an edited
+    file is always hashed again. What this costs on a Cityscapes-sized tree: ``benchmarks/digest.py``.
+    """
+    st = os.stat(path)
+    key, sig = _memo_key(st)
+    known = _DIGESTS.get(key)
+    if known is not None and known[0] == sig:
+        return known[1]
+    value = sha256_file(path)
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_NS:
+        _DIGESTS[key] = (sig, value)
+        _NEW_DIGESTS.add(key)
+    return value
+
+
+def remember_digest(path: str | os.PathLike, value: str) -> None:
+    """Record the SHA-256 ``value`` of a file the caller has just written itself (under its folder's lock, where
+    nothing else writes), so checking it later does not read it again."""
+    key, sig = _memo_key(os.stat(path))
+    _DIGESTS[key] = (sig, value)
+    _NEW_DIGESTS.add(key)
+
+
+#: the file in ``cache_dir`` where the digests of the files a preparation read are kept (:func:`load_digests`)
+DIGEST_MEMO = "file_digests.json"
+
+
+def load_digests(memo: str | os.PathLike) -> None:
+    """Remember the digests stored in ``memo`` (written by :func:`save_digests`); a missing or unreadable memo
+    only means that files are hashed again."""
+    try:
+        data = json.loads(Path(memo).read_text())
+        entries = data["files"] if data.get("algorithm") == "sha256" else {}
+        for key, (*sig, value) in entries.items():
+            _DIGESTS.setdefault(str(key), (tuple(int(v) for v in sig), str(value)))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return
+
+
+def save_digests(memo: str | os.PathLike) -> None:
+    """Store the digests known to this process in ``memo``, so the next process does not hash unchanged
+    files again; skipped when nothing new was learnt, and where ``memo`` cannot be written (a read-only cache)."""
+    if not _NEW_DIGESTS:
+        return
+    files = {key: [*sig, value] for key, (sig, value) in _DIGESTS.items()}
+    with contextlib.suppress(OSError):
+        with atomic_write(memo, "w") as handle:
+            json.dump({"algorithm": "sha256", "files": files}, handle)
+        _NEW_DIGESTS.clear()
+
+
+# ------------------------------------------------------------------------------------------------
+# Disk space
+# ------------------------------------------------------------------------------------------------
+class DiskFullError(DepthGError, OSError):
+    """Not enough free disk space for a file a command is about to write."""
+
+
+def allocate_file(path: str | os.PathLike, nbytes: int, what: str) -> Path:
+    """Create ``path`` with ``nbytes`` of disk space reserved (zeros), before anything is written into it, so a
+    full disk is a clear error now, not a crash (SIGBUS) when a memory map later touches a page that has no
+    block. Where the file system cannot reserve space, the free space is checked instead."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        try:
+            if not hasattr(os, "posix_fallocate"):
+                raise OSError(errno.EOPNOTSUPP, "posix_fallocate is not available")
+            if nbytes > 0:
+                os.posix_fallocate(fd, 0, nbytes)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS) or \
+                    shutil.disk_usage(path.parent).free < nbytes:
+                raise _disk_full(path, nbytes, what, err) from None
+            os.ftruncate(fd, nbytes)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return path
+
+
+def _disk_full(path: Path, nbytes: int, what: str, err: OSError) -> OSError:
+    """The error for a reservation that failed: :class:`DiskFullError` when the disk is full, else ``err``."""
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+        return err
+    free = shutil.disk_usage(path.parent).free
+    return DiskFullError(f"not enough disk space for the {what} {path}: it needs {nbytes / 2**30:.2f} GiB, "
+                         f"{free / 2**30:.2f} GiB are free; free some space or choose another folder")
