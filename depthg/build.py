@@ -7,6 +7,7 @@ and the evaluator do not import each other.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -28,8 +29,8 @@ from depthg.method.sampling import CellsToGrid, FpsChoices, Unproject, depth_to_
 from depthg.utils import DepthGError, safe_torch_load
 
 __all__ = ["TrainError", "Fidelity", "fidelity", "FIDELITY_PRESETS", "Segmenter", "build_backbone", "build_models",
-           "build_loss", "load_checkpoint", "dataset_kwargs", "depth_normalization", "training_dataset",
-           "validation_dataset", "n_classes_of"]
+           "build_loss", "CHECKPOINT_FORMAT", "load_checkpoint", "load_weights", "dataset_kwargs", "depth_normalization",
+           "training_dataset", "validation_dataset", "n_classes_of"]
 
 
 class TrainError(DepthGError, RuntimeError):
@@ -158,12 +159,53 @@ def build_loss(cfg: Config, fid: Fidelity) -> DepthGLoss:
                       negatives=fid.negatives, transposed_depth_pairs=fid.transposed_depth_pairs)
 
 
+#: the checkpoint format this version writes and reads (``depthg-train-v<N>``)
+CHECKPOINT_FORMAT = "depthg-train-v1"
+#: what every training checkpoint holds (``save_checkpoint`` in ``depthg.train`` writes more)
+CHECKPOINT_KEYS = ("step", "config", "model")
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a training checkpoint (weights_only); see ``save_checkpoint`` in ``depthg.train`` for its keys."""
+    """Load a training checkpoint (weights_only); see ``save_checkpoint`` in ``depthg.train`` for its keys.
+
+    A checkpoint of a newer format, one that lacks a key every checkpoint holds or whose weights are not a
+    mapping of tensors is refused with a :class:`TrainError` saying so."""
     ckpt = safe_torch_load(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "depthg-train-v1":
-        raise TrainError(f"{path}: not a depthg training checkpoint (expected format 'depthg-train-v1')")
+    found = ckpt.get("format") if isinstance(ckpt, dict) else None
+    version = re.fullmatch(r"depthg-train-v(\d+)", found) if isinstance(found, str) else None
+    if version is not None and found != CHECKPOINT_FORMAT:
+        newer = int(version.group(1)) > int(CHECKPOINT_FORMAT.rsplit("v", 1)[1])
+        raise TrainError(f"{path}: a depthg training checkpoint of format {found!r}, written by "
+                         f"{'a newer' if newer else 'an older'} version of depthg; this version reads "
+                         f"{CHECKPOINT_FORMAT!r}" + ("; update depthg to read it" if newer else ""))
+    if found != CHECKPOINT_FORMAT:
+        raise TrainError(f"{path}: not a depthg training checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise TrainError(f"{path}: the checkpoint has no {', '.join(map(repr, missing))} (every depthg training "
+                         f"checkpoint holds {', '.join(CHECKPOINT_KEYS)}); it is damaged or was edited")
+    if not isinstance(ckpt["model"], dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+        raise TrainError(f"{path}: its 'model' is not a mapping of weight names to tensors")
     return ckpt
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path, skip: str | None = None) -> None:
+    """Load a checkpoint's weights ``state`` into ``model`` (keys starting with ``skip`` left out), with an error
+    naming the first keys or shapes that do not fit (renamed keys, a config whose ``dim`` or class count
+    differs from the one the weights were trained with) instead of a traceback."""
+    if skip is not None:
+        state = {k: v for k, v in state.items() if not k.startswith(skip)}
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise TrainError(f"{path}: its weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]} "
+                         "(keys renamed, or another model)")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise TrainError(f"{path}: the weight {key!r} has shape {tuple(value.shape)} but this config's model needs "
+                             f"{tuple(own[key].shape)}: keys that change the model's shape (dim, classes, "
+                             "extra_clusters, backbone) must be those the checkpoint was trained with")
+    model.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ linear probe ``log_softmax``; optional dense CRF; argmax. Metrics are accumulate
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -23,7 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from depthg.build import Fidelity, Segmenter, build_backbone, build_models, fidelity, load_checkpoint, validation_dataset
+from depthg.build import (Fidelity, Segmenter, build_backbone, build_models, fidelity, load_checkpoint, load_weights,
+                          validation_dataset)
 from depthg.config import Config, apply_overrides
 from depthg.crf import dense_crf
 from depthg.data.common import default_palette
@@ -32,7 +35,8 @@ from depthg.data.transforms import PAPER_RESIZE, Resize, resize_center_crop
 from depthg.features import backbone_fingerprint
 from depthg.metrics import UnsupervisedMetrics
 from depthg.precision import amp_context
-from depthg.utils import DepthGError, atomic_write, get_device, inside, sha256_file
+from depthg.utils import (DepthGError, atomic_write, get_device, inside, owned_output, partial_dir, publish_dir, sha256_file,
+                          write_json)
 
 __all__ = ["evaluate_model", "EvalOptions", "evaluate_checkpoint", "EvaluationError", "predict_batch"]
 
@@ -149,6 +153,9 @@ def evaluate_model(backbone: nn.Module, model: Segmenter, dataset: Any, opts: Ev
         img = batch["img"].to(device)
         label = batch["label"].to(device)
         cluster_logp, linear_logp = predict_batch(backbone, model, img, tuple(label.shape[-2:]), opts, amp=amp)
+        if not (torch.isfinite(cluster_logp).all() and torch.isfinite(linear_logp).all()):
+            raise EvaluationError(f"the model's predictions for {batch['key'][0]!r} (and its batch) are NaN or infinite: "
+                                  "its weights are not finite or overflow; these metrics would mean nothing")
         cluster_pred, linear_pred = cluster_logp.argmax(1), linear_logp.argmax(1)
         cluster_metrics.update(cluster_pred, label)
         linear_metrics.update(linear_pred, label)
@@ -195,17 +202,59 @@ def _write_predictions(out_dir: Path, kept: list[tuple[str, torch.Tensor, torch.
                 Image.fromarray(_colour(arr, palette)).save(handle, format="PNG")
 
 
+#: what marks a file as an evaluation this command wrote (it may replace it)
+EVAL_KIND = "depthg evaluation"
+#: the marker of a predictions folder (the PNGs of one evaluation; replaced whole by the next)
+PREDICTIONS_MARKER = "predictions.json"
+_PREDICTION_PNG = re.compile(r"\d{4}_.*_(cluster|linear|gt)\.png")
+
+
+def is_evaluation(path: Path) -> bool:
+    """Whether ``path`` is an evaluation JSON of depthg (its ``kind``, or the keys every evaluation holds)."""
+    try:
+        data = json.loads(path.read_bytes()[: 1 << 26])
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and (data.get("kind") == EVAL_KIND or {"checkpoint_sha256", "protocol"} <= set(data))
+
+
+def is_predictions_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds an evaluation's prediction PNGs (its marker, or only such PNGs)."""
+    names = [p.name for p in folder.iterdir()]
+    return PREDICTIONS_MARKER in names or all(_PREDICTION_PNG.fullmatch(n) for n in names)
+
+
+def check_finite_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse a checkpoint whose weights hold NaN or infinite values (a diverged run)."""
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise EvaluationError(f"{path}: the weight {key!r} holds NaN or infinite values (the run diverged); "
+                                  "evaluating it would give meaningless numbers")
+
+
 def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *, data_root: str | Path | None = None,
                         output: str | Path | None = None, n_predictions: int = 0, progress: bool = True) -> dict[str, Any]:
     """Evaluate a training checkpoint on its config's validation split; write ``<stem>_eval.json``.
 
     ``overrides`` are ``key=value`` config changes (``eval_crf=false``, ``data_dir=...``); ``data_root``
-    defaults to ``cfg.data_dir`` or the synthetic world; ``n_predictions`` PNGs go next to the JSON.
+    defaults to ``cfg.data_dir`` or the synthetic world; ``n_predictions`` PNGs go into the folder named like
+    the JSON (replaced whole by the next evaluation written there). ``output`` is written only where nothing
+    but an earlier evaluation is; weights that are not finite are refused.
     """
     path = Path(path)
     ckpt = load_checkpoint(path)
+    check_finite_weights(ckpt["model"], path)
+    output = Path(output) if output is not None else path.with_name(f"{path.stem}_eval.json")
+    predictions = output.with_suffix("")
+    if output.resolve() == path.resolve():
+        raise EvaluationError(f"--output {output} is the checkpoint itself; choose another file for the results")
+    owned_output(output, "evaluation results", is_evaluation)
+    owned_output(predictions, "predictions folder", is_predictions_folder)
     cfg = apply_overrides(Config.from_dict(ckpt["config"], source=str(path)), list(overrides))
     root = data_root if data_root is not None else dataset_root(cfg, progress=False)
+    if inside(output, root):  # nothing is written into a dataset folder
+        raise EvaluationError(f"refusing to write the evaluation {output}: it is inside the dataset folder {root}; "
+                              "pass --output outside it")
     dataset = validation_dataset(cfg, root)
     device = get_device(cfg.device)
     backbone = build_backbone(cfg, device)
@@ -214,22 +263,37 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *, data
         raise EvaluationError(f"{path}: the backbone {cfg.backbone!r} (weights {cfg.weights!r}) now loads other weights "
                               "than the head was trained on; evaluate with those weights or train again")
     model = build_models(cfg, backbone.embed_dim, int(dataset.n_classes))
-    state = {k: v for k, v in ckpt["model"].items() if not k.startswith("lhp.")}
-    model.load_state_dict(state)
+    load_weights(model, ckpt["model"], path, skip="lhp.")
     model.to(device)
     amp, _ = amp_context(cfg, device)
-    output = Path(output) if output is not None else path.with_name(f"{path.stem}_eval.json")
-    if inside(output, root):  # nothing is written into a dataset folder
-        raise EvaluationError(f"refusing to write the evaluation {output}: it is inside the dataset folder {root}; "
-                              "pass --output outside it")
     options = EvalOptions.of(cfg, fidelity(cfg), progress=progress, n_predictions=n_predictions,
-                             predictions_dir=output.with_suffix("") if n_predictions else None)
-    metrics = evaluate_model(backbone, model, dataset, options, device=device, amp=amp)
+                             predictions_dir=partial_dir(predictions) if n_predictions else None)
+    if options.predictions_dir is not None and options.predictions_dir.exists():
+        shutil.rmtree(options.predictions_dir)  # left by a killed evaluation
+    try:
+        metrics = evaluate_model(backbone, model, dataset, options, device=device, amp=amp)
+    except BaseException:  # an error, Ctrl-C: no half-written predictions folder stays behind
+        if options.predictions_dir is not None:
+            shutil.rmtree(options.predictions_dir, ignore_errors=True)
+        raise
     result = {
-        "checkpoint": str(path), "checkpoint_sha256": sha256_file(path), "checkpoint_step": int(ckpt["step"]),
-        "dataset": cfg.dataset, "data_root": str(root), "split": cfg.val_split, **metrics, "config": cfg.to_dict(),
+        "kind": EVAL_KIND, "checkpoint": str(path), "checkpoint_sha256": sha256_file(path),
+        "checkpoint_step": int(ckpt["step"]), "dataset": cfg.dataset, "data_root": str(root), "split": cfg.val_split,
+        **metrics, "config": cfg.to_dict(),
     }
-    with atomic_write(output, "w") as handle:
-        json.dump(result, handle, indent=2)
+    _publish_predictions(options.predictions_dir, predictions, result)
+    write_json(output, result)  # strict JSON: an IoU without a value (class absent) is null
     result["output"] = str(output)
     return result
+
+
+def _publish_predictions(work: Path | None, predictions: Path, result: dict[str, Any]) -> None:
+    """Replace the predictions folder of the output whole: by ``work`` (with its marker), or by nothing when this
+    evaluation wrote no predictions, so one folder never mixes two evaluations' PNGs."""
+    if work is None or not work.is_dir():
+        if predictions.is_dir():
+            shutil.rmtree(predictions)
+        return
+    write_json(work / PREDICTIONS_MARKER, {"kind": "depthg predictions", "checkpoint": result["checkpoint"],
+                                           "protocol": result["protocol"], "n_images": result["n_images"]})
+    publish_dir(work, predictions)

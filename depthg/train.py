@@ -13,14 +13,13 @@ multi-process (DDP) runs.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -54,29 +53,30 @@ from depthg.train_support import (
     CachedSource,
     CropSource,
     Place,
+    ReplaceOwn,
+    RunFolder,
     batch_indices,
     broadcast_flag,
     checkpoint_to_resume,
+    collective_device,
     feature_source,
-    json_default,
     load_neighbours,
-    open_run_folder,
     rank0_first,
     rng_state,
     set_rng_state,
     setup_place,
 )
-from depthg.utils import atomic_torch_save, atomic_write
+from depthg.utils import atomic_torch_save, json_text, write_json
 
-__all__ = ["train", "TrainError", "Run", "build_run", "train_step", "train_loop", "final_results", "selection_metric",
-           "channel_dropout", "dropout_masks"]
+__all__ = ["train", "TrainError", "ReplaceOwn", "Run", "build_run", "train_step", "train_loop", "final_results",
+           "selection_metric", "channel_dropout", "dropout_masks"]
 
 
 # ----------------------------------------------------------------------------------------------------
 # the run: build -> loop -> final evaluation
 # ----------------------------------------------------------------------------------------------------
 def train(cfg: Config, resume: bool = False, *, progress: bool = True, data: dict[str, Any] | None = None,
-          overwrite: bool = False) -> dict[str, Any]:
+          overwrite: bool | ReplaceOwn = False) -> dict[str, Any]:
     """Train the head described by ``cfg`` (build -> loop -> final evaluation); return the final and the
     best-on-validation metrics and paths.
 
@@ -86,11 +86,16 @@ def train(cfg: Config, resume: bool = False, *, progress: bool = True, data: dic
         resume: continue from ``output_dir/checkpoint_last.pt`` at its step (bit-identical continuation).
         progress: show a tqdm bar.
         data: optional output of ``prepare_training_data(cfg)`` (skip preparation, e.g. in the ablation).
-        overwrite: replace a previous run in ``output_dir``. Without it (or ``resume``) a folder holding
-            another run is refused; either way nothing in it is touched until the config, the checkpoint
-            to resume and the data preparation have all passed.
+        overwrite: replace a previous run in ``output_dir`` (True; ``ReplaceOwn(owner)``: only a run ``owner``
+            made). Without it (or ``resume``) a folder holding another run is refused (one stopped before its
+            first checkpoint is simply replaced), and so is a folder holding files no run made. Nothing in the
+            folder is touched until the config, the checkpoint to resume and the data preparation have passed;
+            the replaced run is removed once the new one has passed its first step, and put back if it fails
+            before.
 
-    Writes ``output_dir/{config.yaml, log.jsonl, checkpoint_last.pt, checkpoint_best.pt, results.json}``.
+    Writes ``output_dir/{config.yaml, log.jsonl, checkpoint_last.pt, checkpoint_best.pt, results.json}``; the
+    folder is held for the whole call (a second run into it is refused). A loss or weight that becomes NaN or
+    infinite stops the run with a :class:`TrainError` naming the step and the last good checkpoint (kept).
     """
     previous = torch.get_num_threads()
     if cfg.threads is not None:
@@ -99,16 +104,21 @@ def train(cfg: Config, resume: bool = False, *, progress: bool = True, data: dic
         state = LoopState(t_start=time.time())
         # build: config -> objects; every check runs before anything is written into the run folder
         place = setup_place(cfg, progress)
-        ckpt = checkpoint_to_resume(cfg, place, resume, overwrite)
-        run = build_run(cfg, place, data)
-        if ckpt is not None:
-            restore(run, state, ckpt)
-            ckpt = None  # free the checkpoint's tensors before the loop
-        state.writer = open_run_folder(cfg, place, state.step, overwrite)
-        # loop: train_step, logging, validation, checkpoints
-        train_loop(run, state)
-        # final evaluation of the last and the best weights with the full protocol (rank 0)
-        result = final_results(run, state) if place.dinfo.is_main else {}
+        checkpoint_to_resume(cfg, place, resume, overwrite)  # fails fast, before the folder is held
+        with RunFolder(place) as folder:  # held until the last file is written
+            ckpt = checkpoint_to_resume(cfg, place, resume, overwrite)
+            run = build_run(cfg, place, data)
+            if ckpt is not None:
+                restore(run, state, ckpt)
+                ckpt = None  # free the checkpoint's tensors before the loop
+            owner = overwrite.owner if isinstance(overwrite, ReplaceOwn) else None
+            state.writer = folder.open(cfg, state.step, owner)
+            state.on_first_step = folder.first_step_passed
+            # loop: train_step, logging, validation, checkpoints
+            train_loop(run, state)
+            # final evaluation of the last and the best weights with the full protocol (rank 0)
+            result = final_results(run, state) if place.dinfo.is_main else {}
+            folder.first_step_passed()  # a run of 0 steps replaces the old one here
         if place.dinfo.initialised_here:
             dist.destroy_process_group()
         return result
@@ -424,25 +434,77 @@ class LoopState:
     best: dict[str, Any] = field(default_factory=lambda: {"step": None, "metric": -math.inf, "metrics": None})
     last_losses: dict[str, float] = field(default_factory=dict)
     writer: Any = None  # TensorBoard SummaryWriter on rank 0 when installed
+    bad_step: torch.Tensor | None = None  # on the device: the first step whose losses were not finite (0: none)
+    checkpoint_step: int | None = None  # the step of the last checkpoint_last.pt written (or resumed from)
+    on_first_step: Callable[[], None] | None = None  # called once the run has passed its first step
 
 
 def train_loop(run: Run, state: LoopState) -> None:
     """Steps ``state.step`` .. ``cfg.steps``; log, validate and checkpoint on their schedules."""
     cfg = run.cfg
     run.model.train()
+    state.bad_step = torch.zeros((), dtype=torch.int64, device=run.place.device)
+    first = state.step + 1
     bar = tqdm(range(state.step, cfg.steps), initial=state.step, total=cfg.steps, desc=cfg.name,
                disable=not run.place.progress, dynamic_ncols=True)
     for it in bar:
         out = train_step(run, it)
         state.step = step = it + 1
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        note_finite(state, out)
+        log_now = step % cfg.log_every == 0 or step == cfg.steps
+        eval_now = bool(cfg.eval_every) and (step % cfg.eval_every == 0 or step == cfg.steps)
+        save_now = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0 and step < cfg.steps
+        if step == first or log_now or eval_now or save_now:
+            check_finite(run, state)  # a device sync: only where the loop reads values anyway
+        if step == first and state.on_first_step is not None:
+            state.on_first_step()
+        if log_now:
             log_losses(run, state, out, bar)
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+        if eval_now:
             validate(run, state)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+        if save_now:
             save_checkpoint(run, state, run.place.ckpt_last)
     bar.close()
     save_checkpoint(run, state, run.place.ckpt_last)
+
+
+def note_finite(state: LoopState, out: StepOut) -> None:
+    """Remember (on the device, without a sync) the first step whose losses are not all finite."""
+    assert state.bad_step is not None
+    finite = torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in out.losses.values()])).all()
+    state.bad_step = torch.where((state.bad_step == 0) & ~finite, state.step, state.bad_step)
+
+
+def check_finite(run: Run, state: LoopState) -> None:
+    """Stop a diverged run: a :class:`TrainError` naming the first step whose loss was NaN or infinite and the
+    last good checkpoint (kept as it is). Reads the device flag of :func:`note_finite` (every rank)."""
+    if state.bad_step is None:
+        return
+    bad = state.bad_step
+    if run.place.dinfo.enabled:  # every rank stops at the same check
+        bad = bad.to(collective_device(dist.get_backend(), run.place.device))
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    step = int(bad.item())
+    if step:
+        raise TrainError(diverged(run, state, f"a loss became NaN or infinite at step {step}"))
+
+
+def check_finite_weights(run: Run, state: LoopState) -> None:
+    """Refuse to save weights that are NaN or infinite (every rank: the weights are the same on each)."""
+    tensors = [(k, v) for k, v in run.model.state_dict().items() if v.is_floating_point()]
+    finite = torch.stack([torch.isfinite(v).all() for _, v in tensors]).tolist()
+    if not all(finite):
+        name = tensors[finite.index(False)][0]
+        raise TrainError(diverged(run, state, f"the weight {name!r} became NaN or infinite by step {state.step}"))
+
+
+def diverged(run: Run, state: LoopState, what: str) -> str:
+    """The message of a diverged run: what, where it stopped, the last good checkpoint."""
+    cfg, ckpt = run.cfg, run.place.ckpt_last
+    kept = (f"the last good checkpoint is {ckpt} (step {state.checkpoint_step}), kept as it is"
+            if state.checkpoint_step is not None else "no checkpoint had been written yet")
+    return (f"training diverged: {what} (lr={cfg.lr:g}, probe_lr={cfg.probe_lr:g}); {kept}. Nothing more was "
+            "written; start again with a lower lr or probe_lr")
 
 
 def log_losses(run: Run, state: LoopState, out: StepOut, bar: Any) -> None:
@@ -462,7 +524,7 @@ def _log(run: Run, state: LoopState, group: str, values: dict[str, Any]) -> None
     """Rank 0: a ``log.jsonl`` record {"step", "time", group: values} and TensorBoard scalars ``group/<key>``."""
     record = {"step": state.step, "time": time.time() - state.t_start, group: values}
     with open(run.place.out_dir / "log.jsonl", "a") as handle:
-        handle.write(json.dumps(record, default=json_default) + "\n")
+        handle.write(json_text(record, indent=None) + "\n")
     if state.writer is not None:
         for k, v in values.items():
             state.writer.add_scalar(f"{group}/{k}", v, state.step)
@@ -521,7 +583,10 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_checkpoint(run: Run, state: LoopState, path: Path) -> None:
-    """Atomic checkpoint at ``state.step``; the RNG states of every rank are gathered so that DDP resumes exactly."""
+    """Atomic checkpoint at ``state.step``; the RNG states of every rank are gathered so that DDP resumes exactly.
+    Weights that are not finite are never written (:func:`check_finite_weights`)."""
+    check_finite(run, state)
+    check_finite_weights(run, state)
     dinfo = run.place.dinfo
     states = [rng_state(run.gens.named())]
     if dinfo.enabled:
@@ -539,6 +604,8 @@ def save_checkpoint(run: Run, state: LoopState, path: Path) -> None:
             "in_dim": run.backbone.embed_dim, "n_classes": run.n_classes, "last_train_losses": state.last_losses,
             "data": run.run_data,
         }, path)
+    if path == run.place.ckpt_last:
+        state.checkpoint_step = state.step
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -574,8 +641,7 @@ def final_results(run: Run, state: LoopState) -> dict[str, Any]:
                   "log": str(place.out_dir / "log.jsonl"), **{k: str(v) for k, v in run.data.items()}},
         "config": cfg.to_dict(),
     }
-    with atomic_write(place.out_dir / "results.json", "w") as handle:
-        json.dump(result, handle, indent=2, default=json_default)
+    write_json(place.out_dir / "results.json", result)  # strict: an IoU without a value is null, not NaN
     if state.writer is not None:
         state.writer.close()
     return result
@@ -600,6 +666,7 @@ def restore(run: Run, state: LoopState, ckpt: dict[str, Any]) -> None:
     rng = ckpt["rng"][dinfo.rank] if len(ckpt["rng"]) == dinfo.world_size else ckpt["rng"][0]
     set_rng_state(rng, run.gens.named())
     state.step, state.best = int(ckpt["step"]), ckpt["best"]
+    state.checkpoint_step = state.step
     if state.best["metric"] is None:
         state.best["metric"] = -math.inf
     # a run resumed after its last step keeps the last logged losses

@@ -7,13 +7,15 @@ state and the run folder. :mod:`depthg.train` reads top to bottom (build, step, 
 - feature sources: the frozen backbone's features of the training crops, from the feature cache or
   recomputed each step (:func:`feature_source`);
 - RNG state: every random stream, saved into and restored from checkpoints (exact resume);
-- the run folder: what a run writes, refusing a folder that holds another run, opening it for writing.
+- the run folder: what a run writes, refusing a folder that holds another run (or files no run made), holding
+  it for the whole run, opening it for writing, and replacing a run only once the new one has passed a step.
 
 docs/training.md describes the set-up order, resume and multi-process runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -35,13 +37,15 @@ from depthg.data.prepare import CroppedDataset, dataset_digest, load_knn
 from depthg.data.transforms import PAPER_RESIZE, Resize, resize_center_crop
 from depthg.features import CacheOptions, backbone_features, build_feature_cache
 from depthg.precision import Precision
-from depthg.utils import atomic_write, get_device, inside, map_threads
+from depthg.utils import (FolderBusyError, atomic_write, folder_lock, get_device, inside, map_threads, note, owned_output,
+                          remove_stale_temporaries, write_json)
 
 __all__ = [
     "DistInfo", "init_distributed", "collective_device", "broadcast_flag", "rank0_first", "Place", "setup_place",
     "batch_indices", "load_neighbours", "CropSource", "CachedSource", "feature_source", "rng_state",
-    "set_rng_state", "RESUMABLE_CHANGES", "RUN_FILES", "run_files", "check_run_folder", "checkpoint_to_resume",
-    "open_run_folder", "trim_log", "json_default", "tensorboard",
+    "set_rng_state", "RESUMABLE_CHANGES", "RUN_FILES", "RUN_MARKER", "KEPT_RUN_FILES", "ReplaceOwn", "run_files",
+    "is_run_folder", "run_owner", "check_run_folder", "checkpoint_to_resume", "RunFolder", "trim_log", "json_default",
+    "tensorboard",
 ]
 
 
@@ -290,12 +294,28 @@ def set_rng_state(state: dict[str, Any], gens: dict[str, torch.Generator]) -> No
 # ----------------------------------------------------------------------------------------------------
 # the run folder
 # ----------------------------------------------------------------------------------------------------
+#: the marker of a run folder: what made the run (its owner, :class:`ReplaceOwn`)
+RUN_MARKER = ".depthg-run.json"
 #: What a run writes into its output_dir (``tb`` is a folder; ``checkpoint_*_eval*`` are evaluate's outputs).
-RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint_last.pt", "checkpoint_best.pt", "results.json", "tb")
+RUN_FILES = (RUN_MARKER, "config.yaml", "log.jsonl", "checkpoint_last.pt", "checkpoint_best.pt", "results.json", "tb")
+#: the files that make a run worth keeping: without them a run folder holds an unfinished run (config and
+#: log of a run stopped before its first checkpoint), which a new run may replace without being told to
+KEPT_RUN_FILES = ("checkpoint_last.pt", "checkpoint_best.pt", "results.json")
+#: where a replaced run waits (inside its folder) until the run replacing it has passed its first step
+REPLACED = ".depthg-replaced"
 #: config keys a resumed run may change: where and how fast it runs, how often it logs, evaluates and saves
 #: (evaluation never moves the training RNG streams), and how long it trains.
 RESUMABLE_CHANGES = {"steps", "threads", "eval_every", "checkpoint_every", "log_every", "device", "num_workers",
                      "output_dir", "eval_batch_size", "eval_max_images", "eval_crf", "eval_flip", "name"}
+
+
+@dataclass(frozen=True)
+class ReplaceOwn:
+    """``train(cfg, overwrite=ReplaceOwn(owner))``: replace the run in output_dir only when ``owner`` made it
+    (the notebooks' default: a rerun replaces the notebook's own previous run, never another one). The run
+    written is marked with ``owner``."""
+
+    owner: str
 
 
 def run_files(out_dir: Path) -> list[Path]:
@@ -306,22 +326,44 @@ def run_files(out_dir: Path) -> list[Path]:
     return found + sorted(out_dir.glob("checkpoint_*_eval*"))
 
 
-def check_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse an ``output_dir`` that is a file, or that holds another run unless ``resume`` / ``overwrite``
-    says what to do with it. Touches nothing."""
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a training run: its marker, or (runs written before the marker) a config and a log."""
+    return (folder / RUN_MARKER).is_file() or ((folder / "config.yaml").is_file() and (folder / "log.jsonl").is_file())
+
+
+def run_owner(out_dir: Path) -> str | None:
+    """Who made the run in ``out_dir`` (its marker's ``owner``); None when it does not say."""
+    try:
+        owner = json.loads((out_dir / RUN_MARKER).read_text()).get("owner")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return owner if isinstance(owner, str) else None
+
+
+def check_run_folder(out_dir: Path, resume: bool, overwrite: bool | ReplaceOwn) -> None:
+    """Refuse an ``output_dir`` that is a file, that holds files no run made, or that holds another run unless
+    ``resume`` / ``overwrite`` says what to do with it (a run stopped before its first checkpoint is replaced
+    without being told). Touches nothing."""
     if resume and overwrite:
         raise TrainError("give either resume (continue the run in output_dir) or overwrite (replace it), not both")
     if out_dir.exists() and not out_dir.is_dir():
         raise TrainError(f"config key 'output_dir' = {str(out_dir)!r}: it is a file; expected a folder for the run")
+    owned_output(out_dir, "run folder (output_dir)", lambda folder: is_run_folder(folder) or (folder / REPLACED).is_dir())
     found = run_files(out_dir)
-    if found and not resume and not overwrite:
+    if resume or not any(p.name in KEPT_RUN_FILES for p in found):
+        return
+    if not overwrite:
         raise TrainError(
             f"output_dir {out_dir} holds another run ({', '.join(p.name for p in found)}); pass --resume (resume=True) "
             "to continue it, --overwrite (overwrite=True) to replace it, or choose another output_dir"
         )
+    if isinstance(overwrite, ReplaceOwn) and run_owner(out_dir) != overwrite.owner:
+        made_by = run_owner(out_dir) or "another command"
+        raise TrainError(f"output_dir {out_dir} holds a run made by {made_by}, not by {overwrite.owner}, which replaces "
+                         "only its own runs: choose another output_dir, or pass overwrite=True to replace it")
 
 
-def checkpoint_to_resume(cfg: Config, place: Place, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+def checkpoint_to_resume(cfg: Config, place: Place, resume: bool, overwrite: bool | ReplaceOwn) -> dict[str, Any] | None:
     """Check the run folder (touching nothing) and, on ``resume``, load and check its last checkpoint."""
     out_dir = place.out_dir
     check_run_folder(out_dir, resume, overwrite)
@@ -342,19 +384,75 @@ def checkpoint_to_resume(cfg: Config, place: Place, resume: bool, overwrite: boo
     return ckpt
 
 
-def open_run_folder(cfg: Config, place: Place, step: int, overwrite: bool) -> Any:
-    """Rank 0 writes the run folder: old run removed (``overwrite``), config saved, log trimmed to ``step``;
-    returns its TensorBoard writer (None on other ranks or without tensorboard)."""
-    out_dir = place.out_dir
-    if not place.dinfo.is_main:
-        return None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite:  # validation and preparation passed: now the previous run's files go
-        for old in run_files(out_dir):
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-    cfg.save(out_dir / "config.yaml")
-    trim_log(out_dir / "log.jsonl", step)  # a fresh run starts a new log; a resumed one drops later lines
-    return tensorboard(out_dir)
+class RunFolder:
+    """``output_dir`` for one training call: held by rank 0 from the first check to the last file
+    (:func:`depthg.utils.folder_lock`: a second run into the folder is refused), written by :meth:`open`.
+
+    A run being replaced is moved aside into ``output_dir/.depthg-replaced`` when the new run opens the
+    folder, and removed only when the new run has passed its first step (:meth:`first_step_passed`); a new run
+    that fails before that (or was killed: the next command on the folder finds it) puts it back.
+    """
+
+    def __init__(self, place: Place) -> None:
+        self.place, self.out_dir = place, place.out_dir
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "RunFolder":
+        error = None
+        if self.place.dinfo.is_main:
+            try:
+                self._stack.enter_context(folder_lock(self.out_dir, "run folder (output_dir)"))
+            except FolderBusyError as err:
+                error = err
+        if self.place.dinfo.enabled and not broadcast_flag(error is None, self.place.device):
+            raise error or TrainError(f"output_dir {self.out_dir} is held by another command (rank 0 was refused)")
+        if error is not None:
+            raise error
+        if self.place.dinfo.is_main:
+            self._restore_replaced("a run that replaced it was stopped before its first step")
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
+        try:
+            if kind is not None and self.place.dinfo.is_main:
+                self._restore_replaced("the run replacing it failed before its first step")
+        finally:
+            self._stack.close()
+
+    def open(self, cfg: Config, step: int, owner: str | None) -> Any:
+        """Rank 0 writes the run folder: a previous run moved aside, marker and config saved, log trimmed to
+        ``step``; returns its TensorBoard writer (None on other ranks or without tensorboard)."""
+        out_dir = self.out_dir
+        if not self.place.dinfo.is_main:
+            return None
+        remove_stale_temporaries(out_dir)  # left by a killed checkpoint write; nothing else writes here now
+        if step == 0 and run_files(out_dir):  # a new run: the previous one waits aside until the first step
+            aside = out_dir / REPLACED
+            aside.mkdir()
+            for old in run_files(out_dir):
+                os.replace(old, aside / old.name)
+        if step == 0 or not (out_dir / RUN_MARKER).is_file():
+            write_json(out_dir / RUN_MARKER, {"kind": "depthg training run", "owner": owner, "name": cfg.name})
+        cfg.save(out_dir / "config.yaml")
+        trim_log(out_dir / "log.jsonl", step)  # a fresh run starts a new log; a resumed one drops later lines
+        return tensorboard(out_dir)
+
+    def first_step_passed(self) -> None:
+        """The new run passed its first step: the run it replaces is removed."""
+        if self.place.dinfo.is_main and (self.out_dir / REPLACED).is_dir():
+            shutil.rmtree(self.out_dir / REPLACED)
+
+    def _restore_replaced(self, why: str) -> None:
+        """Put a run waiting aside back in place of the files of the run that replaced it."""
+        aside = self.out_dir / REPLACED
+        if not aside.is_dir():
+            return
+        for new in run_files(self.out_dir):
+            shutil.rmtree(new) if new.is_dir() else new.unlink()
+        for old in aside.iterdir():
+            os.replace(old, self.out_dir / old.name)
+        aside.rmdir()
+        note(f"run folder {self.out_dir}: the previous run is back in place ({why})")
 
 
 def trim_log(path: Path, step: int) -> None:
