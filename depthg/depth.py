@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .dataset_protocol import SegmentationSource, image_loader, is_full_resolution, item_identities, item_keys
-from .utils import DepthGError, atomic_write, build_lock, get_device, inside, note, repo_root
+from .utils import DepthGError, atomic_write, build_lock, get_device, inside, note, owned_output, repo_root
 
 __all__ = [
     "DepthCache",
@@ -634,6 +634,7 @@ def estimate_depth_for_dataset(
         raise ValueError("estimate_depth_for_dataset needs full-resolution items: pass a dataset with transform=None")
     cache_root = Path(cache_root)
     _check_not_in_sources(cache_root, dataset)
+    owned_output(cache_root, "depth cache", META_NAME)  # never among files of someone else
     with build_lock(cache_root, "depth cache"):
         cache = _open_cache(cache_root, depth_model, flip_tta, model_identity)
         keys = item_keys(dataset)

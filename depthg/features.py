@@ -17,8 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from depthg.precision import FULL_PRECISION, Precision
-from depthg.utils import (DepthGError, atomic_write, build_lock, digest, map_threads, note, partial_dir, publish_dir,
-                          sha256_file)
+from depthg.utils import (DepthGError, allocate_file, atomic_write, build_lock, digest, file_digest, map_threads, note,
+                          partial_dir, publish_dir, sha256_file)
 
 __all__ = ["FeatureCache", "FeatureCacheError", "backbone_features", "backbone_fingerprint",
            "CacheOptions", "build_feature_cache", "cache_key", "cache_problem"]
@@ -156,6 +156,8 @@ def build_feature_cache(
         info["precision"] = precision.name
     key = cache_key(info)
     root = Path(root_dir) / key
+    if cache_problem(root, key) is None:  # complete: only read (no lock, nothing written: a read-only cache works)
+        return FeatureCache.open(root, verify=False)  # just verified
     with build_lock(root, "feature cache"):
         problem = cache_problem(root, key)
         if problem is None:
@@ -166,7 +168,11 @@ def build_feature_cache(
         if work.exists():  # a killed build: start again (features are cheap to redo, and must be whole)
             shutil.rmtree(work)
         work.mkdir(parents=True)
-        _write_cache(backbone, dataset, work, dict(info, key=key), options)
+        try:
+            _write_cache(backbone, dataset, work, dict(info, key=key), options)
+        except BaseException:  # a full disk, Ctrl-C: nothing half-written stays behind
+            shutil.rmtree(work, ignore_errors=True)
+            raise
         publish_dir(work, root)
     return FeatureCache.open(root, verify=False)
 
@@ -204,9 +210,21 @@ def cache_problem(root: Path, key: str | None = None, verify: bool | None = None
         total += size
     if verify or (verify is None and total <= VERIFY_MAX_BYTES):
         for name, (size, sha) in files.items():
-            if sha256_file(root / name) != sha:
+            if file_digest(root / name) != sha:
                 return f"{name} does not match its SHA-256 in manifest.json (corrupted or modified)"
     return None
+
+
+def _allocate(root: Path, n: int, shapes: dict[str, list[int] | None]) -> list[np.ndarray | None]:
+    """Memory maps of the cache files for ``n`` crops of these shapes, their disk space reserved first
+    (:func:`depthg.utils.allocate_file`): a full disk is a clear error before anything is written, never a
+    crash (SIGBUS) halfway through."""
+    sizes = {name: n * int(np.prod(shapes[key])) * np.dtype(dtype).itemsize
+             for name, (key, dtype) in _FILES.items() if shapes[key]}
+    for name, nbytes in sizes.items():
+        allocate_file(root / name, nbytes, "feature cache file")
+    return [np.memmap(root / name, dtype=dtype, mode="r+", shape=(n, *shapes[key])) if name in sizes else None
+            for name, (key, dtype) in _FILES.items()]
 
 
 def _write_cache(backbone: torch.nn.Module, dataset: Any, root: Path, info: dict[str, Any],
@@ -227,15 +245,12 @@ def _write_cache(backbone: torch.nn.Module, dataset: Any, root: Path, info: dict
         items = map_threads(load, range(start, min(start + batch_size, n)), options.workers)
         img = torch.stack([it["img"] for it in items]).to(device)
         feats = backbone_features(backbone, img, precision).cpu().numpy()
-        if feats_mm is None:
+        if feats_mm is None:  # the first batch gives the shapes: every file's disk space is reserved now
             shapes["feat_shape"] = list(feats.shape[1:])
-            feats_mm = np.memmap(root / "feats.f16", dtype=np.float16, mode="w+", shape=(n, *feats.shape[1:]))
-            if "depth" in items[0] and items[0]["depth"] is not None:
-                shapes["depth_shape"] = list(items[0]["depth"].shape)
-                depth_mm = np.memmap(root / "depth.f32", dtype=np.float32, mode="w+", shape=(n, *items[0]["depth"].shape))
-            if "label" in items[0] and items[0]["label"] is not None:
-                shapes["label_shape"] = list(items[0]["label"].shape)
-                label_mm = np.memmap(root / "label.i16", dtype=np.int16, mode="w+", shape=(n, *items[0]["label"].shape))
+            for part, shape_key in (("depth", "depth_shape"), ("label", "label_shape")):
+                if items[0].get(part) is not None:
+                    shapes[shape_key] = list(items[0][part].shape)
+            feats_mm, depth_mm, label_mm = _allocate(root, n, shapes)
         stop = start + len(items)
         feats_mm[start:stop] = feats.astype(np.float16)
         if depth_mm is not None:

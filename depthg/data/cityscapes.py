@@ -17,6 +17,7 @@ from cityscapesscripts.helpers.labels import id2label, labels as CS_LABELS
 
 from .common import (
     InvalidDatasetError,
+    present,
     DatasetNotFoundError,
     EmptySplitError,
     Sample,
@@ -121,10 +122,12 @@ class Cityscapes(SegmentationDataset):
         if not img_dir.is_dir():
             splits = sorted(p.name for p in img_root.iterdir() if p.is_dir())
             raise EmptySplitError(f"Cityscapes split {self.split!r} not found: {img_dir} does not exist (splits found: {splits})")
-        images = {p.relative_to(img_dir).as_posix()[: -len(_IMG_SUFFIX)]: p for p in img_dir.glob(f"*/*{_IMG_SUFFIX}")}
+        images = {p.relative_to(img_dir).as_posix()[: -len(_IMG_SUFFIX)]: p for p in img_dir.glob(f"*/*{_IMG_SUFFIX}")
+                  if present(p)}
         if not images:
             raise EmptySplitError(f"Cityscapes split {self.split!r}: no */*{_IMG_SUFFIX} files in {img_dir} ({describe_dir(img_dir)})")
-        labels = {p.relative_to(lbl_dir).as_posix()[: -len(_LABEL_SUFFIX)]: p for p in lbl_dir.glob(f"*/*{_LABEL_SUFFIX}")}
+        labels = {p.relative_to(lbl_dir).as_posix()[: -len(_LABEL_SUFFIX)]: p for p in lbl_dir.glob(f"*/*{_LABEL_SUFFIX}")
+                  if present(p)}
         check_pairs(images, labels, f"Cityscapes {self.split!r}", img_dir, lbl_dir)
         return [Sample(f"{self.split}/{stem}", images[stem], labels[stem]) for stem in sorted(images)]
 

@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .common import InvalidDatasetError, DatasetNotFoundError, Sample, SegmentationDataset, describe_dir, listed_samples
+from .common import (InvalidDatasetError, DatasetNotFoundError, Sample, SegmentationDataset, describe_dir, listed_samples,
+                     present)
 
 __all__ = ["CocoStuff", "COCOSTUFF_27_CLASSES", "COCOSTUFF_27_PALETTE", "COCO_FINE_TO_COARSE"]
 
@@ -108,7 +109,7 @@ class CocoStuff(SegmentationDataset):
 
         def locate(i: str) -> tuple[Path | None, Path | None]:
             image, label = img_dir / f"{i}.jpg", lbl_dir / f"{i}.png"
-            return (image if image.is_file() else None), (label if label.is_file() else None)
+            return (image if present(image) else None), (label if present(label) else None)
 
         return listed_samples("COCO-Stuff image list", list_path, self.split,
                               f"{img_dir}/{{id}}.jpg and {lbl_dir}/{{id}}.png", locate)

@@ -16,7 +16,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..depth import DepthCache
@@ -34,11 +34,13 @@ __all__ = [
     "Sample",
     "SegmentationDataset",
     "read_image",
+    "upright",
     "image_array",
     "read_label",
     "image_to_tensor",
     "check_pairs",
     "describe_dir",
+    "present",
     "lut_map",
     "default_palette",
     "listed_samples",
@@ -75,6 +77,15 @@ class InvalidDatasetError(DepthGError, ValueError):
     """A dataset argument or metadata file does not fit (number of classes, split name, world.json, ...)."""
 
 
+def present(path: Path) -> bool:
+    """Whether the file ``path`` is there; a symbolic link to nothing is an error naming it (a file that is
+    listed but cannot be read must not be skipped silently)."""
+    if path.is_symlink() and not path.exists():
+        raise CorruptFileError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist; fix or "
+                               "remove the link")
+    return path.is_file()
+
+
 def describe_dir(path: Path, limit: int = 10) -> str:
     """A short listing of ``path`` for error messages ("found instead: ...")."""
     if not path.is_dir():
@@ -85,15 +96,36 @@ def describe_dir(path: Path, limit: int = 10) -> str:
 
 
 def _open(path: Path, what: str) -> Image.Image:
-    """Open and fully decode ``path``; wrap PIL's errors with the path (truncation included)."""
+    """Open and fully decode ``path`` upright (:func:`upright`); wrap PIL's errors with the path (truncation
+    included)."""
+    if path.is_symlink() and not path.exists():
+        raise CorruptFileError(f"cannot read {what} {path}: it is a symbolic link to {os.readlink(path)}, which does "
+                               "not exist")
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
         im = Image.open(path)
         im.load()  # decodes everything: truncated files raise here, not later in a worker
-        return im
+        return upright(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise CorruptFileError(f"cannot read {what} {path}: {type(err).__name__}: {err}") from None
+
+
+#: the EXIF tag that says how a camera held the picture (1: as stored; 2..8: mirrored and/or rotated)
+EXIF_ORIENTATION = 0x0112
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """The image as viewers show it: its EXIF orientation applied (a phone photo taken upright is stored
+    sideways with orientation 6). Images and labels are both read so: a label drawn on the image as displayed
+    (every viewer and annotation tool displays it upright) lines up with it, and a label file that carries
+    an orientation of its own is shown, and so drawn, turned by it too (docs/datasets.md)."""
+    if im.getexif().get(EXIF_ORIENTATION, 1) in (1, None):
+        return im
+    turned = ImageOps.exif_transpose(im)
+    turned.format = im.format  # the decoder's format (16-bit PNGs are told apart by it)
+    im.close()
+    return turned
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:

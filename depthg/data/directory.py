@@ -14,6 +14,7 @@ import torch
 from ..depth import validate_depth
 from .common import (
     InvalidDatasetError,
+    present,
     IMAGE_EXTENSIONS,
     DatasetNotFoundError,
     EmptySplitError,
@@ -32,7 +33,7 @@ __all__ = ["ImageDirectory"]
 def _by_stem(folder: Path, exts: Sequence[str]) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
-        if not p.is_file() or p.suffix.lower() not in exts or p.name.startswith("."):
+        if p.suffix.lower() not in exts or p.name.startswith(".") or not present(p):
             continue
         if p.stem in files:
             raise UnpairedFilesError(f"{folder}: two files share the stem {p.stem!r} ({files[p.stem].name}, {p.name}); stems must be unique")

@@ -16,6 +16,7 @@ import scipy.io
 
 from .common import (
     InvalidDatasetError,
+    present,
     CorruptFileError,
     DatasetNotFoundError,
     Sample,
@@ -54,7 +55,7 @@ _HOW_TO_GET = (
 
 
 def _first_existing(*paths: Path) -> Path | None:
-    return next((p for p in paths if p.is_file()), None)
+    return next((p for p in paths if present(p)), None)
 
 
 class Potsdam(SegmentationDataset):

@@ -33,6 +33,7 @@ from ..config import Config
 from ..dataset_protocol import SegmentationSource, image_loader, is_full_resolution, item_identities, item_keys
 from ..depth import (
     DEPTH_MODEL_ALIASES,
+    META_NAME as DEPTH_META,
     DepthCache,
     DepthSettings,
     disparity_to_depth,
@@ -42,18 +43,24 @@ from ..depth import (
 )
 from ..features import backbone_fingerprint
 from ..utils import (
+    DIGEST_MEMO,
     DepthGError,
     atomic_write,
     build_lock,
     digest,
+    file_digest,
     file_identity,
     get_device,
     inside,
+    load_digests,
     note,
+    owned_output,
     partial_dir,
     publish_dir,
+    remember_digest,
+    save_digests,
 )
-from ..world.synthetic import GENERATOR_VERSION, make_world
+from ..world.synthetic import GENERATOR_VERSION, make_world, world_complete
 from .common import CorruptFileError, image_to_tensor, read_image, read_label
 from .cityscapes import Cityscapes
 from .registry import build_dataset
@@ -73,6 +80,7 @@ __all__ = [
     "dataset_root",
     "world_folder",
     "check_outside_dataset",
+    "is_knn_file",
     "stereo_depth_for_dataset",
     "PreparationError",
 ]
@@ -90,14 +98,16 @@ class PreparationError(DepthGError, ValueError):
 # ------------------------------------------------------------------------------------------------
 # Five-crop
 # ------------------------------------------------------------------------------------------------
-def five_crop_boxes(h: int, w: int, ratio: float) -> list[tuple[int, int, int, int]]:
+def five_crop_boxes(h: int, w: int, ratio: float, where: str | None = None) -> list[tuple[int, int, int, int]]:
     """(top, left, height, width) of torchvision's ``five_crop`` with size int(h·ratio) × int(w·ratio).
 
-    Order as torchvision: top-left, top-right, bottom-left, bottom-right, centre.
+    Order as torchvision: top-left, top-right, bottom-left, bottom-right, centre. ``where`` names the image in
+    the error for one too small to crop.
     """
     ch, cw = int(h * ratio), int(w * ratio)
     if ch < 1 or cw < 1:
-        raise PreparationError(f"crop ratio {ratio} gives an empty crop for a {h}x{w} image")
+        image = f"the {w}x{h} image {where}" if where is not None else f"a {w}x{h} image"
+        raise PreparationError(f"crop ratio {ratio} gives an empty crop for {image}")
     ct, cl = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
     return [(0, 0, ch, cw), (0, w - cw, ch, cw), (h - ch, 0, ch, cw), (h - ch, w - cw, ch, cw), (ct, cl, ch, cw)]
 
@@ -119,7 +129,9 @@ def _save_png(path: Path, arr: np.ndarray) -> list[Any]:
     data = buffer.getvalue()
     with atomic_write(path, "wb") as f:
         f.write(data)
-    return _file_record(data)
+    record = _file_record(data)
+    remember_digest(path, record[1])  # written under the folder's lock: its digest is known
+    return record
 
 
 def _read_index(out_dir: Path) -> dict[str, Any] | None:
@@ -194,17 +206,22 @@ def five_crop(dataset: Any, out_dir: str | os.PathLike, ratio: float = 0.5, prog
     if out_dir.exists() and not out_dir.is_dir():
         raise PreparationError(f"five-crop output {out_dir} exists and is not a folder")
     check_outside_dataset(out_dir, dataset, "five-crop folder")
-    keys = item_keys(dataset)
+    owned_output(out_dir, "five-crop folder", INDEX_NAME)  # never into (or renaming) a folder of someone else
+    items = _SourceItems(item_keys(dataset), item_identities(dataset))
+    index = _read_index(out_dir)
+    if index is not None and _crops_fresh(out_dir, index, dataset, items, ratio):
+        return out_dir  # complete and up to date: only read (no lock, nothing written: a read-only cache works)
     with build_lock(out_dir, "five-crop folder"):
-        items = _SourceItems(keys, item_identities(dataset))
+        work = owned_output(partial_dir(out_dir), "five-crop folder", INDEX_NAME)  # a killed build's, or someone's
         index = _read_index(out_dir)
         if index is not None and _crops_fresh(out_dir, index, dataset, items, ratio):
             return out_dir
-        work = partial_dir(out_dir)
         if out_dir.exists():  # continue from the published folder: unchanged items are kept as they are
             if work.exists():
                 shutil.rmtree(work)
             os.replace(out_dir, work)
+        if _read_index(work) is None:  # the work folder is marked as five-crop's before its first crop
+            _write_index(work, {"format": INDEX_FORMAT, "ratio": ratio, **_dataset_info(dataset), "splits": {}})
         _five_crop_into(dataset, work, items, ratio, progress, out_dir)
         publish_dir(work, out_dir)
     return out_dir
@@ -222,7 +239,9 @@ def _check_compatible(index: dict[str, Any], info: dict[str, Any], ratio: float,
 
 
 def _item_done(out_dir: Path, split: str, entry: dict[str, Any], n: int, ident: Any, with_depth: bool) -> bool:
-    """Item n's five crops are all recorded, present with their recorded sizes, and made from ``ident``."""
+    """Item n's five crops are all recorded, present with their recorded sizes and SHA-256 (a file replaced by
+    another of the same size is caught; :func:`depthg.utils.file_digest` hashes a file again only when it
+    changed), and made from ``ident``."""
     sources = entry.get("sources")
     if ident is not None and (not isinstance(sources, list) or n >= len(sources) or sources[n] != ident):
         return False
@@ -230,10 +249,10 @@ def _item_done(out_dir: Path, split: str, entry: dict[str, Any], n: int, ident: 
         crop = entry["crops"].get(str(n * 5 + k))
         if crop is None or "files" not in crop or ("depth" in crop["files"]) != with_depth:
             return False
-        for part, (size, _) in crop["files"].items():
+        for part, (size, sha) in crop["files"].items():
             path = _crop_path(out_dir, part, split, n * 5 + k)
             try:
-                if path.stat().st_size != size:
+                if path.stat().st_size != size or file_digest(path) != sha:
                     return False
             except FileNotFoundError:
                 return False
@@ -331,7 +350,7 @@ def _five_crop_into(dataset: Any, out_dir: Path, items: _SourceItems, ratio: flo
         h, w = img.shape[:2]
         dmin = float(depth.min()) if depth is not None else None
         dmax = float(depth.max()) if depth is not None else None
-        for k, (top, left, ch, cw) in enumerate(five_crop_boxes(h, w, ratio)):
+        for k, (top, left, ch, cw) in enumerate(five_crop_boxes(h, w, ratio, where=item.get("path", keys[n]))):
             i = n * 5 + k
             files = {part: _save_png(_crop_path(out_dir, part, split, i),
                                      np.ascontiguousarray(arr[top : top + ch, left : left + cw]))
@@ -404,10 +423,11 @@ class CroppedDataset(Dataset):
         self._verify_sizes()
 
     def _verify_sizes(self) -> None:
-        """Every crop file is present with the size the index recorded (a cheap check against files replaced,
-        truncated or deleted after the crops were built)."""
+        """Every crop file is present with the size and SHA-256 the index recorded (against files replaced,
+        truncated or deleted after the crops were built; a file is hashed again only when it changed,
+        :func:`depthg.utils.file_digest`)."""
         for i, crop in enumerate(self.crops):
-            for part, (size, _) in crop["files"].items():
+            for part, (size, sha) in crop["files"].items():
                 if part == "depth" and self.depth_cache is None:
                     continue
                 path = _crop_path(self.root, part, self.split, i)
@@ -416,9 +436,10 @@ class CroppedDataset(Dataset):
                 except FileNotFoundError:
                     raise PreparationError(f"crop file {path} is missing (listed in {self.root / INDEX_NAME}); "
                                            "rerun `python -m depthg prepare` (or five_crop) to rebuild it") from None
-                if actual != size:
-                    raise PreparationError(f"crop file {path} has {actual} bytes but {self.root / INDEX_NAME} recorded "
-                                           f"{size}: it was changed after the crops were built; rerun "
+                if actual != size or file_digest(path) != sha:
+                    what = f"has {actual} bytes but" if actual != size else "does not have the SHA-256"
+                    raise PreparationError(f"crop file {path} {what} {self.root / INDEX_NAME} recorded "
+                                           f"({size} bytes): it was changed after the crops were built; rerun "
                                            "`python -m depthg prepare` (or five_crop) to rebuild it")
 
     def content_digest(self, parts: tuple[str, ...] = ("img", "label", "depth")) -> str:
@@ -573,6 +594,7 @@ def compute_knn(dataset: Any, backbone: torch.nn.Module, out_path: str | os.Path
     if out_path.exists() and not out_path.is_file():
         raise PreparationError(f"kNN output {out_path} exists and is not a file")
     check_outside_dataset(out_path, dataset, "kNN file")
+    owned_output(out_path, "kNN file", is_knn_file)
     keys = item_keys(dataset)
     n, k, res, resize = len(keys), settings.k, settings.res, settings.resize
     if n < 2:
@@ -583,6 +605,8 @@ def compute_knn(dataset: Any, backbone: torch.nn.Module, out_path: str | os.Path
     name = str(getattr(backbone, "name", type(backbone).__name__))
     key = {"format": KNN_FORMAT, "keys": digest(keys), "images": dataset_digest(dataset, ("img",)), "k": k,
            "res": res, "mode": resize.name, "backbone_sha256": backbone_fingerprint(backbone)}
+    if _knn_stale(out_path, key) is None:
+        return out_path  # up to date: only read (no lock, nothing written: a read-only cache works)
     with build_lock(out_path, "kNN file"):
         reason = _knn_stale(out_path, key)
         if reason is None:
@@ -632,6 +656,14 @@ def _knn_stale(path: Path, key: dict[str, Any]) -> str | None:
     return None
 
 
+def is_knn_file(path: Path) -> bool:
+    """Whether ``path`` is a kNN file :func:`compute_knn` wrote, even a damaged one (its zip archive starts with
+    the neighbour table ``nns.npy``); any other file is not compute_knn's to replace."""
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    return head.startswith(b"PK\x03\x04") and b"nns.npy" in head
+
+
 def load_knn(path: str | os.PathLike) -> tuple[np.ndarray, list[str] | None]:
     """(nns (N, k+1) int64, keys or None) from a kNN file, with a clear error for a missing or damaged one."""
     path = Path(path)
@@ -664,16 +696,22 @@ def stereo_depth_for_dataset(dataset: Any, cache_root: str | os.PathLike, progre
         raise PreparationError(f"depth_source='disparity' needs a Cityscapes dataset with disparity/ and camera/ folders, got {dataset!r}")
     cache_root = Path(cache_root)
     check_outside_dataset(cache_root, dataset, "depth cache")
+    owned_output(cache_root, "depth cache", DEPTH_META)
+    idents = {}
+    for key in dataset.keys:
+        files = (dataset.disparity_path(key), dataset.camera_path(key))
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"stereo depth for {key!r}: {f} not found")
+        idents[key] = [[f.name, *file_identity(f)] for f in files]
+    if (cache_root / DEPTH_META).is_file():  # up to date: only read (no lock, nothing written)
+        cache = DepthCache(cache_root)
+        recorded = cache.recorded_sources()
+        if all(cache.exists(k) and recorded.get(k) == idents[k] for k in dataset.keys):
+            return cache_root
     with build_lock(cache_root, "depth cache"):
         cache = DepthCache(cache_root, DepthSettings("cityscapes-disparity", "m", extra={"invalid_value": 0}))
         recorded = cache.recorded_sources()
-        idents = {}
-        for key in dataset.keys:
-            files = (dataset.disparity_path(key), dataset.camera_path(key))
-            for f in files:
-                if not f.is_file():
-                    raise FileNotFoundError(f"stereo depth for {key!r}: {f} not found")
-            idents[key] = [[f.name, *file_identity(f)] for f in files]
         todo = [k for k in dataset.keys if not cache.exists(k) or recorded.get(k) != idents[k]]
         changed = [k for k in todo if k in recorded and cache.exists(k)]
         if changed:
@@ -732,6 +770,8 @@ def dataset_root(cfg: Config, progress: bool = True) -> Path:
     note(f"data_dir is not set: using the embedded synthetic world at {root}")
     args = (cfg.world_n_train, cfg.world_n_val)
     kwargs = dict(size=tuple(cfg.world_size), seed=cfg.world_seed)
+    if world_complete(root, *args, **kwargs):
+        return root  # only read (no lock, nothing written: a read-only cache works)
     with build_lock(root, "synthetic world"):
         if root.is_dir():
             make_world(root, *args, progress=False, **kwargs)  # complete: only checks (and repairs) its files
@@ -862,10 +902,14 @@ def prepare_training_data(cfg: Config, backbone: torch.nn.Module | None = None, 
     data = _TrainSplit(name, root, split, kwargs, cache_dir, tag=f"{name}-{_short_hash(root.resolve())}")
     raw = data.build()
 
-    depth_dir = _prepare_depth(cfg, data, raw, progress)
-    crop_dir = _prepare_crops(cfg, data, raw, depth_dir, progress)
-    # the kNN are computed over the crops when there are crops, else over the full images
-    knn_data = raw if crop_dir is None else CroppedDataset(crop_dir, split, with_depth=False)
-    knn_path = _prepare_knn(cfg, data, knn_data, crop_dir, backbone, progress)
+    load_digests(cache_dir / DIGEST_MEMO)  # the sources' and crops' digests: unchanged files are not read again
+    try:
+        depth_dir = _prepare_depth(cfg, data, raw, progress)
+        crop_dir = _prepare_crops(cfg, data, raw, depth_dir, progress)
+        # the kNN are computed over the crops when there are crops, else over the full images
+        knn_data = raw if crop_dir is None else CroppedDataset(crop_dir, split, with_depth=False)
+        knn_path = _prepare_knn(cfg, data, knn_data, crop_dir, backbone, progress)
+    finally:
+        save_digests(cache_dir / DIGEST_MEMO)  # skipped when the cache is read-only
     return {"data_dir": root, "dataset": name, "dataset_kwargs": kwargs, "train_split": split,
             "depth_dir": depth_dir, "crop_dir": crop_dir, "knn_path": knn_path, "synthetic": synthetic}

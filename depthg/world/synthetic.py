@@ -85,7 +85,7 @@ from cityscapesscripts.helpers.labels import id2label, labels
 from PIL import Image
 from tqdm.auto import tqdm
 
-from depthg.utils import DepthGError, atomic_write
+from depthg.utils import DepthGError, atomic_write, owned_output
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -96,6 +96,7 @@ __all__ = [
     "SyntheticWorldError",
     "render_scene",
     "make_world",
+    "world_complete",
     "world_stem",
     "depth_to_disparity_png",
     "depth_to_gt_png",
@@ -1511,13 +1512,12 @@ def _check_count(name: str, value, minimum: int) -> int:
     return int(value)
 
 
-def _write_image(job: tuple[Path, str, int, tuple[int, int], int, int]) -> None:
-    """Render image ``index`` of ``split`` and write whichever of its files are missing."""
-    root, split, index, size, seed, n_cities = job
+def _image_paths(root: Path, split: str, index: int, n_cities: int) -> dict[str, Path]:
+    """The files of image ``index`` of ``split``: image, labels, colours, disparity, camera and depth."""
     city = _cities(split, n_cities)[index % n_cities]
     stem = world_stem(city, index // n_cities)
     sub = Path(split) / city
-    paths = {
+    return {
         "img": root / "leftImg8bit" / sub / f"{stem}_leftImg8bit.png",
         "label": root / "gtFine" / sub / f"{stem}_gtFine_labelIds.png",
         "color": root / "gtFine" / sub / f"{stem}_gtFine_color.png",
@@ -1525,6 +1525,12 @@ def _write_image(job: tuple[Path, str, int, tuple[int, int], int, int]) -> None:
         "camera": root / "camera" / sub / f"{stem}_camera.json",
         "depth": root / "depth_gt" / sub / f"{stem}.png",
     }
+
+
+def _write_image(job: tuple[Path, str, int, tuple[int, int], int, int]) -> None:
+    """Render image ``index`` of ``split`` and write whichever of its files are missing."""
+    root, split, index, size, seed, n_cities = job
+    paths = _image_paths(root, split, index, n_cities)
     missing = [k for k, p in paths.items() if not p.exists()]
     if not missing:
         return
@@ -1566,6 +1572,25 @@ def _claim_root(root: Path, meta: dict) -> None:
                                  "offset": 0.0, "units": "m", "normalisation": "none"})
 
 
+def world_complete(root: str | Path, n_train: int, n_val: int, size: tuple[int, int] = (256, 512), seed: int = 0,
+                   n_cities: int = 2) -> bool:
+    """Whether ``root`` holds the complete world of these arguments (its ``world.json`` and every file), read
+    without writing anything: a finished world is used as it is, even from a read-only folder."""
+    root = Path(root)
+    try:
+        meta = json.loads((root / "world.json").read_text())
+    except (OSError, ValueError):
+        return False
+    wanted = {"size": list(size), "seed": seed, "n_train": n_train, "n_val": n_val, "n_cities": n_cities,
+              "generator_version": GENERATOR_VERSION}
+    if not isinstance(meta, dict) or any(meta.get(k) != v for k, v in wanted.items()):
+        return False
+    if not (root / "depth_gt" / "depth_meta.json").is_file():
+        return False
+    return all(p.exists() for split, n in (("train", n_train), ("val", n_val)) for i in range(n)
+               for p in _image_paths(root, split, i, n_cities).values())
+
+
 def make_world(root: str | Path, n_train: int, n_val: int, size: tuple[int, int] = (256, 512), seed: int = 0,
                n_cities: int = 2, progress: bool = True, *, num_workers: int = 0) -> Path:
     """Render a synthetic world into ``root`` in the Cityscapes layout (see the module docstring).
@@ -1584,6 +1609,7 @@ def make_world(root: str | Path, n_train: int, n_val: int, size: tuple[int, int]
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise SyntheticWorldError(f"world root {root} exists and is not a folder")
+    owned_output(root, "synthetic world", "world.json")  # never among files of someone else
     root.mkdir(parents=True, exist_ok=True)
     _claim_root(root, {
         "label_ids": sorted(WORLD_LABEL_IDS), "names": _label_names(sorted(WORLD_LABEL_IDS)), "size": [H, W],
