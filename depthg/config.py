@@ -36,7 +36,7 @@ from depthg.method.lhp import LHP_STRATEGIES
 from depthg.method.losses import CENTERINGS, DEPTH_SIMILARITIES, PAPER_DEPTH_SIMILARITY, CorrelationTerms
 from depthg.method.released import RELEASED_ITERATIONS, global_steps_to_iterations
 from depthg.method.sampling import SAMPLING_STRATEGIES
-from depthg.utils import DepthGError, atomic_write
+from depthg.utils import DepthGError, atomic_write, read_json_strict
 
 __all__ = [
     "Config",
@@ -45,6 +45,9 @@ __all__ = [
     "read_config_file",
     "save_config",
     "apply_overrides",
+    "check_value",
+    "check_preset",
+    "load_yaml",
     "parse_overrides",
     "merge_values",
     "PRESETS",
@@ -449,10 +452,7 @@ class Config:
 
         ``overrides`` are config keys (``name=...`` included; ``output_dir`` follows the name unless given).
         """
-        if name not in PRESETS:
-            close = difflib.get_close_matches(str(name), PRESETS, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(f"unknown preset {name!r}{hint}; available presets: {list(PRESETS)}")
+        check_preset(name)
         if mode not in MODES:
             raise ConfigError(f"preset mode {mode!r}: expected one of {list(MODES)}")
         values = _preset_values(name)
@@ -595,17 +595,75 @@ def check_keys(keys: Any, source: str) -> None:
     raise ConfigError(f"{source}: unknown config key(s) {', '.join(hints)}. Valid keys: {', '.join(valid)}")
 
 
+#: the most values a YAML config file (or an override) may hold once its aliases are expanded: a "billion
+#: laughs" file of a few hundred bytes, whose aliases repeat aliases, would otherwise expand to gigabytes
+MAX_YAML_VALUES = 10_000
+#: the deepest nesting of lists and mappings a YAML value may have
+MAX_YAML_DEPTH = 50
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` that refuses, with a :class:`ConfigError` naming ``where``: a document that expands to
+    more than :data:`MAX_YAML_VALUES` values (aliases are counted each time they are used; the document is
+    composed, not expanded, to count them), a recursive alias, nesting deeper than :data:`MAX_YAML_DEPTH`, and a
+    mapping that gives a key twice (YAML would silently keep the second)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _count_values(node, where, {}, ())
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where} is not valid YAML: {err}") from None
+    finally:
+        loader.dispose()
+
+
+def _count_values(node: yaml.Node, where: str, counted: dict[int, int], path: tuple[int, ...]) -> int:
+    """The number of values ``node`` expands to (aliases included each time), checking duplicated keys."""
+    if id(node) in counted:
+        return counted[id(node)]
+    if id(node) in path:
+        raise ConfigError(f"{where}: a YAML alias refers to itself (line {node.start_mark.line + 1}); refusing to read it")
+    if len(path) > MAX_YAML_DEPTH:
+        raise ConfigError(f"{where}: the YAML is nested deeper than {MAX_YAML_DEPTH} levels; refusing to read it")
+    children: list[yaml.Node] = []
+    if isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key, value in node.value:
+            name = (key.tag, key.value) if isinstance(key, yaml.ScalarNode) else None
+            if name is not None and name in seen:
+                raise ConfigError(f"{where}: the key {key.value!r} is given twice (lines {seen[name] + 1} and "
+                                  f"{key.start_mark.line + 1}); keep one")
+            if name is not None:
+                seen[name] = key.start_mark.line
+            children += [key, value]
+    total = 1
+    for child in children:
+        total += _count_values(child, where, counted, (*path, id(node)))
+        if total > MAX_YAML_VALUES:
+            raise ConfigError(f"{where}: the YAML expands to more than {MAX_YAML_VALUES} values (aliases that repeat "
+                              "aliases?); refusing to read it")
+    counted[id(node)] = total
+    return total
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The values of a YAML (``.yaml``/``.yml``) or JSON (``.json``) config file, keys checked but values not
-    yet validated: a file may hold part of a config that overrides complete (:func:`load_config`)."""
+    yet validated: a file may hold part of a config that overrides complete (:func:`load_config`). A key given
+    twice, or a YAML file that expands beyond a small size (:func:`load_yaml`), is refused."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     text = path.read_text()
     try:
-        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from None
+        values = read_json_strict(text, f"config file {path}") if path.suffix == ".json" else \
+            load_yaml(text, f"config file {path}")
+    except DepthGError as err:
+        raise ConfigError(str(err)) from None
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -646,10 +704,7 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, raw = item.split("=", 1)
         key = key.strip()
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from None
+        value = load_yaml(raw, f"the value of override {item!r}") if raw.strip() else None
         # YAML 1.1 reads "1e-3" (no dot) as a string; numbers are meant there.
         if isinstance(value, str):
             try:
@@ -678,6 +733,31 @@ def merge_values(values: dict[str, Any], changes: dict[str, Any]) -> dict[str, A
             merged.update(_mode_values(mode))
     merged.update(rest)
     return merged
+
+
+def check_value(key: str, value: Any) -> Any:
+    """``value`` for the config key ``key``, checked by the config's own validators of single keys (strings,
+    choices, integers, numbers, flags, shapes; not the checks that need a whole run: data, patch size) as the
+    config would store it. A string for a key that is not text is read as the CLI reads ``key=value``
+    (:func:`parse_overrides`), so ``"false"`` is false and ``"2.7"`` is not an integer."""
+    if isinstance(value, str) and key not in STRING_KEYS + OPTIONAL_STRING_KEYS:
+        value = parse_overrides([f"{key}={value}"])[key]
+    check_keys([key], "check_value")
+    probe = object.__new__(Config)  # the defaults with this one value, validated without building a run
+    probe.__dict__.update({**Config().to_dict(), key: value})
+    for step in (probe._validate_strings_and_choices, probe._validate_integers, probe._validate_numbers,
+                 probe._validate_flags_and_shapes):
+        step()
+    return getattr(probe, key)
+
+
+def check_preset(name: Any) -> str:
+    """``name`` if it is a preset, else a :class:`ConfigError` with the close matches and the presets."""
+    if name not in PRESETS:
+        close = difflib.get_close_matches(str(name), PRESETS, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"unknown preset {name!r}{hint}; available presets: {list(PRESETS)}")
+    return name
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:

@@ -5,6 +5,10 @@ seeds, and the final weights' cluster and linear accuracy / mIoU are compared wi
 seed (:func:`paired_differences`: mean and 95 % t-interval). Choices are made on a development world and
 the table is run once on a held-out test world (``--world-seed T --dev-world-seed D``); each world has
 its own cache folder. A run whose ``results.json`` holds the same config and backbone is reused.
+
+An ablation folder holds one configuration (preset, steps, world, shared overrides: its marker
+``.depthg-ablation.json``): another configuration there is refused rather than replacing or mixing runs,
+and one command at a time writes into it (:func:`depthg.utils.folder_lock`).
 """
 
 from __future__ import annotations
@@ -24,11 +28,11 @@ from depthg.backbone import EMBEDDED_DIR, EMBEDDED_JSON
 from depthg.config import Config, apply_overrides
 from depthg.method.losses import DEPTH_SIMILARITIES, PAPER_DEPTH_SIMILARITY
 from depthg.train import train
-from depthg.utils import DepthGError, atomic_write, sha256_file
+from depthg.utils import DepthGError, atomic_write, folder_lock, owned_output, sha256_file, write_json
 
 __all__ = ["VARIANTS", "DEFAULT_VARIANTS", "METRICS", "variant_config", "run_ablation", "summarise",
            "paired_differences", "markdown_table", "backbone_sha256", "load_report", "report_rows",
-           "collect_runs"]
+           "collect_runs", "ABLATION_MARKER", "ablation_configuration", "claim_ablation_folder"]
 
 _PAPER_SIMILARITIES = tuple(s for s in DEPTH_SIMILARITIES if s != "released")
 
@@ -147,12 +151,17 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return out
 
 
+def _missing(value: float | None) -> bool:
+    """No value: NaN in memory, null once written as strict JSON (a spread of one seed)."""
+    return value is None or math.isnan(value)
+
+
 def _fmt(s: dict[str, float]) -> str:
-    return f"{s['mean']:.2f} ± {s['std']:.2f}" if not math.isnan(s["std"]) else f"{s['mean']:.2f}"
+    return f"{s['mean']:.2f} ± {s['std']:.2f}" if not _missing(s["std"]) else f"{s['mean']:.2f}"
 
 
 def _fmt_ci(d: dict[str, Any]) -> str:
-    if math.isnan(d["half_width"]):
+    if _missing(d["half_width"]):
         return f"{d['mean']:+.2f}"
     return f"{d['mean']:+.2f} ± {d['half_width']:.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]"
 
@@ -196,6 +205,40 @@ def _command(variants: Sequence[str], seeds: Sequence[int], base_preset: str, st
     return "python -m depthg ablate " + shlex.join(args)
 
 
+#: the marker of an ablation folder: the configuration its runs share (:func:`ablation_configuration`)
+ABLATION_MARKER = ".depthg-ablation.json"
+#: config keys that say where or how fast a run runs, or which (variant, seed) it is, not what it computes
+_NOT_CONFIGURATION = ("name", "seed", "output_dir", "cache_dir", "device", "threads", "num_workers")
+
+
+def ablation_configuration(base_preset: str = "synthetic", steps: int | None = None, overrides: Sequence[str] = (),
+                           world_seed: int | None = None) -> dict[str, Any]:
+    """What every run of one ablation shares: the config of its reference run (``stego``, seed 0) without the
+    keys that say where it runs. Two ablations with the same configuration may share a folder (more variants,
+    more seeds); another configuration (other steps, world or overrides) may not."""
+    cfg = variant_config("stego", 0, base_preset, steps, "ablation", overrides, world_seed)
+    return {k: v for k, v in cfg.to_dict().items() if k not in _NOT_CONFIGURATION}
+
+
+def claim_ablation_folder(out_dir: Path, configuration: dict[str, Any]) -> None:
+    """Mark ``out_dir`` with ``configuration``, or check that its marker holds the same one; a folder of files
+    ablate did not make, or of another configuration, is refused (its runs would be replaced or mixed)."""
+    owned_output(out_dir, "ablation folder (--out-dir)", ABLATION_MARKER)
+    marker = out_dir / ABLATION_MARKER
+    if not marker.is_file():
+        write_json(marker, {"kind": "depthg ablation", "configuration": configuration})
+        return
+    try:
+        stored = json.loads(marker.read_text())["configuration"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise AblationError(f"cannot read {marker} ({type(err).__name__}: {err}); choose another --out-dir") from None
+    differ = sorted(k for k in set(stored) | set(configuration) if stored.get(k) != configuration.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {stored.get(k)!r} there, {configuration.get(k)!r} now" for k in differ[:4])
+        raise AblationError(f"the ablation folder {out_dir} holds runs of another configuration ({shown}); its runs "
+                            "would be replaced or mixed: choose another --out-dir")
+
+
 def run_ablation(variants: Sequence[str] = DEFAULT_VARIANTS, seeds: Sequence[int] = (0, 1, 2),
                  base_preset: str = "synthetic", steps: int | None = None, out_dir: str | Path = "runs/ablation",
                  overrides: Sequence[str] = (), progress: bool = True, world_seed: int | None = None,
@@ -203,8 +246,50 @@ def run_ablation(variants: Sequence[str] = DEFAULT_VARIANTS, seeds: Sequence[int
     """Train every (variant, seed), collect final metrics, write ``ablation.json`` and ``ablation.md``.
 
     ``world_seed`` is the synthetic world (None = the preset's); ``dev_world_seed`` marks the run as the
-    held-out test of choices made on that other world.
+    held-out test of choices made on that other world. ``out_dir`` is held for the whole call and must hold
+    this configuration's runs or none (:func:`claim_ablation_folder`).
     """
+    seeds, variants = _checked_plan(variants, seeds, world_seed, dev_world_seed)
+    out_dir = Path(out_dir)
+    command = _command(variants, seeds, base_preset, steps, out_dir, overrides, world_seed, dev_world_seed)
+    t0 = time.time()
+    runs: dict[str, list[dict[str, Any]]] = {}
+    shas: set[str | None] = set()
+    with folder_lock(out_dir, "ablation folder (--out-dir)"):
+        claim_ablation_folder(out_dir, ablation_configuration(base_preset, steps, overrides, world_seed))
+        for variant in variants:
+            for seed in seeds:
+                cfg = variant_config(variant, seed, base_preset, steps, out_dir, overrides, world_seed)
+                sha = backbone_sha256(cfg)
+                result = _train_or_reuse(cfg, sha, progress, f"{variant} seed {seed}")
+                shas.add(sha)
+                runs.setdefault(variant, []).append({
+                    "seed": seed, "final": result["final"]["metrics"], "wall_time_s": result["wall_time_s"],
+                    "output_dir": cfg.output_dir, "backbone_sha256": sha,
+                })
+        if len(shas) > 1:
+            raise AblationError(f"the runs used different backbone weights ({sorted(map(str, shas))}); rerun "
+                                "with a fresh --out-dir")
+        ref = variant_config(variants[0], seeds[0], base_preset, steps, out_dir, overrides, world_seed)
+        protocol = {"world_seed": ref.world_seed, "role": "test" if dev_world_seed is not None else "development",
+                    "dev_world_seed": dev_world_seed if dev_world_seed is not None else ref.world_seed,
+                    "test_world_seed": ref.world_seed if dev_world_seed is not None else None,
+                    "steps": ref.steps, "backbone": ref.backbone, "backbone_sha256": shas.pop()}
+        summary = summarise({v: [{"seed": r["seed"], "final": r["final"]} for r in rs] for v, rs in runs.items()})
+        md = markdown_table(summary, command, protocol)
+        report = {"command": command, "base_preset": base_preset, "seeds": seeds, "protocol": protocol,
+                  "variants": {v: VARIANTS[v][2] for v in variants}, "summary": summary, "runs": runs,
+                  "wall_time_s": time.time() - t0, "markdown": md}
+        write_json(out_dir / "ablation.json", report)  # strict JSON: the spread of one seed is null
+        with atomic_write(out_dir / "ablation.md", "w") as handle:
+            handle.write(md)
+    return report
+
+
+def _checked_plan(variants: Sequence[str], seeds: Sequence[int], world_seed: int | None,
+                  dev_world_seed: int | None) -> tuple[list[int], list[str]]:
+    """The seeds and variants of an ablation, checked: known variants, distinct seeds, a test world that is not
+    the development world."""
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise AblationError("seeds must not be empty")
@@ -220,55 +305,23 @@ def run_ablation(variants: Sequence[str] = DEFAULT_VARIANTS, seeds: Sequence[int
         if dev_world_seed == world_seed:
             raise AblationError(f"the test world (--world-seed {world_seed}) must differ from the development "
                                 f"world (--dev-world-seed {dev_world_seed})")
-    out_dir = Path(out_dir)
-    command = _command(variants, seeds, base_preset, steps, out_dir, overrides, world_seed, dev_world_seed)
-    t0 = time.time()
-    runs: dict[str, list[dict[str, Any]]] = {}
-    shas: set[str | None] = set()
-    for variant in variants:
-        for seed in seeds:
-            cfg = variant_config(variant, seed, base_preset, steps, out_dir, overrides, world_seed)
-            sha = backbone_sha256(cfg)
-            results_path = Path(cfg.output_dir) / "results.json"
-            result = None
-            if results_path.is_file():
-                old = json.loads(results_path.read_text())
-                # reuse only a finished run of the same config and the same backbone weights
-                if (old.get("config") == cfg.to_dict() and old.get("steps") == cfg.steps
-                        and made_with_weights(old, sha)):
-                    result = old
-            if result is None:
-                print(f"[ablation] {variant} seed {seed}", file=sys.stderr)
-                result = train(cfg, progress=progress, overwrite=True)  # a stale or unfinished run is redone
-                # record the weights next to the run so a later reuse can check them
-                stamped = json.loads(results_path.read_text())
-                stamped["ablation_backbone_sha256"] = sha
-                with atomic_write(results_path, "w") as handle:
-                    json.dump(stamped, handle, indent=2, default=str)
-            shas.add(sha)
-            runs.setdefault(variant, []).append({
-                "seed": seed, "final": result["final"]["metrics"], "wall_time_s": result["wall_time_s"],
-                "output_dir": cfg.output_dir, "backbone_sha256": sha,
-            })
-    if len(shas) > 1:
-        raise AblationError(f"the runs used different backbone weights ({sorted(map(str, shas))}); rerun "
-                            "with a fresh --out-dir")
-    ref = variant_config(variants[0], seeds[0], base_preset, steps, out_dir, overrides, world_seed)
-    protocol = {"world_seed": ref.world_seed, "role": "test" if dev_world_seed is not None else "development",
-                "dev_world_seed": dev_world_seed if dev_world_seed is not None else ref.world_seed,
-                "test_world_seed": ref.world_seed if dev_world_seed is not None else None,
-                "steps": ref.steps, "backbone": ref.backbone, "backbone_sha256": shas.pop()}
-    summary = summarise({v: [{"seed": r["seed"], "final": r["final"]} for r in rs] for v, rs in runs.items()})
-    md = markdown_table(summary, command, protocol)
-    report = {"command": command, "base_preset": base_preset, "seeds": seeds, "protocol": protocol,
-              "variants": {v: VARIANTS[v][2] for v in variants}, "summary": summary, "runs": runs,
-              "wall_time_s": time.time() - t0, "markdown": md}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out_dir / "ablation.json", "w") as handle:
-        json.dump(report, handle, indent=2, default=str)
-    with atomic_write(out_dir / "ablation.md", "w") as handle:
-        handle.write(md)
-    return report
+    return seeds, variants
+
+
+def _train_or_reuse(cfg: Config, sha: str | None, progress: bool, what: str) -> dict[str, Any]:
+    """The finished run of ``cfg``: reused when its ``results.json`` holds the same config, steps and backbone
+    weights; else trained (replacing a stale or unfinished run of this folder) and stamped with the weights."""
+    results_path = Path(cfg.output_dir) / "results.json"
+    if results_path.is_file():
+        old = json.loads(results_path.read_text())
+        if old.get("config") == cfg.to_dict() and old.get("steps") == cfg.steps and made_with_weights(old, sha):
+            return old
+    print(f"[ablation] {what}", file=sys.stderr)
+    result = train(cfg, progress=progress, overwrite=True)
+    stamped = json.loads(results_path.read_text())  # the weights next to the run, so a later reuse can check them
+    stamped["ablation_backbone_sha256"] = sha
+    write_json(results_path, stamped)
+    return result
 
 
 def load_report(path: str | Path) -> dict[str, Any]:

@@ -2,8 +2,10 @@
 
 - :func:`at_root`: a path parameter of a notebook, relative to the repository root wherever the notebook
   runs (Jupyter runs it in ``notebooks/``, ``papermill notebooks/x.ipynb out.ipynb`` in the root).
+- :func:`validate_parameters`: a notebook's parameters (papermill's ``-p`` values arrive as text or as the
+  wrong type) checked and converted by the CLI's own validators, right after the parameters cell.
 - :func:`choose_run`: the configuration a training notebook runs -- the real preset when the dataset folder
-  and the backbone weights are there, otherwise the embedded default (the synthetic street world with the
+  and the backbone weights are given, otherwise the embedded default (the synthetic street world with the
   embedded backbone) -- and the reasons, said in its first output.
 - :data:`SMOKE` and :data:`RANDOM_BACKBONE`: the CI smoke sizes and the stand-in backbone used when even
   the embedded weights are missing.
@@ -29,16 +31,19 @@ import torch
 import depthg
 from depthg.lab.ablation import backbone_sha256, made_with_weights, run_ablation, variant_config
 from depthg.backbone import Backbone, load_backbone
-from depthg.build import Fidelity, Segmenter, build_backbone, build_models, fidelity, load_checkpoint, validation_dataset
-from depthg.config import Config
+from depthg.build import (Fidelity, Segmenter, build_backbone, build_models, fidelity, load_checkpoint, load_weights,
+                          validation_dataset)
+from depthg.config import Config, ConfigError, check_preset, check_value, load_yaml
 from depthg.data import build_dataset
 from depthg.data.prepare import dataset_root, world_folder
 from depthg.data.transforms import resize_center_crop
 from depthg.evaluate import EvalOptions, predict_batch
+from depthg.train_support import ReplaceOwn
 from depthg.utils import get_device, repo_root, sha256_file
 from depthg.lab.viz import get_palette
 
-__all__ = ["SMOKE", "RANDOM_BACKBONE", "at_root", "backbone_problem", "RunChoice", "choose_run", "TrainedRun",
+__all__ = ["SMOKE", "RANDOM_BACKBONE", "at_root", "validate_parameters", "backbone_problem", "RunChoice", "choose_run",
+           "TrainedRun",
            "load_trained", "predict_examples", "as_overrides", "figure_runs", "describe_run", "example_items"]
 
 # The CI smoke configuration: a tiny world, a tiny *random* ViT and 4 steps. The pipeline runs end to end in
@@ -68,6 +73,68 @@ def at_root(path: str | os.PathLike | None) -> Path | None:
     path = Path(path)
     root = repo_root()
     return path if path.is_absolute() or Path.cwd().resolve() == root.resolve() else root / path
+
+
+#: how :func:`validate_parameters` checks each notebook parameter: a config key (checked by the config's own
+#: validator of that key; None allowed where the flag says so) or a kind: "bool", "count" (an integer >= 1),
+#: "overwrite" (true, false or "own"), "preset", "names" (a list of names or one comma-separated string), "path"
+NOTEBOOK_PARAMETERS: dict[str, str | tuple[str, bool]] = {
+    "smoke": "bool", "sliders": "bool", "train_if_missing": "bool", "overwrite": "overwrite", "preset": "preset",
+    "n_examples": "count", "demo_steps": "count", "n_side": "count", "patch": "count", "num_disparities": "count",
+    "block_size": "count", "depth_models": "names", "runs_dir": "path", "results_dir": "path", "reference": "path",
+    "seed": ("seed", False), "steps": ("steps", True), "batch_size": ("batch_size", True), "device": ("device", False),
+    "mode": ("mode", False), "world_seed": ("world_seed", True), "lhp_quantile": ("lhp_quantile", False),
+    "fov_deg": ("fov_deg", True), "centering": ("centering", True), "backbone": ("backbone", False),
+    "data_dir": ("data_dir", True), "weights": ("weights", True), "cache_dir": ("cache_dir", True),
+    "output_dir": ("output_dir", True), "size": ("world_size", False),
+}
+
+
+def validate_parameters(namespace: dict[str, Any], notebook: str) -> None:
+    """Check a notebook's parameters in ``namespace`` (the notebook's ``globals()``, right after the parameters
+    cell) and store them converted, as the CLI reads ``key=value``: papermill's ``-p overwrite false`` arrives
+    as the text "false" (true for Python) and becomes False; ``-p steps 2.7`` or ``-p steps abc`` is an error,
+    not 2 steps or a traceback; an unknown ``preset`` is reported. Raises :class:`depthg.config.ConfigError`
+    naming the parameter. ``overwrite="own"`` becomes ``ReplaceOwn("notebook <notebook>")``: a rerun replaces
+    only a run this notebook made (:func:`depthg.train.train`)."""
+    for name, kind in NOTEBOOK_PARAMETERS.items():
+        if name in namespace:
+            namespace[name] = _checked(name, namespace[name], kind, notebook)
+
+
+def _checked(name: str, value: Any, kind: str | tuple[str, bool], notebook: str) -> Any:
+    """One parameter's value checked and converted (:func:`validate_parameters`)."""
+    if isinstance(kind, tuple):
+        key, none_ok = kind
+        if value is None and none_ok:
+            return None
+        try:
+            return check_value(key, str(value) if isinstance(value, os.PathLike) else value)
+        except ConfigError as err:
+            raise ConfigError(f"notebook parameter {name!r}: {err}") from None
+    if kind == "preset":
+        try:
+            return check_preset(value)
+        except ConfigError as err:
+            raise ConfigError(f"notebook parameter {name!r}: {err}") from None
+    if kind == "path":
+        if isinstance(value, os.PathLike) or (isinstance(value, str) and value):
+            return value
+        raise ConfigError(f"notebook parameter {name!r} = {value!r}: expected a path")
+    if kind == "names":
+        names = value.split(",") if isinstance(value, str) else value
+        if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+            return [n.strip() for n in names if n.strip()]
+        raise ConfigError(f"notebook parameter {name!r} = {value!r}: expected a list of names or one comma-separated string")
+    parsed = load_yaml(value, f"notebook parameter {name!r}") if isinstance(value, str) else value
+    if kind == "overwrite" and parsed == "own":
+        return ReplaceOwn(f"notebook {notebook}")
+    if kind in ("bool", "overwrite") and isinstance(parsed, bool):
+        return parsed
+    if kind == "count" and isinstance(parsed, int) and not isinstance(parsed, bool) and parsed >= 1:
+        return parsed
+    expected = {"bool": "true or false", "overwrite": 'true, false or "own"', "count": "an integer >= 1"}[kind]
+    raise ConfigError(f"notebook parameter {name!r} = {value!r}: expected {expected}")
 
 
 def backbone_problem(name: str, weights: str | None, **timm_kwargs: Any) -> str | None:
@@ -104,8 +171,9 @@ def choose_run(dataset: str, preset: str, data_dir: str | os.PathLike | None, we
                mode: str = "paper", seed: int = 0, device: str = "auto", output_dir: str | os.PathLike,
                cache_dir: str | os.PathLike | None = None, smoke: bool = False, steps: int | None = None,
                batch_size: int | None = None) -> RunChoice:
-    """The real preset on the real dataset when both the dataset folder and the backbone weights are there;
-    otherwise the embedded default (``synthetic`` preset), with the reasons.
+    """The real preset on the real dataset when both the dataset folder and the backbone weights are given;
+    the embedded default (``synthetic`` preset) when neither is, with the reasons. A ``data_dir`` or ``weights``
+    that is given but missing (a typo) is an error, never a silent fall back to the synthetic world.
 
     Args:
         dataset: the dataset's name for the message ("Cityscapes", "COCO-Stuff-27", "Potsdam-3").
@@ -119,16 +187,7 @@ def choose_run(dataset: str, preset: str, data_dir: str | os.PathLike | None, we
     """
     data_dir = at_root(data_dir)
     cache_dir = at_root(cache_dir if cache_dir is not None else Config().cache_dir)
-    reasons: list[str] = []
-    if data_dir is None or not data_dir.is_dir():
-        reasons.append(f"dataset not found (data_dir={None if data_dir is None else str(data_dir)!r})")
-    if weights is None:
-        reasons.append("no backbone weights given (weights=None)")
-    elif not smoke and not reasons:
-        name = "embedded" if weights == "embedded" else Config.preset(preset).backbone
-        problem = backbone_problem(name, None if weights == "embedded" else weights)
-        if problem:
-            reasons.append(f"backbone weights {weights!r} could not be loaded ({problem})")
+    reasons = _missing_real_run(preset, data_dir, weights, smoke)
     common = dict(seed=seed, device=device, output_dir=str(at_root(output_dir)), cache_dir=str(cache_dir))
     notes: list[str] = []
     if not reasons:
@@ -147,11 +206,35 @@ def choose_run(dataset: str, preset: str, data_dir: str | os.PathLike | None, we
             notes.append(f"   the embedded backbone is not available ({problem})\n"
                          "   -> using a small RANDOM ViT-S/8-shaped backbone: the features carry no semantics.")
             cfg = cfg.replace(**RANDOM_BACKBONE)
-    if steps is not None:
-        cfg = cfg.replace(steps=int(steps))
+    if steps is not None:  # validated as given: 2.7 steps is an error, not 2
+        cfg = cfg.replace(steps=steps)
     if batch_size is not None:
-        cfg = cfg.replace(batch_size=int(batch_size))
+        cfg = cfg.replace(batch_size=batch_size)
     return RunChoice(cfg, not reasons, reasons, notes, headline)
+
+
+def _missing_real_run(preset: str, data_dir: Path | None, weights: str | None, smoke: bool) -> list[str]:
+    """Why the real preset cannot run: nothing given (the reasons for the fall back), or an error for what was
+    given but does not work (a missing dataset folder, weights that do not load)."""
+    check_preset(preset)
+    shown = None if data_dir is None else str(data_dir)
+    if data_dir is None and weights is None:
+        return ["dataset not found (data_dir=None)", "no backbone weights given (weights=None)"]
+    if smoke and (data_dir is None or not data_dir.is_dir() or weights is None):  # CI: whatever is there
+        return [f"dataset not found (data_dir={shown!r})"] + (["no backbone weights given"] if weights is None else [])
+    if data_dir is None or weights is None:
+        raise ConfigError(f"notebook parameters data_dir={shown!r} and weights={weights!r}: the real preset needs "
+                          "both; give both, or neither for the synthetic world")
+    if not data_dir.is_dir():
+        raise ConfigError(f"notebook parameter data_dir={shown!r}: no such folder (a typo?); give the dataset root, or "
+                          "data_dir=None for the synthetic world")
+    if smoke:
+        return []
+    name = "embedded" if weights == "embedded" else Config.preset(preset).backbone
+    problem = backbone_problem(name, None if weights == "embedded" else weights)
+    if problem:
+        raise ConfigError(f"notebook parameter weights={weights!r} cannot be loaded: {problem}")
+    return []
 
 
 def _data_root(cfg: Config) -> Path:
@@ -201,8 +284,8 @@ def load_trained(run: str | os.PathLike | dict[str, Any], device: str | torch.de
             backbone = build_backbone(cfg)
     backbone = backbone.to(device)
     model = build_models(cfg, backbone.embed_dim, int(val_set.n_classes))
-    state = load_checkpoint(Path(cfg.output_dir) / checkpoint)["model"]
-    model.load_state_dict({k: v for k, v in state.items() if not k.startswith("lhp.")})
+    path = Path(cfg.output_dir) / checkpoint
+    load_weights(model, load_checkpoint(path)["model"], path, skip="lhp.")
     palette = getattr(val_set, "palette", None)
     palette = get_palette(int(val_set.n_classes)) if palette is None else np.asarray(palette)
     return TrainedRun(cfg, fidelity(cfg), backbone, model.to(device).eval(), val_set, palette, device)

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from depthg.backbone import interpolate_pos_embed, save_backbone_dino_format
 from depthg.world.synthetic import render_scene
-from depthg.utils import DepthGError, atomic_torch_save, atomic_write, get_device, safe_torch_load
+from depthg.utils import DepthGError, atomic_torch_save, atomic_write, get_device, json_text, safe_torch_load
 
 __all__ = [
     # running it: the function, its command line, the recipes and the files it writes
@@ -827,7 +827,7 @@ def pretrain(out_dir: str | Path, *, device: str = "auto", resume: bool = False,
         done = state.step
         if done % log_every == 0 or done == last:
             with open(out_dir / LOG_NAME, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+                handle.write(json_text(record, indent=None) + "\n")
         out_of_time = max_minutes is not None and time.time() - t_start > 60 * max_minutes
         if done % checkpoint_every == 0 or done == last or out_of_time:
             save_checkpoint(state, hp, ckpt_path)
@@ -943,7 +943,7 @@ def run_pretrain_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.export_embedded:
         pth, js = export_embedded(args.out_dir, args.export_embedded)
         summary["exported"] = [str(pth), str(js)]
-    print(json.dumps(summary, indent=2))
+    print(json_text(summary))  # strict JSON, as every command's stdout
     return summary
 
 
