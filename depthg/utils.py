@@ -7,15 +7,19 @@ folders are built under a lock (:func:`build_lock`) in ``<folder>.partial`` and 
 A command holds its output folder for as long as it runs (:func:`folder_lock`) and never writes over what it
 did not make (:func:`owned_output`); JSON it writes is strict (:func:`json_text`); a source file is known by
 its content (:func:`file_digest`); large files reserve their disk space first (:func:`allocate_file`).
+Long CPU work runs on worker processes that cannot deadlock the run (:func:`pool_map`); each stage of a run
+records where its time went (:func:`timed`, :class:`StageClock`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import pickle
 import re
@@ -24,7 +28,11 @@ import sys
 import tempfile
 import time
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, TypeVar
 
@@ -65,6 +73,200 @@ def map_threads(fn: Callable[[_T], _R], items: Iterable[_T], workers: int = 0) -
         return [fn(x) for x in items]
     with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
         return list(pool.map(fn, items))
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker processes
+# ------------------------------------------------------------------------------------------------
+_POOL_SHARED: Any = None  # in a worker of :func:`pool_map`: the ``shared`` value its pool was started with
+
+
+def _pool_init(shared: Any) -> None:
+    """A worker's start: keep ``shared``; one torch thread (the pool is the parallelism)."""
+    global _POOL_SHARED
+    _POOL_SHARED = shared
+    torch.set_num_threads(1)
+
+
+def _pool_call(fn: Callable[[Any, _T], _R], item: _T) -> _R:
+    return fn(_POOL_SHARED, item)
+
+
+def _pool_ready(_shared: Any, _item: Any) -> int:
+    return os.getpid()
+
+
+#: How long :func:`pool_map`'s workers may take to start (a fresh interpreter importing torch; seconds).
+POOL_START_TIMEOUT_S = 120.0
+
+
+def pool_context(preload: Iterable[str] = ()) -> multiprocessing.context.BaseContext:
+    """The start method of :func:`pool_map`'s workers: "forkserver" where the platform has it (workers are forked
+    from a fresh server process that imported ``preload`` once, never from a process whose torch threads are
+    running), else "spawn". ``preload`` counts only when the server is started (the first pool of a process)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(preload))
+    return ctx
+
+
+def _kill_pool(pool: ProcessPoolExecutor) -> None:
+    """Stop a pool now: kill its workers (a hung one too), cancel what has not started, wait for nothing."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            proc.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _submit(pool: ProcessPoolExecutor, fn: Callable[[Any, _T], _R], x: _T) -> Future[_R]:
+    """``pool.submit``; a worker process that cannot be started breaks the pool (errors of ``fn`` itself do not)."""
+    try:
+        return pool.submit(_pool_call, fn, x)
+    except OSError as err:
+        raise BrokenProcessPool(f"cannot start a worker process ({err})") from err
+
+
+def pool_map(fn: Callable[[Any, _T], _R], items: Iterable[_T], workers: int = 0, *, shared: Any = None,
+             timeout_s: float | None = None, what: str = "tasks") -> Iterator[_R]:
+    """``fn(shared, x)`` for each ``x`` of ``items``, yielded in the order of ``items``; on ``workers`` processes
+    when ``workers`` > 1, else in this process (the same function: the same results).
+
+    ``fn`` is a module-level function (workers import it by name; its module is preloaded by the fork server,
+    :func:`pool_context`); ``shared`` (a dataset, settings) is sent once to each worker, ``items`` one by one
+    and lazily: at most ``2 * workers`` are in flight, so neither inputs nor results pile up. No deadlock: a
+    worker that dies, a pool that does not start within :data:`POOL_START_TIMEOUT_S`, or a task not done
+    within ``timeout_s`` seconds ends the pool (its workers are killed) and the unfinished items run in this
+    process, with one line on stderr. Workers import the caller's main module, as with every 'spawn' or
+    'forkserver' pool: a script calling this needs an ``if __name__ == "__main__":`` guard.
+    """
+    if workers <= 1:
+        for x in items:
+            yield fn(shared, x)
+        return
+    pending: deque[tuple[_T, Future[_R]]] = deque()
+    source = iter(items)
+    pool = ProcessPoolExecutor(workers, mp_context=pool_context([fn.__module__]), initializer=_pool_init,
+                               initargs=(shared,))
+    healthy = False
+    try:
+        _submit(pool, _pool_ready, None).result(timeout=POOL_START_TIMEOUT_S)
+        for x in source:
+            pending.append((x, _submit(pool, fn, x)))
+            while len(pending) >= 2 * workers:
+                yield pending[0][1].result(timeout=timeout_s)
+                pending.popleft()
+        while pending:
+            yield pending[0][1].result(timeout=timeout_s)
+            pending.popleft()
+        healthy = True
+    except (BrokenProcessPool, FutureTimeout) as err:
+        why = f"no result within {timeout_s} s" if isinstance(err, FutureTimeout) else f"{type(err).__name__}: {err}"
+        if isinstance(err, FutureTimeout) and not pending:
+            why = (f"not started within {POOL_START_TIMEOUT_S:.0f} s; a script that starts worker processes needs an "
+                   "`if __name__ == \"__main__\":` guard, as its workers import it")
+        note(f"{what}: the pool of {workers} worker processes failed ({why}); finishing in this process")
+        _kill_pool(pool)
+        for x, _ in pending:
+            yield fn(shared, x)
+        for x in source:
+            yield fn(shared, x)
+    finally:
+        if healthy:
+            pool.shutdown(wait=True)
+        else:  # failed, or the caller stopped early: nothing more is wanted from the workers
+            _kill_pool(pool)
+
+
+# ------------------------------------------------------------------------------------------------
+# Where the time went
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class StageMark:
+    """What a stage reports about itself while it runs: ``cached`` = it found its artefact up to date."""
+
+    cached: bool = False
+
+
+@dataclass
+class _OpenStage:
+    label: str
+    start: float
+    rename: dict[str, str]
+    mark: StageMark
+    inner: float = 0.0  # seconds of the stages run inside this one
+
+
+@dataclass
+class StageClock:
+    """Wall seconds per stage of one run, in the order the stages first ran, recorded by :func:`timed` where
+    each stage runs. A stage run inside another counts for itself: its time is taken off the outer stage.
+
+    ``clock = StageClock().start()`` makes it the clock that :func:`timed` records into (in this thread),
+    ``clock.stop()`` ends that; ``clock.summary()`` is the one-line account.
+    """
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    cached: dict[str, bool] = field(default_factory=dict)  # stage -> every run of it found its artefact
+    t0: float = field(default_factory=lambda: time.perf_counter())
+    _open: list[_OpenStage] = field(default_factory=list)
+    _token: Any = None
+
+    def start(self) -> "StageClock":
+        self._token = _ACTIVE_CLOCK.set(self)
+        return self
+
+    def stop(self) -> None:
+        if self._token is not None:
+            _ACTIVE_CLOCK.reset(self._token)
+            self._token = None
+
+    def enter(self, stage: str, rename: dict[str, str] | None) -> _OpenStage:
+        outer = self._open[-1] if self._open else None
+        label = outer.rename.get(stage, stage) if outer is not None else stage
+        opened = _OpenStage(label, time.perf_counter(), dict(rename or {}), StageMark())
+        self._open.append(opened)
+        self.seconds.setdefault(label, 0.0)  # the summary lists the stages in the order they started
+        return opened
+
+    def exit(self, opened: _OpenStage) -> None:
+        elapsed = time.perf_counter() - opened.start
+        self._open.remove(opened)
+        if self._open:
+            self._open[-1].inner += elapsed
+        self.seconds[opened.label] = self.seconds.get(opened.label, 0.0) + elapsed - opened.inner
+        self.cached[opened.label] = self.cached.get(opened.label, True) and opened.mark.cached
+
+    def summary(self) -> str:
+        """``time: depth 0.0 s (cached), five-crop 3.1 s, ..., other 1.2 s (total 55.0 s)``."""
+        total = time.perf_counter() - self.t0
+        parts = [f"{name} {_seconds(s)}" + (" (cached)" if self.cached.get(name) else "")
+                 for name, s in self.seconds.items()]
+        parts.append(f"other {_seconds(max(total - sum(self.seconds.values()), 0.0))}")
+        return f"time: {', '.join(parts)} (total {_seconds(total)})"
+
+
+_ACTIVE_CLOCK: contextvars.ContextVar[StageClock | None] = contextvars.ContextVar("depthg_stage_clock", default=None)
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.1f} s" if s < 600 else f"{s / 60:.1f} min"
+
+
+@contextlib.contextmanager
+def timed(stage: str, rename: dict[str, str] | None = None) -> Iterator[StageMark]:
+    """Record the block's wall time as ``stage`` in the active :class:`StageClock` (nothing without one); set
+    ``mark.cached = True`` on the yielded mark when the stage found its artefact up to date. ``rename`` relabels
+    stages run inside this one (``{"evaluation": "validation"}``). Also a decorator: ``@timed("kNN")``."""
+    clock = _ACTIVE_CLOCK.get()
+    if clock is None:
+        yield StageMark()
+        return
+    opened = clock.enter(stage, rename)
+    try:
+        yield opened.mark
+    finally:
+        clock.exit(opened)
 
 
 def _umask() -> int:

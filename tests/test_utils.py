@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +18,13 @@ from depthg.utils import (
     UnsafeCheckpointError,
     atomic_torch_save,
     atomic_write,
+    StageClock,
+    StageMark,
     get_device,
+    pool_map,
     safe_torch_load,
     sha256_file,
+    timed,
 )
 
 
@@ -70,3 +79,97 @@ def test_device():
     if not torch.cuda.is_available():
         with pytest.raises(DepthGError, match="CUDA"):
             get_device("cuda")
+
+
+# ------------------------------------------------------------------------------------------------
+# worker processes: in order, the same results, and never a hang
+# ------------------------------------------------------------------------------------------------
+def _affine(shared: tuple[int, int], x: int) -> int:
+    a, b = shared
+    return a * x + b
+
+
+def _dies_in_a_worker(shared: int, x: int) -> int:
+    """Kills its worker process (a segfaulting C extension, an out-of-memory kill); fine in the caller's."""
+    if multiprocessing.parent_process() is not None and x == 3:
+        os._exit(7)
+    return shared + x
+
+
+def _hangs_in_a_worker(shared: int, x: int) -> int:
+    if multiprocessing.parent_process() is not None and x == 2:
+        time.sleep(600)
+    return shared + x
+
+
+def test_pool_map_returns_in_order_what_the_serial_loop_returns():
+    items = list(range(23))
+    serial = list(pool_map(_affine, items, 0, shared=(3, 1)))
+    assert serial == [3 * x + 1 for x in items]
+    assert list(pool_map(_affine, iter(items), 2, shared=(3, 1))) == serial  # items may be a one-pass iterator
+    assert list(pool_map(_affine, [], 2, shared=(3, 1))) == []
+
+
+def test_pool_map_finishes_in_this_process_when_a_worker_dies_or_hangs(capsys):
+    assert list(pool_map(_dies_in_a_worker, range(8), 2, shared=10)) == [10 + x for x in range(8)]
+    assert "the pool of 2 worker processes failed" in capsys.readouterr().err
+    t0 = time.perf_counter()
+    assert list(pool_map(_hangs_in_a_worker, range(6), 2, shared=1, timeout_s=3)) == [1 + x for x in range(6)]
+    assert time.perf_counter() - t0 < 300  # the hung worker was killed, not waited for
+    assert "no result within 3 s" in capsys.readouterr().err
+
+
+def test_pool_map_ends_after_torch_threads_ran(tmp_path):
+    """No fork of a process whose torch threads are running: a pool started after a multi-threaded matmul ends
+    (run in a subprocess with a timeout, since a deadlock would hang the test run itself)."""
+    script = tmp_path / "after_threads.py"
+    script.write_text(
+        "import torch\n"
+        "from depthg.utils import pool_map\n"
+        "from test_utils import _affine\n"
+        "if __name__ == '__main__':\n"
+        "    torch.set_num_threads(2)\n"
+        "    torch.randn(600, 600) @ torch.randn(600, 600)\n"
+        "    print(sum(pool_map(_affine, range(50), 2, shared=(1, 0))))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), *sys.path]))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(sum(range(50)))
+
+
+# ------------------------------------------------------------------------------------------------
+# where the time went
+# ------------------------------------------------------------------------------------------------
+def test_stage_clock_counts_nested_stages_for_themselves(monkeypatch):
+    import depthg.utils as utils
+
+    now = [100.0]  # a clock the test moves: seconds are exact
+    monkeypatch.setattr(utils.time, "perf_counter", lambda: now[0])
+    with timed("ignored") as mark:  # no active clock: nothing is recorded anywhere
+        assert isinstance(mark, StageMark)
+    clock = StageClock().start()
+    try:
+        with timed("five-crop") as mark:
+            mark.cached = True
+        with timed("training", rename={"evaluation": "validation"}):
+            now[0] += 40.0
+            with timed("evaluation"):
+                now[0] += 5.0
+            now[0] += 2.0
+            with timed("evaluation"):
+                now[0] += 5.0
+        with timed("final evaluation", rename={"evaluation": "final evaluation"}):
+            now[0] += 1.0
+            with timed("evaluation"):
+                now[0] += 2.0
+        now[0] += 0.5
+    finally:
+        clock.stop()
+    with timed("after"):  # the clock is no longer active
+        now[0] += 1000.0
+    assert clock.seconds == {"five-crop": 0.0, "training": 42.0, "validation": 10.0, "final evaluation": 3.0}
+    assert clock.cached == {"five-crop": True, "training": False, "validation": False, "final evaluation": False}
+    now[0] = 100.0 + 55.5 + 5.0  # the summary is read 5 s after the last stage
+    assert clock.summary() == ("time: five-crop 0.0 s (cached), training 42.0 s, validation 10.0 s, "
+                               "final evaluation 3.0 s, other 5.5 s (total 60.5 s)")
