@@ -27,6 +27,7 @@ from depthg.data.prepare import (
 )
 from depthg.depth import estimate_depth_for_dataset, load_depth_model
 from depthg.evaluate import evaluate_checkpoint
+from depthg.precision import amp_context
 from depthg.train import train
 from depthg.utils import DepthGError, json_text
 from depthg.world import make_world, pretrain
@@ -87,14 +88,16 @@ def cmd_depth(args: argparse.Namespace) -> Any:
     else:
         model = load_depth_model(cfg.depth_model or cfg.depth_source, cfg.device)
         out = estimate_depth_for_dataset(dataset, model, args.out, batch_size=args.batch_size,
-                                         progress=not args.no_progress)
+                                         progress=not args.no_progress, num_workers=cfg.num_workers,
+                                         precision=amp_context(cfg, model.device)[0])
     _print({"depth_dir": str(out)})
     return out
 
 
 def cmd_crop(args: argparse.Namespace) -> Any:
     cfg = _config_from_args(args)
-    out = five_crop(_dataset(cfg, args.split, args.depth_dir), args.out, cfg.crop_ratio, progress=not args.no_progress)
+    out = five_crop(_dataset(cfg, args.split, args.depth_dir), args.out, cfg.crop_ratio, progress=not args.no_progress,
+                    workers=cfg.num_workers)
     _print({"crop_dir": str(out)})
     return out
 

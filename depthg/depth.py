@@ -12,7 +12,9 @@ import math
 import os
 import socket
 import warnings
-from dataclasses import dataclass
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator, Literal, Sequence
 from urllib.parse import urlsplit
@@ -23,7 +25,8 @@ from huggingface_hub import constants, try_to_load_from_cache
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .dataset_protocol import SegmentationSource, image_loader, is_full_resolution, item_identities, item_keys
+from .dataset_protocol import SegmentationSource, is_full_resolution, item_identities, item_keys
+from .precision import FULL_PRECISION, Precision
 from .utils import DepthGError, atomic_write, build_lock, get_device, inside, note, owned_output, repo_root
 
 __all__ = [
@@ -530,27 +533,26 @@ def _post_process(depth_model: DepthModel, outputs: Any, size: tuple[int, int], 
     return torch.nn.functional.interpolate(pred.float(), size=size, mode="bicubic", align_corners=False)
 
 
-def _predict(depth_model: DepthModel, images: torch.Tensor) -> torch.Tensor:
-    """Raw post-processed prediction (B, 1, H, W) at the input size (metres or disparity-like)."""
-    b, _, h, w = images.shape
-    inputs = depth_model.processor(images=list(images.detach().float().cpu()), return_tensors="pt", do_rescale=False)
-    inputs = {k: v.to(depth_model.device) for k, v in inputs.items()}
-    outputs = depth_model.model(**inputs)
-    return _post_process(depth_model, outputs, (h, w), b).float()
+def _process(processor: Any, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The processor's model inputs (``pixel_values`` (B, 3, h, w), ...) for images (B, 3, H, W) in [0, 1]:
+    resized, normalised (and padded, for ZoeDepth) one image at a time, on the CPU."""
+    return dict(processor(images=list(images.detach().float().cpu()), return_tensors="pt", do_rescale=False))
 
 
-@torch.inference_mode()
-def estimate_depth(depth_model: DepthModel, images: torch.Tensor, flip_tta: bool = False) -> torch.Tensor:
-    """Depth (B, 1, H, W), larger = farther, of images (B, 3, H, W) in [0, 1], on the images' device.
+def _forward(depth_model: DepthModel, inputs: dict[str, torch.Tensor], size: tuple[int, int],
+             precision: Precision | None) -> torch.Tensor:
+    """Raw post-processed prediction (B, 1, H, W) float32 at ``size`` (metres or disparity-like) of processed
+    ``inputs``; the network runs under ``precision`` (autocast), the post-processing in float32."""
+    inputs = {k: v.to(depth_model.device, non_blocking=True) for k, v in inputs.items()}
+    with (precision or FULL_PRECISION)():
+        outputs = depth_model.model(**inputs)
+    outputs.predicted_depth = outputs.predicted_depth.float()
+    return _post_process(depth_model, outputs, size, len(outputs.predicted_depth)).float()
 
-    Metric models give metres; relative ones ``1 - minmax(disparity)`` per image. ``flip_tta`` averages
-    with the flipped image's prediction, as the released ZoeDepth inference did.
-    """
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be (B, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
-    depth = _predict(depth_model, images)
-    if flip_tta:
-        depth = 0.5 * (depth + _predict(depth_model, images.flip(-1)).flip(-1))
+
+def _to_depth(depth_model: DepthModel, raw: torch.Tensor) -> torch.Tensor:
+    """Depth, larger = farther: metres for metric models, ``1 - minmax(disparity)`` per image for relative ones."""
+    depth = raw
     if depth_model.kind == "relative":
         flat = depth.flatten(1)
         lo = flat.min(1).values[:, None, None, None]
@@ -558,7 +560,26 @@ def estimate_depth(depth_model: DepthModel, images: torch.Tensor, flip_tta: bool
         depth = 1.0 - (depth - lo) / (hi - lo).clamp_min(1e-12)
         depth = depth.clamp(0.0, 1.0)  # only float round-off; the range is [0, 1] by construction
     validate_depth(depth, f"output of depth model {depth_model.name!r}")
-    return depth.to(images.device)
+    return depth
+
+
+@torch.inference_mode()
+def estimate_depth(depth_model: DepthModel, images: torch.Tensor, flip_tta: bool = False,
+                   precision: Precision | None = None) -> torch.Tensor:
+    """Depth (B, 1, H, W), larger = farther, of images (B, 3, H, W) in [0, 1], on the images' device.
+
+    Metric models give metres; relative ones ``1 - minmax(disparity)`` per image. ``flip_tta`` averages
+    with the flipped image's prediction, as the released ZoeDepth inference did. ``precision``: autocast of
+    the network (the run's policy: ``depthg.precision.amp_context``; None = full precision).
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
+    size = (images.shape[2], images.shape[3])
+    raw = _forward(depth_model, _process(depth_model.processor, images), size, precision)
+    if flip_tta:
+        flipped = _forward(depth_model, _process(depth_model.processor, images.flip(-1)), size, precision)
+        raw = 0.5 * (raw + flipped.flip(-1))
+    return _to_depth(depth_model, raw).to(images.device)
 
 
 def _check_not_in_sources(cache_root: Path, dataset: Any) -> None:
@@ -604,18 +625,53 @@ def stale_depth_keys(dataset: Any, cache_root: str | os.PathLike, model_identity
     return [keys[i] for i in _stale(cache, keys, cache.recorded_sources(), _image_identities(dataset, keys))]
 
 
-def _batches(items: Iterable[tuple[str, torch.Tensor]], batch_size: int) -> Iterable[list[tuple[str, torch.Tensor]]]:
-    """Group consecutive images of the same size (COCO sizes vary; Cityscapes' do not)."""
-    batch: list[tuple[str, torch.Tensor]] = []
-    for key, img in items:
-        if batch and (len(batch) == batch_size or batch[0][1].shape != img.shape):
+class _DepthInputs(torch.utils.data.Dataset):
+    """Item ``j``: the processed model inputs of ``dataset``'s item ``indices[j]`` (and of its mirror image with
+    ``flip``): what :func:`estimate_depth_for_dataset`'s loader workers read and prepare."""
+
+    def __init__(self, dataset: Any, indices: Sequence[int], processor: Any, flip: bool) -> None:
+        self.dataset, self.indices, self.processor, self.flip = dataset, list(indices), processor, flip
+        self.source = isinstance(dataset, SegmentationSource)  # asked once (image_loader's choice, picklable)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> dict[str, Any]:
+        i = self.indices[j]
+        img = (self.dataset.load_image_tensor(i) if self.source else self.dataset[i]["img"])[None]
+        item: dict[str, Any] = {"j": j, "size": tuple(img.shape[2:]), "inputs": _process(self.processor, img)}
+        if self.flip:
+            item["flipped"] = _process(self.processor, img.flip(-1))
+        return item
+
+
+def _batches(items: Iterable[dict[str, Any]], batch_size: int) -> Iterator[list[dict[str, Any]]]:
+    """Group consecutive items of the same image size (COCO sizes vary; Cityscapes' do not)."""
+    batch: list[dict[str, Any]] = []
+    for item in items:
+        if batch and (len(batch) == batch_size or batch[0]["size"] != item["size"]):
             yield batch
             batch = []
-        batch.append((key, img))
+        batch.append(item)
     if batch:
         yield batch
 
 
+def _stack_inputs(batch: list[dict[str, Any]], name: str) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([item[name][k] for item in batch]) for k in batch[0][name]}
+
+
+def _depth_of_batch(depth_model: DepthModel, batch: list[dict[str, Any]], flip_tta: bool,
+                    precision: Precision | None) -> torch.Tensor:
+    """Depth (B, 1, H, W) of a batch of :class:`_DepthInputs` items: :func:`estimate_depth`'s computation."""
+    size = batch[0]["size"]
+    raw = _forward(depth_model, _stack_inputs(batch, "inputs"), size, precision)
+    if flip_tta:
+        raw = 0.5 * (raw + _forward(depth_model, _stack_inputs(batch, "flipped"), size, precision).flip(-1))
+    return _to_depth(depth_model, raw).cpu()
+
+
+@torch.inference_mode()
 def estimate_depth_for_dataset(
     dataset: Any,
     depth_model: DepthModel,
@@ -624,11 +680,18 @@ def estimate_depth_for_dataset(
     progress: bool = True,
     flip_tta: bool = False,
     model_identity: str | None = None,
+    num_workers: int = 0,
+    precision: Precision | None = None,
 ) -> Path:
     """Estimate and cache depth ``cache_root/{key}.png`` for every full-resolution item of ``dataset`` whose
     map is missing or stale (its image changed, per ``depth_sources.json``), under a lock, each file written
     atomically, so an interrupted run resumes. A cache made by another ``model_identity`` is emptied and
     made again; each rebuild says why on stderr. Returns ``cache_root``.
+
+    Throughput: ``num_workers`` loader processes read the images and run the processor (resize, normalise),
+    the network sees batches of ``batch_size`` images on the model's device under ``precision`` (autocast;
+    its identity belongs in ``model_identity``), and the 16-bit PNGs are written on ``num_workers`` threads
+    while the next batch runs. The maps are those of :func:`estimate_depth` image by image (tested).
     """
     if not is_full_resolution(dataset):
         raise ValueError("estimate_depth_for_dataset needs full-resolution items: pass a dataset with transform=None")
@@ -636,7 +699,7 @@ def estimate_depth_for_dataset(
     _check_not_in_sources(cache_root, dataset)
     owned_output(cache_root, "depth cache", META_NAME)  # never among files of someone else
     with build_lock(cache_root, "depth cache"):
-        cache = _open_cache(cache_root, depth_model, flip_tta, model_identity)
+        cache = _open_cache(cache_root, depth_model, flip_tta, model_identity, precision)
         keys = item_keys(dataset)
         recorded = cache.recorded_sources()
         current = _image_identities(dataset, keys)
@@ -645,36 +708,72 @@ def estimate_depth_for_dataset(
         if changed:
             note(f"depth cache {cache_root}: {len(changed)} image(s) changed since their depth was estimated "
                  f"(e.g. {changed[0]}); estimating them again")
-        load = image_loader(dataset)
-
-        def items() -> Iterable[tuple[str, torch.Tensor]]:
-            for i in todo:
-                yield (keys[i], load(i))
-
+        inputs = _DepthInputs(dataset, todo, depth_model.processor, flip_tta)
+        loader = torch.utils.data.DataLoader(inputs, batch_size=None, num_workers=num_workers,
+                                             pin_memory=depth_model.device.type == "cuda")
         bar = tqdm(total=len(todo), desc=f"depth ({depth_model.name})", disable=not progress or not todo)
-        for batch in _batches(items(), batch_size):
-            images = torch.stack([img for _, img in batch])
-            depth = estimate_depth(depth_model, images, flip_tta=flip_tta)
-            for (key, _), d in zip(batch, depth):
-                cache.write(key, d)
-                if key in current:
-                    recorded[key] = current[key]
-            cache.record_sources(recorded)
-            bar.update(len(batch))
+        with ThreadPoolExecutor(max_workers=max(num_workers, 1)) as writer:
+            files = _PendingMaps(cache, recorded, current, bar)
+            for batch in _batches(loader, batch_size):
+                depth = _depth_of_batch(depth_model, batch, flip_tta, precision)
+                for item, d in zip(batch, depth):
+                    key = keys[todo[item["j"]]]
+                    files.add(key, writer.submit(cache.write, key, d))
+                files.finish(keep=2 * batch_size)  # earlier batches' files were written while this one ran
+            files.finish(keep=0)
         bar.close()
+        cache.record_sources(recorded)
         return cache_root
 
 
-def _open_cache(cache_root: Path, depth_model: DepthModel, flip_tta: bool, model_identity: str | None) -> DepthCache:
-    """The depth cache for ``depth_model``'s maps, emptied first when another model version made it."""
+@dataclass
+class _PendingMaps:
+    """Depth maps being written by :func:`estimate_depth_for_dataset`'s writer threads; a finished map's source
+    goes into ``recorded`` (written to the cache every 50 maps, so a killed run resumes there)."""
+
+    cache: DepthCache
+    recorded: dict[str, Any]
+    current: dict[str, Any]
+    bar: Any
+    count: int = 0
+    writes: deque[tuple[str, Future[Path]]] = field(default_factory=deque)
+
+    def add(self, key: str, write: Future[Path]) -> None:
+        self.writes.append((key, write))
+
+    def finish(self, keep: int) -> None:
+        """Wait for all but the last ``keep`` writes (in order; a write's error is raised here)."""
+        while len(self.writes) > keep:
+            key, write = self.writes.popleft()
+            write.result()
+            if key in self.current:
+                self.recorded[key] = self.current[key]
+            self.count += 1
+            self.bar.update(1)
+            if self.count % 50 == 0:
+                self.cache.record_sources(self.recorded)
+
+
+def _open_cache(cache_root: Path, depth_model: DepthModel, flip_tta: bool, model_identity: str | None,
+                precision: Precision | None = None) -> DepthCache:
+    """The depth cache for ``depth_model``'s maps, emptied first when another model version, or the same model
+    under another autocast precision, made it."""
+    name = (precision or FULL_PRECISION).name
     extra: dict[str, Any] = {"flip_tta": flip_tta}
+    if name != "fp32":  # full-precision caches keep the metadata they had before autocast was recorded
+        extra["precision"] = name
     if model_identity is not None:
         extra["model_identity"] = model_identity
     meta_path = cache_root / META_NAME
-    if model_identity is not None and meta_path.is_file():
-        old = DepthCache(cache_root).meta.get("model_identity")
-        if old != model_identity:
-            note(f"depth cache {cache_root}: made by another version of depth model {depth_model.name!r}; estimating again")
+    if meta_path.is_file():
+        meta = DepthCache(cache_root).meta
+        why = None
+        if model_identity is not None and meta.get("model_identity") != model_identity:
+            why = f"made by another version of depth model {depth_model.name!r}"
+        elif meta.get("precision", "fp32") != name:
+            why = f"estimated in {meta.get('precision', 'fp32')}, now in {name}"
+        if why is not None:
+            note(f"depth cache {cache_root}: {why}; estimating again")
             for png in cache_root.rglob("*.png"):
                 png.unlink()
             meta_path.unlink()

@@ -97,6 +97,27 @@ def test_five_crop_resumes_without_redoing(tmp_path):
         five_crop(other, out, progress=False)
 
 
+def test_five_crop_on_a_process_pool_is_byte_identical_to_serial(tmp_path):
+    """One source item per task on 2 worker processes: the same crop files (image, label, depth) and the same
+    index.json, byte for byte, as the serial run; a resumed pool run redoes only what is missing."""
+    from depthg.world import make_world
+
+    world = make_world(tmp_path / "world", 4, 1, size=(32, 64), seed=0, progress=False)
+    ds = Cityscapes(world, "train", classes="world", depth_dir=world / "depth_gt")
+    serial = five_crop(ds, tmp_path / "serial", progress=False, workers=0)
+    pooled = five_crop(ds, tmp_path / "pooled", progress=False, workers=2)
+    files = sorted(p.relative_to(serial) for p in serial.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(pooled) for p in pooled.rglob("*") if p.is_file())
+    assert len([f for f in files if f.parts[0] == "depth"]) == 5 * len(ds) + 1  # + depth_meta.json
+    assert all((serial / f).read_bytes() == (pooled / f).read_bytes() for f in files)
+
+    removed = pooled / "label" / "train" / "000012.png"
+    removed.unlink()
+    five_crop(ds, pooled, progress=False, workers=2)
+    assert removed.read_bytes() == (serial / "label" / "train" / "000012.png").read_bytes()
+    assert (pooled / "index.json").read_bytes() == (serial / "index.json").read_bytes()
+
+
 def test_cropped_dataset_refuses_incomplete(tmp_path):
     write_directory(tmp_path / "d", n=1)
     out = five_crop(ImageDirectory(tmp_path / "d", "train"), tmp_path / "c", progress=False)
@@ -154,12 +175,12 @@ def brute_force_nns(colours: torch.Tensor, k: int) -> np.ndarray:
     return np.array(out)
 
 
-def test_knn_returns_known_neighbours_torch_and_faiss(tmp_path):
+def test_knn_returns_known_neighbours(tmp_path):
     colours = torch.rand(20, 3, generator=torch.Generator().manual_seed(0)) * 0.9 + 0.1
     ds = ColourDataset(colours)
     expected = brute_force_nns(colours, 5)
     backbone = ColourBackbone().train()
-    settings = KnnSettings(k=5, res=8, batch_size=6, device="cpu", use_faiss=False)
+    settings = KnnSettings(k=5, res=8, batch_size=6, device="cpu")
     path = compute_knn(ds, backbone, tmp_path / "nns.npz", settings, progress=False)
     assert backbone.modes and not any(backbone.modes) and backbone.training  # eval inside, restored after
     with np.load(path) as data:
@@ -167,8 +188,7 @@ def test_knn_returns_known_neighbours_torch_and_faiss(tmp_path):
         np.testing.assert_array_equal(data["nns"], expected)
 
     x = torch.nn.functional.normalize(colours, dim=1)
-    np.testing.assert_array_equal(knn_search(x, 5, chunk_size=3, use_faiss=False), expected)  # chunked
-    np.testing.assert_array_equal(knn_search(x, 5, use_faiss=True), expected)  # faiss agrees
+    np.testing.assert_array_equal(knn_search(x, 5, chunk_size=3), expected)  # chunked
 
     mtime = path.stat().st_mtime_ns
     compute_knn(ds, backbone, path, KnnSettings(k=5, res=8, device="cpu"), progress=False)  # idempotent
@@ -179,9 +199,63 @@ def test_knn_returns_known_neighbours_torch_and_faiss(tmp_path):
 
 def test_knn_self_first_with_duplicates():
     x = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=1)
-    for use_faiss in (False, True):
-        nns = knn_search(x, 2, use_faiss=use_faiss)
-        assert nns[:, 0].tolist() == [0, 1, 2, 3] and nns[0, 1] == 1 and nns[1, 1] == 0
+    nns = knn_search(x, 2)
+    assert nns[:, 0].tolist() == [0, 1, 2, 3] and nns[0, 1] == 1 and nns[1, 1] == 0
+
+
+def reference_knn(x: np.ndarray, k: int) -> np.ndarray:
+    """Brute force, written independently: float64 similarities on the 2**-32 grid, every row sorted by
+    (decreasing similarity, increasing index) with NumPy's lexsort, self moved to rank 0."""
+    scores = np.round((x.astype(np.float64) @ x.astype(np.float64).T) * 2.0**32)
+    out = []
+    for i, row in enumerate(scores):
+        order = np.lexsort((np.arange(len(row)), -row))
+        out.append([i] + [j for j in order if j != i][:k])
+    return np.array(out)
+
+
+def test_knn_ties_are_ordered_by_index_in_any_chunking():
+    """Many exactly equal similarities (repeated rows, and rows whose similarities to a query coincide): the
+    neighbours follow (similarity, index) whatever the chunk size, including at the cut-off of the k."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randint(0, 3, (6, 4), generator=gen).float() + torch.eye(6, 4)
+    rows = base[torch.randint(0, 6, (40,), generator=gen)]  # 40 rows, 6 distinct: ties everywhere
+    x = torch.nn.functional.normalize(rows, dim=1)
+    for k in (1, 5, 12, 39):
+        expected = reference_knn(x.numpy(), k)
+        for chunk in (1, 7, 40, 1024):
+            np.testing.assert_array_equal(knn_search(x, k, chunk_size=chunk), expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_knn_search_on_cuda_equals_the_cpu():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 96, generator=gen)
+    x[1000:1100] = x[:100]  # exact ties too
+    x = torch.nn.functional.normalize(x, dim=1)
+    np.testing.assert_array_equal(knn_search(x.cuda(), 30, chunk_size=512, device="cuda"), knn_search(x, 30))
+
+
+def test_knn_equals_the_previous_search_on_the_synthetic_world(tmp_path):
+    """On real descriptors (the embedded backbone on a small synthetic world's five-crops) the exact search gives
+    the neighbours of the faiss inner-product search the kNN files were made with before (no ties there)."""
+    faiss = pytest.importorskip("faiss")
+    from depthg.backbone import load_backbone
+    from depthg.data.prepare import _knn_descriptors
+
+    cfg = Config.preset("synthetic").replace(cache_dir=str(tmp_path), world_n_train=8, world_n_val=1,
+                                             world_size=[64, 128], device="cpu")
+    backbone = load_backbone(cfg.backbone)
+    paths = prepare_training_data(cfg, backbone=backbone, progress=False)
+    crops = CroppedDataset(paths["crop_dir"], "train", with_depth=False)
+    desc = _knn_descriptors(crops, backbone, KnnSettings.of(cfg, len(crops)), torch.device("cpu"), False)
+    index = faiss.IndexFlatIP(desc.shape[1])
+    index.add(desc.numpy())
+    _, previous = index.search(desc.numpy(), 31)
+    assert (previous[:, 0] == np.arange(len(desc))).all()  # no duplicates: self is first there too
+    np.testing.assert_array_equal(knn_search(desc, 30), previous)
+    np.testing.assert_array_equal(knn_search(desc, 30), reference_knn(desc.numpy(), 30))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from ..depth import (
     stale_depth_keys,
 )
 from ..features import backbone_fingerprint
+from ..precision import amp_context
 from ..utils import (
     DIGEST_MEMO,
     DepthGError,
@@ -56,9 +57,11 @@ from ..utils import (
     note,
     owned_output,
     partial_dir,
+    pool_map,
     publish_dir,
     remember_digest,
     save_digests,
+    timed,
 )
 from ..world.synthetic import GENERATOR_VERSION, make_world, world_complete
 from .common import CorruptFileError, image_to_tensor, read_image, read_label
@@ -87,7 +90,7 @@ __all__ = [
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = 2
-KNN_FORMAT = 2
+KNN_FORMAT = 3  # 3: exact float64 search, equal similarities ordered by index
 CROP_NAMES = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
 
 
@@ -182,7 +185,8 @@ def dataset_digest(dataset: Any, parts: tuple[str, ...] = ("img", "label", "dept
     return dataset.content_digest(parts) if isinstance(dataset, SegmentationSource) else None
 
 
-def five_crop(dataset: Any, out_dir: str | os.PathLike, ratio: float = 0.5, progress: bool = True) -> Path:
+def five_crop(dataset: Any, out_dir: str | os.PathLike, ratio: float = 0.5, progress: bool = True,
+              workers: int = 0) -> Path:
     """Write the five crops of every item of ``dataset`` (image, label and depth cropped together).
 
     Output (contract): ``out_dir/img/{split}/{i:06d}.png``, ``out_dir/label/{split}/{i:06d}.png``
@@ -195,6 +199,9 @@ def five_crop(dataset: Any, out_dir: str | os.PathLike, ratio: float = 0.5, prog
     says how many and why); finished items are kept. The work happens under a lock on ``out_dir`` in
     ``out_dir.partial`` (the index is rewritten every few items, so a killed run resumes there) and the
     folder is renamed back when every item is done. ``out_dir`` must not lie inside the dataset.
+
+    ``workers`` > 1 crops on that many processes, one source item per task (the dataset must pickle); the
+    files and the index are byte for byte those of the serial run (``workers`` <= 1, in this process).
     """
     if not is_full_resolution(dataset):
         raise PreparationError("five_crop needs full-resolution items: pass a dataset with transform=None")
@@ -208,13 +215,16 @@ def five_crop(dataset: Any, out_dir: str | os.PathLike, ratio: float = 0.5, prog
     check_outside_dataset(out_dir, dataset, "five-crop folder")
     owned_output(out_dir, "five-crop folder", INDEX_NAME)  # never into (or renaming) a folder of someone else
     items = _SourceItems(item_keys(dataset), item_identities(dataset))
-    index = _read_index(out_dir)
-    if index is not None and _crops_fresh(out_dir, index, dataset, items, ratio):
+    with timed("five-crop") as stage:  # the check counts as the stage's time, 'cached' when nothing is to do
+        index = _read_index(out_dir)
+        stage.cached = index is not None and _crops_fresh(out_dir, index, dataset, items, ratio)
+    if stage.cached:
         return out_dir  # complete and up to date: only read (no lock, nothing written: a read-only cache works)
-    with build_lock(out_dir, "five-crop folder"):
+    with build_lock(out_dir, "five-crop folder"), timed("five-crop") as stage:
         work = owned_output(partial_dir(out_dir), "five-crop folder", INDEX_NAME)  # a killed build's, or someone's
         index = _read_index(out_dir)
         if index is not None and _crops_fresh(out_dir, index, dataset, items, ratio):
+            stage.cached = True
             return out_dir
         if out_dir.exists():  # continue from the published folder: unchanged items are kept as they are
             if work.exists():
@@ -222,7 +232,7 @@ def five_crop(dataset: Any, out_dir: str | os.PathLike, ratio: float = 0.5, prog
             os.replace(out_dir, work)
         if _read_index(work) is None:  # the work folder is marked as five-crop's before its first crop
             _write_index(work, {"format": INDEX_FORMAT, "ratio": ratio, **_dataset_info(dataset), "splits": {}})
-        _five_crop_into(dataset, work, items, ratio, progress, out_dir)
+        _five_crop_into(dataset, work, items, ratio, progress, out_dir, workers)
         publish_dir(work, out_dir)
     return out_dir
 
@@ -288,9 +298,10 @@ class _SourceItems:
 
 
 def _five_crop_into(dataset: Any, out_dir: Path, items: _SourceItems, ratio: float, progress: bool,
-                    shown: Path) -> None:
+                    shown: Path, workers: int) -> None:
     """Crop the stale items of ``items`` into the work folder ``out_dir`` (``shown``: the folder named in
-    messages), updating its index as it goes."""
+    messages) on ``workers`` processes (:func:`depthg.utils.pool_map`: one item per task), updating its index
+    as it goes, in item order."""
     keys, idents = items.keys, items.idents
     split = dataset.split
     info = _dataset_info(dataset)
@@ -339,32 +350,54 @@ def _five_crop_into(dataset: Any, out_dir: Path, items: _SourceItems, ratio: flo
     if damaged:
         note(f"five-crop {shown}: {len(damaged)} item(s) have missing or modified crop files (e.g. {damaged[0]}); "
              "recropping them")
-    bar = tqdm(todo, desc=f"five-crop {split} -> {shown}", disable=not progress or not todo)
-    for count, n in enumerate(bar):
-        item = dataset[n]
-        img = (item["img"] * 255.0).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-        label = (item["label"] + 1).to(torch.uint8).numpy()
-        depth = item.get("depth")
-        if has_depth and depth is None:
-            raise PreparationError(f"five-crop: item {keys[n]!r} has no depth although the dataset has a depth source")
-        h, w = img.shape[:2]
-        dmin = float(depth.min()) if depth is not None else None
-        dmax = float(depth.max()) if depth is not None else None
-        for k, (top, left, ch, cw) in enumerate(five_crop_boxes(h, w, ratio, where=item.get("path", keys[n]))):
-            i = n * 5 + k
-            files = {part: _save_png(_crop_path(out_dir, part, split, i),
-                                     np.ascontiguousarray(arr[top : top + ch, left : left + cw]))
-                     for part, arr in (("img", img), ("label", label))}
-            if depth_cache is not None and depth is not None:
-                written = depth_cache.write(f"{split}/{i:06d}", depth[:, top : top + ch, left : left + cw])
-                files["depth"] = _file_record(written.read_bytes())
-            entry["crops"][str(i)] = {"key": keys[n], "crop": CROP_NAMES[k], "box": [top, left, ch, cw],
-                                      "depth_min": dmin, "depth_max": dmax, "files": files}
+    job = _CropJob(dataset, out_dir, split, ratio, keys, has_depth, depth_cache)
+    results = pool_map(_crop_item, todo, workers, shared=job, what=f"five-crop {shown}")
+    bar = tqdm(results, total=len(todo), desc=f"five-crop {split} -> {shown}", disable=not progress or not todo)
+    for count, (n, crops) in enumerate(bar):  # in item order, whatever the number of workers
+        entry["crops"].update(crops)
         entry["sources"][n] = items.ident(n)
         if count % 25 == 24:
             _write_index(out_dir, index)
     entry["complete"] = True
     _write_index(out_dir, index)
+
+
+@dataclass(frozen=True)
+class _CropJob:
+    """What :func:`_crop_item` needs to crop one item (sent once to each worker process)."""
+
+    dataset: Any
+    out_dir: Path  # the work folder
+    split: str
+    ratio: float
+    keys: list[str]
+    has_depth: bool
+    depth_cache: DepthCache | None  # the crops' depth cache (None without depth)
+
+
+def _crop_item(job: _CropJob, n: int) -> tuple[int, dict[str, Any]]:
+    """Write the five crops of item ``n`` (image, label, depth) -> (n, their index entries by crop number)."""
+    item = job.dataset[n]
+    img = (item["img"] * 255.0).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    label = (item["label"] + 1).to(torch.uint8).numpy()
+    depth = item.get("depth")
+    if job.has_depth and depth is None:
+        raise PreparationError(f"five-crop: item {job.keys[n]!r} has no depth although the dataset has a depth source")
+    h, w = img.shape[:2]
+    dmin = float(depth.min()) if depth is not None else None
+    dmax = float(depth.max()) if depth is not None else None
+    crops: dict[str, Any] = {}
+    for k, (top, left, ch, cw) in enumerate(five_crop_boxes(h, w, job.ratio, where=item.get("path", job.keys[n]))):
+        i = n * 5 + k
+        files = {part: _save_png(_crop_path(job.out_dir, part, job.split, i),
+                                 np.ascontiguousarray(arr[top : top + ch, left : left + cw]))
+                 for part, arr in (("img", img), ("label", label))}
+        if job.depth_cache is not None and depth is not None:
+            written = job.depth_cache.write(f"{job.split}/{i:06d}", depth[:, top : top + ch, left : left + cw])
+            files["depth"] = _file_record(written.read_bytes())
+        crops[str(i)] = {"key": job.keys[n], "crop": CROP_NAMES[k], "box": [top, left, ch, cw],
+                         "depth_min": dmin, "depth_max": dmax, "files": files}
+    return n, crops
 
 
 class CroppedDataset(Dataset):
@@ -493,12 +526,10 @@ class CroppedDataset(Dataset):
 # ------------------------------------------------------------------------------------------------
 # kNN
 # ------------------------------------------------------------------------------------------------
-def _faiss_available() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
+#: Similarities are ranked on a grid of 2**-32 (about 2e-10, far below what float32 descriptors resolve):
+#: values equal on it are ties, broken by the lower index, so the order of equal neighbours is defined and does
+#: not depend on the device's summation order.
+SIM_GRID = 2.0**32
 
 
 def _self_first(ranked: np.ndarray, k: int) -> np.ndarray:
@@ -512,33 +543,41 @@ def _self_first(ranked: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def knn_search(
-    desc: torch.Tensor | np.ndarray, k: int, chunk_size: int = 1024, use_faiss: bool | None = None
-) -> np.ndarray:
+def _top_m(scores: torch.Tensor, m: int) -> torch.Tensor:
+    """Column indices (R, m) of each row's m largest ``scores`` (R, N), by decreasing score, equal scores by
+    increasing index (whichever of them the cut-off keeps: the lowest indices)."""
+    cut = scores.topk(m, dim=1).values[:, -1:]  # (R, 1) the m-th largest score
+    above = scores > cut
+    at = scores == cut
+    room = m - above.sum(dim=1, keepdim=True)  # how many of the scores equal to the cut-off fit
+    keep = above | (at & (at.cumsum(dim=1) <= room))  # exactly m per row
+    cols = keep.nonzero()[:, 1].view(-1, m)  # row-major: increasing index within each row
+    order = torch.sort(scores.gather(1, cols), dim=1, descending=True, stable=True).indices
+    return cols.gather(1, order)
+
+
+def knn_search(desc: torch.Tensor | np.ndarray, k: int, chunk_size: int = 1024,
+               device: str | torch.device = "cpu", progress: bool = False) -> np.ndarray:
     """Indices (N, k+1) of the k+1 most cosine-similar rows of L2-normalised ``desc`` (N, C), self first.
 
-    The torch path compares ``chunk_size`` rows at a time against all rows (memory chunk × N); the
-    faiss path uses an exact inner-product index. Both rank by decreasing similarity and move the
-    query itself to rank 0 (the released code only "usually" had it there).
+    Exact and defined to the last place: the similarities are computed in float64 on ``device`` (``chunk_size``
+    rows against all rows at a time, memory chunk × N), ranked on the grid :data:`SIM_GRID` by decreasing value,
+    equal values by increasing index (:func:`_top_m`); the query itself is moved to rank 0 (the released code
+    only "usually" had it there). The same neighbours on every device, in every chunking.
     """
-    x = torch.as_tensor(desc, dtype=torch.float32).cpu().contiguous()
+    dev = get_device(device)
+    if dev.type == "mps":  # no float64 there
+        dev = torch.device("cpu")
+    x = torch.as_tensor(desc).to(device=dev, dtype=torch.float64)
     n = x.shape[0]
     if not 1 <= k < n:
         raise ValueError(f"k must be in [1, {n - 1}] for {n} descriptors, got {k}")
-    m = min(k + 1, n)
-    if use_faiss is None:
-        use_faiss = _faiss_available()
-    if use_faiss:
-        import faiss
-
-        index = faiss.IndexFlatIP(x.shape[1])
-        index.add(x.numpy())
-        _, ranked = index.search(x.numpy(), m)
-        return _self_first(ranked.astype(np.int64), k)
+    m = k + 1
     ranked = np.empty((n, m), dtype=np.int64)
-    for s in range(0, n, chunk_size):
-        sims = x[s : s + chunk_size] @ x.T
-        ranked[s : s + chunk_size] = sims.topk(m, dim=1).indices.numpy()
+    bar = tqdm(range(0, n, chunk_size), desc=f"kNN search ({n} x {n}, {dev.type})", disable=not progress or n <= chunk_size)
+    for s in bar:
+        scores = torch.round((x[s : s + chunk_size] @ x.T) * SIM_GRID)
+        ranked[s : s + chunk_size] = _top_m(scores, m).cpu().numpy()
     return _self_first(ranked, k)
 
 
@@ -565,8 +604,7 @@ class KnnSettings:
     batch_size: int = 32  # images per backbone forward
     device: str | torch.device = "auto"
     num_workers: int = 0
-    chunk_size: int = 1024  # rows compared at a time (:func:`knn_search`)
-    use_faiss: bool | None = None  # None: faiss when installed
+    chunk_size: int = 1024  # rows compared at a time (:func:`knn_search`, on ``device``)
 
     @classmethod
     def of(cls, cfg: Config, n_images: int) -> "KnnSettings":
@@ -583,7 +621,9 @@ def compute_knn(dataset: Any, backbone: torch.nn.Module, out_path: str | os.Path
     The npz holds ``nns`` (N, k+1) int64 with self at rank 0, ``keys`` (N,) str, ``k``, ``res`` and
     ``backbone``, ``mode`` (the name of ``resize``). Images are resized (short side ``res``, by ``resize``:
     :mod:`depthg.data.transforms`) and centre-cropped to ``res``;
-    descriptor = spatial mean of ``backbone(img)`` (B, C, h, w), L2-normalised, as released.
+    descriptor = spatial mean of ``backbone(img)`` (B, C, h, w), L2-normalised, as released, computed in full
+    precision on ``settings.device`` in batches read by ``settings.num_workers`` loader processes; the
+    neighbour search runs there too, exact, equal similarities ordered by index (:func:`knn_search`).
     Keyed: the file records a key over the images' content (:func:`dataset_digest`), k, ``res``, the resize
     and the backbone's weights hash; an existing file with the same key is kept, anything else (another
     key, an older format, an unreadable file) is recomputed with one line on stderr saying why. Runs
@@ -603,33 +643,46 @@ def compute_knn(dataset: Any, backbone: torch.nn.Module, out_path: str | os.Path
         warnings.warn(f"kNN: k={k} but only {n} images; using k={n - 1}")
         k = n - 1
     name = str(getattr(backbone, "name", type(backbone).__name__))
-    key = {"format": KNN_FORMAT, "keys": digest(keys), "images": dataset_digest(dataset, ("img",)), "k": k,
-           "res": res, "mode": resize.name, "backbone_sha256": backbone_fingerprint(backbone)}
-    if _knn_stale(out_path, key) is None:
+    with timed("kNN") as stage:  # the key and the check count as the stage's time, 'cached' when up to date
+        key = {"format": KNN_FORMAT, "keys": digest(keys), "images": dataset_digest(dataset, ("img",)), "k": k,
+               "res": res, "mode": resize.name, "backbone_sha256": backbone_fingerprint(backbone)}
+        stage.cached = _knn_stale(out_path, key) is None
+    if stage.cached:
         return out_path  # up to date: only read (no lock, nothing written: a read-only cache works)
-    with build_lock(out_path, "kNN file"):
+    with build_lock(out_path, "kNN file"), timed("kNN") as stage:
         reason = _knn_stale(out_path, key)
         if reason is None:
+            stage.cached = True
             return out_path
         if reason != "missing":
             note(f"kNN {out_path}: recomputing ({reason})")
         dev = get_device(settings.device)
-        was_training = backbone.training
-        backbone.eval()  # no dropout while extracting (the released extraction kept Dropout2d on)
-        backbone.to(dev)
-        loader = DataLoader(_ImagesOnly(dataset, res, resize), batch_size=settings.batch_size, shuffle=False,
-                            num_workers=settings.num_workers)
-        descs = []
-        with torch.inference_mode():
-            for img in tqdm(loader, desc=f"kNN features ({name}, {res}px)", disable=not progress):
-                feats = backbone(img.to(dev))
-                descs.append(F.normalize(feats.float().mean(dim=(2, 3)), dim=1).cpu())
-        backbone.train(was_training)
-        nns = knn_search(torch.cat(descs), k, chunk_size=settings.chunk_size, use_faiss=settings.use_faiss)
+        descs = _knn_descriptors(dataset, backbone, settings, dev, progress)
+        nns = knn_search(descs, k, chunk_size=settings.chunk_size, device=dev, progress=progress)
         with atomic_write(out_path, "wb") as f:
             np.savez(f, nns=nns, keys=np.array(keys), k=np.int64(k), res=np.int64(res), backbone=np.array(name),
                      mode=np.array(resize.name), key=np.array(json.dumps(key, sort_keys=True)))
     return out_path
+
+
+def _knn_descriptors(dataset: Any, backbone: torch.nn.Module, settings: KnnSettings, dev: torch.device,
+                     progress: bool) -> torch.Tensor:
+    """(N, C) L2-normalised spatial means of the backbone's features, in full precision, left on ``dev``:
+    batches of ``settings.batch_size`` images read by ``settings.num_workers`` loader processes."""
+    name = str(getattr(backbone, "name", type(backbone).__name__))
+    was_training = backbone.training
+    backbone.eval()  # no dropout while extracting (the released extraction kept Dropout2d on)
+    backbone.to(dev)
+    loader = DataLoader(_ImagesOnly(dataset, settings.res, settings.resize), batch_size=settings.batch_size,
+                        shuffle=False, num_workers=settings.num_workers, pin_memory=dev.type == "cuda")
+    descs = []
+    with torch.inference_mode():
+        bar = tqdm(loader, desc=f"kNN features ({name}, {settings.res}px)", disable=not progress)
+        for img in bar:
+            feats = backbone(img.to(dev, non_blocking=True))
+            descs.append(F.normalize(feats.float().mean(dim=(2, 3)), dim=1))
+    backbone.train(was_training)
+    return torch.cat(descs)
 
 
 _KNN_FIELDS = {"keys": "the image list", "images": "the images' content", "k": "k", "res": "the resolution",
@@ -770,9 +823,11 @@ def dataset_root(cfg: Config, progress: bool = True) -> Path:
     note(f"data_dir is not set: using the embedded synthetic world at {root}")
     args = (cfg.world_n_train, cfg.world_n_val)
     kwargs = dict(size=tuple(cfg.world_size), seed=cfg.world_seed)
-    if world_complete(root, *args, **kwargs):
+    with timed("synthetic world") as stage:  # the check counts as the stage's time, 'cached' when complete
+        stage.cached = world_complete(root, *args, **kwargs)
+    if stage.cached:
         return root  # only read (no lock, nothing written: a read-only cache works)
-    with build_lock(root, "synthetic world"):
+    with build_lock(root, "synthetic world"), timed("synthetic world"):
         if root.is_dir():
             make_world(root, *args, progress=False, **kwargs)  # complete: only checks (and repairs) its files
         else:
@@ -814,27 +869,37 @@ def _prepare_depth(cfg: Config, data: _TrainSplit, raw: Any, progress: bool) -> 
 
     ``depth_source`` "gt" reads the synthetic world's ``root/depth_gt``; "disparity" converts Cityscapes
     stereo into ``cache_dir/depth/<tag>/disparity``; any other source but "none" is a depth model whose
-    estimates go to ``cache_dir/depth/<tag>/<model>`` (only the keys that are missing or stale are redone).
+    estimates go to ``cache_dir/depth/<tag>/<model>`` (only the keys that are missing or stale are redone), in
+    batches of ``eval_batch_size`` on ``device`` under the run's autocast (:func:`depthg.precision.amp_context`,
+    part of the cache's identity), the images read by ``num_workers`` loader processes.
     """
     source = cfg.depth_source if cfg.use_depth else "none"
     if source == "none":
         return None
-    if source == "gt":
-        depth_dir = data.root / "depth_gt"
-        DepthCache(depth_dir)  # fails clearly when there is no ground truth
+    with timed("depth") as stage:
+        if source == "gt":
+            depth_dir = data.root / "depth_gt"
+            DepthCache(depth_dir)  # fails clearly when there is no ground truth
+            stage.cached = True  # exact depth, nothing to compute
+            return depth_dir
+        if source == "disparity":
+            depth_dir = data.cache_dir / "depth" / data.tag / "disparity"
+            stereo_depth_for_dataset(raw, depth_dir, progress=progress)
+            return depth_dir
+        model_name = cfg.depth_model or source
+        depth_dir = data.cache_dir / "depth" / data.tag / _slug(model_name)
+        precision, _ = amp_context(cfg, get_device(cfg.device))
+        identity = _depth_model_identity(model_name)
+        if precision.dtype is not None:  # autocast changes the maps: full-precision caches keep their identity
+            identity += f" autocast:{precision.name}"
+        # load the model only when some key has no estimate from these weights yet
+        if stale_depth_keys(raw, depth_dir, identity):
+            model = load_depth_model(model_name, cfg.device)
+            estimate_depth_for_dataset(raw, model, depth_dir, batch_size=cfg.eval_batch_size, progress=progress,
+                                       model_identity=identity, num_workers=cfg.num_workers, precision=precision)
+        else:
+            stage.cached = True
         return depth_dir
-    if source == "disparity":
-        depth_dir = data.cache_dir / "depth" / data.tag / "disparity"
-        stereo_depth_for_dataset(raw, depth_dir, progress=progress)
-        return depth_dir
-    model_name = cfg.depth_model or source
-    depth_dir = data.cache_dir / "depth" / data.tag / _slug(model_name)
-    identity = _depth_model_identity(model_name)
-    # load the model only when some key has no estimate from these weights yet
-    if stale_depth_keys(raw, depth_dir, identity):
-        model = load_depth_model(model_name, cfg.device)
-        estimate_depth_for_dataset(raw, model, depth_dir, progress=progress, model_identity=identity)
-    return depth_dir
 
 
 def _prepare_crops(cfg: Config, data: _TrainSplit, raw: Any, depth_dir: Path | None, progress: bool) -> Path | None:
@@ -849,7 +914,7 @@ def _prepare_crops(cfg: Config, data: _TrainSplit, raw: Any, depth_dir: Path | N
     ratio = cfg.crop_ratio
     classes_tag = f"{_slug(str(cfg.classes))}-{_short_hash(*raw.class_names)}"  # e.g. a world's own class list
     crop_dir = data.cache_dir / "crops" / f"{data.tag}_{classes_tag}_{depth_tag}_five_crop_{ratio}"
-    five_crop(data.build(depth_dir=depth_dir), crop_dir, ratio, progress=progress)
+    five_crop(data.build(depth_dir=depth_dir), crop_dir, ratio, progress=progress, workers=cfg.num_workers)
     return crop_dir
 
 
