@@ -67,12 +67,13 @@ AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 # keys holding text: non-empty strings (the optional ones may be None); overrides keep their raw text
 STRING_KEYS = ("name", "output_dir", "cache_dir", "backbone", "device", "train_split", "val_split", "depth_source")
 OPTIONAL_STRING_KEYS = ("data_dir", "weights", "depth_model")
-# the smallest value of each integer key, in the order they are checked (eval_max_images, threads may be None)
+# the smallest value of each integer key, in the order they are checked (eval_max_images, threads, crf_workers
+# may be None)
 INTEGER_MINIMUM = dict(
     seed=0, res=8, eval_res=8, knn_k=1, num_neighbors=1, num_workers=0, world_n_train=1, world_n_val=1,
     world_seed=0, dim=1, extra_clusters=0, steps=0, batch_size=1, feature_samples=1, neg_samples=0,
     depth_decay_every=0, sample_decay_every=0, sample_min_side=0, eval_every=0, eval_batch_size=1,
-    eval_max_images=1, threads=1, checkpoint_every=0, log_every=1,
+    eval_max_images=1, threads=1, checkpoint_every=0, log_every=1, crf_workers=0,
 )
 #: what each mode sets where a key is None (``decay_after_step`` and ``sample_decay_at_start`` are the
 #: released timing: ``depthg.method.schedules.decay_events``, docs/fidelity.md §3.9-3.10).
@@ -204,6 +205,8 @@ class Config:
     eval_batch_size: int = 8
     eval_max_images: int | None = None  # None = the whole validation split
     eval_crf: bool = False
+    # processes running the dense CRF of the final evaluation (None = num_workers; 0 or 1 = in this process)
+    crf_workers: int | None = None
     eval_flip: bool = True
     checkpoint_every: int = 100
     log_every: int = 10
@@ -255,7 +258,7 @@ class Config:
     def _validate_integers(self) -> None:
         """Counts, sizes and intervals are integers in range, and the kNN/sampling counts fit each other."""
         for key, lo in INTEGER_MINIMUM.items():
-            self._expect_integer(key, lo, none_ok=key in ("eval_max_images", "threads"))
+            self._expect_integer(key, lo, none_ok=key in ("eval_max_images", "threads", "crf_workers"))
         if self.num_neighbors > self.knn_k:
             raise ConfigError(
                 f"config key 'num_neighbors' = {self.num_neighbors}: must be <= knn_k = {self.knn_k} "

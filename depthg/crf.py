@@ -3,20 +3,25 @@
 Unary = -log softmax of the bilinearly resized logits; Gaussian (sxy 1, compat 3) and bilateral (sxy 67,
 srgb 3, compat 4) pairwise terms on the 8-bit RGB image; 10 mean-field iterations (docs/method.md §9).
 The released code feeds BGR, which gives the same result since ``srgb`` is shared by all channels.
-pydensecrf is optional (the ``crf`` extra).
+pydensecrf is optional (the ``crf`` extra). :func:`crf_predictions` runs it on worker processes (one image per
+task, :func:`depthg.utils.pool_map`: no deadlock, serial fallback) with the same labels as in this process.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from depthg.utils import DepthGError
+from depthg.utils import DepthGError, pool_map
 
-__all__ = ["CRF_PARAMS", "CRFInputError", "dense_crf"]
+__all__ = ["CRF_PARAMS", "CRFInputError", "dense_crf", "crf_predictions", "CRF_TIMEOUT_S"]
+
+#: The longest one image's CRF task may take on a worker before the pool counts as hung (a 1024 x 2048
+#: image with 27 classes takes seconds).
+CRF_TIMEOUT_S = 600.0
 
 #: The released evaluation's settings.
 CRF_PARAMS = {
@@ -104,3 +109,34 @@ def dense_crf(
     )
     q = np.array(crf.inference(CRF_PARAMS["iterations"]), dtype=np.float32).reshape(n_classes, height, width)
     return torch.from_numpy(q).to(device) if as_tensor else q
+
+
+def crf_prediction(image: torch.Tensor | np.ndarray, logp: Sequence[torch.Tensor | np.ndarray]) -> list[torch.Tensor]:
+    """The CRF-refined class of every pixel (H, W) int64, for each of the score maps ``logp`` (C, H, W) of one
+    image: argmax of the log of :func:`dense_crf`'s probabilities (clamped at 1e-12), what the evaluation
+    computes in this process (``depthg.evaluate.predict_batch`` with ``crf``)."""
+    return [torch.as_tensor(dense_crf(image, lp)).clamp_min(1e-12).log().argmax(0) for lp in logp]
+
+
+def _crf_task(_shared: None, task: tuple[np.ndarray, list[np.ndarray]]) -> list[torch.Tensor]:
+    return crf_prediction(*task)
+
+
+def crf_predictions(tasks: Iterable[tuple[torch.Tensor | np.ndarray, Sequence[torch.Tensor | np.ndarray]]],
+                    workers: int = 0, timeout_s: float = CRF_TIMEOUT_S) -> Iterator[list[torch.Tensor]]:
+    """:func:`crf_prediction` of each ``(image, [logp, ...])`` of ``tasks``, in order, on ``workers`` processes
+    (``workers`` <= 1: in this process; the labels are the same either way).
+
+    Images go to the workers as 8-bit RGB and the maps as float32 arrays, one image per task, at most
+    ``2 * workers`` in flight. A worker that dies or an image not done within ``timeout_s`` ends the pool
+    (its processes are killed) and the rest is computed here (:func:`depthg.utils.pool_map`).
+    """
+    if workers > 1:
+        _import_pydensecrf()  # fail here, with the install hint, rather than in a worker
+    packed = ((_image_to_uint8(image), [np.ascontiguousarray(_as_numpy(lp), dtype=np.float32) for lp in logp])
+              for image, logp in tasks)
+    return pool_map(_crf_task, packed, workers, timeout_s=timeout_s, what="dense CRF")
+
+
+def _as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections import deque
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from depthg.build import (Fidelity, Segmenter, build_backbone, build_models, fidelity, load_checkpoint, load_weights,
                           validation_dataset)
 from depthg.config import Config, apply_overrides
-from depthg.crf import dense_crf
+from depthg.crf import crf_predictions, dense_crf
 from depthg.data.common import default_palette
 from depthg.data.prepare import dataset_root
 from depthg.data.transforms import PAPER_RESIZE, Resize, resize_center_crop
@@ -36,7 +37,7 @@ from depthg.features import backbone_fingerprint
 from depthg.metrics import UnsupervisedMetrics
 from depthg.precision import amp_context
 from depthg.utils import (DepthGError, atomic_write, get_device, inside, owned_output, partial_dir, publish_dir, sha256_file,
-                          write_json)
+                          timed, write_json)
 
 __all__ = ["evaluate_model", "EvalOptions", "evaluate_checkpoint", "EvaluationError", "predict_batch"]
 
@@ -104,6 +105,7 @@ class EvalOptions:
     batch_size: int = 8
     max_images: int | None = None  # None: the whole dataset
     num_workers: int = 0
+    crf_workers: int = 0  # processes running the dense CRF (0 or 1: in this process; the same labels)
     progress: bool = True
     predictions_dir: Path | None = None  # palette PNGs of the first ``n_predictions`` images go here
     n_predictions: int = 0
@@ -111,12 +113,54 @@ class EvalOptions:
     @classmethod
     def of(cls, cfg: Config, fid: Fidelity, **changes: Any) -> "EvalOptions":
         """The evaluation protocol of ``cfg`` (eval_res, eval_flip, eval_crf, eval_batch_size, eval_max_images)
-        with the run's resize (``fid``) and loader workers (num_workers), with ``changes`` on top."""
+        with the run's resize (``fid``), loader workers (num_workers) and CRF processes (crf_workers, None =
+        num_workers), with ``changes`` on top."""
+        crf_workers = cfg.num_workers if cfg.crf_workers is None else cfg.crf_workers
         values = dict(res=cfg.eval_res, resize=fid.resize, flip=cfg.eval_flip, crf=cfg.eval_crf,
-                      batch_size=cfg.eval_batch_size, max_images=cfg.eval_max_images, num_workers=cfg.num_workers)
+                      batch_size=cfg.eval_batch_size, max_images=cfg.eval_max_images, num_workers=cfg.num_workers,
+                      crf_workers=crf_workers)
         return cls(**{**values, **changes})
 
 
+Predictions = tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]  # keys, cluster, linear, labels (b, H, W)
+
+
+def _scores(backbone: nn.Module, model: Segmenter, batch: dict[str, Any], opts: EvalOptions, device: torch.device,
+            amp: Callable[[], Any] | None) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(batch, labels on ``device``, cluster log-probs, linear log-probs) of one loader batch, refused when the
+    model's predictions are not finite."""
+    label = batch["label"].to(device)
+    cluster_logp, linear_logp = predict_batch(backbone, model, batch["img"].to(device), tuple(label.shape[-2:]), opts,
+                                              amp=amp)
+    if not (torch.isfinite(cluster_logp).all() and torch.isfinite(linear_logp).all()):
+        raise EvaluationError(f"the model's predictions for {batch['key'][0]!r} (and its batch) are NaN or infinite: "
+                              "its weights are not finite or overflow; these metrics would mean nothing")
+    return batch, label, cluster_logp, linear_logp
+
+
+def _predictions(backbone: nn.Module, model: Segmenter, loader: Iterable[dict[str, Any]], opts: EvalOptions,
+                 device: torch.device, amp: Callable[[], Any] | None) -> Iterator[Predictions]:
+    """The predicted classes of the loader's images, in its order: per batch, or per image with the dense CRF,
+    which runs on ``opts.crf_workers`` processes while the next batches are scored (``depthg.crf``)."""
+    batches = (_scores(backbone, model, batch, replace(opts, crf=False), device, amp) for batch in loader)
+    if not opts.crf:
+        for batch, label, cluster_logp, linear_logp in batches:
+            yield batch["key"], cluster_logp.argmax(1), linear_logp.argmax(1), label
+        return
+    waiting: deque[tuple[str, torch.Tensor]] = deque()  # (key, label) of the images handed to the CRF, in order
+
+    def images() -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+        for batch, label, cluster_logp, linear_logp in batches:
+            for i, key in enumerate(batch["key"]):
+                waiting.append((key, label[i]))
+                yield batch["img"][i].float(), [cluster_logp[i].cpu(), linear_logp[i].cpu()]
+
+    for cluster_pred, linear_pred in crf_predictions(images(), opts.crf_workers):
+        key, label = waiting.popleft()
+        yield [key], cluster_pred.to(device)[None], linear_pred.to(device)[None], label[None]
+
+
+@timed("evaluation")
 def evaluate_model(backbone: nn.Module, model: Segmenter, dataset: Any, opts: EvalOptions = EvalOptions(),
                    device: torch.device | str | None = None, amp: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Cluster (Hungarian) and linear metrics of ``model``'s head and probes on ``dataset`` (the protocol above).
@@ -149,17 +193,11 @@ def evaluate_model(backbone: nn.Module, model: Segmenter, dataset: Any, opts: Ev
     subset = torch.utils.data.Subset(dataset, range(n))
     loader = torch.utils.data.DataLoader(subset, batch_size=opts.batch_size, shuffle=False,
                                          num_workers=opts.num_workers, collate_fn=lambda items: _collate([transform(it) for it in items]))
-    for batch in tqdm(loader, desc="eval", disable=not opts.progress, leave=False):
-        img = batch["img"].to(device)
-        label = batch["label"].to(device)
-        cluster_logp, linear_logp = predict_batch(backbone, model, img, tuple(label.shape[-2:]), opts, amp=amp)
-        if not (torch.isfinite(cluster_logp).all() and torch.isfinite(linear_logp).all()):
-            raise EvaluationError(f"the model's predictions for {batch['key'][0]!r} (and its batch) are NaN or infinite: "
-                                  "its weights are not finite or overflow; these metrics would mean nothing")
-        cluster_pred, linear_pred = cluster_logp.argmax(1), linear_logp.argmax(1)
+    bar = tqdm(loader, desc="eval", disable=not opts.progress, leave=False)
+    for keys, cluster_pred, linear_pred, label in _predictions(backbone, model, bar, opts, device, amp):
         cluster_metrics.update(cluster_pred, label)
         linear_metrics.update(linear_pred, label)
-        for key, c, l, t in zip(batch["key"], cluster_pred, linear_pred, label):
+        for key, c, l, t in zip(keys, cluster_pred, linear_pred, label):
             if len(kept) < opts.n_predictions:
                 kept.append((key, c.cpu(), l.cpu(), t.cpu()))
     for m, flag in zip((head, cluster, linear), was_training):

@@ -56,3 +56,18 @@ def test_missing_pydensecrf_gives_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "pydensecrf.utils", None)
     with pytest.raises(ImportError, match=r"pip install -e '\.\[crf\]'"):
         crf.dense_crf(torch.zeros(3, 4, 4), torch.zeros(2, 4, 4))
+
+
+def test_crf_on_worker_processes_gives_the_serial_labels():
+    """The pool (2 processes, one image per task) returns, in order, the labels computed in this process,
+    which are the argmax of the CRF's log-probabilities as the evaluation takes them."""
+    pytest.importorskip("pydensecrf")
+    problems = [two_region_problem(size=24, seed=s) for s in range(5)]
+    tasks = [(image, [logits, torch.log_softmax(-logits, 0)]) for image, _, logits in problems]
+    serial = list(crf.crf_predictions(tasks, workers=0))
+    pooled = list(crf.crf_predictions(iter(tasks), workers=2))
+    assert len(pooled) == 5
+    for (image, maps), a, b in zip(tasks, serial, pooled):
+        for lp, x, y in zip(maps, a, b):
+            expected = crf.dense_crf(image, lp).clamp_min(1e-12).log().argmax(0)
+            assert torch.equal(x, expected) and torch.equal(y, expected)

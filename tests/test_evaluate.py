@@ -101,6 +101,35 @@ def test_wrong_clusters_score_less_and_resize_path_runs():
     assert result["linear"]["accuracy"] == pytest.approx(100.0)
 
 
+def test_crf_on_worker_processes_gives_the_serial_evaluation():
+    """With the dense CRF, evaluating on 2 CRF processes gives exactly the metrics of the serial path, and both
+    equal an independent loop: predict_batch with the CRF, argmax, one confusion matrix over the split."""
+    pytest.importorskip("pydensecrf")
+    from depthg.evaluate import predict_batch
+    from depthg.metrics import UnsupervisedMetrics
+
+    torch.manual_seed(0)
+    head, cluster, linear = SegmentationHead(K, K, dropout=0.0), ClusterProbe(K, K), LinearProbe(K, K)  # noisy
+    model, data = Segmenter(head, cluster, linear), PatchLabels(n=5)
+    model.eval()
+    results = [evaluate_model(LabelBackbone(), model, data, EvalOptions(res=None, flip=True, crf=True, batch_size=2,
+                                                                        progress=False, crf_workers=w), device="cpu")
+               for w in (0, 2)]
+    reference = [UnsupervisedMetrics(K, hungarian=True), UnsupervisedMetrics(K, hungarian=False)]
+    for start in range(0, len(data), 2):
+        items = [data[i] for i in range(start, min(start + 2, len(data)))]
+        img, label = torch.stack([it["img"] for it in items]), torch.stack([it["label"] for it in items])
+        for metrics, logp in zip(reference, predict_batch(LabelBackbone(), model, img, (RES, RES),
+                                                          EvalOptions(flip=True, crf=True))):
+            metrics.update(logp.argmax(1), label)
+    expected = [m.compute() for m in reference]
+    for result in results:
+        for group, ref in zip(("cluster", "linear"), expected):
+            assert result[group]["accuracy"] == float(ref["accuracy"]) and result[group]["miou"] == float(ref["miou"])
+            assert result[group]["iou"] == [float(v) for v in ref["iou"]]
+    assert results[0] == results[1] and results[0]["protocol"]["crf"]
+
+
 def test_evaluate_checkpoint_writes_json_with_hash(tmp_path):
     from depthg.config import Config
     from depthg.train import train
