@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from depthg.precision import FULL_PRECISION, Precision
 from depthg.utils import (DepthGError, allocate_file, atomic_write, build_lock, digest, file_digest, map_threads, note,
-                          partial_dir, publish_dir, sha256_file)
+                          partial_dir, publish_dir, sha256_file, timed)
 
 __all__ = ["FeatureCache", "FeatureCacheError", "backbone_features", "backbone_fingerprint",
            "CacheOptions", "build_feature_cache", "cache_key", "cache_problem"]
@@ -156,11 +156,14 @@ def build_feature_cache(
         info["precision"] = precision.name
     key = cache_key(info)
     root = Path(root_dir) / key
-    if cache_problem(root, key) is None:  # complete: only read (no lock, nothing written: a read-only cache works)
+    with timed("feature cache") as stage:  # the check counts as the stage's time, 'cached' when complete
+        stage.cached = cache_problem(root, key) is None
+    if stage.cached:  # complete: only read (no lock, nothing written: a read-only cache works)
         return FeatureCache.open(root, verify=False)  # just verified
-    with build_lock(root, "feature cache"):
+    with build_lock(root, "feature cache"), timed("feature cache") as stage:
         problem = cache_problem(root, key)
         if problem is None:
+            stage.cached = True
             return FeatureCache.open(root, verify=False)  # just verified
         if problem != "missing":
             note(f"feature cache {root}: rebuilding ({problem})")

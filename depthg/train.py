@@ -66,7 +66,7 @@ from depthg.train_support import (
     set_rng_state,
     setup_place,
 )
-from depthg.utils import atomic_torch_save, json_text, write_json
+from depthg.utils import StageClock, atomic_torch_save, json_text, note, timed, write_json
 
 __all__ = ["train", "TrainError", "ReplaceOwn", "Run", "build_run", "train_step", "train_loop", "final_results",
            "selection_metric", "channel_dropout", "dropout_masks"]
@@ -100,6 +100,7 @@ def train(cfg: Config, resume: bool = False, *, progress: bool = True, data: dic
     previous = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    clock = StageClock().start()  # every stage records its wall time where it runs (depthg.utils.timed)
     try:
         state = LoopState(t_start=time.time())
         # build: config -> objects; every check runs before anything is written into the run folder
@@ -115,14 +116,19 @@ def train(cfg: Config, resume: bool = False, *, progress: bool = True, data: dic
             state.writer = folder.open(cfg, state.step, owner)
             state.on_first_step = folder.first_step_passed
             # loop: train_step, logging, validation, checkpoints
-            train_loop(run, state)
+            with timed("training", rename={"evaluation": "validation"}):
+                train_loop(run, state)
             # final evaluation of the last and the best weights with the full protocol (rank 0)
-            result = final_results(run, state) if place.dinfo.is_main else {}
+            with timed("final evaluation", rename={"evaluation": "final evaluation"}):
+                result = final_results(run, state) if place.dinfo.is_main else {}
             folder.first_step_passed()  # a run of 0 steps replaces the old one here
+        if place.progress:  # one line: where the time went
+            note(f"depthg: {clock.summary()}")
         if place.dinfo.initialised_here:
             dist.destroy_process_group()
         return result
     finally:
+        clock.stop()
         torch.set_num_threads(previous)
 
 

@@ -306,7 +306,7 @@ REPLACED = ".depthg-replaced"
 #: config keys a resumed run may change: where and how fast it runs, how often it logs, evaluates and saves
 #: (evaluation never moves the training RNG streams), and how long it trains.
 RESUMABLE_CHANGES = {"steps", "threads", "eval_every", "checkpoint_every", "log_every", "device", "num_workers",
-                     "output_dir", "eval_batch_size", "eval_max_images", "eval_crf", "eval_flip", "name"}
+                     "output_dir", "eval_batch_size", "eval_max_images", "eval_crf", "eval_flip", "name", "crf_workers"}
 
 
 @dataclass(frozen=True)

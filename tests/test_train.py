@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import warnings
 
@@ -247,3 +248,18 @@ def test_results_name_the_metric_that_selected_the_best_checkpoint(tmp_path):
     # elsewhere the monitor is cluster mIoU, and the label says that
     city = _quiet_train(tiny_config(tmp_path / "cache", tmp_path / "city", steps=1, eval_every=1))
     assert city["best_on_val"]["selected_by"] == "validation cluster mIoU (no flip, no CRF)"
+
+
+def test_the_run_ends_with_one_line_saying_where_the_time_went(prepared, capsys):
+    """Each stage is timed where it runs (the caches are up to date here: cached) and the validations inside the
+    training count apart from it; the line is printed with the progress bars."""
+    cfg = tiny_config(prepared / "cache", prepared / "timed", steps=2, eval_every=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(cfg, progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("depthg: time: ")]
+    assert len(lines) == 1
+    names = re.findall(r"(?:^|, )([A-Za-z -]+?) [0-9.]+ (?:s|min)", lines[0][len("depthg: time: "):])
+    assert names == ["synthetic world", "depth", "five-crop", "kNN", "feature cache", "training", "validation",
+                     "final evaluation", "other"]
+    assert "depth 0.0 s (cached)" in lines[0] and "kNN" in lines[0] and "(cached), feature cache" in lines[0]
