@@ -14,6 +14,7 @@ from typing import Any
 from depthg.lab.ablation import DEFAULT_VARIANTS, run_ablation
 from depthg.backbone import load_backbone
 from depthg.build import dataset_kwargs
+from depthg.calibrate import NULL_QUANTILE, calibration_report, measure_correlations
 from depthg.config import (MODES, PRESETS, Config, ConfigError, apply_overrides, merge_values, parse_overrides,
                            read_config_file)
 from depthg.data import build_dataset
@@ -127,11 +128,21 @@ def cmd_eval(args: argparse.Namespace) -> Any:
     return result
 
 
+def cmd_calibrate(args: argparse.Namespace) -> Any:
+    cfg = _config_from_args(args)
+    stats = measure_correlations(cfg, progress=not args.no_progress, max_crops=args.max_crops)
+    if not args.labels:
+        stats.same_class = None  # label purity only where asked for (a development world)
+    report = calibration_report(cfg, stats, args.quantile)
+    _print(report)
+    return report
+
+
 def cmd_ablate(args: argparse.Namespace) -> Any:
     result = run_ablation(
         variants=args.variants or list(DEFAULT_VARIANTS), seeds=args.seeds, base_preset=args.preset or "synthetic",
         steps=args.steps, out_dir=args.out_dir, overrides=args.overrides, progress=not args.no_progress,
-        world_seed=args.world_seed, dev_world_seed=args.dev_world_seed,
+        world_seeds=args.world_seed, dev_world_seed=args.dev_world_seed,
     )
     print(result["markdown"])
     return result
@@ -146,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_preparation_parsers(sub)
     _add_train_parser(sub)
     _add_eval_parser(sub)
+    _add_calibrate_parser(sub)
     _add_ablate_parser(sub)
     _add_pretrain_parser(sub)
     return parser
@@ -215,14 +227,26 @@ def _add_eval_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
     p.set_defaults(func=cmd_eval)
 
 
+def _add_calibrate_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """``calibrate``: the feature-correlation distributions of a config's backbone and data, and shifts for them."""
+    p = sub.add_parser("calibrate", help="measure self/kNN/random feature correlations and propose the loss shifts")
+    _add_config_args(p)
+    p.add_argument("--quantile", type=float, default=NULL_QUANTILE,
+                   help="the rule's quantile of the random-pair correlations (default: %(default)s)")
+    p.add_argument("--max-crops", type=int, default=2048, help="training crops sampled (default: %(default)s)")
+    p.add_argument("--labels", action="store_true",
+                   help="also report how many pulled pairs show one class (development data only)")
+    p.set_defaults(func=cmd_calibrate)
+
+
 def _add_ablate_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """``ablate``: the miniature reproduction over variants and seeds."""
     p = sub.add_parser("ablate", help="miniature reproduction: STEGO vs DepthG variants over seeds, paired CIs")
     p.add_argument("--preset", choices=PRESETS, default="synthetic")
-    p.add_argument("--world-seed", type=int, default=None,
-                   help="synthetic world to train and evaluate on (kept in <cache_dir>/world<seed>)")
+    p.add_argument("--world-seed", type=int, nargs="+", default=None,
+                   help="synthetic world(s) to train and evaluate on (each kept in <cache_dir>/world<seed>)")
     p.add_argument("--dev-world-seed", type=int, default=None,
-                   help="the development world the choices were made on; marks this run as the held-out test")
+                   help="the development world the choices were made on; marks these worlds as the held-out test")
     p.add_argument("--variants", nargs="*", default=None,
                    help="variants (default: the held-out table); see depthg.lab.ablation.VARIANTS")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -32,6 +32,8 @@ class SegmentationSource(Protocol):
 
     Items (``dataset[i]``) are ``{"img" (3, H, W) float in [0, 1], "label" (H, W) int64 (-1 = ignore),
     "depth"? (1, H, W) float (larger = farther), "path", "key"}``, after ``transform`` when one is set.
+    Optional: ``class_categories`` (each class's coarser category, e.g. Cityscapes' seven), which the
+    evaluation scores beside the classes.
     """
 
     #: the reader's name, recorded in every cache built from it ("cityscapes", ..., "cropped")

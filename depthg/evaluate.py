@@ -34,7 +34,7 @@ from depthg.data.common import default_palette
 from depthg.data.prepare import dataset_root
 from depthg.data.transforms import PAPER_RESIZE, Resize, resize_center_crop
 from depthg.features import backbone_fingerprint
-from depthg.metrics import UnsupervisedMetrics
+from depthg.metrics import UnsupervisedMetrics, category_scores
 from depthg.precision import amp_context
 from depthg.utils import (DepthGError, atomic_write, get_device, inside, owned_output, partial_dir, publish_dir, sha256_file,
                           timed, write_json)
@@ -81,7 +81,8 @@ def predict_batch(backbone: nn.Module, model: Segmenter, img: torch.Tensor, out_
     return cluster_logp, linear_logp
 
 
-def _metrics_dict(result: dict[str, Any], class_names: Sequence[str] | None) -> dict[str, Any]:
+def _metrics_dict(result: dict[str, Any], class_names: Sequence[str] | None,
+                  categories: list[str] | None = None) -> dict[str, Any]:
     out = {
         "accuracy": float(result["accuracy"]),
         "miou": float(result["miou"]),
@@ -89,6 +90,9 @@ def _metrics_dict(result: dict[str, Any], class_names: Sequence[str] | None) -> 
     }
     if class_names is not None:
         out["iou_per_class"] = {name: float(v) for name, v in zip(class_names, result["iou"])}
+    if categories is not None:  # e.g. Cityscapes' 7 categories beside its classes
+        scores = category_scores(result, categories)
+        out["category_miou"], out["iou_per_category"] = scores["miou"], scores["iou_per_category"]
     if "assignment" in result and result["assignment"] is not None:
         out["assignment"] = [int(a) for a in result["assignment"]]
     return out
@@ -180,6 +184,7 @@ def evaluate_model(backbone: nn.Module, model: Segmenter, dataset: Any, opts: Ev
     n_clusters = int(getattr(cluster, "n_clusters", n_classes))
     extra = max(n_clusters - n_classes, 0)
     class_names = list(getattr(dataset, "class_names", [])) or None
+    categories = getattr(dataset, "class_categories", None)
     n = len(dataset) if opts.max_images is None else min(opts.max_images, len(dataset))
     if n == 0:
         raise EvaluationError(f"evaluation dataset {dataset!r} is empty")
@@ -205,8 +210,8 @@ def evaluate_model(backbone: nn.Module, model: Segmenter, dataset: Any, opts: Ev
     cluster_res = cluster_metrics.compute()
     linear_res = linear_metrics.compute()
     result = {
-        "cluster": _metrics_dict(cluster_res, class_names),
-        "linear": _metrics_dict(linear_res, class_names),
+        "cluster": _metrics_dict(cluster_res, class_names, categories),
+        "linear": _metrics_dict(linear_res, class_names, categories),
         "n_images": n,
         "protocol": {"res": opts.res, "resize_mode": opts.resize.name, "flip": opts.flip, "crf": opts.crf,
                      "cluster": "log_softmax(2 cos), Hungarian matching over the split",

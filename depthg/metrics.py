@@ -13,7 +13,7 @@ from scipy.optimize import linear_sum_assignment
 
 from depthg.utils import DepthGError
 
-__all__ = ["MetricsInputError", "UnsupervisedMetrics", "depth_abs_rel", "depth_delta", "depth_scores", "align_depth"]
+__all__ = ["MetricsInputError", "UnsupervisedMetrics", "category_scores", "depth_abs_rel", "depth_delta", "depth_scores", "align_depth"]
 
 
 class MetricsInputError(DepthGError, ValueError):
@@ -104,6 +104,27 @@ class UnsupervisedMetrics:
             "confusion": confusion,
             "cluster_confusion": self.stats.clone(),
         }
+
+
+def category_scores(result: dict[str, Any], categories: list[str]) -> dict[str, Any]:
+    """IoU of coarser categories from a :meth:`UnsupervisedMetrics.compute` result, one category per class
+    (``categories[k]`` of class k): the matched confusion summed over the classes of each category, so a pixel
+    given to another class of its own category counts as right. Returns ``miou`` (percent, over categories
+    present) and ``iou_per_category`` (percent, nan when absent)."""
+    confusion, raw = result["confusion"], result["cluster_confusion"]
+    if len(categories) != confusion.shape[0]:
+        raise MetricsInputError(f"categories: expected one per class ({confusion.shape[0]}), got {len(categories)}")
+    names = list(dict.fromkeys(categories))  # in order of first appearance
+    member = torch.zeros(len(categories), len(names), dtype=torch.float64)
+    member[torch.arange(len(categories)), torch.tensor([names.index(c) for c in categories])] = 1.0
+    stats = member.T @ confusion.double() @ member  # (categories, categories), rows = predicted
+    tp = torch.diagonal(stats)
+    actual = raw.double().sum(dim=0) @ member  # every valid pixel, unmatched clusters included
+    denom = stats.sum(dim=1) + actual - tp
+    iou = torch.where(denom > 0, tp / denom.clamp(min=1), torch.full_like(tp, math.nan))
+    present = ~torch.isnan(iou)
+    miou = float(iou[present].mean()) * 100 if bool(present.any()) else math.nan
+    return {"miou": miou, "iou_per_category": {n: float(v) * 100 for n, v in zip(names, iou)}}
 
 
 def _as_array(x: Any, dtype: Any) -> np.ndarray:

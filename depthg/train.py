@@ -66,7 +66,7 @@ from depthg.train_support import (
     set_rng_state,
     setup_place,
 )
-from depthg.utils import StageClock, atomic_torch_save, json_text, note, timed, write_json
+from depthg.utils import StageClock, atomic_torch_save, json_text, note, timed, torch_threads, write_json
 
 __all__ = ["train", "TrainError", "ReplaceOwn", "Run", "build_run", "train_step", "train_loop", "final_results",
            "selection_metric", "channel_dropout", "dropout_masks"]
@@ -97,11 +97,8 @@ def train(cfg: Config, resume: bool = False, *, progress: bool = True, data: dic
     folder is held for the whole call (a second run into it is refused). A loss or weight that becomes NaN or
     infinite stops the run with a :class:`TrainError` naming the step and the last good checkpoint (kept).
     """
-    previous = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    clock = StageClock().start()  # every stage records its wall time where it runs (depthg.utils.timed)
-    try:
+    # every stage records its wall time where it runs (depthg.utils.timed)
+    with torch_threads(cfg.threads), StageClock() as clock:
         state = LoopState(t_start=time.time())
         # build: config -> objects; every check runs before anything is written into the run folder
         place = setup_place(cfg, progress)
@@ -127,9 +124,6 @@ def train(cfg: Config, resume: bool = False, *, progress: bool = True, data: dic
         if place.dinfo.initialised_here:
             dist.destroy_process_group()
         return result
-    finally:
-        clock.stop()
-        torch.set_num_threads(previous)
 
 
 # ----------------------------------------------------------------------------------------------------

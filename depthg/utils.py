@@ -202,8 +202,8 @@ class StageClock:
     """Wall seconds per stage of one run, in the order the stages first ran, recorded by :func:`timed` where
     each stage runs. A stage run inside another counts for itself: its time is taken off the outer stage.
 
-    ``clock = StageClock().start()`` makes it the clock that :func:`timed` records into (in this thread),
-    ``clock.stop()`` ends that; ``clock.summary()`` is the one-line account.
+    ``clock = StageClock().start()`` (or ``with StageClock() as clock``) makes it the clock that :func:`timed`
+    records into (in this thread), ``clock.stop()`` ends that; ``clock.summary()`` is the one-line account.
     """
 
     seconds: dict[str, float] = field(default_factory=dict)
@@ -220,6 +220,12 @@ class StageClock:
         if self._token is not None:
             _ACTIVE_CLOCK.reset(self._token)
             self._token = None
+
+    def __enter__(self) -> "StageClock":
+        return self.start()
+
+    def __exit__(self, *_: Any) -> None:
+        self.stop()
 
     def enter(self, stage: str, rename: dict[str, str] | None) -> _OpenStage:
         outer = self._open[-1] if self._open else None
@@ -267,6 +273,16 @@ def timed(stage: str, rename: dict[str, str] | None = None) -> Iterator[StageMar
         yield opened.mark
     finally:
         clock.exit(opened)
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's CPU thread count set to ``n`` (None: left as it is) inside the block, restored afterwards."""
+    previous = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _umask() -> int:

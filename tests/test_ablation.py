@@ -31,14 +31,20 @@ def test_paired_differences_hand_example():
     assert math.isclose(d["half_width"], 4.302652729911275 / math.sqrt(3), rel_tol=1e-9)
     assert math.isclose(d["ci"][0], 2.0 - d["half_width"]) and math.isclose(d["ci"][1], 2.0 + d["half_width"])
     assert math.isnan(paired_differences([1.0], [0.0])["half_width"])
-    with pytest.raises(AblationError, match="same seeds"):
+    with pytest.raises(ValueError, match="same seeds"):
         paired_differences([1.0, 2.0], [1.0])
 
 
 def test_variants_cover_the_protocol():
-    for name in ("stego", "fps_only", "depth_distance", "depth_product", "depth_centred", "depth_quantile",
-                 "depthg", "depthg_s5", "depthg_s11", "released"):
+    for name in ("kmeans", "stego", "stego_released_depth", "fps_only", "depth_distance", "depth_product",
+                 "depth_centred", "depth_quantile", "depthg", "depthg_s5", "depthg_s11", "released"):
         assert name in VARIANTS and name in DEFAULT_VARIANTS
+    # the paper's Cityscapes setting: random sampling with the released (constant) depth term, paper otherwise
+    cs = variant_config("stego_released_depth", 0)
+    assert cs.mode == "paper" and cs.depth_sampling == "random" and cs.depth_similarity == "released"
+    assert cs.use_depth and cs.depth_weight > 0
+    assert variant_config("kmeans", 0).to_dict() == {**variant_config("stego", 0).to_dict(), "name": "kmeans_seed0",
+                                                     "output_dir": "runs/ablation/kmeans/seed0"}
     cfg = variant_config("depthg", 4)
     assert cfg.depth_similarity == PAPER_DEPTH_SIMILARITY and cfg.depth_sampling == "fps" and cfg.seed == 4
     assert variant_config("depthg_s5", 0).feature_samples == 5
@@ -60,10 +66,14 @@ def test_world_seed_gets_its_own_cache_folder():
         variant_config("stego", 0, overrides=["data_dir=/data/cityscapes"], world_seed=1)
 
 
-def _runs(values):
+def _runs(values, worlds=(None,)):
     metrics = lambda v: {"cluster": {"miou": v, "accuracy": 2 * v}, "linear": {"miou": v + 1, "accuracy": v + 2}}
-    return {variant: [{"seed": s, "final": metrics(v)} for s, v in zip((0, 1, 2), vals)]
-            for variant, vals in values.items()}
+    runs = {}
+    for variant, vals in values.items():
+        per_world = [vals[i:i + 3] for i in range(0, len(vals), 3)]
+        runs[variant] = [{"world": w, "seed": s, "final": metrics(v)} for w, vs in zip(worlds, per_world)
+                         for s, v in zip((0, 1, 2), vs)]
+    return runs
 
 
 def test_summary_pairs_only_identical_seed_lists(tmp_path):
@@ -72,13 +82,13 @@ def test_summary_pairs_only_identical_seed_lists(tmp_path):
     assert paired["cluster_miou"]["values"] == [1.0, 0.5, 2.0]
     assert paired["cluster_accuracy"]["values"] == [2.0, 1.0, 4.0]
     assert "paired_vs_stego" not in summary["stego"]
-    table = markdown_table(summary, "python -m depthg ablate", {"test_world_seed": 1})
-    assert "| depthg − stego | +1.17 ±" in table and "test_world_seed = 1" in table
+    table = markdown_table(summary, "python -m depthg ablate", {"test_world_seeds": [1]})
+    assert "| depthg − stego | +1.17 [" in table and "test_world_seeds = [1]" in table
     # a report on disk reads back into rows with the paired interval as text
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"command": "c", "seeds": [0, 1, 2], "summary": summary}))
     rows = report_rows(load_report(path))
-    assert rows[0]["d_unsup_miou"] is None and rows[1]["d_unsup_miou"].startswith("+1.17 ± ")
+    assert rows[0]["d_unsup_miou"] is None and rows[1]["d_unsup_miou"].startswith("+1.17 [")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"summary": {}}))
     with pytest.raises(AblationError, match="missing key"):
@@ -106,3 +116,30 @@ def test_a_run_counts_as_made_with_weights_only_when_stamped_with_them():
     assert not made_with_weights({}, sha)  # unstamped: which weights made it is unknown, so it is redone
     assert made_with_weights({"ablation_backbone_sha256": None}, None)  # random weights, stamped as such
     assert not made_with_weights({}, None)
+
+
+def test_summary_pools_worlds_world_major_and_holm_adjusts_the_secondary_comparisons():
+    # two worlds x three seeds; world 1's differences to stego are +1, world 2's +3 (depthg), +0.5 / -0.5 (fps)
+    stego = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    runs = _runs({"kmeans": [0.0, 1.0, 1.5, 2.0, 2.5, 3.5], "stego": stego,
+                  "depthg": [2.0, 3.0, 4.0, 7.0, 8.0, 9.0], "fps_only": [1.5, 1.5, 3.5, 4.5, 4.5, 6.5]},
+                 worlds=(1, 2))
+    summary = summarise(runs)
+    # values are world-major: world 1's seeds, then world 2's
+    assert summary["stego"]["cluster_miou"]["values"] == stego
+    assert summary["stego"]["runs"] == [[1, 0], [1, 1], [1, 2], [2, 0], [2, 1], [2, 2]]
+    assert summary["stego"]["per_world"]["2"]["cluster_miou"]["values"] == [4.0, 5.0, 6.0]
+    paired = summary["depthg"]["paired_vs_stego"]["cluster_miou"]
+    assert paired["mean"] == 2.0 and paired["per_world"]["1"]["mean"] == 1.0 and paired["per_world"]["2"]["mean"] == 3.0
+    assert paired["random_worlds"]["world_means"] == [1.0, 3.0]
+    assert "holm_p" not in paired  # the primary comparison is not adjusted
+    # the frozen-feature baseline is compared with stego, not with every variant
+    assert "paired_vs_kmeans" in summary["stego"] and "paired_vs_stego" not in summary["kmeans"]
+    family = {"fps_only − stego": summary["fps_only"]["paired_vs_stego"]["cluster_miou"],
+              "stego − kmeans": summary["stego"]["paired_vs_kmeans"]["cluster_miou"]}
+    ps = sorted((d["p"], name) for name, d in family.items())
+    # Holm with two tests: the smaller p doubled, the larger at least that and its own p
+    assert math.isclose(family[ps[0][1]]["holm_p"], min(1.0, 2 * ps[0][0]))
+    assert math.isclose(family[ps[1][1]]["holm_p"], max(min(1.0, 2 * ps[0][0]), ps[1][0]))
+    table = markdown_table(summary, "c")
+    assert "| world 1 | world 2 |" in table and "| stego − kmeans |" in table

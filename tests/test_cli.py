@@ -67,7 +67,8 @@ def test_ablate_runs_and_writes_table(tmp_path):
     assert set(report["summary"]) == {"stego", "depthg"}
     assert report["summary"]["stego"]["cluster_miou"]["n"] == 2
     # the held-out protocol is recorded, and the test world lives in its own cache folder
-    assert report["protocol"]["test_world_seed"] == 3 and report["protocol"]["dev_world_seed"] == 2
+    assert report["protocol"]["test_world_seeds"] == [3] and report["protocol"]["dev_world_seed"] == 2
+    assert report["protocol"]["val_images"] == report["runs"]["stego"][0]["final"]["n_images"]
     assert report["protocol"]["steps"] == 1 and report["protocol"]["backbone_sha256"] is None  # random init
     worlds = list((tmp_path / "cache" / "world3").glob("synthetic_world*/world.json"))
     assert worlds and json.loads(worlds[0].read_text())["seed"] == 3
@@ -77,5 +78,5 @@ def test_ablate_runs_and_writes_table(tmp_path):
     table = (tmp_path / "abl" / "ablation.md").read_text()
     assert "| stego |" in table and "Command: `python -m depthg ablate --preset synthetic --world-seed 3" in table
     # the same world as development and test is refused
-    with pytest.raises(DepthGError, match="must differ"):
+    with pytest.raises(DepthGError, match="must not include"):
         main(["ablate", "--world-seed", "2", "--dev-world-seed", "2", "--seeds", "0"])

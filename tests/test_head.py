@@ -127,3 +127,53 @@ def test_linear_probe_all_ignored_is_zero_and_differentiable():
     assert probe.conv.weight.grad is not None
     with pytest.raises(DepthGError, match="label"):
         probe.loss(torch.randn(1, 3, 2, 2), torch.zeros(1, 1, 4, 4, dtype=torch.long))
+
+
+def _brute_force_objective(x: torch.Tensor, k: int) -> float:
+    """The best spherical k-means objective over every assignment of a handful of points (exhaustive)."""
+    import itertools
+
+    unit = F.normalize(x.double(), dim=1)
+    best = -float("inf")
+    for labels in itertools.product(range(k), repeat=len(x)):
+        lab = torch.tensor(labels)
+        if len(set(labels)) < k:
+            continue
+        cent = F.normalize(torch.zeros(k, x.shape[1], dtype=torch.float64).index_add_(0, lab, unit), dim=1)
+        best = max(best, float((unit * cent[lab]).sum(1).sum()))
+    return best
+
+
+def test_spherical_kmeans_reaches_the_exhaustive_optimum_on_small_sets():
+    from depthg.method.head import spherical_kmeans
+
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(3):
+        x = torch.randn(7, 3, generator=gen)
+        cent = spherical_kmeans(x, 3, torch.Generator().manual_seed(trial), restarts=10)
+        assert torch.allclose(cent.norm(dim=1), torch.ones(3), atol=1e-6)
+        unit = F.normalize(x.double(), dim=1)
+        objective = float((unit @ cent.double().T).amax(dim=1).sum())
+        assert objective == pytest.approx(_brute_force_objective(x, 3), abs=1e-6)  # float32 centroids
+
+
+def test_spherical_kmeans_finds_separated_directions_and_is_reproducible():
+    from depthg.method.head import spherical_kmeans
+
+    gen = torch.Generator().manual_seed(0)
+    axes = torch.eye(4)
+    x = torch.cat([axes[i] * 5 + 0.05 * torch.randn(50, 4, generator=gen) for i in range(4)])  # 4 tight cones
+    cent = spherical_kmeans(x, 4, torch.Generator().manual_seed(1))
+    assert sorted(cent.abs().argmax(dim=1).tolist()) == [0, 1, 2, 3]  # one centroid per cone
+    assert torch.equal(cent, spherical_kmeans(x, 4, torch.Generator().manual_seed(1)))
+    with pytest.raises(DepthGError, match="spherical_kmeans"):
+        spherical_kmeans(x[:2], 3, torch.Generator())
+
+
+def test_cluster_probe_from_centroids_assigns_by_cosine():
+    cent = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]), dim=1)
+    probe = ClusterProbe.from_centroids(cent, n_classes=2)
+    assert probe.n_classes == 2 and probe.n_clusters == 3 and torch.equal(probe.clusters.data, cent)
+    code = torch.tensor([[0.9, 0.1], [0.1, 0.9], [-0.8, 0.2]]).T.reshape(1, 2, 3, 1)
+    _, logp = probe(code, alpha=2.0)
+    assert logp.argmax(dim=1).flatten().tolist() == [0, 1, 2]

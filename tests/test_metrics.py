@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from depthg.metrics import UnsupervisedMetrics
+from depthg.metrics import MetricsInputError, UnsupervisedMetrics
 
 
 def pixels_from_counts(counts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,3 +124,22 @@ def test_bad_inputs_raise():
         metrics.update(torch.tensor([0, 1]), torch.tensor([[0, 1]]))
     with pytest.raises(ValueError, match="no valid pixels"):
         metrics.compute()
+
+
+def test_category_scores_by_hand():
+    from depthg.metrics import category_scores
+
+    # classes 0, 1 form category "a", class 2 category "b"; identity clusters
+    m = UnsupervisedMetrics(3, hungarian=False)
+    pred = torch.tensor([0, 1, 1, 2, 2, 0])
+    true = torch.tensor([0, 0, 1, 2, 1, 2])
+    m.update(pred, true)
+    res = m.compute()
+    scores = category_scores(res, ["a", "a", "b"])
+    # category a: true pixels {0,1,2,4} (4), predicted a at {0,1,2,5} (4), both a at {0,1,2} (3): IoU 3/5
+    # category b: true {3,5} (2), predicted b {3,4} (2), both {3} (1): IoU 1/3
+    assert scores["iou_per_category"]["a"] == pytest.approx(60.0)
+    assert scores["iou_per_category"]["b"] == pytest.approx(100 / 3)
+    assert scores["miou"] == pytest.approx((60.0 + 100 / 3) / 2)
+    with pytest.raises(MetricsInputError, match="one per class"):
+        category_scores(res, ["a", "b"])

@@ -95,13 +95,16 @@ class Cityscapes(SegmentationDataset):
         self.classes = classes
         if classes in (27, "27"):
             self.lut, self.class_names, self.palette = _LUT_27, list(CITYSCAPES_27_CLASSES), CITYSCAPES_27_PALETTE
+            self.class_categories = [lab.category for lab in _LABELS_27]
         elif classes in (19, "19"):
             self.lut, self.class_names, self.palette = _LUT_19, list(CITYSCAPES_19_CLASSES), CITYSCAPES_19_PALETTE
+            self.class_categories = [lab.category for lab in _LABELS_19]
         elif classes == "world":
             ids = _world_label_ids(root)
             self.lut = _lut([(i, k) for k, i in enumerate(ids)])
             self.class_names = [id2label[i].name for i in ids]
             self.palette = np.array([id2label[i].color for i in ids], dtype=np.uint8)
+            self.class_categories = [id2label[i].category for i in ids]
         else:
             raise InvalidDatasetError(f"Cityscapes classes must be 27, 19 or 'world', got {classes!r}")
         self.n_classes = len(self.class_names)

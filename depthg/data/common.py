@@ -218,6 +218,8 @@ class SegmentationDataset(Dataset):
     class_names: list[str]
     palette: np.ndarray
     lut: np.ndarray
+    #: each class's category (Cityscapes: flat, construction, object, nature, sky, human, vehicle), or None
+    class_categories: list[str] | None = None
 
     def __init__(
         self,

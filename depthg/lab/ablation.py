@@ -1,12 +1,14 @@
 """The miniature reproduction: does DepthG beat STEGO, and which part does it?
 
-Each variant (``VARIANTS``: the base preset plus the few keys that define it) is trained over the same
-seeds, and the final weights' cluster and linear accuracy / mIoU are compared with ``stego`` seed by
-seed (:func:`paired_differences`: mean and 95 % t-interval). Choices are made on a development world and
-the table is run once on a held-out test world (``--world-seed T --dev-world-seed D``); each world has
-its own cache folder. A run whose ``results.json`` holds the same config and backbone is reused.
+Each variant (``VARIANTS``: the base preset plus the few keys that define it) is run over the same seeds on
+one or several synthetic worlds, beside the frozen-feature baseline ``kmeans`` (:mod:`depthg.baselines`),
+and the final weights' cluster and linear accuracy / mIoU (and category mIoU where the data has categories)
+are compared with ``stego`` run by run (:mod:`depthg.lab.stats`: paired by world and seed, pooled over
+worlds, Holm-adjusted p-values for the secondary comparisons). Choices are made on a development world
+and the table is run once on held-out test worlds (``--world-seed T1 T2 T3 --dev-world-seed D``); each
+world has its own cache folder. A run whose ``results.json`` holds the same config and backbone is reused.
 
-An ablation folder holds one configuration (preset, steps, world, shared overrides: its marker
+An ablation folder holds one configuration (preset, steps, worlds, shared overrides: its marker
 ``.depthg-ablation.json``): another configuration there is refused rather than replacing or mixing runs,
 and one command at a time writes into it (:func:`depthg.utils.folder_lock`).
 """
@@ -22,24 +24,30 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from scipy import stats
-
 from depthg.backbone import EMBEDDED_DIR, EMBEDDED_JSON
+from depthg.baselines import fit_frozen_baseline
 from depthg.config import Config, apply_overrides
 from depthg.method.losses import DEPTH_SIMILARITIES, PAPER_DEPTH_SIMILARITY
 from depthg.train import train
+from depthg.lab.stats import holm, paired_differences, pooled_differences
 from depthg.utils import DepthGError, atomic_write, folder_lock, owned_output, sha256_file, write_json
 
 __all__ = ["VARIANTS", "DEFAULT_VARIANTS", "METRICS", "variant_config", "run_ablation", "summarise",
            "paired_differences", "markdown_table", "backbone_sha256", "load_report", "report_rows",
-           "collect_runs", "ABLATION_MARKER", "ablation_configuration", "claim_ablation_folder"]
+           "collect_runs", "FROZEN_VARIANTS", "PRIMARY", "holm_family", "ABLATION_MARKER", "ablation_configuration",
+           "claim_ablation_folder"]
 
 _PAPER_SIMILARITIES = tuple(s for s in DEPTH_SIMILARITIES if s != "released")
 
 #: name -> (mode, overrides, description). ``depthg`` uses paper mode's default depth similarity.
 VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "kmeans": ("paper", {"use_depth": False, "depth_sampling": "random", "depth_weight": 0.0},
+               "frozen features, no head: spherical k-means (unsup.) and a linear probe (linear)"),
     "stego": ("paper", {"use_depth": False, "depth_sampling": "random", "depth_weight": 0.0},
               "STEGO: no depth term, random sampling"),
+    "stego_released_depth": ("paper", {"depth_sampling": "random", "depth_similarity": "released"},
+                             "STEGO + the released depth term (constant D: a decaying extra pull of self pairs), "
+                             "random sampling: the paper's Cityscapes setting"),
     "fps_only": ("paper", {"use_depth": True, "depth_sampling": "fps", "depth_weight": 0.0},
                  "STEGO losses with depth-guided FPS, no depth term"),
     **{f"depth_{sim}": ("paper", {"depth_sampling": "random", "depth_similarity": sim},
@@ -57,11 +65,17 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "released": ("released", {"depth_sampling": "fps"},
                  "DepthG, released mode (constant depth term, released FPS, x3 schedules)"),
 }
+#: variants that train no head: fitted by :func:`depthg.baselines.fit_frozen_baseline`
+FROZEN_VARIANTS = ("kmeans",)
 #: the held-out table (test world).
-DEFAULT_VARIANTS = ("stego", "fps_only", *(f"depth_{s}" for s in _PAPER_SIMILARITIES), "depthg",
+DEFAULT_VARIANTS = ("kmeans", "stego", "stego_released_depth", "fps_only", *(f"depth_{s}" for s in _PAPER_SIMILARITIES), "depthg",
                     "depthg_s5", "depthg_s11", "released")
-#: (group, metric) pairs read from a run's final evaluation.
-METRICS = (("cluster", "miou"), ("cluster", "accuracy"), ("linear", "miou"), ("linear", "accuracy"))
+#: (group, metric) pairs read from a run's final evaluation (``category_miou``: where the data has categories).
+METRICS = (("cluster", "miou"), ("cluster", "accuracy"), ("linear", "miou"), ("linear", "accuracy"),
+           ("cluster", "category_miou"), ("linear", "category_miou"))
+_ALL_KEYS = tuple(f"{g}_{m}" for g, m in METRICS)
+#: the comparison the miniature's plan names as primary (not adjusted for multiplicity)
+PRIMARY = "depthg"
 
 
 class AblationError(DepthGError, ValueError):
@@ -116,39 +130,77 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"mean": mean, "std": std, "n": len(values)}
 
 
-def paired_differences(values: Sequence[float], base: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
-    """Mean of the per-seed differences ``values - base`` and its t-interval half-width (NaN for one seed)."""
-    if len(values) != len(base):
-        raise AblationError(f"paired differences need the same seeds: {len(values)} vs {len(base)} values")
-    diffs = [a - b for a, b in zip(values, base)]
-    n = len(diffs)
-    mean = statistics.fmean(diffs)
-    if n > 1:
-        half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * statistics.stdev(diffs) / math.sqrt(n)
-    else:
-        half = math.nan
-    return {"mean": mean, "half_width": half, "ci": [mean - half, mean + half], "n": n,
-            "confidence": confidence, "values": diffs}
+def _metric_keys(results: list[dict[str, Any]]) -> list[str]:
+    """The ``group_metric`` keys every run of a variant has (category mIoU only where the data has categories)."""
+    keys = [f"{g}_{m}" for g, m in METRICS]
+    return [k for k in keys if all(_value(r, k) is not None for r in results)]
 
 
-def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Per variant: mean ± std over seeds of the final metrics, and ``paired_vs_stego`` when seeds match."""
+def _value(run: dict[str, Any], key: str) -> float | None:
+    group, metric = key.split("_", 1)
+    return run["final"].get(group, {}).get(metric)
+
+
+def _by_world(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Runs grouped by world (``"world"``; one group ``"-"`` without it), seeds in order, worlds in order."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(results, key=lambda r: (r.get("world") is None, r.get("world") or 0, r["seed"])):
+        groups.setdefault(str(r.get("world", "-")), []).append(r)
+    return groups
+
+
+def _paired(row: dict[str, Any], base: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    """Pooled and per-world paired differences ``row - base`` for each metric of ``keys``."""
+    out = {}
+    for key in keys:
+        per_world = {w: (row["per_world"][w][key]["values"], base["per_world"][w][key]["values"])
+                     for w in row["per_world"]}
+        pooled = pooled_differences(per_world)
+        pooled["per_world"] = {w: paired_differences(*pair) for w, pair in per_world.items()}
+        out[key] = pooled
+    return out
+
+
+def summarise(runs: dict[str, list[dict[str, Any]]], primary: str = PRIMARY) -> dict[str, Any]:
+    """Per variant: mean ± std over every (world, seed) of the final metrics (``values`` world-major),
+    ``per_world`` the same per world, ``paired_vs_stego`` (and for ``stego``, ``paired_vs_kmeans``) when the
+    (world, seed) runs match: pooled over worlds, per world inside (:mod:`depthg.lab.stats`). The
+    secondary comparisons' unsupervised-mIoU p-values get Holm's adjustment (``holm_p``); ``primary``
+    (``depthg`` - ``stego``) is the one comparison the plan names in advance and is not adjusted."""
     out: dict[str, Any] = {}
     for variant, results in runs.items():
-        row: dict[str, Any] = {"seeds": [r["seed"] for r in results]}
-        for group, metric in METRICS:
-            vals = [r["final"][group][metric] for r in results]
-            row[f"{group}_{metric}"] = {**_stats(vals), "values": vals}
+        keys = _metric_keys(results)
+        worlds = _by_world(results)
+        ordered = [r for rs in worlds.values() for r in rs]
+        row: dict[str, Any] = {"seeds": [r["seed"] for r in next(iter(worlds.values()))], "worlds": list(worlds),
+                               "runs": [[r.get("world"), r["seed"]] for r in ordered]}
+        for key in keys:
+            vals = [_value(r, key) for r in ordered]
+            row[key] = {**_stats(vals), "values": vals}
+        row["per_world"] = {w: {key: {**_stats(v := [_value(r, key) for r in rs]), "values": v} for key in keys}
+                            for w, rs in worlds.items()}
         out[variant] = row
-    if "stego" in out:
-        base = out["stego"]
-        for variant, row in out.items():
-            if variant == "stego" or row["seeds"] != base["seeds"]:
-                continue
-            row["paired_vs_stego"] = {f"{g}_{m}": paired_differences(row[f"{g}_{m}"]["values"],
-                                                                     base[f"{g}_{m}"]["values"])
-                                      for g, m in METRICS}
+    # every variant against STEGO; STEGO against the frozen features (its own effect)
+    comparisons = [(v, "stego") for v in out if v not in ("stego", "kmeans")] + [("stego", "kmeans")]
+    for variant, base_name in comparisons:
+        row, base = out.get(variant), out.get(base_name)
+        if row is not None and base is not None and row["runs"] == base["runs"]:
+            row[f"paired_vs_{base_name}"] = _paired(row, base, [k for k in _ALL_KEYS if k in row and k in base])
+    family = {f"{v} − stego": r["paired_vs_stego"]["cluster_miou"]["p"] for v, r in out.items()
+              if "paired_vs_stego" in r and v != primary}
+    if "paired_vs_kmeans" in out.get("stego", {}):
+        family["stego − kmeans"] = out["stego"]["paired_vs_kmeans"]["cluster_miou"]["p"]
+    for name, p_adj in holm(family).items():
+        variant, base_name = name.split(" − ")
+        out[variant][f"paired_vs_{base_name}"]["cluster_miou"]["holm_p"] = p_adj
     return out
+
+
+def holm_family(summary: dict[str, Any]) -> dict[str, float]:
+    """The Holm-adjusted p-values of the secondary unsupervised-mIoU comparisons in a summary."""
+    return {f"{v} − {key[len('paired_vs_'):]}": d["cluster_miou"]["holm_p"]
+            for v, r in summary.items() for key, d in r.items()
+            if key.startswith("paired_vs_") and "holm_p" in d.get("cluster_miou", {})}
 
 
 def _missing(value: float | None) -> bool:
@@ -163,30 +215,46 @@ def _fmt(s: dict[str, float]) -> str:
 def _fmt_ci(d: dict[str, Any]) -> str:
     if _missing(d["half_width"]):
         return f"{d['mean']:+.2f}"
-    return f"{d['mean']:+.2f} ± {d['half_width']:.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]"
+    return f"{d['mean']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]"
+
+
+def _fmt_p(p: float | None) -> str:
+    if _missing(p):
+        return "—"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    return _fmt(row[key]) if key in row else "—"
 
 
 def markdown_table(summary: dict[str, Any], command: str, protocol: dict[str, Any] | None = None) -> str:
-    """The results table, the paired differences to ``stego`` and the command, as markdown."""
-    lines = [
-        "| variant | description | seeds | unsup. Acc | unsup. mIoU | linear Acc | linear mIoU |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    """The results table, the paired differences (pooled, per world, Holm) and the command, as markdown."""
+    lines = ["| variant | description | runs | unsup. mIoU | unsup. Acc | unsup. category mIoU | linear mIoU | "
+             "linear Acc |", "|---|---|---|---|---|---|---|---|"]
     for variant, row in summary.items():
-        lines.append(
-            f"| {variant} | {VARIANTS[variant][2]} | {len(row['seeds'])} | {_fmt(row['cluster_accuracy'])} | "
-            f"{_fmt(row['cluster_miou'])} | {_fmt(row['linear_accuracy'])} | {_fmt(row['linear_miou'])} |"
-        )
-    lines += ["", "Final-step weights on the validation split, percent, mean ± sample std over seeds "
+        lines.append(f"| {variant} | {VARIANTS[variant][2]} | {len(row['runs'])} | {_cell(row, 'cluster_miou')} | "
+                     f"{_cell(row, 'cluster_accuracy')} | {_cell(row, 'cluster_category_miou')} | "
+                     f"{_cell(row, 'linear_miou')} | {_cell(row, 'linear_accuracy')} |")
+    lines += ["", "Final-step weights on the validation split, percent, mean ± sample std over every (world, seed) "
               "(no model selection)."]
-    paired = {v: r["paired_vs_stego"] for v, r in summary.items() if "paired_vs_stego" in r}
+    paired = [(f"{v} − {k[len('paired_vs_'):]}", d) for v, r in summary.items() for k, d in r.items()
+              if k.startswith("paired_vs_")]
     if paired:
-        lines += ["", "Paired per-seed difference to `stego` (points), mean ± 95 % t-interval half-width "
-                  "[interval]:", "",
-                  "| variant | unsup. mIoU | unsup. Acc | linear mIoU | linear Acc |", "|---|---|---|---|---|"]
-        for variant, d in paired.items():
-            lines.append(f"| {variant} − stego | {_fmt_ci(d['cluster_miou'])} | {_fmt_ci(d['cluster_accuracy'])} | "
-                         f"{_fmt_ci(d['linear_miou'])} | {_fmt_ci(d['linear_accuracy'])} |")
+        worlds = next(iter(summary.values()))["worlds"]
+        lines += ["", "Paired per-(world, seed) differences (points), mean [95 % interval]; pooled over worlds with "
+                  "the worlds fixed (p, and Holm-adjusted p for the secondary comparisons), over worlds drawn at "
+                  "random (t over the world means), and per world:", "",
+                  "| comparison | unsup. mIoU, pooled | p | Holm p | random worlds | "
+                  + " | ".join(f"world {w}" for w in worlds) + " | unsup. Acc | unsup. category mIoU | linear mIoU |",
+                  "|---|---|---|---|---|" + "---|" * len(worlds) + "---|---|---|"]
+        for name, d in paired:
+            m = d["cluster_miou"]
+            per_world = " | ".join(_fmt_ci(m["per_world"][w]) for w in worlds)
+            extra = " | ".join(_fmt_ci(d[k]) if k in d else "—"
+                               for k in ("cluster_accuracy", "cluster_category_miou", "linear_miou"))
+            lines.append(f"| {name} | {_fmt_ci(m)} | {_fmt_p(m['p'])} | {_fmt_p(m.get('holm_p'))} | "
+                         f"{_fmt_ci(m['random_worlds'])} | {per_world} | {extra} |")
     if protocol:
         lines += ["", "Protocol: " + ", ".join(f"{k} = {v}" for k, v in protocol.items())]
     lines += ["", f"Command: `{command}`"]
@@ -194,15 +262,36 @@ def markdown_table(summary: dict[str, Any], command: str, protocol: dict[str, An
 
 
 def _command(variants: Sequence[str], seeds: Sequence[int], base_preset: str, steps: int | None,
-             out_dir: Path, overrides: Sequence[str], world_seed: int | None, dev_world_seed: int | None) -> str:
+             out_dir: Path, overrides: Sequence[str], world_seeds: Sequence[int] | None,
+             dev_world_seed: int | None) -> str:
     args = ["--preset", base_preset]
-    if world_seed is not None:
-        args += ["--world-seed", str(world_seed)]
+    if world_seeds:
+        args += ["--world-seed", *map(str, world_seeds)]
     if dev_world_seed is not None:
         args += ["--dev-world-seed", str(dev_world_seed)]
     args += ["--variants", *variants, "--seeds", *map(str, seeds)]
     args += (["--steps", str(steps)] if steps is not None else []) + ["--out-dir", str(out_dir), *overrides]
     return "python -m depthg ablate " + shlex.join(args)
+
+
+def _check_request(variants: Sequence[str], seeds: Sequence[int], world_seeds: Sequence[int] | None,
+                   dev_world_seed: int | None) -> None:
+    """Refuse an empty or repeated seed list, unknown variants, and a test world that is the development world."""
+    if not seeds:
+        raise AblationError("seeds must not be empty")
+    if len(set(seeds)) != len(seeds):
+        raise AblationError(f"seeds must not repeat, got {list(seeds)}")
+    for v in variants:
+        if v not in VARIANTS:
+            raise AblationError(f"unknown ablation variant {v!r}; known: {list(VARIANTS)}")
+    if world_seeds is not None and len(set(world_seeds)) != len(world_seeds):
+        raise AblationError(f"world seeds must not repeat, got {list(world_seeds)}")
+    if dev_world_seed is not None:
+        if not world_seeds:
+            raise AblationError("--dev-world-seed needs --world-seed: the test world(s) to report on")
+        if dev_world_seed in world_seeds:
+            raise AblationError(f"the test worlds (--world-seed {' '.join(map(str, world_seeds))}) must not include "
+                                f"the development world (--dev-world-seed {dev_world_seed})")
 
 
 #: the marker of an ablation folder: the configuration its runs share (:func:`ablation_configuration`)
@@ -212,12 +301,14 @@ _NOT_CONFIGURATION = ("name", "seed", "output_dir", "cache_dir", "device", "thre
 
 
 def ablation_configuration(base_preset: str = "synthetic", steps: int | None = None, overrides: Sequence[str] = (),
-                           world_seed: int | None = None) -> dict[str, Any]:
+                           world_seeds: Sequence[int] | None = None) -> dict[str, Any]:
     """What every run of one ablation shares: the config of its reference run (``stego``, seed 0) without the
-    keys that say where it runs. Two ablations with the same configuration may share a folder (more variants,
-    more seeds); another configuration (other steps, world or overrides) may not."""
-    cfg = variant_config("stego", 0, base_preset, steps, "ablation", overrides, world_seed)
-    return {k: v for k, v in cfg.to_dict().items() if k not in _NOT_CONFIGURATION}
+    keys that say where it runs, and its worlds. Two ablations with the same configuration may share a folder
+    (more variants, more seeds); another configuration (other steps, worlds or overrides) may not."""
+    cfg = variant_config("stego", 0, base_preset, steps, "ablation", overrides, world_seeds[0] if world_seeds else None)
+    out = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_CONFIGURATION}
+    out["world_seed"] = list(world_seeds) if world_seeds else cfg.world_seed
+    return out
 
 
 def claim_ablation_folder(out_dir: Path, configuration: dict[str, Any]) -> None:
@@ -239,89 +330,87 @@ def claim_ablation_folder(out_dir: Path, configuration: dict[str, Any]) -> None:
                             "would be replaced or mixed: choose another --out-dir")
 
 
-def run_ablation(variants: Sequence[str] = DEFAULT_VARIANTS, seeds: Sequence[int] = (0, 1, 2),
-                 base_preset: str = "synthetic", steps: int | None = None, out_dir: str | Path = "runs/ablation",
-                 overrides: Sequence[str] = (), progress: bool = True, world_seed: int | None = None,
-                 dev_world_seed: int | None = None) -> dict[str, Any]:
-    """Train every (variant, seed), collect final metrics, write ``ablation.json`` and ``ablation.md``.
-
-    ``world_seed`` is the synthetic world (None = the preset's); ``dev_world_seed`` marks the run as the
-    held-out test of choices made on that other world. ``out_dir`` is held for the whole call and must hold
-    this configuration's runs or none (:func:`claim_ablation_folder`).
-    """
-    seeds, variants = _checked_plan(variants, seeds, world_seed, dev_world_seed)
-    out_dir = Path(out_dir)
-    command = _command(variants, seeds, base_preset, steps, out_dir, overrides, world_seed, dev_world_seed)
-    t0 = time.time()
-    runs: dict[str, list[dict[str, Any]]] = {}
-    shas: set[str | None] = set()
-    with folder_lock(out_dir, "ablation folder (--out-dir)"):
-        claim_ablation_folder(out_dir, ablation_configuration(base_preset, steps, overrides, world_seed))
-        for variant in variants:
-            for seed in seeds:
-                cfg = variant_config(variant, seed, base_preset, steps, out_dir, overrides, world_seed)
-                sha = backbone_sha256(cfg)
-                result = _train_or_reuse(cfg, sha, progress, f"{variant} seed {seed}")
-                shas.add(sha)
-                runs.setdefault(variant, []).append({
-                    "seed": seed, "final": result["final"]["metrics"], "wall_time_s": result["wall_time_s"],
-                    "output_dir": cfg.output_dir, "backbone_sha256": sha,
-                })
-        if len(shas) > 1:
-            raise AblationError(f"the runs used different backbone weights ({sorted(map(str, shas))}); rerun "
-                                "with a fresh --out-dir")
-        ref = variant_config(variants[0], seeds[0], base_preset, steps, out_dir, overrides, world_seed)
-        protocol = {"world_seed": ref.world_seed, "role": "test" if dev_world_seed is not None else "development",
-                    "dev_world_seed": dev_world_seed if dev_world_seed is not None else ref.world_seed,
-                    "test_world_seed": ref.world_seed if dev_world_seed is not None else None,
-                    "steps": ref.steps, "backbone": ref.backbone, "backbone_sha256": shas.pop()}
-        summary = summarise({v: [{"seed": r["seed"], "final": r["final"]} for r in rs] for v, rs in runs.items()})
-        md = markdown_table(summary, command, protocol)
-        report = {"command": command, "base_preset": base_preset, "seeds": seeds, "protocol": protocol,
-                  "variants": {v: VARIANTS[v][2] for v in variants}, "summary": summary, "runs": runs,
-                  "wall_time_s": time.time() - t0, "markdown": md}
-        write_json(out_dir / "ablation.json", report)  # strict JSON: the spread of one seed is null
-        with atomic_write(out_dir / "ablation.md", "w") as handle:
-            handle.write(md)
-    return report
-
-
-def _checked_plan(variants: Sequence[str], seeds: Sequence[int], world_seed: int | None,
-                  dev_world_seed: int | None) -> tuple[list[int], list[str]]:
-    """The seeds and variants of an ablation, checked: known variants, distinct seeds, a test world that is not
-    the development world."""
-    seeds = [int(s) for s in seeds]
-    if not seeds:
-        raise AblationError("seeds must not be empty")
-    if len(set(seeds)) != len(seeds):
-        raise AblationError(f"seeds must not repeat, got {seeds}")
-    variants = list(variants)
-    for v in variants:
-        if v not in VARIANTS:
-            raise AblationError(f"unknown ablation variant {v!r}; known: {list(VARIANTS)}")
-    if dev_world_seed is not None:
-        if world_seed is None:
-            raise AblationError("--dev-world-seed needs --world-seed: the test world to report on")
-        if dev_world_seed == world_seed:
-            raise AblationError(f"the test world (--world-seed {world_seed}) must differ from the development "
-                                f"world (--dev-world-seed {dev_world_seed})")
-    return seeds, variants
-
-
-def _train_or_reuse(cfg: Config, sha: str | None, progress: bool, what: str) -> dict[str, Any]:
-    """The finished run of ``cfg``: reused when its ``results.json`` holds the same config, steps and backbone
-    weights; else trained (replacing a stale or unfinished run of this folder) and stamped with the weights."""
+def _one_run(cfg: Config, variant: str, progress: bool) -> dict[str, Any]:
+    """The finished results of ``cfg``'s run: reused when its ``results.json`` holds the same config, steps and
+    backbone weights, else made (a frozen-feature fit for ``kmeans``, training otherwise) and stamped."""
+    sha = backbone_sha256(cfg)
     results_path = Path(cfg.output_dir) / "results.json"
     if results_path.is_file():
         old = json.loads(results_path.read_text())
+        # reuse only a finished run of the same config and the same backbone weights
         if old.get("config") == cfg.to_dict() and old.get("steps") == cfg.steps and made_with_weights(old, sha):
             return old
-    print(f"[ablation] {what}", file=sys.stderr)
-    result = train(cfg, progress=progress, overwrite=True)
+    print(f"[ablation] world {cfg.world_seed} {variant} seed {cfg.seed}", file=sys.stderr)
+    make = fit_frozen_baseline if variant in FROZEN_VARIANTS else train
+    make(cfg, progress=progress, overwrite=True)  # a stale or unfinished run is redone
     stamped = json.loads(results_path.read_text())  # the weights next to the run, so a later reuse can check them
     stamped["ablation_backbone_sha256"] = sha
     write_json(results_path, stamped)
-    return result
+    return stamped
+
+
+def run_ablation(variants: Sequence[str] = DEFAULT_VARIANTS, seeds: Sequence[int] = (0, 1, 2),
+                 base_preset: str = "synthetic", steps: int | None = None, out_dir: str | Path = "runs/ablation",
+                 overrides: Sequence[str] = (), progress: bool = True, world_seeds: Sequence[int] | None = None,
+                 dev_world_seed: int | None = None) -> dict[str, Any]:
+    """Run every (world, variant, seed), collect final metrics, write ``ablation.json`` and ``ablation.md``.
+
+    ``world_seeds``: the synthetic worlds (None = the preset's one world), each run in
+    ``<out_dir>/world<w>/<variant>/seed<s>``; ``dev_world_seed`` marks them as held-out test worlds of choices
+    made on that other world.
+    """
+    seeds, variants = [int(s) for s in seeds], list(variants)
+    world_seeds = [int(w) for w in world_seeds] if world_seeds else None
+    _check_request(variants, seeds, world_seeds, dev_world_seed)
+    out_dir = Path(out_dir)
+    command = _command(variants, seeds, base_preset, steps, out_dir, overrides, world_seeds, dev_world_seed)
+    t0 = time.time()
+    with folder_lock(out_dir, "ablation folder (--out-dir)"):
+        claim_ablation_folder(out_dir, ablation_configuration(base_preset, steps, overrides, world_seeds))
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for world in world_seeds or [None]:
+            world_dir = out_dir if world is None else out_dir / f"world{world}"
+            for variant in variants:
+                for seed in seeds:
+                    cfg = variant_config(variant, seed, base_preset, steps, world_dir, overrides, world)
+                    result = _one_run(cfg, variant, progress)
+                    runs.setdefault(variant, []).append({
+                        "world": cfg.world_seed if cfg.data_dir is None else None, "seed": seed,
+                        "final": result["final"]["metrics"], "wall_time_s": result["wall_time_s"],
+                        "output_dir": cfg.output_dir, "backbone_sha256": result["ablation_backbone_sha256"],
+                    })
+        report = _report(runs, variants, seeds, base_preset, steps, overrides, world_seeds, dev_world_seed)
+        report.update(command=command, wall_time_s=time.time() - t0)
+        report["markdown"] = markdown_table(report["summary"], command, report["protocol"])
+        write_json(out_dir / "ablation.json", report)  # strict JSON: the spread of one seed is null
+        with atomic_write(out_dir / "ablation.md", "w") as handle:
+            handle.write(report["markdown"])
+    return report
+
+
+def _report(runs: dict[str, list[dict[str, Any]]], variants: list[str], seeds: list[int], base_preset: str,
+            steps: int | None, overrides: Sequence[str], world_seeds: list[int] | None,
+            dev_world_seed: int | None) -> dict[str, Any]:
+    """The report of finished runs: protocol, summary (:func:`summarise`), Holm family and the runs."""
+    shas = {r["backbone_sha256"] for rs in runs.values() for r in rs}
+    if len(shas) > 1:
+        raise AblationError(f"the runs used different backbone weights ({sorted(map(str, shas))}); rerun "
+                            "with a fresh --out-dir")
+    ref = variant_config(variants[0], seeds[0], base_preset, steps, "ablation", overrides,
+                         world_seeds[0] if world_seeds else None)
+    worlds = world_seeds or [ref.world_seed]
+    protocol = {"world_seeds": worlds, "role": "test" if dev_world_seed is not None else "development",
+                "dev_world_seed": dev_world_seed if dev_world_seed is not None else worlds[0],
+                "test_world_seeds": worlds if dev_world_seed is not None else None,
+                "val_images": runs[variants[0]][0]["final"].get("n_images"),
+                "steps": ref.steps, "backbone": ref.backbone, "backbone_sha256": shas.pop(),
+                "primary": f"{PRIMARY} − stego, unsupervised mIoU, final weights (not adjusted)",
+                "pooling": "fixed worlds (pooled within-world variance); random worlds reported beside",
+                "multiplicity": "Holm over the secondary unsupervised-mIoU comparisons"}
+    summary = summarise({v: [{k: r[k] for k in ("world", "seed", "final")} for r in rs] for v, rs in runs.items()})
+    return {"base_preset": base_preset, "seeds": seeds, "protocol": protocol,
+            "variants": {v: VARIANTS[v][2] for v in variants}, "summary": summary, "holm_p": holm_family(summary),
+            "runs": runs}
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
@@ -340,15 +429,22 @@ def load_report(path: str | Path) -> dict[str, Any]:
 
 
 def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per variant: description, seeds, the four metrics and the paired differences to ``stego``."""
+    """One row per variant: description, runs, the metrics and the pooled paired differences to ``stego``
+    (for ``stego`` itself: to ``kmeans``), with their p and Holm-adjusted p."""
     rows = []
     for variant, row in report["summary"].items():
-        paired = row.get("paired_vs_stego", {})
+        base = "kmeans" if variant == "stego" else "stego"
+        paired = row.get(f"paired_vs_{base}", {})
+        miou = paired.get("cluster_miou", {})
         rows.append({
             "variant": variant, "description": report.get("variants", {}).get(variant, ""),
-            "seeds": len(row["seeds"]), "unsup_acc": row["cluster_accuracy"], "unsup_miou": row["cluster_miou"],
+            "runs": len(row.get("runs", row["seeds"])), "seeds": len(row["seeds"]),
+            "unsup_acc": row["cluster_accuracy"], "unsup_miou": row["cluster_miou"],
+            "unsup_category_miou": row.get("cluster_category_miou"),
             "linear_acc": row["linear_accuracy"], "linear_miou": row["linear_miou"],
-            "d_unsup_miou": _fmt_ci(paired["cluster_miou"]) if "cluster_miou" in paired else None,
+            "versus": base if paired else None,
+            "d_unsup_miou": _fmt_ci(miou) if miou else None,
+            "p": _fmt_p(miou.get("p")) if miou else None, "holm_p": _fmt_p(miou.get("holm_p")) if miou else None,
             "d_unsup_acc": _fmt_ci(paired["cluster_accuracy"]) if "cluster_accuracy" in paired else None,
             "d_linear_miou": _fmt_ci(paired["linear_miou"]) if "linear_miou" in paired else None,
         })

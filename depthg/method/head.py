@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from depthg.utils import DepthGError
 
-__all__ = ["ClusterProbe", "LinearProbe", "SegmentationHead"]
+__all__ = ["ClusterProbe", "LinearProbe", "SegmentationHead", "spherical_kmeans"]
 
 
 class HeadInputError(DepthGError, ValueError):
@@ -126,6 +126,65 @@ class ClusterProbe(nn.Module):
         logits = alpha * cos
         loss = -(logits.softmax(dim=1) * cos).sum(dim=1).mean()
         return loss, logits.log_softmax(dim=1)
+
+    @classmethod
+    def from_centroids(cls, centroids: torch.Tensor, n_classes: int | None = None) -> "ClusterProbe":
+        """A probe whose centroids are ``centroids`` (K, dim), e.g. from :func:`spherical_kmeans`;
+        ``n_classes`` (default K) of them are classes, the rest extra clusters."""
+        if centroids.ndim != 2:
+            raise HeadInputError(f"centroids: expected a (K, dim) tensor, got {tuple(centroids.shape)}")
+        k, dim = centroids.shape
+        n_classes = k if n_classes is None else n_classes
+        probe = cls(dim, n_classes, extra_clusters=k - n_classes, generator=0)
+        with torch.no_grad():
+            probe.clusters.copy_(centroids)
+        return probe
+
+
+def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding on the cosine distance 1 - cos of unit rows ``x`` (N, C) -> (k, C) rows of x."""
+    first = int(torch.randint(len(x), (1,), generator=generator))
+    chosen = [first]
+    dist = (1.0 - x @ x[first]).clamp_min(0.0)
+    for _ in range(k - 1):
+        weight = dist.square()
+        # all points coincide with a centre: any point will do
+        pick = int(torch.multinomial(weight / weight.sum(), 1, generator=generator)) if weight.sum() > 0 \
+            else int(torch.randint(len(x), (1,), generator=generator))
+        chosen.append(pick)
+        dist = torch.minimum(dist, (1.0 - x @ x[pick]).clamp_min(0.0))
+    return x[chosen].clone()
+
+
+def spherical_kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iters: int = 100,
+                     restarts: int = 5) -> torch.Tensor:
+    """Spherical k-means of the rows of ``x`` (N, C): ``k`` unit centroids (k, C) that maximise
+    ``sum_n max_j cos(x_n, mu_j)``.
+
+    Each of ``restarts`` runs seeds with k-means++ (on 1 - cos) from ``generator``, then alternates
+    assignment and re-normalised means until the assignment stops changing (at most ``iters`` rounds); an
+    emptied cluster keeps its centroid. The run with the highest objective wins. Computed in float64, so
+    the result depends only on ``x`` and the generator's state.
+    """
+    if x.ndim != 2 or not 1 <= k <= len(x):
+        raise HeadInputError(f"spherical_kmeans needs x (N, C) with N >= k >= 1, got {tuple(x.shape)} and k={k}")
+    unit = F.normalize(x.detach().to(torch.float64), dim=1)
+    best, best_score = unit[:k], -math.inf
+    for _ in range(restarts):
+        centroids = _kmeans_pp(unit, k, generator)
+        assign = None
+        for _ in range(iters):
+            new_assign = (unit @ centroids.T).argmax(dim=1)
+            if assign is not None and torch.equal(new_assign, assign):
+                break
+            assign = new_assign
+            sums = torch.zeros_like(centroids).index_add_(0, assign, unit)
+            keep = sums.norm(dim=1) == 0  # an emptied cluster keeps its centroid
+            centroids = torch.where(keep[:, None], centroids, F.normalize(sums, dim=1))
+        score = float((unit @ centroids.T).amax(dim=1).sum())
+        if score > best_score:
+            best, best_score = centroids, score
+    return best.to(x.dtype if x.is_floating_point() else torch.float32)
 
 
 class LinearProbe(nn.Module):

@@ -67,6 +67,24 @@ def tensor_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nchw,ncij->nhwij", F.normalize(a, dim=1, eps=_EPS), F.normalize(b, dim=1, eps=_EPS))
 
 
+@torch.no_grad()
+def feature_correlation(f1: torch.Tensor, f2: torch.Tensor, centering: Centering = "paper") -> torch.Tensor:
+    """F^SC, the frozen features' correlation target (B, h, w, i, j) of two sampled maps (B, C, h, w), (B, C, i, j).
+
+    ``centering``: ``"paper"`` subtracts F's mean over (i, j) per query; ``"released"`` then adds back F's
+    global mean (docs/fidelity.md §3.7); ``"none"`` keeps the cosine similarities as they are.
+    """
+    _check_centering(centering)
+    fd = tensor_correlation(f1, f2)
+    if centering == "paper":
+        fd = fd - fd.mean(dim=(3, 4), keepdim=True)
+    elif centering == "released":
+        old_mean = fd.mean()
+        fd = fd - fd.mean(dim=(3, 4), keepdim=True)
+        fd = fd - fd.mean() + old_mean
+    return fd
+
+
 def correlation_loss(
     feats: tuple[torch.Tensor, torch.Tensor],
     codes: tuple[torch.Tensor, torch.Tensor],
@@ -80,23 +98,14 @@ def correlation_loss(
         feats: (f1, f2) backbone features (B, C, h, w), (B, C, i, j); F gets no gradient (frozen backbone).
         codes: (c1, c2) codes (B, D, h, w), (B, D, i, j) at the same locations.
         shift: b, the attraction/repulsion threshold.
-        centering: ``"paper"`` subtracts F's mean over (i, j) per query; ``"released"`` then adds back
-            F's global mean (docs/fidelity.md §3.7); ``"none"`` does not centre.
+        centering: how F is centred (:func:`feature_correlation`).
         zero_clamp: clamp S at 0; False uses the released lower bound -9999.
 
     Returns:
         (scalar loss, S (B, h, w, i, j)).
     """
-    _check_centering(centering)
     (f1, f2), (c1, c2) = feats, codes
-    with torch.no_grad():
-        fd = tensor_correlation(f1, f2)
-        if centering == "paper":
-            fd = fd - fd.mean(dim=(3, 4), keepdim=True)
-        elif centering == "released":
-            old_mean = fd.mean()
-            fd = fd - fd.mean(dim=(3, 4), keepdim=True)
-            fd = fd - fd.mean() + old_mean
+    fd = feature_correlation(f1, f2, centering)
     cd = tensor_correlation(c1, c2)
     clamped = cd.clamp(min=0.0) if zero_clamp else cd.clamp(min=-9999.0)
     loss = -(clamped * (fd - shift)).mean()

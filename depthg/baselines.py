@@ -1,0 +1,114 @@
+"""The frozen-feature reference row of every table: what the backbone's features give without a head.
+
+STEGO's whole effect is the gap between its trained head and clustering the frozen features directly, so
+every comparison reports this baseline beside it (docs/method.md §9.3):
+
+* **unsupervised**: spherical k-means (:func:`depthg.method.head.spherical_kmeans`) of the training crops'
+  feature vectors, one cluster per cluster-probe centroid, evaluated exactly as a trained head is (same
+  resolution, flip, upsampling and Hungarian matching over the split);
+* **linear**: the trainer's linear probe (same steps, batches, optimiser and learning rate) trained on the
+  features instead of the head's code.
+
+:func:`fit_frozen_baseline` builds the run as :func:`depthg.train.train` does (same data preparation,
+feature source, kNN file and seeds) and writes the same ``results.json`` (without checkpoints: there are
+no head weights).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from depthg.build import Segmenter, TrainError
+from depthg.config import Config
+from depthg.method.head import ClusterProbe, LinearProbe, spherical_kmeans
+from depthg.train import LoopState, Run, build_run, evaluate_now
+from depthg.train_support import (
+    batch_indices,
+    checkpoint_to_resume,
+    json_default,
+    open_run_folder,
+    setup_place,
+)
+from depthg.utils import atomic_write, torch_threads
+
+__all__ = ["fit_frozen_baseline", "frozen_features", "KMEANS_MAX_POINTS", "BASELINE_DESCRIPTION"]
+
+#: feature vectors k-means sees at most (a uniform sample without replacement beyond that), so the baseline
+#: stays cheap on real datasets (Cityscapes ViT-B/8: 14,875 crops x 784 cells)
+KMEANS_MAX_POINTS = 200_000
+BASELINE_DESCRIPTION = ("frozen backbone features, no head: spherical k-means (unsupervised columns) and the "
+                        "trainer's linear probe (linear columns)")
+
+
+@torch.no_grad()
+def frozen_features(run: Run, chunk: int = 256) -> torch.Tensor:
+    """Every training crop's feature vectors (N * h * w, C), crop-major, from the run's feature source."""
+    rows = []
+    for start in range(0, len(run.source), chunk):
+        feats = run.source.fetch(torch.arange(start, min(start + chunk, len(run.source))))["feats"]
+        rows.append(feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).cpu())
+    return torch.cat(rows)
+
+
+def _kmeans_probe(run: Run, generator: torch.Generator) -> ClusterProbe:
+    """Spherical k-means of (a sample of at most :data:`KMEANS_MAX_POINTS`) frozen feature vectors."""
+    points = frozen_features(run)
+    if len(points) > KMEANS_MAX_POINTS:
+        points = points[torch.randperm(len(points), generator=generator)[:KMEANS_MAX_POINTS]]
+    k = run.n_classes + run.cfg.extra_clusters
+    return ClusterProbe.from_centroids(spherical_kmeans(points, k, generator), n_classes=run.n_classes)
+
+
+def _linear_probe(run: Run) -> LinearProbe:
+    """The trainer's linear probe on the frozen features: its initialisation seed, batches, Adam and steps."""
+    cfg = run.cfg
+    probe = LinearProbe(run.backbone.embed_dim, run.n_classes, generator=cfg.seed).to(run.place.device)
+    opt = torch.optim.Adam(probe.parameters(), lr=cfg.probe_lr)
+    for it in range(cfg.steps):
+        anchors, _ = batch_indices(it, len(run.source), cfg.batch_size, cfg.seed, run.nns, cfg.num_neighbors)
+        batch = run.source.fetch(anchors)
+        loss = probe.loss(batch["feats"], batch["label"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return probe
+
+
+def fit_frozen_baseline(cfg: Config, *, progress: bool = True, data: dict[str, Any] | None = None,
+                        overwrite: bool = False) -> dict[str, Any]:
+    """Fit the frozen-feature baseline of ``cfg``'s run and evaluate it with the run's protocol.
+
+    Writes ``output_dir/{config.yaml, log.jsonl, results.json}`` (a folder holding another run is refused
+    unless ``overwrite``) and returns the results: ``final.metrics`` as :func:`depthg.train.train` gives them.
+    """
+    with torch_threads(cfg.threads):
+        state = LoopState(t_start=time.time())
+        place = setup_place(cfg, progress)
+        if place.dinfo.enabled:
+            raise TrainError("the frozen-feature baseline runs in one process; start it without torchrun")
+        checkpoint_to_resume(cfg, place, resume=False, overwrite=overwrite)
+        run = build_run(cfg, place, data)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        run.model = Segmenter(nn.Identity(), _kmeans_probe(run, generator), _linear_probe(run)).to(place.device)
+        writer = open_run_folder(cfg, place, 0, overwrite)
+        metrics = evaluate_now(run, flip=cfg.eval_flip, crf=cfg.eval_crf)
+        if writer is not None:
+            writer.close()
+    result = {
+        "name": cfg.name, "mode": cfg.mode, "steps": cfg.steps, "wall_time_s": time.time() - state.t_start,
+        "baseline": BASELINE_DESCRIPTION,
+        "protocol": {"flip": cfg.eval_flip, "crf": cfg.eval_crf, "eval_res": cfg.eval_res, "split": cfg.val_split},
+        "final": {"step": cfg.steps, "note": "k-means of the frozen features; linear probe after the last step",
+                  "metrics": metrics},
+        "best_on_val": {"step": None, "selected_by": None, "note": "no model selection", "metrics": None},
+        "paths": {"output_dir": str(place.out_dir), **{k: str(v) for k, v in run.data.items()}},
+        "config": cfg.to_dict(),
+    }
+    with atomic_write(place.out_dir / "results.json", "w") as handle:
+        json.dump(result, handle, indent=2, default=json_default)
+    return result
