@@ -14,7 +14,7 @@ from typing import Any
 from depthg.lab.ablation import DEFAULT_VARIANTS, run_ablation
 from depthg.backbone import load_backbone
 from depthg.build import dataset_kwargs
-from depthg.calibrate import NULL_QUANTILE, calibration_report, measure_correlations
+from depthg.calibrate import NULL_QUANTILE, calibration_report, fps_class_shares, measure_correlations
 from depthg.config import (MODES, PRESETS, Config, ConfigError, apply_overrides, merge_values, parse_overrides,
                            read_config_file)
 from depthg.data import build_dataset
@@ -134,6 +134,8 @@ def cmd_calibrate(args: argparse.Namespace) -> Any:
     if not args.labels:
         stats.same_class = None  # label purity only where asked for (a development world)
     report = calibration_report(cfg, stats, args.quantile)
+    if args.labels and cfg.use_depth:  # where FPS looks, per class, against the cells' shares
+        report["fps_class_shares"] = fps_class_shares(cfg, progress=not args.no_progress, max_crops=args.max_crops)
     _print(report)
     return report
 
@@ -235,7 +237,8 @@ def _add_calibrate_parser(sub: "argparse._SubParsersAction[argparse.ArgumentPars
                    help="the rule's quantile of the random-pair correlations (default: %(default)s)")
     p.add_argument("--max-crops", type=int, default=2048, help="training crops sampled (default: %(default)s)")
     p.add_argument("--labels", action="store_true",
-                   help="also report how many pulled pairs show one class (development data only)")
+                   help="also report how many pulled pairs show one class and each class's share of the FPS picks "
+                        "(development data only)")
     p.set_defaults(func=cmd_calibrate)
 
 

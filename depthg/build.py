@@ -20,6 +20,7 @@ from depthg.config import Config
 from depthg.data import build_dataset
 from depthg.data.prepare import CroppedDataset, dataset_kwargs
 from depthg.data.transforms import RESIZES, Resize
+from depthg.dataset_protocol import item_camera, item_keys
 from depthg.method.head import ClusterProbe, LinearProbe, SegmentationHead
 from depthg.method.lhp import LhpChoices, strongest_attention, weighted_mean
 from depthg.method.losses import CorrelationTerms, DepthGLoss, Negatives, derangement_negatives
@@ -30,7 +31,7 @@ from depthg.utils import DepthGError, safe_torch_load
 
 __all__ = ["TrainError", "Fidelity", "fidelity", "FIDELITY_PRESETS", "Segmenter", "build_backbone", "build_models",
            "build_loss", "CHECKPOINT_FORMAT", "load_checkpoint", "load_weights", "dataset_kwargs", "depth_normalization",
-           "training_dataset", "validation_dataset", "n_classes_of"]
+           "training_dataset", "validation_dataset", "n_classes_of", "training_cameras"]
 
 
 class TrainError(DepthGError, RuntimeError):
@@ -231,6 +232,22 @@ def training_dataset(cfg: Config, fid: Fidelity, data: dict[str, Any]) -> Any:
         raise TrainError(f"depth_normalization={norm!r} needs five-cropped data (five_crop=true)")
     return build_dataset(data["dataset"], data["data_dir"], data["train_split"], depth_dir=data["depth_dir"],
                          **data["dataset_kwargs"])
+
+
+def training_cameras(cfg: Config, crops: Any) -> torch.Tensor | None:
+    """(N, 4) ``[fx, fy, cx, cy]`` of every training crop after :func:`~depthg.data.transforms.resize_center_crop`
+    to ``cfg.res``, in its pixels, where ``cfg.unprojection == "camera"``; None with the ``fov`` unprojection."""
+    if cfg.unprojection != "camera":
+        return None
+    rows = []
+    for i in range(len(crops)):
+        camera = item_camera(crops, i)
+        if camera is None:
+            raise TrainError(f"config key 'unprojection' = 'camera' needs a calibrated camera for every training image, "
+                             f"but {item_keys(crops)[i]!r} has none (Cityscapes and the synthetic world: camera/*.json); "
+                             "use unprojection=fov for data without calibration")
+        rows.append(camera.resized_center_crop(cfg.res).intrinsics())
+    return torch.tensor(rows, dtype=torch.float32)
 
 
 def validation_dataset(cfg: Config, data_root: str | Path) -> Any:

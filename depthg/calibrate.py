@@ -23,16 +23,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from depthg.build import build_backbone, fidelity, training_dataset
+from depthg.build import TrainError, build_backbone, fidelity, training_cameras, training_dataset
 from depthg.config import Config
 from depthg.data.prepare import prepare_training_data
 from depthg.method.losses import derangement, feature_correlation
-from depthg.method.sampling import random_grid, sample
+from depthg.method.sampling import fps_grid, random_grid, sample
 from depthg.precision import amp_context
 from depthg.train_support import feature_source, load_neighbours, setup_place
 
 __all__ = ["PAIRINGS", "SHIFT_KEYS", "NULL_QUANTILE", "CorrelationStats", "measure_correlations", "propose_shifts",
-           "calibration_report"]
+           "calibration_report", "fps_class_shares"]
 
 #: the loss's three pairings, in the order of their config keys
 PAIRINGS = ("self", "knn", "random")
@@ -87,6 +87,28 @@ def _same_class(l1: torch.Tensor, l2: torch.Tensor) -> torch.Tensor:
     return (a[:, :, None] == b[:, None, :]) & (a[:, :, None] >= 0)
 
 
+@dataclass
+class _TrainingView:
+    """What training reads, built as :func:`depthg.train.build_run` builds it: the crops, their feature
+    source (the feature cache where the config has one), the kNN table and the run's fidelity."""
+
+    crops: Any
+    source: Any
+    nns: np.ndarray
+    fid: Any
+
+
+def _training_view(cfg: Config, data: dict[str, Any] | None, progress: bool) -> _TrainingView:
+    place = setup_place(cfg, progress)
+    fid = fidelity(cfg)
+    backbone = build_backbone(cfg, place.device)
+    amp, _ = amp_context(cfg, place.device)
+    data = data if data is not None else prepare_training_data(cfg, backbone=backbone, progress=progress)
+    crops = training_dataset(cfg, fid, data)
+    nns = load_neighbours(cfg, data, len(crops))
+    return _TrainingView(crops, feature_source(cfg, fid, place, crops, backbone, amp), nns, fid)
+
+
 def _pair_values(source: Any, rows: torch.Tensor, others: torch.Tensor, same_grid: bool, cfg: Config,
                  gen: torch.Generator) -> tuple[np.ndarray, np.ndarray | None]:
     """F of crops ``rows`` with crops ``others`` at random grids (one grid for both when ``same_grid``), and
@@ -113,14 +135,8 @@ def measure_correlations(cfg: Config, *, data: dict[str, Any] | None = None, pro
     ``cfg.centering``; kNN partners of rank 1..``num_neighbors`` and random partners (a derangement) are
     drawn from a generator seeded with ``cfg.seed``, so the same config gives the same numbers (``chunk``
     crops at a time bound the memory)."""
-    place = setup_place(cfg, progress)
-    fid = fidelity(cfg)
-    backbone = build_backbone(cfg, place.device)
-    amp, _ = amp_context(cfg, place.device)
-    data = data if data is not None else prepare_training_data(cfg, backbone=backbone, progress=progress)
-    crops = training_dataset(cfg, fid, data)
-    nns = load_neighbours(cfg, data, len(crops))
-    source = feature_source(cfg, fid, place, crops, backbone, amp)
+    view = _training_view(cfg, data, progress)
+    source, nns = view.source, view.nns
     n = min(len(source), max_crops)
     gen = torch.Generator().manual_seed(cfg.seed)
     anchors = torch.arange(n)
@@ -140,6 +156,43 @@ def measure_correlations(cfg: Config, *, data: dict[str, Any] | None = None, pro
     return CorrelationStats({k: np.concatenate(v) for k, v in values.items()},
                             {k: np.concatenate(v) for k, v in same.items()} if labelled else None,
                             cfg.centering, n, cfg.feature_samples)
+
+
+@torch.no_grad()
+def fps_class_shares(cfg: Config, *, data: dict[str, Any] | None = None, progress: bool = True,
+                     max_crops: int = 2048, chunk: int = 64) -> dict[str, dict[str, float]]:
+    """Where depth-guided FPS looks, per class: the class's share of the feature cells of the training crops
+    (``cells``, what random sampling picks on average) and of the ``feature_samples``² cells FPS picks in each
+    crop (``fps``), with the config's unprojection (``fov_deg`` or each crop's camera), start and fidelity;
+    ``ratio`` = fps / cells. A cell's class is the label at its centre pixel."""
+    view = _training_view(cfg, data, progress)
+    cameras = training_cameras(cfg, view.crops)
+    names = list(getattr(view.crops, "class_names", []))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = min(len(view.source), max_crops)
+    cells = picks = None
+    for start in range(0, n, chunk):
+        rows = torch.arange(start, min(start + chunk, n))
+        batch = view.source.fetch(rows)
+        if "depth" not in batch or "label" not in batch:
+            raise TrainError("fps_class_shares needs the training crops' depth and labels")
+        grid_hw = tuple(batch["feats"].shape[-2:])
+        labels = _cell_labels(batch["label"].cpu(), grid_hw)  # (b, 1, h, w)
+        first: int | torch.Tensor = 0
+        if cfg.fps_random_start and not view.fid.fps_fixed_start:
+            first = torch.randint(0, grid_hw[0] * grid_hw[1], (len(rows),), generator=gen)
+        k = cameras[rows] if cameras is not None else None
+        grid = fps_grid(batch["depth"].cpu(), grid_hw, cfg.feature_samples, cfg.fov_deg, first, view.fid.fps, k)
+        picked = F.grid_sample(labels, grid, mode="nearest", align_corners=True)
+        size = max(len(names), int(labels.max()) + 1)
+        c = torch.bincount(labels[labels >= 0].long(), minlength=size).double()
+        p = torch.bincount(picked[picked >= 0].long(), minlength=size).double()
+        cells, picks = (c, p) if cells is None else (cells + c, picks + p)
+    cell_share, pick_share = cells / cells.sum(), picks / picks.sum()
+    return {(names[i] if i < len(names) else str(i)): {
+        "cells": float(cell_share[i]), "fps": float(pick_share[i]),
+        "ratio": float(pick_share[i] / cell_share[i]) if cell_share[i] > 0 else float("nan")}
+        for i in range(len(cell_share))}
 
 
 def propose_shifts(stats: CorrelationStats, quantile: float = NULL_QUANTILE) -> dict[str, float]:

@@ -35,7 +35,7 @@ import yaml
 from depthg.method.lhp import LHP_STRATEGIES
 from depthg.method.losses import CENTERINGS, DEPTH_SIMILARITIES, PAPER_DEPTH_SIMILARITY, CorrelationTerms
 from depthg.method.released import RELEASED_ITERATIONS, global_steps_to_iterations
-from depthg.method.sampling import SAMPLING_STRATEGIES
+from depthg.method.sampling import SAMPLING_STRATEGIES, UNPROJECTIONS
 from depthg.utils import DepthGError, atomic_write, read_json_strict
 
 __all__ = [
@@ -182,6 +182,10 @@ class Config:
     depth_decay_every: int = 250
     depth_sampling: str = "fps"
     fps_random_start: bool = False
+    # 3D points of FPS and the 3D depth similarities: "fov" = a pinhole of fov_deg over the crop (an unknown
+    # camera, the released call's intent), "camera" = each crop's calibrated camera (the dataset's, e.g.
+    # Cityscapes camera/*.json, followed through the five-crop and the resize; docs/method.md §6.1)
+    unprojection: str = "fov"
     fov_deg: float = 90.0
     sample_decay_factor: float = 0.9
     sample_decay_every: int = 1000  # 0 = off
@@ -243,6 +247,7 @@ class Config:
         self._expect_choice("mode", MODES)
         self._expect_choice("dataset", DATASETS)
         self._expect_choice("depth_sampling", SAMPLING_STRATEGIES)
+        self._expect_choice("unprojection", UNPROJECTIONS)
         self._expect_choice("depth_similarity", DEPTH_SIMILARITIES)
         self._expect_choice("centering", CENTERINGS)
         self._expect_choice("lhp_strategy", LHP_STRATEGIES)
@@ -314,6 +319,9 @@ class Config:
             )
         if self.lhp and self.lhp_strategy == "depth" and not self.use_depth:
             raise ConfigError("config key 'lhp_strategy' = 'depth' needs depth: set use_depth=true")
+        if self.unprojection == "camera" and self.mode == "released":
+            raise ConfigError("config key 'unprojection' = 'camera': released mode unprojects with the released "
+                              "field of view (docs/fidelity.md §3.4); use mode=paper or unprojection=fov")
 
     def _validate_against_data(self) -> None:
         """What can be checked before any data is prepared, so a run fails in seconds, not after minutes of

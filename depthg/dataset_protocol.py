@@ -20,7 +20,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-__all__ = ["SegmentationSource", "item_keys", "item_identities", "image_loader", "is_full_resolution"]
+__all__ = ["SegmentationSource", "item_keys", "item_identities", "image_loader", "is_full_resolution", "item_camera"]
 
 #: the item parts a key or an identity can cover
 Parts = tuple[str, ...]
@@ -33,7 +33,8 @@ class SegmentationSource(Protocol):
     Items (``dataset[i]``) are ``{"img" (3, H, W) float in [0, 1], "label" (H, W) int64 (-1 = ignore),
     "depth"? (1, H, W) float (larger = farther), "path", "key"}``, after ``transform`` when one is set.
     Optional: ``class_categories`` (each class's coarser category, e.g. Cityscapes' seven), which the
-    evaluation scores beside the classes.
+    evaluation scores beside the classes, and ``camera(index)`` (:func:`item_camera`), the pinhole camera of
+    an item's full-resolution image where the dataset has calibration.
     """
 
     #: the reader's name, recorded in every cache built from it ("cityscapes", ..., "cropped")
@@ -112,3 +113,10 @@ def image_loader(dataset: Any) -> Callable[[int], torch.Tensor]:
 def is_full_resolution(dataset: Any) -> bool:
     """Whether the items come as stored (no ``transform``); a plain dataset's items are taken as stored."""
     return not (isinstance(dataset, SegmentationSource) and dataset.transform is not None)
+
+
+def item_camera(dataset: Any, index: int) -> Any:
+    """Item ``index``'s :class:`depthg.data.transforms.Camera` (its full-resolution image's pinhole camera), or
+    None where the dataset has no ``camera`` method or no calibration for that item."""
+    camera = getattr(dataset, "camera", None)  # optional member of the protocol
+    return camera(index) if callable(camera) else None

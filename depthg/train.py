@@ -37,6 +37,7 @@ from depthg.build import (
     fidelity,
     load_checkpoint,
     n_classes_of,
+    training_cameras,
     training_dataset,
     validation_dataset,
 )
@@ -142,6 +143,7 @@ class Run:
     data: dict[str, Any]  # prepare_training_data's paths
     source: CropSource | CachedSource
     nns: np.ndarray  # (N, >= num_neighbors + 1) kNN indices of the training crops, rank 0 = itself
+    cameras: torch.Tensor | None  # (N, 4) each crop's [fx, fy, cx, cy] at res (unprojection="camera"), else None
     run_data: dict[str, str]  # fingerprints of data and backbone, recorded in every checkpoint
     val_set: Any
     n_classes: int
@@ -182,6 +184,7 @@ def build_run(cfg: Config, place: Place, data: dict[str, Any] | None) -> Run:
     val_set = validation_dataset(cfg, data["data_dir"])
     n_classes = n_classes_of(val_set)
     source = feature_source(cfg, fid, place, crops, backbone, amp)
+    cameras = training_cameras(cfg, crops)
 
     gens = _seed_everything(cfg, place.dinfo.rank)
     model, lhp, optimizers = _trainable(cfg, fid, backbone.embed_dim, n_classes, place.device)
@@ -191,7 +194,7 @@ def build_run(cfg: Config, place: Place, data: dict[str, Any] | None) -> Run:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     loss_fn, depth_sched, sample_sched = _objective(cfg, fid)
     patch = backbone.patch_size
-    return Run(cfg=cfg, place=place, backbone=backbone, amp=amp, scaler=scaler, data=data, source=source, nns=nns,
+    return Run(cfg=cfg, place=place, backbone=backbone, amp=amp, scaler=scaler, data=data, source=source, nns=nns, cameras=cameras,
                run_data=run_data, val_set=val_set, n_classes=n_classes, model=model, ddp_model=ddp_model, lhp=lhp,
                optimizers=optimizers, fidelity=fid, loss_fn=loss_fn, depth_sched=depth_sched, sample_sched=sample_sched,
                gens=gens, grid_hw=(cfg.res // patch, cfg.res // patch))
@@ -272,7 +275,8 @@ class Batch:
 
     ``feats``, ``feats_pos``: (b, C, h, w) frozen backbone features (float32); ``label``: (b, H, W) the
     anchors' labels (probes only); ``depth``, ``depth_pos``: (b, H, W) or None; ``img``: (2b, 3, H, W) the
-    crops, anchors first (per-step features only, else None).
+    crops, anchors first (per-step features only, else None); ``cameras``: the anchors' and positives' (b, 4)
+    ``[fx, fy, cx, cy]`` with ``unprojection="camera"``.
     """
 
     feats: torch.Tensor
@@ -281,6 +285,7 @@ class Batch:
     depth: torch.Tensor | None
     depth_pos: torch.Tensor | None
     img: torch.Tensor | None
+    cameras: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # (b, 4) each, or None: fov
 
 
 @dataclass
@@ -307,7 +312,7 @@ def train_step(run: Run, it: int) -> StepOut:
 
     # -- where the losses look: random (STEGO) or depth-guided FPS grids, (x, y), align_corners=True
     n_side = run.sample_sched.at(it)
-    grids = sampling_grids(run, n_side, batch.depth, batch.depth_pos)
+    grids = sampling_grids(run, n_side, batch.depth, batch.depth_pos, batch.cameras)
 
     # -- forward: head on anchors and positives together, probes on the detached anchor code
     with run.amp():
@@ -316,7 +321,7 @@ def train_step(run: Run, it: int) -> StepOut:
 
     # -- losses: STEGO + DepthG with this step's depth weight and shift
     depth_weight, depth_shift = run.depth_sched.at(it)
-    x = LossInputs(target, target_pos, code, code_pos, batch.depth, batch.depth_pos)
+    x = LossInputs(target, target_pos, code, code_pos, batch.depth, batch.depth_pos, *batch.cameras)
     terms = depthg_loss(run, x, grids, depth_weight, depth_shift)
     loss = terms["total"]
     # -- local hidden positives (docs/method.md §7): the loss again on propagated codes with new grids
@@ -355,7 +360,10 @@ def fetch_batch(run: Run, it: int) -> Batch:
     depth = depth_pos = None
     if "depth" in raw:
         depth, depth_pos = raw["depth"].split(b)
-    return Batch(feats, feats_pos, raw["label"][:b], depth, depth_pos, raw.get("img"))
+    cameras: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+    if run.cameras is not None:
+        cameras = run.cameras[torch.cat([idx[rows], pos[rows]])].to(feats.device).split(b)
+    return Batch(feats, feats_pos, raw["label"][:b], depth, depth_pos, raw.get("img"), cameras)
 
 
 def correlation_targets(run: Run, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -381,10 +389,12 @@ def dropout_masks(batch: int, channels: int, p: float, generator: torch.Generato
     return keep / (1.0 - p)
 
 
-def sampling_grids(run: Run, n_side: int, depth: torch.Tensor | None,
-                   depth_pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def sampling_grids(run: Run, n_side: int, depth: torch.Tensor | None, depth_pos: torch.Tensor | None,
+                   cameras: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(b, n_side, n_side, 2) sampling grids for anchors and positives, drawn for the *global* batch and
-    sliced to this rank: uniform random (STEGO) or farthest-point sampling on the depth (DepthG)."""
+    sliced to this rank: uniform random (STEGO) or farthest-point sampling on the depth (DepthG), the depth
+    unprojected with each crop's camera (``cameras``: (b, 4) each) or at ``fov_deg``."""
     cfg, rows, device, gen, fid = run.cfg, run.place.rows, run.place.device, run.gens.sample, run.fidelity
     if cfg.depth_sampling == "random":  # anchors' grids first, then the positives' (one stream)
         g1, g2 = (random_grid(cfg.batch_size, n_side, generator=gen)[rows].to(device) for _ in range(2))
@@ -395,8 +405,8 @@ def sampling_grids(run: Run, n_side: int, depth: torch.Tensor | None,
     if cfg.fps_random_start and not fid.fps_fixed_start:
         n_cells = run.grid_hw[0] * run.grid_hw[1]
         starts = [torch.randint(0, n_cells, (cfg.batch_size,), generator=gen)[rows].to(depth.device) for _ in range(2)]
-    g1, g2 = (fps_grid(d, run.grid_hw, n_side, cfg.fov_deg, start, fid.fps).to(device)
-              for d, start in zip((depth, depth_pos), starts))
+    g1, g2 = (fps_grid(d, run.grid_hw, n_side, cfg.fov_deg, start, fid.fps, intrinsics=k).to(device)
+              for d, start, k in zip((depth, depth_pos), starts, cameras))
     return g1, g2
 
 
@@ -418,7 +428,7 @@ def lhp_loss(run: Run, x: LossInputs, img: torch.Tensor | None, n_side: int, dep
             attention = run.backbone.patch_attention(img[: x.code.shape[0]])
     code_lhp = run.lhp(x.code, depth=x.depth, attention=attention)
     code_pos_lhp = run.lhp.project(x.code_pos)
-    grids = sampling_grids(run, n_side, x.depth, x.depth_pos)
+    grids = sampling_grids(run, n_side, x.depth, x.depth_pos, (x.intrinsics, x.intrinsics_pos))
     return depthg_loss(run, replace(x, code=code_lhp, code_pos=code_pos_lhp), grids, depth_weight, depth_shift)
 
 

@@ -68,6 +68,21 @@ def test_calibrate_command_prints_the_proposal(tmp_path, capsys, quiet):
           "world_n_train=3", "centering=none"])
     labelled = json.loads(capsys.readouterr().out)
     assert labelled["pulled"]["config"]["knn"]["purity"] is None or 0 <= labelled["pulled"]["config"]["knn"]["purity"] <= 1
+    shares = labelled["fps_class_shares"]
+    assert sum(v["cells"] for v in shares.values()) == pytest.approx(1.0)
+    assert sum(v["fps"] for v in shares.values()) == pytest.approx(1.0)
+
+
+def test_fps_class_shares_count_the_picked_cells(tmp_path, quiet):
+    from depthg.calibrate import fps_class_shares
+
+    cfg = _tiny(tmp_path, "use_depth=true", "depth_sampling=fps", "feature_samples=4")
+    shares = fps_class_shares(cfg, progress=False)
+    # with every cell picked (4 x 4 of a 4 x 4 grid) the picks are the cells
+    assert all(v["fps"] == pytest.approx(v["cells"]) for v in shares.values())
+    fewer = fps_class_shares(apply_overrides(cfg, ["feature_samples=2"]), progress=False)
+    assert [v["cells"] for v in fewer.values()] == [v["cells"] for v in shares.values()]
+    assert any(v["fps"] != pytest.approx(v["cells"]) for v in fewer.values())
 
 
 def test_frozen_baseline_is_kmeans_of_the_features_and_the_trainers_linear_probe(tmp_path, quiet):

@@ -15,6 +15,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 from cityscapesscripts.helpers.labels import id2label, labels as CS_LABELS
 
+from ..depth import read_camera
 from .common import (
     InvalidDatasetError,
     present,
@@ -24,7 +25,9 @@ from .common import (
     SegmentationDataset,
     check_pairs,
     describe_dir,
+    image_size,
 )
+from .transforms import Camera
 
 __all__ = ["Cityscapes", "CITYSCAPES_27_CLASSES", "CITYSCAPES_19_CLASSES", "CITYSCAPES_27_PALETTE", "CITYSCAPES_19_PALETTE"]
 
@@ -151,3 +154,14 @@ class Cityscapes(SegmentationDataset):
         """``camera/{split}/{city}/{stem}_camera.json`` for an item key."""
         folder, stem = self._stem(key)
         return self.root / "camera" / folder / f"{stem}_camera.json"
+
+    def camera(self, index: int) -> Camera | None:
+        """The camera of ``camera/.../*_camera.json`` (the synthetic world writes them too) at the size of the
+        image file; None without the file."""
+        sample = self.samples[index]
+        path = self.camera_path(sample.key)
+        if not path.is_file():
+            return None
+        cam = read_camera(path)
+        width, height = image_size(sample.image)
+        return Camera(cam["fx"], cam["fy"], cam["u0"], cam["v0"], height, width)

@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..depth import DepthCache
+from .transforms import Camera
 from ..utils import DepthGError, digest, file_identity
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "SegmentationDataset",
     "read_image",
     "upright",
+    "image_size",
     "image_array",
     "read_label",
     "image_to_tensor",
@@ -133,6 +135,18 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     with _open(path, "image") as im:
         return image_array(im, str(path))
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file, from its header (no decoding)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise CorruptFileError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
 
 
 # PIL modes holding 16 bits per sample; PIL's convert("RGB") clips them at 255 (all white).
@@ -294,6 +308,11 @@ class SegmentationDataset(Dataset):
         """Folders holding the source images and labels (caches must stay out of them)."""
         dirs = {s.image.parent for s in self.samples} | {s.label.parent for s in self.samples if s.label}
         return sorted(dirs)
+
+    def camera(self, index: int) -> Camera | None:
+        """The pinhole camera of item ``index``'s full-resolution image; None: this dataset does not know it
+        (readers with calibration files override this)."""
+        return None
 
     def load_image_tensor(self, index: int) -> torch.Tensor:
         """Just the full-resolution image (3, H, W); used by depth estimation."""

@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from ..backbone import load_backbone
 from ..config import Config
-from ..dataset_protocol import SegmentationSource, image_loader, is_full_resolution, item_identities, item_keys
+from ..dataset_protocol import (SegmentationSource, image_loader, is_full_resolution, item_camera, item_identities,
+                                item_keys)
 from ..depth import (
     DEPTH_MODEL_ALIASES,
     META_NAME as DEPTH_META,
@@ -67,7 +68,7 @@ from ..world.synthetic import GENERATOR_VERSION, make_world, world_complete
 from .common import CorruptFileError, image_to_tensor, read_image, read_label
 from .cityscapes import Cityscapes
 from .registry import build_dataset
-from .transforms import PAPER_RESIZE, RESIZES, Resize, resize_center_crop
+from .transforms import PAPER_RESIZE, RESIZES, Camera, Resize, resize_center_crop
 
 __all__ = [
     "five_crop",
@@ -89,7 +90,7 @@ __all__ = [
 ]
 
 INDEX_NAME = "index.json"
-INDEX_FORMAT = 2
+INDEX_FORMAT = 3  # 3: each crop records its camera (None where the source has no calibration)
 KNN_FORMAT = 3  # 3: exact float64 search, equal similarities ordered by index
 CROP_NAMES = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
 
@@ -259,6 +260,8 @@ def _item_done(out_dir: Path, split: str, entry: dict[str, Any], n: int, ident: 
         crop = entry["crops"].get(str(n * 5 + k))
         if crop is None or "files" not in crop or ("depth" in crop["files"]) != with_depth:
             return False
+        if "camera" not in crop:  # cropped before cameras were recorded (index format 2)
+            return False
         for part, (size, sha) in crop["files"].items():
             path = _crop_path(out_dir, part, split, n * 5 + k)
             try:
@@ -384,6 +387,7 @@ def _crop_item(job: _CropJob, n: int) -> tuple[int, dict[str, Any]]:
     if job.has_depth and depth is None:
         raise PreparationError(f"five-crop: item {job.keys[n]!r} has no depth although the dataset has a depth source")
     h, w = img.shape[:2]
+    camera = item_camera(job.dataset, n)
     dmin = float(depth.min()) if depth is not None else None
     dmax = float(depth.max()) if depth is not None else None
     crops: dict[str, Any] = {}
@@ -396,7 +400,8 @@ def _crop_item(job: _CropJob, n: int) -> tuple[int, dict[str, Any]]:
             written = job.depth_cache.write(f"{job.split}/{i:06d}", depth[:, top : top + ch, left : left + cw])
             files["depth"] = _file_record(written.read_bytes())
         crops[str(i)] = {"key": job.keys[n], "crop": CROP_NAMES[k], "box": [top, left, ch, cw],
-                         "depth_min": dmin, "depth_max": dmax, "files": files}
+                         "depth_min": dmin, "depth_max": dmax, "files": files,
+                         "camera": camera.crop(top, left, ch, cw).intrinsics() if camera else None}
     return n, crops
 
 
@@ -500,6 +505,12 @@ class CroppedDataset(Dataset):
 
     def load_image_tensor(self, index: int) -> torch.Tensor:
         return image_to_tensor(read_image(_crop_path(self.root, "img", self.split, index)))
+
+    def camera(self, index: int) -> Camera | None:
+        """The crop's camera: its parent's, shifted by the crop box (None where the parent had none)."""
+        crop = self.crops[index]
+        _, _, height, width = crop["box"]
+        return Camera(*crop["camera"], height, width) if crop.get("camera") else None
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         key = f"{self.split}/{index:06d}"

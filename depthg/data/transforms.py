@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from depthg.method.released import pil_nearest_resize
 
-__all__ = ["Resize", "PAPER_RESIZE", "RELEASED_RESIZE", "RESIZES", "resize_center_crop", "resized_size", "center_crop_box",
+__all__ = ["Camera", "Resize", "PAPER_RESIZE", "RELEASED_RESIZE", "RESIZES", "resize_center_crop", "resized_size", "center_crop_box",
            "bilinear_resize", "nearest_exact_resize"]
 
 
@@ -70,6 +70,37 @@ PAPER_RESIZE = Resize("paper", bilinear_resize, nearest_exact_resize)
 RELEASED_RESIZE = Resize("released", pil_nearest_resize, pil_nearest_resize)
 #: the mode -> resize table, the only one: ``depthg.build.Fidelity``'s presets and the kNN preparation read it.
 RESIZES = {r.name: r for r in (PAPER_RESIZE, RELEASED_RESIZE)}
+
+
+@dataclass(frozen=True)
+class Camera:
+    """A pinhole camera in one image's pixels: focal lengths ``fx``, ``fy`` and principal point ``cx``, ``cy``
+    (pixel centres at integers), and that image's ``height`` x ``width``. Following an image through a crop
+    and :func:`resize_center_crop` gives the camera of every training crop (the FPS unprojection's)."""
+
+    fx: float
+    fy: float
+    cx: float
+    cy: float
+    height: int
+    width: int
+
+    def crop(self, top: int, left: int, height: int, width: int) -> "Camera":
+        """The camera of the ``height`` x ``width`` window at (``top``, ``left``)."""
+        return Camera(self.fx, self.fy, self.cx - left, self.cy - top, height, width)
+
+    def resized_center_crop(self, res: int) -> "Camera":
+        """The camera of :func:`resize_center_crop` (short side to ``res``, centre ``res`` x ``res``); a resize by
+        s maps pixel centre u to (u + 0.5) s - 0.5."""
+        size = resized_size(self.height, self.width, res)
+        top, left = center_crop_box(*size, res, res)
+        sy, sx = size[0] / self.height, size[1] / self.width
+        return Camera(self.fx * sx, self.fy * sy, (self.cx + 0.5) * sx - 0.5 - left, (self.cy + 0.5) * sy - 0.5 - top,
+                      res, res)
+
+    def intrinsics(self) -> list[float]:
+        """``[fx, fy, cx, cy]``."""
+        return [self.fx, self.fy, self.cx, self.cy]
 
 
 def resize_center_crop(item: dict[str, Any], res: int, resize: Resize = PAPER_RESIZE) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from depthg.method.released import constant_depth_similarity, transposed_pairs
-from depthg.method.sampling import depth_to_points, sample
+from depthg.method.sampling import grid_points, sample
 from depthg.utils import DepthGError
 
 Centering = Literal["paper", "released", "none"]
@@ -212,21 +212,22 @@ def pull_push_fractions(depth_sim: torch.Tensor, shift: float) -> dict[str, floa
 
 
 def sampled_depth_similarity(depth: torch.Tensor, grid: torch.Tensor, grid_hw: tuple[int, int],
-                             kind: SimilarityKind = PAPER_DEPTH_SIMILARITY, fov_deg: float = 90.0) -> torch.Tensor:
+                             kind: SimilarityKind = PAPER_DEPTH_SIMILARITY, fov_deg: float = 90.0,
+                             intrinsics: torch.Tensor | None = None) -> torch.Tensor:
     """D (B, S, S, S, S) of one crop's depth (B, 1, H, W) at its sampled locations ``grid`` (B, S, S, 2).
 
-    The depth is pooled to ``grid_hw`` (as FPS does) and read, or unprojected (``fov_deg``) and read, at
-    the code's own coordinates; ``released`` ignores ``grid`` and resizes the whole map to S x S.
+    The depth is pooled to ``grid_hw`` (as FPS does) and read, or unprojected (each crop's ``intrinsics``
+    (B, 4), else ``fov_deg``) and read, at the code's own coordinates; ``released`` ignores ``grid`` and
+    resizes the whole map to S x S.
     """
     _check_4d("depth", depth)
     n_h, n_w = grid.shape[1:3]
     if kind == "released":
         return depth_similarity(depth, depth, "released", size=(n_h, n_w))
-    pooled = F.adaptive_avg_pool2d(depth, grid_hw)
     if kind == "product":
-        values = sample(pooled, grid)
+        values = sample(F.adaptive_avg_pool2d(depth, grid_hw), grid)
     else:
-        pts = depth_to_points(pooled, fov_deg=fov_deg)
+        pts = grid_points(depth, grid_hw, fov_deg, intrinsics)
         values = sample(pts.transpose(1, 2).reshape(depth.shape[0], 3, *grid_hw), grid)
     return depth_similarity(values, values, kind)
 
@@ -313,7 +314,9 @@ class LossInputs:
 
     ``feats``, ``feats_pos``: (B, C, h, w) correlation-target (backbone) features; ``code``, ``code_pos``:
     (B, D, h, w) the head's codes on the same grid; ``depth``, ``depth_pos``: (B, 1, H, W) or (B, H, W) depth,
-    larger = farther, or None when the depth term is off (only the anchor's enters the depth term, as released).
+    larger = farther, or None when the depth term is off (only the anchor's enters the depth term, as released);
+    ``intrinsics``, ``intrinsics_pos``: (B, 4) ``[fx, fy, cx, cy]`` of the anchors' and the positives' cameras
+    in the depth maps' pixels, for the 3D depth similarities (None: the pinhole of the loss's ``fov_deg``).
     """
 
     feats: torch.Tensor
@@ -322,6 +325,8 @@ class LossInputs:
     code_pos: torch.Tensor
     depth: torch.Tensor | None = None
     depth_pos: torch.Tensor | None = None
+    intrinsics: torch.Tensor | None = None  # (B, 4) the anchors' cameras in depth pixels; None: fov_deg
+    intrinsics_pos: torch.Tensor | None = None  # (B, 4) the positives' cameras
 
 
 class DepthGLoss(nn.Module):
@@ -362,9 +367,9 @@ class DepthGLoss(nn.Module):
                 f"neg_samples={self.terms.neg_samples}")
 
     def depth_term(self, code_s: torch.Tensor, depth: torch.Tensor, grid: torch.Tensor,
-                   grid_hw: tuple[int, int], shift: float) -> torch.Tensor:
+                   grid_hw: tuple[int, int], shift: float, intrinsics: torch.Tensor | None = None) -> torch.Tensor:
         """The depth-feature loss of the anchor's code ``code_s`` (B, D, S, S) sampled at ``grid``."""
-        sim = sampled_depth_similarity(depth, grid, grid_hw, self.depth_similarity, self.fov_deg)
+        sim = sampled_depth_similarity(depth, grid, grid_hw, self.depth_similarity, self.fov_deg, intrinsics)
         if self.depth_similarity == "released" and self.transposed_depth_pairs:
             sim = transposed_pairs(sim)  # code[h, w] meets depth[w, h] (docs/fidelity.md §3.2)
         return depth_feature_loss(code_s, sim.to(code_s.dtype), shift)
@@ -414,7 +419,7 @@ class DepthGLoss(nn.Module):
         if depth_weight != 0.0:
             if depth is None:
                 raise LossError("depth_weight is non-zero but depth is None")
-            depth_loss = self.depth_term(c1, depth, grid1, tuple(code.shape[-2:]), depth_shift)
+            depth_loss = self.depth_term(c1, depth, grid1, tuple(code.shape[-2:]), depth_shift, x.intrinsics)
         else:
             depth_loss = code.new_zeros(())
 

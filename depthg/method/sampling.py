@@ -20,6 +20,9 @@ from depthg.utils import DepthGError
 
 #: where the losses look: STEGO's uniform random locations, or DepthG's farthest points in 3D.
 SAMPLING_STRATEGIES: tuple[str, ...] = ("random", "fps")
+#: how depth becomes 3D points: a pinhole of field of view ``fov_deg`` over the grid (an unknown camera), or
+#: each crop's own calibrated camera (:func:`grid_points`)
+UNPROJECTIONS: tuple[str, ...] = ("fov", "camera")
 
 
 class SamplingError(DepthGError, ValueError):
@@ -39,22 +42,36 @@ def _check_depth(depth: torch.Tensor, name: str = "depth") -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def depth_to_points_intrinsics(depth: torch.Tensor, fx: float, fy: float, cx: float, cy: float) -> torch.Tensor:
+def depth_to_points_intrinsics(depth: torch.Tensor, fx: float | torch.Tensor, fy: float | torch.Tensor,
+                               cx: float | torch.Tensor, cy: float | torch.Tensor) -> torch.Tensor:
     """Pinhole unprojection: (B, 1, H, W) depth Z -> (B, H*W, 3) points (X, Y, Z), row-major (``r*W + c``).
 
     X = (c - cx) Z / fx, Y = (r - cy) Z / fy with focal lengths and principal point in pixels (pixel
-    centres at integers); depth 0 (invalid) becomes the camera centre.
+    centres at integers), one camera for the batch (floats) or one per image ((B,) tensors); depth 0
+    (invalid) becomes the camera centre.
     """
     _check_depth(depth)
-    if not (fx > 0 and fy > 0):
-        raise SamplingError(f"focal lengths must be positive, got fx={fx}, fy={fy}")
     b, _, h, w = depth.shape
+    fx, fy, cx, cy = (torch.as_tensor(v, dtype=depth.dtype, device=depth.device).reshape(-1, 1, 1)
+                      for v in (fx, fy, cx, cy))
+    if not (bool((fx > 0).all()) and bool((fy > 0).all())):
+        raise SamplingError(f"focal lengths must be positive, got fx={fx.flatten().tolist()}, fy={fy.flatten().tolist()}")
     z = depth[:, 0]
     rows = torch.arange(h, device=depth.device, dtype=depth.dtype).view(1, h, 1)
     cols = torch.arange(w, device=depth.device, dtype=depth.dtype).view(1, 1, w)
     x = (cols - cx) * z / fx
     y = (rows - cy) * z / fy
     return torch.stack([x, y, z], dim=-1).reshape(b, h * w, 3)
+
+
+def cell_intrinsics(intrinsics: torch.Tensor, image_hw: tuple[int, int], grid_hw: tuple[int, int]) -> torch.Tensor:
+    """Per-image pinhole intrinsics (B, 4) ``[fx, fy, cx, cy]`` in the pixels of an ``image_hw`` map -> the same
+    camera in the cells of a ``grid_hw`` grid over it (cell centres at integers, as pixel centres are)."""
+    if intrinsics.dim() != 2 or intrinsics.shape[1] != 4:
+        raise SamplingError(f"intrinsics must be a (B, 4) tensor [fx, fy, cx, cy], got {tuple(intrinsics.shape)}")
+    sy, sx = grid_hw[0] / image_hw[0], grid_hw[1] / image_hw[1]
+    fx, fy, cx, cy = intrinsics.unbind(1)
+    return torch.stack([fx * sx, fy * sy, (cx + 0.5) * sx - 0.5, (cy + 0.5) * sy - 0.5], dim=1)
 
 
 def depth_to_points(depth: torch.Tensor, fov_deg: float = 90.0) -> torch.Tensor:
@@ -272,6 +289,18 @@ class FpsChoices:
     cells_to_grid: CellsToGrid = indices_to_grid
 
 
+def grid_points(depth: torch.Tensor, grid_hw: tuple[int, int], fov_deg: float = 90.0,
+                intrinsics: torch.Tensor | None = None, unproject: Unproject = depth_to_points) -> torch.Tensor:
+    """The 3D points (B, h*w, 3) of a depth map (B, 1, H, W) average-pooled to the feature grid ``grid_hw``:
+    unprojected with each image's own camera when ``intrinsics`` (B, 4) ``[fx, fy, cx, cy]`` in the depth
+    map's pixels are given, else with ``unproject`` at the field of view ``fov_deg`` (an unknown camera)."""
+    pooled = F.adaptive_avg_pool2d(depth, grid_hw)
+    if intrinsics is None:
+        return unproject(pooled, fov_deg)
+    k = cell_intrinsics(intrinsics.to(device=depth.device, dtype=depth.dtype), tuple(depth.shape[-2:]), grid_hw)
+    return depth_to_points_intrinsics(pooled, *k.unbind(1))
+
+
 def fps_grid(
     depth: torch.Tensor,
     grid_hw: tuple[int, int],
@@ -279,16 +308,17 @@ def fps_grid(
     fov_deg: float = 90.0,
     start: int | torch.Tensor = 0,
     choices: FpsChoices = FpsChoices(),
+    intrinsics: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Depth-guided FPS coordinates (B, n_side, n_side, 2): pool ``depth`` (B, 1, H, W) to ``grid_hw``,
-    unproject (``fov_deg``), pick n_side**2 cells by FPS from ``start``, turn them into coordinates, each
-    step with the paper's or the released function (``choices``).
+    unproject (:func:`grid_points`: each image's ``intrinsics`` (B, 4), else ``fov_deg``), pick n_side**2
+    cells by FPS from ``start``, turn them into coordinates, each step with the paper's or the released
+    function (``choices``).
     """
     _check_depth(depth)
     h, w = int(grid_hw[0]), int(grid_hw[1])
     if n_side * n_side > h * w:
         raise SamplingError(f"cannot sample n_side**2 = {n_side * n_side} cells from a {h}x{w} grid")
-    pooled = F.adaptive_avg_pool2d(depth, (h, w))
-    points = choices.unproject(pooled, fov_deg)
+    points = grid_points(depth, (h, w), fov_deg, intrinsics, choices.unproject)
     indices = farthest_point_sample(points, n_side * n_side, start=start)
     return choices.cells_to_grid(indices.to(depth.device), h, w, n_side)
