@@ -16,7 +16,6 @@ no head weights).
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -26,15 +25,9 @@ import torch.nn as nn
 from depthg.build import Segmenter, TrainError
 from depthg.config import Config
 from depthg.method.head import ClusterProbe, LinearProbe, spherical_kmeans
-from depthg.train import LoopState, Run, build_run, evaluate_now
-from depthg.train_support import (
-    batch_indices,
-    checkpoint_to_resume,
-    json_default,
-    open_run_folder,
-    setup_place,
-)
-from depthg.utils import atomic_write, torch_threads
+from depthg.train import Run, build_run, evaluate_now
+from depthg.train_support import ReplaceOwn, RunFolder, batch_indices, checkpoint_to_resume, setup_place
+from depthg.utils import torch_threads, write_json
 
 __all__ = ["fit_frozen_baseline", "frozen_features", "KMEANS_MAX_POINTS", "BASELINE_DESCRIPTION"]
 
@@ -80,35 +73,39 @@ def _linear_probe(run: Run) -> LinearProbe:
 
 
 def fit_frozen_baseline(cfg: Config, *, progress: bool = True, data: dict[str, Any] | None = None,
-                        overwrite: bool = False) -> dict[str, Any]:
+                        overwrite: bool | ReplaceOwn = False) -> dict[str, Any]:
     """Fit the frozen-feature baseline of ``cfg``'s run and evaluate it with the run's protocol.
 
-    Writes ``output_dir/{config.yaml, log.jsonl, results.json}`` (a folder holding another run is refused
-    unless ``overwrite``) and returns the results: ``final.metrics`` as :func:`depthg.train.train` gives them.
+    Writes ``output_dir/{config.yaml, results.json}`` under the run-folder rules of :func:`depthg.train.train`
+    (held for the call; another run there refused unless ``overwrite``, and kept until this one is complete)
+    and returns the results: ``final.metrics`` as :func:`depthg.train.train` gives them.
     """
     with torch_threads(cfg.threads):
-        state = LoopState(t_start=time.time())
+        t_start = time.time()
         place = setup_place(cfg, progress)
         if place.dinfo.enabled:
             raise TrainError("the frozen-feature baseline runs in one process; start it without torchrun")
-        checkpoint_to_resume(cfg, place, resume=False, overwrite=overwrite)
-        run = build_run(cfg, place, data)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        run.model = Segmenter(nn.Identity(), _kmeans_probe(run, generator), _linear_probe(run)).to(place.device)
-        writer = open_run_folder(cfg, place, 0, overwrite)
-        metrics = evaluate_now(run, flip=cfg.eval_flip, crf=cfg.eval_crf)
-        if writer is not None:
-            writer.close()
-    result = {
-        "name": cfg.name, "mode": cfg.mode, "steps": cfg.steps, "wall_time_s": time.time() - state.t_start,
-        "baseline": BASELINE_DESCRIPTION,
-        "protocol": {"flip": cfg.eval_flip, "crf": cfg.eval_crf, "eval_res": cfg.eval_res, "split": cfg.val_split},
-        "final": {"step": cfg.steps, "note": "k-means of the frozen features; linear probe after the last step",
-                  "metrics": metrics},
-        "best_on_val": {"step": None, "selected_by": None, "note": "no model selection", "metrics": None},
-        "paths": {"output_dir": str(place.out_dir), **{k: str(v) for k, v in run.data.items()}},
-        "config": cfg.to_dict(),
-    }
-    with atomic_write(place.out_dir / "results.json", "w") as handle:
-        json.dump(result, handle, indent=2, default=json_default)
+        checkpoint_to_resume(cfg, place, resume=False, overwrite=overwrite)  # fails fast, before the folder is held
+        with RunFolder(place) as folder:
+            checkpoint_to_resume(cfg, place, resume=False, overwrite=overwrite)
+            run = build_run(cfg, place, data)
+            generator = torch.Generator().manual_seed(cfg.seed)
+            run.model = Segmenter(nn.Identity(), _kmeans_probe(run, generator), _linear_probe(run)).to(place.device)
+            writer = folder.open(cfg, 0, overwrite.owner if isinstance(overwrite, ReplaceOwn) else None)
+            if writer is not None:
+                writer.close()
+            metrics = evaluate_now(run, flip=cfg.eval_flip, crf=cfg.eval_crf)
+            result = {
+                "name": cfg.name, "mode": cfg.mode, "steps": cfg.steps, "wall_time_s": time.time() - t_start,
+                "baseline": BASELINE_DESCRIPTION,
+                "protocol": {"flip": cfg.eval_flip, "crf": cfg.eval_crf, "eval_res": cfg.eval_res,
+                             "split": cfg.val_split},
+                "final": {"step": cfg.steps, "note": "k-means of the frozen features; linear probe after the last "
+                          "step", "metrics": metrics},
+                "best_on_val": {"step": None, "selected_by": None, "note": "no model selection", "metrics": None},
+                "paths": {"output_dir": str(place.out_dir), **{k: str(v) for k, v in run.data.items()}},
+                "config": cfg.to_dict(),
+            }
+            write_json(place.out_dir / "results.json", result)
+            folder.first_step_passed()  # the replaced run goes once this one is complete
     return result

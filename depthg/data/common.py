@@ -138,13 +138,16 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) of an image file, from its header (no decoding)."""
+    """(width, height) of an image file as :func:`read_image` returns it (EXIF orientation applied), from its
+    header (no decoding)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
-            return im.size
+            width, height = im.size
+            turned = im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # a quarter turn swaps the sides
+            return (height, width) if turned else (width, height)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise CorruptFileError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
 
