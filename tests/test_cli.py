@@ -16,7 +16,7 @@ TINY = "backbone_kwargs={embed_dim: 32, depth: 2, num_heads: 2, mlp_ratio: 2, im
 def tiny_overrides(tmp_path) -> list[str]:
     return [
         f"cache_dir={tmp_path / 'cache'}", "backbone=vit_small_patch8_224", TINY, "weights=null", "res=32",
-        "eval_res=32", "world_n_train=2", "world_n_val=2", "world_size=[64, 128]", "dim=8", "batch_size=4",
+        "eval_res=32", "five_crop=true", "world_n_train=2", "world_n_val=2", "world_size=[64, 128]", "dim=8", "batch_size=4",
         "feature_samples=3", "knn_k=5", "num_neighbors=2", "eval_every=0", "device=cpu", "log_every=1", "threads=1",
     ]
 

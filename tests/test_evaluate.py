@@ -140,7 +140,7 @@ def test_evaluate_checkpoint_writes_json_with_hash(tmp_path):
     tiny = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2, img_size=64)
     cfg = Config(name="e", data_dir=None, cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "run"),
                  classes="world", depth_source="gt", backbone="vit_small_patch8_224", backbone_kwargs=tiny,
-                 res=32, eval_res=32, world_n_train=2, world_n_val=2, world_size=[64, 128], dim=8, batch_size=4,
+                 res=32, eval_res=32, five_crop=True, world_n_train=2, world_n_val=2, world_size=[64, 128], dim=8, batch_size=4,
                  steps=1, feature_samples=3, knn_k=5, num_neighbors=2, eval_every=0, device="cpu",
                  feature_cache=True, sample_decay_every=0, threads=1)
     with warnings.catch_warnings():

@@ -244,7 +244,7 @@ def test_knn_equals_the_previous_search_on_the_synthetic_world(tmp_path):
     from depthg.backbone import load_backbone
     from depthg.data.prepare import _knn_descriptors
 
-    cfg = Config.preset("synthetic").replace(cache_dir=str(tmp_path), world_n_train=8, world_n_val=1,
+    cfg = Config.preset("synthetic").replace(cache_dir=str(tmp_path), five_crop=True, world_n_train=8, world_n_val=1,
                                              world_size=[64, 128], device="cpu")
     backbone = load_backbone(cfg.backbone)
     paths = prepare_training_data(cfg, backbone=backbone, progress=False)

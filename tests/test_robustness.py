@@ -494,7 +494,7 @@ def test_config_checks_before_preparation():
     with pytest.raises(ConfigError, match="expected at most 16"):
         Config.preset("synthetic", feature_samples=17)
     with pytest.raises(ConfigError, match="batch_size"):
-        Config.preset("synthetic", world_n_train=2)  # 10 crops < batch 16
+        Config.preset("synthetic", world_n_train=2)  # 2 images < batch 16
     with pytest.raises(ConfigError, match="'classes'"):
         Config.preset("potsdam_vits8", classes=27)
     named = Config.preset("synthetic", name="mine")

@@ -24,7 +24,7 @@ def tiny_config(cache_dir, output_dir, **changes) -> Config:
     values = dict(
         name="tiny", dataset="cityscapes", data_dir=None, cache_dir=str(cache_dir), output_dir=str(output_dir),
         classes="world", depth_source="gt", backbone="vit_small_patch8_224", backbone_kwargs=TINY,
-        res=32, eval_res=32, world_n_train=2, world_n_val=2, world_size=[64, 128], dim=8, batch_size=4,
+        res=32, eval_res=32, five_crop=True, world_n_train=2, world_n_val=2, world_size=[64, 128], dim=8, batch_size=4,
         steps=4, feature_samples=3, knn_k=5, num_neighbors=2, eval_every=0, checkpoint_every=0,
         device="cpu", feature_cache=True, sample_decay_every=0, eval_batch_size=4, threads=1,
     )
