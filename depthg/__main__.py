@@ -144,7 +144,7 @@ def cmd_ablate(args: argparse.Namespace) -> Any:
     result = run_ablation(
         variants=args.variants or list(DEFAULT_VARIANTS), seeds=args.seeds, base_preset=args.preset or "synthetic",
         steps=args.steps, out_dir=args.out_dir, overrides=args.overrides, progress=not args.no_progress,
-        world_seeds=args.world_seed, dev_world_seed=args.dev_world_seed,
+        world_seeds=args.world_seed, dev_world_seed=args.dev_world_seed, jobs=args.jobs,
     )
     print(result["markdown"])
     return result
@@ -255,6 +255,8 @@ def _add_ablate_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: the preset's)")
     p.add_argument("--out-dir", default="runs/ablation")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time on worker processes (same numbers; 2 on a 2-core CPU with threads=1)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides applied to every run")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_ablate)

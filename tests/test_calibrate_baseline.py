@@ -115,3 +115,15 @@ def test_ablate_reports_kmeans_beside_stego_over_two_worlds(tmp_path, quiet):
     assert set(gate["per_world"]) == {"3", "4"} and "holm_p" in gate
     assert report["holm_p"] == {"stego − kmeans": gate["holm_p"]}
     assert (tmp_path / "abl" / "world4" / "kmeans" / "seed1" / "results.json").is_file()
+
+
+def test_ablation_on_two_worker_processes_gives_the_serial_numbers(tmp_path, quiet):
+    common = ["--world-seed", "5", "--variants", "kmeans", "stego", "--seeds", "0", "1", "--steps", "2",
+              "--no-progress", *tiny_overrides(tmp_path)]
+    serial = main(["ablate", *common, "--out-dir", str(tmp_path / "serial")])
+    parallel = main(["ablate", *common, "--out-dir", str(tmp_path / "parallel"), "--jobs", "2"])
+    for variant in ("kmeans", "stego"):
+        for key in ("cluster_miou", "cluster_accuracy", "linear_miou"):
+            assert parallel["summary"][variant][key]["values"] == serial["summary"][variant][key]["values"]
+    with pytest.raises(Exception, match="--jobs"):
+        main(["ablate", *common, "--out-dir", str(tmp_path / "none"), "--jobs", "0"])

@@ -30,7 +30,7 @@ from depthg.config import Config, apply_overrides
 from depthg.method.losses import DEPTH_SIMILARITIES, PAPER_DEPTH_SIMILARITY
 from depthg.train import train
 from depthg.lab.stats import holm, paired_differences, pooled_differences
-from depthg.utils import DepthGError, atomic_write, folder_lock, owned_output, sha256_file, write_json
+from depthg.utils import DepthGError, atomic_write, folder_lock, owned_output, pool_map, sha256_file, write_json
 
 __all__ = ["VARIANTS", "DEFAULT_VARIANTS", "METRICS", "variant_config", "run_ablation", "summarise",
            "paired_differences", "markdown_table", "backbone_sha256", "load_report", "report_rows",
@@ -49,7 +49,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
                              "STEGO + the released depth term (constant D: a decaying extra pull of self pairs), "
                              "random sampling: the paper's Cityscapes setting"),
     "fps_only": ("paper", {"use_depth": True, "depth_sampling": "fps", "depth_weight": 0.0},
-                 "STEGO losses with depth-guided FPS, no depth term"),
+                 "STEGO losses with depth-guided FPS (fov 90° unprojection), no depth term"),
+    "fps_intrinsics": ("paper", {"use_depth": True, "depth_sampling": "fps", "depth_weight": 0.0,
+                                 "unprojection": "camera"},
+                       "STEGO losses with depth-guided FPS in the camera's geometry (calibrated unprojection), "
+                       "no depth term"),
     **{f"depth_{sim}": ("paper", {"depth_sampling": "random", "depth_similarity": sim},
                         f"depth term only ({sim} similarity), random sampling")
        for sim in _PAPER_SIMILARITIES},
@@ -68,7 +72,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
 #: variants that train no head: fitted by :func:`depthg.baselines.fit_frozen_baseline`
 FROZEN_VARIANTS = ("kmeans",)
 #: the held-out table (test world).
-DEFAULT_VARIANTS = ("kmeans", "stego", "stego_released_depth", "fps_only", *(f"depth_{s}" for s in _PAPER_SIMILARITIES), "depthg",
+DEFAULT_VARIANTS = ("kmeans", "stego", "stego_released_depth", "fps_only", "fps_intrinsics", *(f"depth_{s}" for s in _PAPER_SIMILARITIES), "depthg",
                     "depthg_s5", "depthg_s11", "released")
 #: (group, metric) pairs read from a run's final evaluation (``category_miou``: where the data has categories).
 METRICS = (("cluster", "miou"), ("cluster", "accuracy"), ("linear", "miou"), ("linear", "accuracy"),
@@ -275,8 +279,9 @@ def _command(variants: Sequence[str], seeds: Sequence[int], base_preset: str, st
 
 
 def _check_request(variants: Sequence[str], seeds: Sequence[int], world_seeds: Sequence[int] | None,
-                   dev_world_seed: int | None) -> None:
-    """Refuse an empty or repeated seed list, unknown variants, and a test world that is the development world."""
+                   dev_world_seed: int | None, jobs: int = 1) -> None:
+    """Refuse an empty or repeated seed list, unknown variants, no jobs, and a test world that is the development
+    world."""
     if not seeds:
         raise AblationError("seeds must not be empty")
     if len(set(seeds)) != len(seeds):
@@ -284,6 +289,8 @@ def _check_request(variants: Sequence[str], seeds: Sequence[int], world_seeds: S
     for v in variants:
         if v not in VARIANTS:
             raise AblationError(f"unknown ablation variant {v!r}; known: {list(VARIANTS)}")
+    if jobs < 1:
+        raise AblationError(f"--jobs must be at least 1, got {jobs}")
     if world_seeds is not None and len(set(world_seeds)) != len(world_seeds):
         raise AblationError(f"world seeds must not repeat, got {list(world_seeds)}")
     if dev_world_seed is not None:
@@ -330,6 +337,12 @@ def claim_ablation_folder(out_dir: Path, configuration: dict[str, Any]) -> None:
                             "would be replaced or mixed: choose another --out-dir")
 
 
+def _run_task(progress: bool, task: tuple[dict[str, Any], str]) -> dict[str, Any]:
+    """One (config, variant) of an ablation, in a worker process of :func:`depthg.utils.pool_map` or here."""
+    values, variant = task
+    return _one_run(Config.from_dict(values), variant, progress)
+
+
 def _one_run(cfg: Config, variant: str, progress: bool) -> dict[str, Any]:
     """The finished results of ``cfg``'s run: reused when its ``results.json`` holds the same config, steps and
     backbone weights, else made (a frozen-feature fit for ``kmeans``, training otherwise) and stamped."""
@@ -352,33 +365,35 @@ def _one_run(cfg: Config, variant: str, progress: bool) -> dict[str, Any]:
 def run_ablation(variants: Sequence[str] = DEFAULT_VARIANTS, seeds: Sequence[int] = (0, 1, 2),
                  base_preset: str = "synthetic", steps: int | None = None, out_dir: str | Path = "runs/ablation",
                  overrides: Sequence[str] = (), progress: bool = True, world_seeds: Sequence[int] | None = None,
-                 dev_world_seed: int | None = None) -> dict[str, Any]:
+                 dev_world_seed: int | None = None, jobs: int = 1) -> dict[str, Any]:
     """Run every (world, variant, seed), collect final metrics, write ``ablation.json`` and ``ablation.md``.
 
     ``world_seeds``: the synthetic worlds (None = the preset's one world), each run in
     ``<out_dir>/world<w>/<variant>/seed<s>``; ``dev_world_seed`` marks them as held-out test worlds of choices
-    made on that other world.
+    made on that other world. ``jobs`` > 1 runs that many runs at a time on worker processes (the same numbers:
+    each run is a pure function of its config); an interrupted ablation resumes from its finished runs.
     """
     seeds, variants = [int(s) for s in seeds], list(variants)
     world_seeds = [int(w) for w in world_seeds] if world_seeds else None
-    _check_request(variants, seeds, world_seeds, dev_world_seed)
+    _check_request(variants, seeds, world_seeds, dev_world_seed, jobs)
     out_dir = Path(out_dir)
     command = _command(variants, seeds, base_preset, steps, out_dir, overrides, world_seeds, dev_world_seed)
     t0 = time.time()
     with folder_lock(out_dir, "ablation folder (--out-dir)"):
         claim_ablation_folder(out_dir, ablation_configuration(base_preset, steps, overrides, world_seeds))
+        tasks = [(variant_config(variant, seed, base_preset, steps, out_dir if world is None else out_dir / f"world{world}",
+                                 overrides, world), variant)
+                 for world in world_seeds or [None] for variant in variants for seed in seeds]
+        # each run is a pure function of its config (threads=1 in the presets), so workers give the serial numbers
+        results = pool_map(_run_task, [(cfg.to_dict(), v) for cfg, v in tasks], jobs, shared=progress and jobs <= 1,
+                           what="ablation runs")
         runs: dict[str, list[dict[str, Any]]] = {}
-        for world in world_seeds or [None]:
-            world_dir = out_dir if world is None else out_dir / f"world{world}"
-            for variant in variants:
-                for seed in seeds:
-                    cfg = variant_config(variant, seed, base_preset, steps, world_dir, overrides, world)
-                    result = _one_run(cfg, variant, progress)
-                    runs.setdefault(variant, []).append({
-                        "world": cfg.world_seed if cfg.data_dir is None else None, "seed": seed,
-                        "final": result["final"]["metrics"], "wall_time_s": result["wall_time_s"],
-                        "output_dir": cfg.output_dir, "backbone_sha256": result["ablation_backbone_sha256"],
-                    })
+        for (cfg, variant), result in zip(tasks, results):
+            runs.setdefault(variant, []).append({
+                "world": cfg.world_seed if cfg.data_dir is None else None, "seed": cfg.seed,
+                "final": result["final"]["metrics"], "wall_time_s": result["wall_time_s"],
+                "output_dir": cfg.output_dir, "backbone_sha256": result["ablation_backbone_sha256"],
+            })
         report = _report(runs, variants, seeds, base_preset, steps, overrides, world_seeds, dev_world_seed)
         report.update(command=command, wall_time_s=time.time() - t0)
         report["markdown"] = markdown_table(report["summary"], command, report["protocol"])
