@@ -50,8 +50,9 @@ def test_a_run_derives_its_fidelity_once():
                 for node in ast.walk(fn):
                     if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "fidelity":
                         callers.add(f"{path.relative_to(ROOT).as_posix()}:{fn.name}")
+    # calibrate builds the training crops and features as build_run does (without a head or a run folder)
     assert callers == {"depthg/train.py:build_run", "depthg/evaluate.py:evaluate_checkpoint",
-                       "depthg/lab/notebook.py:load_trained"}
+                       "depthg/lab/notebook.py:load_trained", "depthg/calibrate.py:_training_view"}
 
 
 def test_mode_fills_the_timing_flags_unless_set():
