@@ -201,7 +201,7 @@ def test_training_log_reading_and_curves(tmp_path):
     assert len(fig.axes) == 2
     assert len(fig.axes[0].lines) == 2
     two = viz.plot_training_curves({"STEGO": log, "DepthG": recs}, groups={"losses": ["loss/total"]})
-    assert [line.get_label() for line in two.axes[0].lines] == ["STEGO: loss/total", "DepthG: loss/total"]
+    assert [line.get_label() for line in two.axes[0].lines] == ["STEGO: total", "DepthG: total"]  # the panel's shared "loss/" prefix is dropped
     assert two.axes[0].lines[0].get_linestyle() != two.axes[0].lines[1].get_linestyle()
     with pytest.raises(ValueError, match="none of the requested"):
         viz.plot_training_curves(recs, keys=["nope"])

@@ -47,6 +47,9 @@ from depthg.data import PALETTES
 from depthg.utils import DepthGError, atomic_write
 
 __all__ = [
+    "MAX_WIDTH_IN",
+    "set_title",
+    "suptitle",
     "show_depth",
     "VizError",
     "get_palette",
@@ -311,6 +314,36 @@ def cells_to_pixels(cells: np.ndarray, feat_hw: tuple[int, int], img_hw: tuple[i
 # ----------------------------------------------------------------------------------------------------
 
 
+#: Widest figure the notebooks draw (inches at 100 dpi): JupyterLab shows it unshrunk on a projector.
+MAX_WIDTH_IN = 8.8
+
+
+def _points(fontsize: Any) -> float:
+    """A matplotlib font size (points or a name such as "medium") in points."""
+    from matplotlib.font_manager import FontProperties
+
+    return float(FontProperties(size=fontsize).get_size_in_points())
+
+
+def _chars_per_line(width_in: float, fontsize: Any) -> int:
+    """How many characters of text at ``fontsize`` (points or a matplotlib size name) fit in ``width_in``."""
+    return max(10, int(width_in * 72 / (0.56 * _points(fontsize))))
+
+
+def set_title(ax, text: str, **kwargs: Any):
+    """``ax.set_title`` with the text wrapped to the axes' width, so a long title never runs into the next
+    panel or out of the figure."""
+    width_in = ax.get_position().width * ax.figure.get_figwidth()
+    size = kwargs.get("fontsize", plt.rcParams["axes.titlesize"])
+    return ax.set_title(textwrap.fill(str(text), _chars_per_line(width_in, size)), **kwargs)
+
+
+def suptitle(fig, text: str, **kwargs: Any):
+    """``fig.suptitle`` wrapped to the figure's width."""
+    size = kwargs.get("fontsize", plt.rcParams["figure.titlesize"])
+    return fig.suptitle(textwrap.fill(str(text), _chars_per_line(fig.get_figwidth() * 0.95, size)), **kwargs)
+
+
 def _axes(ax=None, figsize=(5, 4)):
     if ax is None:
         fig, ax = plt.subplots(figsize=figsize)
@@ -324,7 +357,7 @@ def show_image(ax, img: Any, title: str | None = None):
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
-        ax.set_title(title, fontsize=9)
+        set_title(ax, title)
     return ax
 
 
@@ -360,14 +393,13 @@ def show_depth(
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
-        ax.set_title(title, fontsize=9)
+        set_title(ax, title)
     if colorbar:
         bar = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-        bar.set_label(f"depth ({units})", fontsize=8)
-        bar.ax.tick_params(labelsize=7)
+        bar.set_label(f"depth ({units})")
         # the key: which end of the bar is near, which is far
-        bar.ax.text(0.5, 1.01, "far", transform=bar.ax.transAxes, ha="center", va="bottom", fontsize=7)
-        bar.ax.text(0.5, -0.01, "near", transform=bar.ax.transAxes, ha="center", va="top", fontsize=7)
+        bar.ax.text(0.5, 1.01, "far", transform=bar.ax.transAxes, ha="center", va="bottom")
+        bar.ax.text(0.5, -0.01, "near", transform=bar.ax.transAxes, ha="center", va="top")
     return im
 
 
@@ -393,7 +425,7 @@ def plot_samples_on_image(
     else:
         img_hw = tuple(int(v) for v in ax.images[-1].get_array().shape[:2])
         if title:
-            ax.set_title(title, fontsize=9)
+            set_title(ax, title)
     px = cells_to_pixels(np.asarray(cells).reshape(-1, 2), feat_hw, img_hw)
     ax.scatter(px[:, 1], px[:, 0], s=size, c=color, marker=marker, edgecolors="black", linewidths=0.5,
                label=label)
@@ -434,11 +466,11 @@ def plot_samples_on_feature_grid(
         ax.scatter(c[:, 1], c[:, 0], s=16, c=colors[i % len(colors)], edgecolors="black", linewidths=0.4,
                    label=None if labels is None else labels[i], marker="os^D"[i % 4])
     if labels is not None:
-        ax.legend(fontsize=7, loc="upper right", framealpha=0.8)
+        ax.legend(loc="upper right", framealpha=0.8)
     ax.set_xlabel("feature column")
     ax.set_ylabel("feature row")
     if title:
-        ax.set_title(title, fontsize=9)
+        set_title(ax, title)
     return ax
 
 
@@ -459,8 +491,7 @@ def plot_heatmap_on_image(ax, img: Any, heat: Any, title: str | None = None, alp
     if colorbar is not None:
         bar = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
         bar.solids.set_alpha(1.0)
-        bar.set_label(colorbar, fontsize=8)
-        bar.ax.tick_params(labelsize=7)
+        bar.set_label(colorbar)
     if mark is not None:
         fh, fw = feat_hw or hm.shape
         (pr, pc), = cells_to_pixels(np.asarray([mark], dtype=np.float64), (fh, fw), (H, W))
@@ -470,7 +501,7 @@ def plot_heatmap_on_image(ax, img: Any, heat: Any, title: str | None = None, alp
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
-        ax.set_title(title, fontsize=9)
+        set_title(ax, title)
     return ax
 
 
@@ -494,29 +525,42 @@ def slider(description: str, value: float, min: float, max: float, step: float |
                layout=widgets.Layout(width=width, max_width="900px"), style={"description_width": "initial"})
 
 
-def add_caption(fig, text: str, width: int = 160, fontsize: float = 7.0):
-    """Lay the figure out, then write ``text`` (wrapped at ``width`` characters) *below* it.
+def add_caption(fig, text: str, fontsize: Any = None):
+    """Write ``text`` *below* the laid-out figure, wrapped to the figure's width.
 
     The caption starts under the figure's bottom edge and under any figure legend placed there (the class
     legend of :func:`plot_predictions`), so it never overlaps axis labels or legends; saving with
     :func:`save_figure` (``bbox_inches="tight"``) includes it. Returns the text artist.
     """
-    fig.tight_layout()
+    fig.canvas.draw()  # runs the layout engine, so the legends' boxes are where they will be drawn
     top = -0.005
     if fig.legends:
         renderer = fig.canvas.get_renderer()
         for legend in fig.legends:
             box = legend.get_window_extent(renderer).transformed(fig.transFigure.inverted())
             top = min(top, box.y0 - 0.01)
-    return fig.text(0.01, top, textwrap.fill(text, width), va="top", ha="left", fontsize=fontsize)
+    size = fontsize if fontsize is not None else plt.rcParams["font.size"]
+    chars = _chars_per_line(fig.get_figwidth() * 0.98, size)
+    return fig.text(0.01, top, textwrap.fill(text, chars), va="top", ha="left", fontsize=size)
 
 
-def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Save a matplotlib figure as PNG (or any format matplotlib knows) atomically; returns the path."""
+def save_figure(fig, path: str | os.PathLike, dpi: int | None = None, caption: str | None = None) -> Path:
+    """Save a matplotlib figure as PNG (or any format matplotlib knows) atomically; returns the path.
+
+    ``dpi``: default the figure's own. ``caption``: written under the figure in the saved file only
+    (:func:`add_caption`) and taken off again, so the notebook shows the figure without it. PNGs carry no
+    creation time, so the same figure saves to the same bytes.
+    """
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"
+    text = add_caption(fig, caption) if caption else None
     buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, dpi=dpi, bbox_inches="tight")
+    metadata = {"Software": None} if fmt == "png" else None
+    try:
+        fig.savefig(buf, format=fmt, dpi=dpi or fig.dpi, bbox_inches="tight", metadata=metadata)
+    finally:
+        if text is not None:
+            text.remove()
     with atomic_write(path, "wb") as handle:
         handle.write(buf.getvalue())
     return path
@@ -593,7 +637,7 @@ def point_cloud_figure(
     eye = dict(x=-0.5 * float(ratio[0]) - 0.9, y=-0.5 * float(ratio[1]) - 0.3, z=-0.5 * float(ratio[2]) - 0.35)
     unit = f" ({units})" if units else ""
     fig.update_layout(
-        title=title, margin=dict(l=0, r=0, t=40 if title else 0, b=0), height=520,
+        title=title, margin=dict(l=0, r=0, t=40 if title else 0, b=0), height=520, font=dict(size=15),
         scene=dict(aspectmode="manual", aspectratio=dict(x=float(ratio[0]), y=float(ratio[1]), z=float(ratio[2])),
                    xaxis_title=f"X{unit}", yaxis_title=f"Y{unit}", zaxis_title=f"Z, depth{unit}",
                    camera=dict(up=dict(x=0, y=-1, z=0), eye=eye, center=dict(x=0, y=0, z=0))),
@@ -652,9 +696,9 @@ def plot_point_cloud(
     ax.set_zlabel(f"height ({units})", labelpad=2)
     ax.view_init(elev=elev, azim=azim)
     if highlight:
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(loc="upper left")
     if title:
-        ax.set_title(title, fontsize=9)
+        set_title(ax, title)
     return ax
 
 
@@ -764,11 +808,11 @@ def plot_correlation_query(ax, corr: Any, query: tuple[int, int], title: str | N
         raise VizError(f"correlation: expected (h,w,i,j), got shape {tuple(c.shape)}")
     r, q = query
     im = ax.imshow(c[r, q], cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04).set_label(colorbar, fontsize=8)
+    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04).set_label(colorbar)
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
-        ax.set_title(title, fontsize=9)
+        set_title(ax, title)
     return ax
 
 
@@ -793,11 +837,11 @@ def plot_correlation_matrix(ax, corr: Any, title: str | None = None, vmin: float
     if col_order is not None:
         m = m[:, _as_numpy(col_order).astype(np.int64).reshape(-1)]
     im = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04).set_label(colorbar, fontsize=8)
+    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04).set_label(colorbar)
     ax.set_xlabel("sample (other crop)")
     ax.set_ylabel("sample (this crop)")
     if title:
-        ax.set_title(title, fontsize=9)
+        set_title(ax, title)
     return ax
 
 
@@ -849,7 +893,7 @@ def plot_training_curves(
     groups: Mapping[str, Sequence[str]] | None = None,
     title: str | None = None,
     smooth: int = 1,
-    ncols: int = 3,
+    ncols: int = 2,
 ):
     """Training curves from a run's log records (or the path of its ``log.jsonl``), or from several runs.
 
@@ -888,7 +932,7 @@ def plot_training_curves(
     colours = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0", "C1", "C2", "C3"])
     ncols = max(1, min(ncols, len(panels)))
     nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.2 * nrows + (0.4 if title else 0)), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(MAX_WIDTH_IN, 3.3 * nrows + (0.5 if title else 0)), squeeze=False)
     for ax, (name, ks) in zip(axes.flat, panels.items()):
         for r_i, (run, flat) in enumerate(runs.items()):
             for k_i, k in enumerate(ks):
@@ -903,20 +947,20 @@ def plot_training_curves(
                     kernel = np.ones(smooth) / smooth
                     ys = np.concatenate([np.cumsum(ys[: smooth - 1]) / np.arange(1, smooth),
                                          np.convolve(ys, kernel, "valid")])
-                label = f"{run}: {k}" if run else k
+                short = k.split("/", 1)[1] if len({q.split("/")[0] for q in ks}) == 1 and "/" in k else k
+                label = f"{run}: {short}" if run else short
                 ax.plot(xs, ys, label=label, linewidth=1.2, color=colours[k_i % len(colours)],
                         linestyle=styles[r_i % len(styles)], marker="o" if len(xs) < 20 else None, markersize=3,
                         drawstyle="steps-post" if schedule else "default")
         ax.set_xlabel(x)
-        ax.set_ylabel(name, fontsize=9)
-        ax.set_title(name, fontsize=10)
+        ax.set_ylabel(textwrap.fill(name, 24))
+        set_title(ax, name)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend()
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+        suptitle(fig, title)
     return fig
 
 
@@ -964,7 +1008,7 @@ def plot_iou_bars(iou: Any, class_names: Sequence[str] | None = None, ax=None, t
     names = list(class_names) if class_names is not None else [str(i) for i in range(n)]
     if len(names) != n:
         raise VizError(f"plot_iou_bars: {len(names)} class names for {n} IoU values")
-    fig, ax = _axes(ax, figsize=(max(5, 0.35 * n * len(arrays) + 2), 3.4))
+    fig, ax = _axes(ax, figsize=(MAX_WIDTH_IN, 4.6))
     width = 0.8 / len(arrays)
     xs = np.arange(n)
     for s, (name, vals) in enumerate(arrays.items()):
@@ -975,16 +1019,15 @@ def plot_iou_bars(iou: Any, class_names: Sequence[str] | None = None, ax=None, t
         ax.bar(xs + (s - (len(arrays) - 1) / 2) * width, np.nan_to_num(vals * scale), width=width,
                color=colours, edgecolor="black", linewidth=0.4, label=name or None)
         for i in np.flatnonzero(np.isnan(vals)):
-            ax.text(xs[i] + (s - (len(arrays) - 1) / 2) * width, 1, "n/a", rotation=90, fontsize=6, ha="center")
+            ax.text(xs[i] + (s - (len(arrays) - 1) / 2) * width, 1, "n/a", rotation=90, ha="center")
     ax.set_xticks(xs)
-    ax.set_xticklabels(names, rotation=75, fontsize=7)
+    ax.set_xticklabels(names, rotation=75, ha="right", rotation_mode="anchor")
     ax.set_ylabel("IoU (%)")
     ax.set_ylim(0, 100)
     if len(arrays) > 1:
-        ax.legend(fontsize=8)
+        ax.legend()
     if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+        set_title(ax, title)
     return fig
 
 
@@ -1000,21 +1043,21 @@ def plot_confusion(confusion: Any, class_names: Sequence[str] | None = None, ax=
         tot = m.sum(axis=1, keepdims=True)
         m = np.divide(m, tot, out=np.zeros_like(m), where=tot > 0)
     n = m.shape[0]
-    fig, ax = _axes(ax, figsize=(max(4, 0.3 * n + 2), max(3.5, 0.3 * n + 1.5)))
+    fig, ax = _axes(ax, figsize=(min(MAX_WIDTH_IN, max(5.0, 0.3 * n + 3.2)), min(8.5, max(4.5, 0.3 * n + 2.5))))
     im = ax.imshow(m, cmap="Blues", vmin=0, vmax=1 if normalize else None, interpolation="nearest")
     bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    bar.set_label("fraction of the class's pixels" if normalize else "pixels", fontsize=8)
+    bar.set_label("fraction of the class's pixels" if normalize else "pixels")
     if class_names is not None:
         names = list(class_names)
         ax.set_yticks(range(n))
-        ax.set_yticklabels(names[:n], fontsize=6)
+        ax.set_yticklabels(names[:n])
         if m.shape[1] == len(names):
             ax.set_xticks(range(m.shape[1]))
-            ax.set_xticklabels(names, rotation=90, fontsize=6)
+            ax.set_xticklabels(names, rotation=90)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(title, fontsize=10)
+        set_title(ax, title)
     return fig
 
 
@@ -1040,14 +1083,14 @@ def plot_predictions(
         if len(maps) != n:
             raise VizError(f"plot_predictions: column {name!r} has {len(maps)} maps for {n} images")
     ncol = 1 + len(columns)
-    fig, axes = plt.subplots(n, ncol, figsize=(cell_size * ncol * 1.3, cell_size * n), squeeze=False)
+    cell = min(cell_size, MAX_WIDTH_IN / ncol)
+    fig, axes = plt.subplots(n, ncol, figsize=(cell * ncol, cell * n + 1.0), squeeze=False)
     for r in range(n):
         show_image(axes[r, 0], images[r], titles[r] if titles else ("image" if r == 0 else None))
         for c, (name, maps) in enumerate(columns.items(), start=1):
             show_image(axes[r, c], colorize_labels(maps[r], palette), name if r == 0 else None)
     if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+        suptitle(fig, title)
     if class_names is not None:
         present = np.unique(np.concatenate([_as_numpy(m).reshape(-1) for maps in columns.values() for m in maps]))
         add_class_legend(fig, palette, class_names, present)
@@ -1065,6 +1108,9 @@ def add_class_legend(fig, palette: np.ndarray, class_names: Sequence[str], ids: 
                               label=names[i] if i < len(names) else f"cluster {i}") for i in ids if i >= 0]
     if any(i < 0 for i in ids):
         handles.append(mpatches.Patch(facecolor="black", label=ignore_label))
-    ncol = ncol or max(1, min(len(handles), 6))
-    return fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=ncol, fontsize=7,
-                      frameon=False, title="classes", title_fontsize=8)
+    if ncol is None:  # as many columns as fit in the figure's width
+        longest = max((len(h.get_label()) for h in handles), default=1)
+        entry_in = (longest * 0.6 * _points(plt.rcParams["legend.fontsize"]) + 30) / 72
+        ncol = max(1, min(len(handles), int(fig.get_figwidth() / entry_in)))
+    return fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=ncol,
+                      frameon=False, title="classes")
