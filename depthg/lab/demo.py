@@ -40,7 +40,8 @@ def optimise_pair(
         grids: the sample coordinates of each crop (2, S, S, 2).
         steps, lr: number of Adam steps and learning rate.
         depth_weight, depth_shift: w_depth and b_depth, held fixed (no decay in so few steps).
-        seed: seeds the negative permutations.
+        seed: seeds the negative permutations and the head's dropout (the global torch generator is forked
+            and restored, so the result depends on ``seed`` alone and the caller's random state is unchanged).
 
     Returns:
         ``{"records": [{"step", "pos_intra", "pos_inter", "neg_inter", "depth", "total"}, ...],
@@ -51,7 +52,6 @@ def optimise_pair(
         raise ValueError(f"optimise_pair needs the features of exactly two crops (2, C, h, w), got {tuple(feats.shape)}")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    pos = torch.tensor([1, 0])  # each crop is the other's positive
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(head.parameters(), lr=lr)
 
@@ -62,14 +62,18 @@ def optimise_pair(
         head.train()
         return tensor_correlation(code[:1], code[1:])[0]
 
-    before = code_correlation()
-    records = []
-    for step in range(steps):
-        code = head(feats)
-        x = LossInputs(feats, feats[pos], code, code[pos], depth, depth[pos])
-        terms = loss_fn(x, (grids, grids[pos]), depth_weight=depth_weight, depth_shift=depth_shift, generator=gen)
-        opt.zero_grad()
-        terms["total"].backward()
-        opt.step()
-        records.append({"step": step + 1, **{k: float(v.detach()) for k, v in terms.items()}})
+    pos = torch.tensor([1, 0])  # each crop is the other's positive
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the head's dropout
+        before = code_correlation()
+        records = []
+        for step in range(steps):
+            code = head(feats)
+            x = LossInputs(feats, feats[pos], code, code[pos], depth, depth[pos])
+            terms = loss_fn(x, (grids, grids[pos]), depth_weight=depth_weight, depth_shift=depth_shift,
+                            generator=gen)
+            opt.zero_grad()
+            terms["total"].backward()
+            opt.step()
+            records.append({"step": step + 1, **{k: float(v.detach()) for k, v in terms.items()}})
     return {"records": records, "S_before": before, "S_after": code_correlation()}
