@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,7 +35,7 @@ DISPLAY_WIDTH_PX = 900
 #: Smallest text, in points as displayed (after any shrinking), that a class can read when projected.
 MIN_TEXT_PT = 12.0
 #: Default figure width: DISPLAY_WIDTH_PX at the style's 100 dpi, less the inline backend's tight padding.
-FIGURE_WIDTH_IN = 8.8
+FIGURE_WIDTH_IN = 8.6
 
 #: matplotlib settings of every notebook: 100 dpi (one point of text = 100/72 px), text of 12-14 pt, figures
 #: at most 9 in wide, constrained layout (no ``tight_layout`` warnings with colour bars or 3D axes) and PNGs
@@ -123,9 +124,15 @@ def _check_displayed_figures() -> None:
     formatter.for_type(Figure, checked)
 
 
-def start(seed: int = 0, sliders: bool | str = False) -> Lesson:
-    """Seed everything, apply the figure style, decide about live sliders (:func:`live_widgets`)."""
+def start(seed: int = 0, sliders: bool | str = False, smoke: bool = False) -> Lesson:
+    """Seed everything, apply the figure style, decide about live sliders (:func:`live_widgets`).
+
+    ``smoke``: the notebook's CI configuration, which uses a tiny random backbone on purpose and says so in
+    its output; the loader's warning about random weights is then not repeated as a warning.
+    """
     seed_everything(int(seed))
+    if smoke:
+        warnings.filterwarnings("ignore", message=r".*has random weights", category=UserWarning)
     apply_style()
     live, why = live_widgets(sliders)
     return Lesson(int(seed), live, why)

@@ -315,7 +315,7 @@ def cells_to_pixels(cells: np.ndarray, feat_hw: tuple[int, int], img_hw: tuple[i
 
 
 #: Widest figure the notebooks draw (inches at 100 dpi): JupyterLab shows it unshrunk on a projector.
-MAX_WIDTH_IN = 8.8
+MAX_WIDTH_IN = 8.6
 
 
 def _points(fontsize: Any) -> float:
@@ -1084,7 +1084,8 @@ def plot_predictions(
             raise VizError(f"plot_predictions: column {name!r} has {len(maps)} maps for {n} images")
     ncol = 1 + len(columns)
     cell = min(cell_size, MAX_WIDTH_IN / ncol)
-    fig, axes = plt.subplots(n, ncol, figsize=(cell * ncol, cell * n + 1.0), squeeze=False)
+    aspect = to_image_array(images[0]).shape[0] / to_image_array(images[0]).shape[1] if n else 1.0
+    fig, axes = plt.subplots(n, ncol, figsize=(cell * ncol, cell * aspect * n + 1.2), squeeze=False)
     for r in range(n):
         show_image(axes[r, 0], images[r], titles[r] if titles else ("image" if r == 0 else None))
         for c, (name, maps) in enumerate(columns.items(), start=1):
