@@ -40,6 +40,7 @@ from depthg.data.transforms import resize_center_crop
 from depthg.evaluate import EvalOptions, predict_batch
 from depthg.train_support import ReplaceOwn
 from depthg.utils import get_device, repo_root, sha256_file
+from depthg.lab.lesson import shown_path
 from depthg.lab.viz import get_palette
 
 __all__ = ["SMOKE", "RANDOM_BACKBONE", "at_root", "validate_parameters", "backbone_problem", "RunChoice", "choose_run",
@@ -163,17 +164,18 @@ class RunChoice:
         lines = [self.headline, *self.notes]
         lines.append(f"backbone={c.backbone} weights={c.weights} steps={c.steps} batch={c.batch_size} "
                      f"sampling={c.depth_sampling} S={c.feature_samples} depth_similarity={c.depth_similarity} "
-                     f"use_depth={c.use_depth} -> {c.output_dir}")
+                     f"use_depth={c.use_depth} -> {shown_path(c.output_dir)}")
         return "\n".join(lines)
 
 
 def choose_run(dataset: str, preset: str, data_dir: str | os.PathLike | None, weights: str | None, *,
                mode: str = "paper", seed: int = 0, device: str = "auto", output_dir: str | os.PathLike,
                cache_dir: str | os.PathLike | None = None, smoke: bool = False, steps: int | None = None,
-               batch_size: int | None = None) -> RunChoice:
+               batch_size: int | None = None, fallback: bool = True) -> RunChoice:
     """The real preset on the real dataset when both the dataset folder and the backbone weights are given;
-    the embedded default (``synthetic`` preset) when neither is, with the reasons. A ``data_dir`` or ``weights``
-    that is given but missing (a typo) is an error, never a silent fall back to the synthetic world.
+    the embedded default (``synthetic`` preset) when neither is, with the reasons; with ``fallback=False``, not
+    even that (``config`` is then the real preset as it would run, and ``real`` False). A ``data_dir`` or
+    ``weights`` that is given but missing (a typo) is an error, never a silent fall back to the synthetic world.
 
     Args:
         dataset: the dataset's name for the message ("Cityscapes", "COCO-Stuff-27", "Potsdam-3").
@@ -193,7 +195,11 @@ def choose_run(dataset: str, preset: str, data_dir: str | os.PathLike | None, we
     if not reasons:
         backbone = dict(backbone="embedded", weights=None) if weights == "embedded" else dict(weights=str(weights))
         cfg = Config.preset(preset, mode=mode, data_dir=str(data_dir), **common, **backbone)
-        headline = f"RUNNING the {preset!r} preset ({mode} mode) on {data_dir} with weights {weights}"
+        headline = f"RUNNING the {preset!r} preset ({mode} mode) on {shown_path(data_dir)} with weights {weights}"
+    elif not fallback:
+        cfg = Config.preset(preset, mode=mode, **common)
+        headline = (f"NOT running the {dataset} preset: " + "; ".join(reasons) + ".\n"
+                    "-> nothing is trained here (the synthetic training is in notebooks/train_cityscapes.ipynb).")
     else:
         headline = (f"NOT running the {dataset} preset: " + "; ".join(reasons) + ".\n"
                     "-> running the embedded default instead: the synthetic world with the `synthetic` preset.")
@@ -217,7 +223,7 @@ def _missing_real_run(preset: str, data_dir: Path | None, weights: str | None, s
     """Why the real preset cannot run: nothing given (the reasons for the fall back), or an error for what was
     given but does not work (a missing dataset folder, weights that do not load)."""
     check_preset(preset)
-    shown = None if data_dir is None else str(data_dir)
+    shown = None if data_dir is None else shown_path(data_dir)
     if data_dir is None and weights is None:
         return ["dataset not found (data_dir=None)", "no backbone weights given (weights=None)"]
     if smoke and (data_dir is None or not data_dir.is_dir() or weights is None):  # CI: whatever is there
@@ -328,7 +334,8 @@ def figure_runs(variants: Mapping[str, str], seed: int, runs_dir: str | os.PathL
 
     ``variants`` = {label: ablation variant}, e.g. {"STEGO": "stego", "DepthG": "depthg"}. Each
     run is read from ``runs_dir/ablation/<variant>/seed<seed>/results.json`` (what ``python -m depthg
-    ablate`` writes); missing runs are trained here with :func:`depthg.lab.ablation.run_ablation` (same
+    ablate --out-dir runs/ablation`` writes), or ``runs_dir/ablation_world<w>/...`` for ``world_seed`` w;
+    missing runs are trained here with :func:`depthg.lab.ablation.run_ablation` (same
     configs, same folders), or, with ``train_if_missing=False``, reported with the command that makes them.
     A folder that holds a run with another config (a smoke run, other steps) is an error, never reused.
     ``world_seed``: the synthetic world the runs were trained on (``ablate --world-seed``; None: the preset's).
@@ -344,7 +351,8 @@ def figure_runs(variants: Mapping[str, str], seed: int, runs_dir: str | os.PathL
         print(f"The embedded backbone is not available ({problem}).\n-> runs trained here use a small RANDOM "
               "ViT; their figures show mechanics, not semantics.")
         overrides += as_overrides(RANDOM_BACKBONE)
-    configs = {label: variant_config(v, seed, steps=steps, out_dir=runs_dir / "ablation", overrides=overrides,
+    out_dir = runs_dir / ("ablation" if world_seed is None else f"ablation_world{world_seed}")
+    configs = {label: variant_config(v, seed, steps=steps, out_dir=out_dir, overrides=overrides,
                                      world_seed=world_seed) for label, v in variants.items()}
     paths = {label: Path(cfg.output_dir) / "results.json" for label, cfg in configs.items()}
     missing = [variants[label] for label, p in paths.items() if not p.is_file()]
@@ -359,19 +367,21 @@ def figure_runs(variants: Mapping[str, str], seed: int, runs_dir: str | os.PathL
                                       "move it away or give another runs_dir")
             # a run made with other backbone weights (e.g. before the embedded file changed) is redone
             if not made_with_weights(stored, backbone_sha256(configs[label])):
-                print(f"{path}: made with other backbone weights than today's; it is trained again")
+                print(f"{shown_path(path)}: made with other backbone weights than today's; it is trained again")
                 missing.append(variants[label])
     if missing and not train_if_missing:
+        world = "" if world_seed is None else f" --world-seed {world_seed}"
         raise FileNotFoundError(f"no runs (or only runs of other weights) at {[str(p) for p in paths.values()]}; make them with: python -m depthg "
-                                f"ablate --seeds {seed} --variants {' '.join(missing)} (or set train_if_missing=True)")
+                                f"ablate{world} --seeds {seed} --variants {' '.join(missing)} --out-dir {out_dir} "
+                                "(or set train_if_missing=True)")
     if missing:
         print(f"training {missing} (seed {seed}) with depthg.lab.ablation.run_ablation -- the same runs "
               "`python -m depthg ablate` makes")
-        run_ablation(variants=missing, seeds=(seed,), steps=steps, out_dir=runs_dir / "ablation", overrides=overrides,
+        run_ablation(variants=missing, seeds=(seed,), steps=steps, out_dir=out_dir, overrides=overrides,
                      progress=not smoke, world_seed=world_seed)
     results = {}
     for label, path in paths.items():
-        print(f"{label}: reading {path}")
+        print(f"{label}: reading {shown_path(path)}")
         results[label] = {**json.loads(path.read_text()), "dir": path.parent}
     return results
 
