@@ -445,18 +445,22 @@ def load_report(path: str | Path) -> dict[str, Any]:
 
 def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per variant: description, runs, the metrics and the pooled paired differences to ``stego``
-    (for ``stego`` itself: to ``kmeans``), with their p and Holm-adjusted p."""
+    (for ``stego`` itself: to ``kmeans``), with their p and Holm-adjusted p.
+
+    Whatever variants the report holds are listed (a metric a report lacks shows None).
+    """
     rows = []
     for variant, row in report["summary"].items():
         base = "kmeans" if variant == "stego" else "stego"
         paired = row.get(f"paired_vs_{base}", {})
         miou = paired.get("cluster_miou", {})
+        described = report.get("variants", {}).get(variant) or (VARIANTS[variant][2] if variant in VARIANTS else "")
         rows.append({
-            "variant": variant, "description": report.get("variants", {}).get(variant, ""),
-            "runs": len(row.get("runs", row["seeds"])), "seeds": len(row["seeds"]),
-            "unsup_acc": row["cluster_accuracy"], "unsup_miou": row["cluster_miou"],
+            "variant": variant, "description": described,
+            "runs": len(row.get("runs", row.get("seeds", []))), "seeds": len(row.get("seeds", [])),
+            "unsup_acc": row.get("cluster_accuracy"), "unsup_miou": row.get("cluster_miou"),
             "unsup_category_miou": row.get("cluster_category_miou"),
-            "linear_acc": row["linear_accuracy"], "linear_miou": row["linear_miou"],
+            "linear_acc": row.get("linear_accuracy"), "linear_miou": row.get("linear_miou"),
             "versus": base if paired else None,
             "d_unsup_miou": _fmt_ci(miou) if miou else None,
             "p": _fmt_p(miou.get("p")) if miou else None, "holm_p": _fmt_p(miou.get("holm_p")) if miou else None,
