@@ -46,4 +46,8 @@ if [ ! -e "$lab_settings/overrides.json" ]; then
   mkdir -p "$lab_settings"
   echo '{"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": false}}' > "$lab_settings/overrides.json"
 fi
+# Widgets save their state into a notebook when it is saved, so a notebook saved after running reopens with its
+# sliders drawn instead of "Error displaying widget: model not found" (overrides.d: written on every run).
+mkdir -p "$lab_settings/overrides.d"
+echo '{"@jupyter-widgets/jupyterlab-manager:plugin": {"saveState": true}}' > "$lab_settings/overrides.d/depthg.json"
 .venv/bin/python -c 'import depthg, torch; print(f"depthg {depthg.__version__} ready (torch {torch.__version__}, cuda={torch.cuda.is_available()})")'

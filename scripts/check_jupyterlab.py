@@ -1,17 +1,26 @@
 """Check the notebooks the way a class sees them: JupyterLab in a real (headless) browser.
 
-Starts JupyterLab on 127.0.0.1 (a free port, a random token, throw-away settings and workspaces) on a
-temporary copy of ``notebooks/``, drives Debian's Chromium with Playwright (``executable_path``, no browser
-download), opens every notebook, runs the ones given with ``--run`` (Run All), moves the first slider of
-each run notebook and checks that its figure is redrawn, once, on release. It fails on:
+Starts JupyterLab on 127.0.0.1 (a free port, a random token, throw-away user settings and workspaces; the
+environment's own JupyterLab defaults, which ``./setup.sh`` writes) on a temporary copy of ``notebooks/``,
+drives Debian's Chromium with Playwright (``executable_path``, no browser download), opens every notebook,
+runs the ones given with ``--run`` (Run All), moves the first slider of each run notebook that makes sliders
+and checks that its figure is redrawn, once, on release, then saves the notebook, shuts its kernel down and
+opens it again, as a class would open a saved notebook the next day. It fails on:
 
 - a dialog on the page (e.g. JupyterLab's "Build Recommended") or a pop-up notification (e.g. "get notified
   about Jupyter news?");
 - an error in the browser console or an uncaught page error;
 - an error output, a warning, a traceback or other library noise in a cell's output (``[Open3D ...]`` lines;
   the workbench's own notes on stderr are fine);
-- a widget that does not render; a slider narrower than ``--min-slider-px``, one that redraws while it is
-  dragged, or one whose figure does not change after it is released.
+- a widget that does not render (also after the notebook was saved and opened again: "Error displaying
+  widget: model not found" when its state was not saved); a slider narrower than ``--min-slider-px``, one
+  that redraws while it is dragged, or one whose figure does not change after it is released; a notebook
+  that makes sliders (``viz.slider``) but shows none live;
+- a figure shown smaller than it was drawn (JupyterLab shrinks an image wider than the output area, and its
+  text with it).
+
+Notebooks may be saved with outputs (they are opened as they are; the parameters a papermill run injected
+are replaced by the check's own).
 
     .venv/bin/python scripts/check_jupyterlab.py                      # open all, Run All on 02 (full)
     .venv/bin/python scripts/check_jupyterlab.py --smoke --run 02_fps_point_clouds.ipynb
@@ -81,6 +90,13 @@ JS_OUTPUTS = """() => {
 JS_WIDGET_PROBLEMS = """() => [...window.jupyterapp.shell.currentWidget.node.querySelectorAll('.jp-OutputArea-output')]
   .map(e => e.innerText || '').filter(t => /Error displaying widget|Loading widget\\.\\.\\./.test(t))
   .map(t => t.slice(0, 200))"""
+# output images shown narrower than they are (JupyterLab scales an image down to the output area's width)
+JS_SHRUNK_IMAGES = """() => [...window.jupyterapp.shell.currentWidget.node.querySelectorAll('.jp-OutputArea-output img')]
+  .filter(i => i.naturalWidth > 0 && i.getBoundingClientRect().width < 0.98 * i.naturalWidth)
+  .map(i => `${i.naturalWidth} px image shown ${Math.round(i.getBoundingClientRect().width)} px wide`)"""
+JS_SAVE = "() => window.jupyterapp.commands.execute('docmanager:save').then(() => true)"
+JS_CLOSE = """() => { const w = window.jupyterapp.shell.currentWidget;
+  return w.sessionContext.shutdown().then(() => { w.dispose(); return true; }); }"""
 JS_DIALOGS = """() => [...document.querySelectorAll('.jp-Dialog')].map(d => d.innerText.replace(/\\s+/g, ' ').trim())"""
 JS_TOASTS = """() => [...document.querySelectorAll('.Toastify__toast')].map(d => d.innerText.replace(/\\s+/g, ' ').trim())"""
 # a fingerprint of what the slider's cell shows (images, svg, plotly, text of output widgets)
@@ -126,6 +142,8 @@ def prepare_notebooks(work: Path, names: list[str], run: list[str], smoke: bool)
     for name in names:
         nb = nbformat.read(NOTEBOOKS / name, as_version=4)
         if name in run:
+            # a notebook saved by papermill carries the parameters of that run: the check's own replace them
+            nb.cells = [c for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]
             tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
             if not tagged:
                 raise CheckFailed(f"{name} has no cell tagged 'parameters' to inject the check's parameters after")
@@ -136,6 +154,14 @@ def prepare_notebooks(work: Path, names: list[str], run: list[str], smoke: bool)
             source = "\n".join(f"{k} = {v!r}" for k, v in values.items())
             nb.cells.insert(tagged[0] + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
         nbformat.write(nb, work / name)
+
+
+def makes_sliders(name: str) -> bool:
+    """Whether a notebook draws sliders (``viz.slider``): then a live one must show after Run All."""
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    return any(c.cell_type == "code" and "slider(" in c.source for c in nb.cells)
 
 
 def repository_files() -> dict[str, int]:
@@ -260,16 +286,35 @@ def move_slider(page, min_width: float, timeout_s: float) -> dict:
     return info
 
 
-def check_notebook(page, base: str, name: str, run: bool, args, console: list[dict]) -> dict:
-    """Open one notebook (and Run All, move a slider); returns its report (``problems`` empty = passed)."""
-    report: dict = {"notebook": name, "run": run, "problems": []}
-    first = len(console)
+def open_notebook(page, name: str) -> None:
+    """Open ``name`` in JupyterLab and wait until its kernel is idle."""
     page.evaluate("(p) => window.jupyterapp.commands.execute('docmanager:open', {path: p}).then(() => true)", name)
     page.wait_for_function(f"() => window.jupyterapp.shell.currentWidget && "
                            f"window.jupyterapp.shell.currentWidget.context && "
                            f"window.jupyterapp.shell.currentWidget.context.path === {json.dumps(name)}", timeout=60_000)
     page.wait_for_function(JS_CURRENT_IDLE, timeout=120_000)
     time.sleep(1.0)
+
+
+def reopen(page, name: str) -> list[str]:
+    """Save the notebook, shut its kernel down, close it and open it again (a new kernel): what a class sees
+    when it opens a saved notebook. Returns the widgets that do not render then."""
+    page.evaluate(JS_SAVE)
+    time.sleep(1.0)
+    page.evaluate(JS_CLOSE)
+    time.sleep(1.0)
+    open_notebook(page, name)
+    time.sleep(3.0)  # let saved widgets render
+    return [f"after saving and reopening, a widget does not render: {t!r}" for t in page.evaluate(JS_WIDGET_PROBLEMS)]
+
+
+def check_notebook(page, base: str, name: str, run: bool, args, console: list[dict]) -> dict:
+    """Open one notebook (and Run All, move a slider, save and reopen); returns its report (``problems``
+    empty = passed)."""
+    report: dict = {"notebook": name, "run": run, "problems": []}
+    first = len(console)
+    open_notebook(page, name)
+    report["problems"] += [f"widget does not render on opening: {t!r}" for t in page.evaluate(JS_WIDGET_PROBLEMS)]
     try:
         if run:
             start = time.time()
@@ -285,9 +330,13 @@ def check_notebook(page, base: str, name: str, run: bool, args, console: list[di
                 report["problems"].append(f"only {report['cells_run']} of {len(cells)} code cells ran")
             time.sleep(3.0)  # let widgets render
             report["problems"] += [f"widget did not render: {t!r}" for t in page.evaluate(JS_WIDGET_PROBLEMS)]
-            if not args.no_slider and not report["problems"]:
+            report["problems"] += [f"figure shrunk to fit: {t}" for t in page.evaluate(JS_SHRUNK_IMAGES)]
+            if not args.no_slider and not report["problems"] and makes_sliders(name):
                 report["slider"] = move_slider(page, args.min_slider_px, args.timeout)
                 report["problems"] += output_problems(page.evaluate(JS_OUTPUTS))
+            if not report["problems"]:
+                report["problems"] += reopen(page, name)
+                report["reopened"] = True
     except CheckFailed as err:
         report["problems"].append(str(err))
     report["problems"] += [f"dialog: {d[:300]}" for d in page.evaluate(JS_DIALOGS)]

@@ -45,9 +45,35 @@ def test_output_problems_flags_errors_and_library_noise():
     assert check.output_problems([note]) == []
 
 
+def test_slider_notebooks_and_saved_papermill_parameters(tmp_path, monkeypatch):
+    """Only a notebook that makes sliders must show one; a notebook saved by papermill gets the check's own
+    output folders instead of the ones its run injected."""
+    import nbformat
+
+    check = _script()
+    assert check.makes_sliders("02_fps_point_clouds.ipynb") and not check.makes_sliders("03_depth_feature_correlation.ipynb")
+    saved = nbformat.read(ROOT / "notebooks" / "reproduce_figures.ipynb", as_version=4)
+    tagged = next(i for i, c in enumerate(saved.cells) if "parameters" in c.metadata.get("tags", []))
+    saved.cells.insert(tagged + 1, nbformat.v4.new_code_cell('output_dir = "figures"',
+                                                             metadata={"tags": ["injected-parameters"]}))
+    source = tmp_path / "saved"
+    source.mkdir()
+    nbformat.write(saved, source / "reproduce_figures.ipynb")
+    monkeypatch.setattr(check, "NOTEBOOKS", source)
+    work = tmp_path / "work" / "notebooks"
+    work.mkdir(parents=True)
+    check.prepare_notebooks(work, ["reproduce_figures.ipynb"], ["reproduce_figures.ipynb"], smoke=True)
+    injected = [c.source for c in nbformat.read(work / "reproduce_figures.ipynb", as_version=4).cells
+                if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1 and "output_dir = 'figures'" not in injected[0] and 'output_dir = "figures"' not in injected[0]
+    assert f"output_dir = {str(tmp_path / 'work' / 'outputs' / 'reproduce_figures' / 'output_dir')!r}" in injected[0]
+    assert "smoke = True" in injected[0]
+
+
 def test_jupyterlab_in_a_browser(tmp_path):
-    """Start JupyterLab, open every notebook, Run All on 02 (smoke), drag a slider: no dialog, no console
-    error, no error output or library noise, and a figure that is redrawn once, on release."""
+    """Start JupyterLab, open every notebook, Run All on 02 (smoke), drag a slider, save and reopen: no dialog,
+    no console error, no error output or library noise, no shrunk figure, a figure that is redrawn once, on
+    release, and widgets that render again after the notebook was saved and reopened."""
     check = _script()
     if check.find_chromium(None) is None:
         pytest.skip("Debian's chromium is not installed (./setup.sh installs it with apt-get as root or with sudo)")
@@ -64,3 +90,4 @@ def test_jupyterlab_in_a_browser(tmp_path):
     assert [r["notebook"] for r in ran] == ["02_fps_point_clouds.ipynb"]
     assert ran[0]["cells_run"] == ran[0]["code_cells"] > 0
     assert ran[0]["slider"]["figure_changed"] and ran[0]["slider"]["track_px"] >= 300
+    assert ran[0]["reopened"]
