@@ -1,6 +1,9 @@
 """Every notebook runs headless under papermill in its smoke configuration, and the committed notebooks are
 clean (no outputs, a ``parameters`` cell, a markdown cell before every code cell) and thin: no code cell
-over 25 lines, no import of a private name, no document named that is not in the repository.
+over 25 lines, no import of a private name, no document named that is not in the repository. Every notebook
+ends with "What this shows" written from its own numbers, every figure it shows is readable when projected
+(``DEPTHG_CHECK_FIGURES=1``: depthg.lab.lesson), and two runs of 03 and of reproduce_tables give the same
+outputs.
 
 The smoke runs write only under ``tmp_path`` (output notebooks, runs, caches, figures): every notebook
 that writes files takes ``output_dir`` (and, where it builds data, ``cache_dir``) as parameters.
@@ -8,6 +11,7 @@ that writes files takes ``output_dir`` (and, where it builds data, ``cache_dir``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -25,11 +29,12 @@ NOTEBOOKS = sorted(p.name for p in NB_DIR.glob("*.ipynb"))
 # in that order; run alone, reproduce_tables shows its "no run yet" cells instead).
 SMOKE_PARAMS = {
     "01_depth_estimation.ipynb": lambda tmp, shared: {"output_dir": str(tmp / "out")},
-    # live ipywidgets.interact can hang nbclient's execution (jupyter/nbclient#312); the browser check moves them
-    "02_fps_point_clouds.ipynb": lambda tmp, shared: {"output_dir": str(tmp / "html"), "sliders": False},
+    # sliders keep their default, "auto": static under papermill (a live interact would wait for ever)
+    "02_fps_point_clouds.ipynb": lambda tmp, shared: {"output_dir": str(tmp / "html")},
     "train_cityscapes.ipynb": lambda tmp, shared: {"output_dir": str(tmp / "out"), "cache_dir": str(shared / "cache")},
-    "train_cocostuff.ipynb": lambda tmp, shared: {"output_dir": str(tmp / "out"), "cache_dir": str(shared / "cache")},
-    "train_potsdam.ipynb": lambda tmp, shared: {"output_dir": str(tmp / "out"), "cache_dir": str(shared / "cache")},
+    # a folder that is not the dataset: the notebooks check it with the loader, report and train nothing
+    "train_cocostuff.ipynb": lambda tmp, shared: {"output_dir": str(tmp / "out"), "data_dir": str(tmp / "no_coco")},
+    "train_potsdam.ipynb": lambda tmp, shared: {"output_dir": str(tmp / "out"), "data_dir": str(tmp / "no_potsdam")},
     "reproduce_figures.ipynb": lambda tmp, shared: {"output_dir": str(tmp / "figures"), "cache_dir": str(shared / "cache"),
                                                     "runs_dir": str(shared / "runs")},
     "reproduce_tables.ipynb": lambda tmp, shared: {"runs_dir": str(shared / "runs")},
@@ -41,8 +46,6 @@ EXPECTED_FILES = {
     "01_depth_estimation.ipynb": ["out/depth_results.json"],
     "02_fps_point_clouds.ipynb": ["html/fps_point_cloud.html"],
     "train_cityscapes.ipynb": ["out/results.json", "out/log.jsonl"],
-    "train_cocostuff.ipynb": ["out/results.json"],
-    "train_potsdam.ipynb": ["out/results.json"],
     "reproduce_figures.ipynb": [f"figures/{f}" for f in (
         "fig1_depth_guidance.png", "fig3_lhp_propagation.png", "fig4_qualitative.png", "fig5_random_vs_fps.png",
         "fps_point_cloud.png", "fps_point_cloud.html", "training_curves.png", "per_class_iou.png",
@@ -113,8 +116,8 @@ def shared(tmp_path_factory):
 
 
 def test_expected_notebooks_exist():
-    for name in ["01_depth_estimation", "02_fps_point_clouds", "03_depth_feature_correlation", "train_cityscapes",
-                 "train_cocostuff", "train_potsdam", "reproduce_figures", "reproduce_tables"]:
+    for name in ["01_depth_estimation", "02_fps_point_clouds", "03_depth_feature_correlation", "04_evaluation",
+                 "train_cityscapes", "train_cocostuff", "train_potsdam", "reproduce_figures", "reproduce_tables"]:
         assert f"{name}.ipynb" in NOTEBOOKS, f"missing notebooks/{name}.ipynb"
 
 
@@ -142,11 +145,30 @@ def test_committed_notebook_is_clean(name):
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_in_smoke_mode(name, tmp_path, shared, monkeypatch):
+def test_notebook_ends_with_what_this_shows(name):
+    """The last section is "What this shows", rendered by depthg.lab.lesson.what_this_shows from numbers the
+    notebook computed (not typed into markdown)."""
+    nb = nbformat.read(NB_DIR / name, as_version=4)
+    headings = [(i, c.source) for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and c.source.startswith("## ")]
+    assert headings and headings[-1][1].startswith("## What this shows"), f"{name}: the last section is not 'What this shows'"
+    last_code = [c for c in nb.cells[headings[-1][0]:] if c.cell_type == "code"]
+    assert last_code and "lesson.what_this_shows(" in last_code[-1].source, f"{name}: 'What this shows' is not computed"
+
+
+# Executed smoke notebooks, kept for the determinism test (which runs 03 and reproduce_tables a second time).
+SMOKE_RUNS: dict[str, Path] = {}
+
+
+def run_smoke(name: str, tmp_path: Path, shared: Path, monkeypatch) -> dict:
+    """Execute ``name`` with papermill in its smoke configuration, checking every figure it shows; returns the
+    executed notebook (JSON)."""
     papermill = pytest.importorskip("papermill")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("DEPTHG_CHECK_FIGURES", "1")  # a figure with text under 12 pt as displayed is an error
+    for var in ("DEPTHG_WIDGETS", "JPY_SESSION_NAME"):  # headless, whatever runs the tests
+        monkeypatch.delenv(var, raising=False)
     params = {"smoke": True, **SMOKE_PARAMS.get(name, lambda tmp, shared: {})(tmp_path, shared)}
     out = tmp_path / f"out_{name}"
     papermill.execute_notebook(
@@ -154,9 +176,18 @@ def test_notebook_runs_in_smoke_mode(name, tmp_path, shared, monkeypatch):
         progress_bar=False, log_output=False,
         execution_timeout=600,  # a hung cell fails the test (and CI) instead of blocking it
     )
-    executed = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_in_smoke_mode(name, tmp_path, shared, monkeypatch):
+    executed = run_smoke(name, tmp_path, shared, monkeypatch)
+    SMOKE_RUNS[name] = tmp_path / f"out_{name}"
     errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors, f"{name}: {errors[0]['ename']}: {errors[0]['evalue']}"
+    last = [c for c in executed["cells"] if c["cell_type"] == "code"][-1]
+    shown = "".join("".join(o.get("data", {}).get("text/markdown", "")) for o in last["outputs"])
+    assert "Findings of this run." in shown and "Exercises." in shown, f"{name}: no computed 'What this shows'"
     for rel in EXPECTED_FILES.get(name, []):
         assert (tmp_path / rel).is_file(), f"{name}: smoke run did not write {rel}"
     # nothing was written next to the notebooks
@@ -218,3 +249,33 @@ def test_figure_runs_never_reuse_a_run_with_another_config(tmp_path):
                                                      "ablation_backbone_sha256": "0" * 64}))
     with pytest.raises(FileNotFoundError, match="only runs of other weights"):
         figure_runs({"STEGO": "stego"}, 0, tmp_path, cache, smoke=True, train_if_missing=False)
+
+
+def comparable_outputs(executed: dict, tmp: Path) -> list[tuple[int, str, str]]:
+    """Every output a reader sees, cell by cell: stdout, text, Markdown, HTML and images (by hash), with the
+    test's temporary folder replaced; progress bars (stderr) are left out."""
+    found = []
+    for i, cell in enumerate(executed["cells"]):
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream" and out.get("name") == "stdout":
+                found.append((i, "stdout", "".join(out["text"])))
+            for mime, value in sorted(out.get("data", {}).items()):
+                value = "".join(value) if isinstance(value, list) else str(value)
+                found.append((i, mime, hashlib.sha256(value.encode()).hexdigest() if mime.startswith("image/") else value))
+    return [(i, kind, text.replace(str(tmp), "<tmp>")) for i, kind, text in found]
+
+
+@pytest.mark.parametrize("name", ["03_depth_feature_correlation.ipynb", "reproduce_tables.ipynb"])
+def test_two_runs_give_identical_outputs(name, tmp_path, shared, monkeypatch):
+    """Every draw is seeded: a second run prints, displays and draws exactly what the first did (figures
+    compared by their PNG bytes, the numbers by their text)."""
+    first_path = SMOKE_RUNS.get(name)
+    if first_path is None or not first_path.is_file():  # run alone: make the first run here
+        first_path = tmp_path / "first" / f"out_{name}"
+        first_path.parent.mkdir()
+        run_smoke(name, first_path.parent, shared, monkeypatch)
+    first = comparable_outputs(json.loads(first_path.read_text()), first_path.parent)
+    second = comparable_outputs(run_smoke(name, tmp_path, shared, monkeypatch), tmp_path)
+    assert len(first) == len(second) > 5
+    for a, b in zip(first, second):
+        assert a == b, f"{name}: cell {a[0]} ({a[1]}) differs between two runs:\n{a[2][:500]}\n---\n{b[2][:500]}"
