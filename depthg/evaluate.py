@@ -37,7 +37,7 @@ from depthg.features import backbone_fingerprint
 from depthg.metrics import UnsupervisedMetrics, category_scores
 from depthg.precision import amp_context
 from depthg.utils import (DepthGError, atomic_write, get_device, inside, owned_output, partial_dir, publish_dir, sha256_file,
-                          timed, write_json)
+                          timed, transient_bar_leave, write_json)
 
 __all__ = ["evaluate_model", "EvalOptions", "evaluate_checkpoint", "EvaluationError", "predict_batch"]
 
@@ -198,7 +198,7 @@ def evaluate_model(backbone: nn.Module, model: Segmenter, dataset: Any, opts: Ev
     subset = torch.utils.data.Subset(dataset, range(n))
     loader = torch.utils.data.DataLoader(subset, batch_size=opts.batch_size, shuffle=False,
                                          num_workers=opts.num_workers, collate_fn=lambda items: _collate([transform(it) for it in items]))
-    bar = tqdm(loader, desc="eval", disable=not opts.progress, leave=False)
+    bar = tqdm(loader, desc="eval", disable=not opts.progress, leave=transient_bar_leave())
     for keys, cluster_pred, linear_pred, label in _predictions(backbone, model, bar, opts, device, amp):
         cluster_metrics.update(cluster_pred, label)
         linear_metrics.update(linear_pred, label)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from depthg.precision import FULL_PRECISION, Precision
 from depthg.utils import (DepthGError, allocate_file, atomic_write, build_lock, digest, file_digest, map_threads, note,
-                          partial_dir, publish_dir, sha256_file, timed)
+                          partial_dir, publish_dir, sha256_file, timed, transient_bar_leave)
 
 __all__ = ["FeatureCache", "FeatureCacheError", "backbone_features", "backbone_fingerprint",
            "CacheOptions", "build_feature_cache", "cache_key", "cache_problem"]
@@ -243,7 +243,7 @@ def _write_cache(backbone: torch.nn.Module, dataset: Any, root: Path, info: dict
     feats_mm = depth_mm = label_mm = None
     shapes: dict[str, list[int] | None] = {"feat_shape": None, "depth_shape": None, "label_shape": None}
     load = (lambda i: transform(dataset[i])) if transform is not None else dataset.__getitem__
-    bar = tqdm(range(0, n, batch_size), desc="feature cache", disable=not options.progress, leave=False)
+    bar = tqdm(range(0, n, batch_size), desc="feature cache", disable=not options.progress, leave=transient_bar_leave())
     for start in bar:
         items = map_threads(load, range(start, min(start + batch_size, n)), options.workers)
         img = torch.stack([it["img"] for it in items]).to(device)

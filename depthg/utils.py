@@ -426,6 +426,18 @@ def inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
     return p == f or p.is_relative_to(f)
 
 
+def transient_bar_leave() -> bool:
+    """``leave`` for a progress bar that only matters while it runs (an evaluation pass, a cache build).
+
+    In a terminal it is erased when done (False). Under a Jupyter kernel ``tqdm.auto`` draws a widget, and a
+    closed widget leaves an output behind that a saved notebook cannot draw again ("Error displaying widget:
+    model not found"), so there the finished bar stays (True) and is saved with the notebook.
+    """
+    from tqdm import auto, notebook
+
+    return issubclass(auto.tqdm, notebook.tqdm)
+
+
 def repo_root() -> Path:
     """The workbench's repository root (the folder holding ``depthg/`` and ``pyproject.toml``); the
     current directory when the package is installed elsewhere. Relative model paths are resolved here,

@@ -173,3 +173,11 @@ def test_stage_clock_counts_nested_stages_for_themselves(monkeypatch):
     now[0] = 100.0 + 55.5 + 5.0  # the summary is read 5 s after the last stage
     assert clock.summary() == ("time: five-crop 0.0 s (cached), training 42.0 s, validation 10.0 s, "
                                "final evaluation 3.0 s, other 5.5 s (total 60.5 s)")
+
+
+def test_transient_progress_bars_are_erased_in_a_terminal_only():
+    """A finished evaluation or cache-build bar is erased in a terminal; under a Jupyter kernel tqdm draws a widget
+    and a closed widget cannot be drawn again from a saved notebook, so there it stays."""
+    from depthg.utils import transient_bar_leave
+
+    assert transient_bar_leave() is False  # pytest: tqdm.auto is the text bar
