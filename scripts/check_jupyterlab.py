@@ -151,8 +151,9 @@ def prepare_notebooks(work: Path, names: list[str], run: list[str], smoke: bool)
             values = {k: str(work.parent / "outputs" / Path(name).stem / k) for k in WRITES if k in declared}
             if smoke:
                 values["smoke"] = True
-            source = "\n".join(f"{k} = {v!r}" for k, v in values.items())
-            nb.cells.insert(tagged[0] + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
+            if values:  # an empty cell is never run by JupyterLab (no execution count): inject none
+                source = "\n".join(f"{k} = {v!r}" for k, v in values.items())
+                nb.cells.insert(tagged[0] + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
         nbformat.write(nb, work / name)
 
 

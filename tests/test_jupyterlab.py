@@ -68,6 +68,12 @@ def test_slider_notebooks_and_saved_papermill_parameters(tmp_path, monkeypatch):
     assert len(injected) == 1 and "output_dir = 'figures'" not in injected[0] and 'output_dir = "figures"' not in injected[0]
     assert f"output_dir = {str(tmp_path / 'work' / 'outputs' / 'reproduce_figures' / 'output_dir')!r}" in injected[0]
     assert "smoke = True" in injected[0]
+    # without smoke, a notebook that writes nothing gets no injected cell (JupyterLab never runs an empty one)
+    name = "03_depth_feature_correlation.ipynb"
+    nbformat.write(nbformat.read(ROOT / "notebooks" / name, as_version=4), source / name)
+    check.prepare_notebooks(work, [name], [name], smoke=False)
+    assert not [c for c in nbformat.read(work / name, as_version=4).cells
+                if "injected-parameters" in c.metadata.get("tags", [])]
 
 
 def test_jupyterlab_in_a_browser(tmp_path):
