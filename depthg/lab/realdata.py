@@ -192,7 +192,8 @@ def plan(key: str, n_train: int | None = None, n_val: int | None = None, preset:
          cfg.steps * step["gpu_recompute"][0], f"CPU {step['cpu_recompute'][1]}; GPU {step['gpu_recompute'][1]}"),
         (f"or: feature cache of {crops:,} crops + {cfg.steps:,} iterations from it",
          crops * step["cpu_crop"][0] + cfg.steps * step["cpu_cache"][0],
-         crops * step["gpu_crop"][0] + cfg.steps * step["gpu_cache"][0], f"CPU {step['cpu_cache'][1]}; GPU {step['gpu_cache'][1]}"),
+         crops * step["gpu_crop"][0] + cfg.steps * step["gpu_cache"][0],
+         f"CPU {step['cpu_cache'][1]}; GPU {step['gpu_cache'][1]}"),
         (f"{validations} validations of {n_val:,} images at {cfg.eval_res} px", validations * n_val * cpu_eval,
          validations * n_val * gpu_eval, "GPU: rate per image measured (gpu.json); CPU: rate projected from the "
          f"cache build's forward pass x ({cfg.eval_res}/{cfg.res})^2"),

@@ -116,7 +116,7 @@ def verdict_sentences(report: dict[str, Any], metric: str = "cluster_miou", labe
     parts = [f"above it (95 % paired interval above 0): {', '.join(_fmt(*x) for x in v['better'])}" if v["better"] else
              "no variant is above it with 95 % confidence",
              f"below it: {', '.join(_fmt(*x) for x in v['worse'])}" if v["worse"] else "none is below it",
-             f"not distinguishable from it: {', '.join(f'`{name}`' for name, _ in v['unclear'])}" if v["unclear"] else ""]
+             "not distinguishable from it: " + ", ".join(f"`{name}`" for name, _ in v["unclear"]) if v["unclear"] else ""]
     return [head + "; ".join(p for p in parts if p) + "."]
 
 

@@ -47,8 +47,9 @@ def evaluation_text(result: dict[str, Any]) -> str:
     for tag, m in [("final", result["final"]["metrics"]), (f"best_on_val (step {best['step']})", best["metrics"])]:
         if m is None:
             continue
-        lines.append(f"{tag:28s} unsupervised: accuracy {m['cluster']['accuracy']:5.1f} %  mIoU {m['cluster']['miou']:5.1f} %"
-                     f"   linear: accuracy {m['linear']['accuracy']:5.1f} %  mIoU {m['linear']['miou']:5.1f} %")
+        c, lin = m["cluster"], m["linear"]
+        lines.append(f"{tag:28s} unsupervised: accuracy {c['accuracy']:5.1f} %  mIoU {c['miou']:5.1f} %"
+                     f"   linear: accuracy {lin['accuracy']:5.1f} %  mIoU {lin['miou']:5.1f} %")
     return "\n".join(lines)
 
 
@@ -83,9 +84,10 @@ def validation_trend(result: dict[str, Any]) -> dict[str, Any]:
         return {}
     first, last = records[0], records[-1]
     best = max(records, key=lambda r: r["val"]["cluster_miou"])
-    return {key: {"first": first["val"][key], "last": last["val"][key]} for key in ("cluster_accuracy", "cluster_miou")} | {
-        "first_step": first["step"], "last_step": last["step"], "best_step": best["step"],
-        "best_miou": best["val"]["cluster_miou"], "n": len(records)}
+    trend: dict[str, Any] = {key: {"first": first["val"][key], "last": last["val"][key]}
+                             for key in ("cluster_accuracy", "cluster_miou")}
+    return trend | {"first_step": first["step"], "last_step": last["step"], "best_step": best["step"],
+                    "best_miou": best["val"]["cluster_miou"], "n": len(records)}
 
 
 def _direction(a: float, b: float) -> str:
@@ -103,9 +105,10 @@ def training_findings(result: dict[str, Any]) -> list[str]:
     trend = validation_trend(result)
     if trend:
         acc, miou = trend["cluster_accuracy"], trend["cluster_miou"]
-        found.append(f"Training {_direction(acc['first'], acc['last'])} the validation accuracy from {acc['first']:.1f} % "
-                     f"(first validation, step {trend['first_step']}) to {acc['last']:.1f} % (step {trend['last_step']}), "
-                     f"and {_direction(miou['first'], miou['last'])} the validation mIoU from {miou['first']:.1f} % to "
+        found.append(f"Training {_direction(acc['first'], acc['last'])} the validation accuracy from "
+                     f"{acc['first']:.1f} % (first validation, step {trend['first_step']}) to {acc['last']:.1f} % "
+                     f"(step {trend['last_step']}), and {_direction(miou['first'], miou['last'])} the validation mIoU "
+                     f"from {miou['first']:.1f} % to "
                      f"{miou['last']:.1f} %; the best validation mIoU, {trend['best_miou']:.1f} %, came at step "
                      f"{trend['best_step']}.")
     iou = [(v, k) for k, v in final["cluster"].get("iou_per_class", {}).items() if v is not None and not math.isnan(v)]
@@ -120,8 +123,9 @@ def summary(result: dict[str, Any]) -> str:
     """The headline numbers and where the run lives, as JSON text (paths relative to the repository)."""
     cfg, final = result["config"], result["final"]["metrics"]
     return json.dumps({
-        "config": {"preset_or_default": cfg["name"], "mode": cfg["mode"], "data_dir": cfg["data_dir"] and shown_path(cfg["data_dir"]),
-                   "backbone": cfg["backbone"], "weights": cfg["weights"], "steps": result["steps"]},
+        "config": {"preset_or_default": cfg["name"], "mode": cfg["mode"],
+                   "data_dir": cfg["data_dir"] and shown_path(cfg["data_dir"]), "backbone": cfg["backbone"],
+                   "weights": cfg["weights"], "steps": result["steps"]},
         "unsupervised_accuracy": final["cluster"]["accuracy"], "unsupervised_miou": final["cluster"]["miou"],
         "linear_accuracy": final["linear"]["accuracy"], "linear_miou": final["linear"]["miou"],
         "results_json": shown_path(Path(at_root(cfg["output_dir"])) / "results.json")}, indent=2)
