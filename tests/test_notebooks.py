@@ -279,3 +279,23 @@ def test_two_runs_give_identical_outputs(name, tmp_path, shared, monkeypatch):
     assert len(first) == len(second) > 5
     for a, b in zip(first, second):
         assert a == b, f"{name}: cell {a[0]} ({a[1]}) differs between two runs:\n{a[2][:500]}\n---\n{b[2][:500]}"
+
+
+def test_the_teaching_parameters_are_validated_too():
+    """sliders takes true, false or "auto" (02's default); reproduce_figures' seed a seed or "median"."""
+    from depthg.config import ConfigError
+    from depthg.lab.notebook import validate_parameters
+
+    params = {"sliders": "false", "n_images": "3", "published": "docs/published.md"}
+    validate_parameters(params, "02_fps_point_clouds")
+    assert params == {"sliders": False, "n_images": 3, "published": "docs/published.md"}
+    validate_parameters(auto := {"sliders": "auto"}, "02_fps_point_clouds")
+    assert auto["sliders"] == "auto"
+    validate_parameters(median := {"seed": "median"}, "reproduce_figures")
+    assert median["seed"] == "median"
+    validate_parameters(four := {"seed": "4"}, "reproduce_figures")
+    assert four["seed"] == 4
+    for params, notebook in (({"sliders": "maybe"}, "02_fps_point_clouds"), ({"seed": "median"}, "train_cityscapes"),
+                             ({"probe_steps": 0}, "04_evaluation")):
+        with pytest.raises(ConfigError):
+            validate_parameters(params, notebook)

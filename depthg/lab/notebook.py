@@ -78,17 +78,21 @@ def at_root(path: str | os.PathLike | None) -> Path | None:
 
 #: how :func:`validate_parameters` checks each notebook parameter: a config key (checked by the config's own
 #: validator of that key; None allowed where the flag says so) or a kind: "bool", "count" (an integer >= 1),
-#: "overwrite" (true, false or "own"), "preset", "names" (a list of names or one comma-separated string), "path"
+#: "overwrite" (true, false or "own"), "sliders" (true, false or "auto"), "seed_or_median" (a seed or "median"),
+#: "preset", "names" (a list of names or one comma-separated string), "path"
 NOTEBOOK_PARAMETERS: dict[str, str | tuple[str, bool]] = {
-    "smoke": "bool", "sliders": "bool", "train_if_missing": "bool", "overwrite": "overwrite", "preset": "preset",
+    "smoke": "bool", "sliders": "sliders", "train_if_missing": "bool", "overwrite": "overwrite", "preset": "preset",
     "n_examples": "count", "demo_steps": "count", "n_side": "count", "patch": "count", "num_disparities": "count",
-    "block_size": "count", "depth_models": "names", "runs_dir": "path", "results_dir": "path", "reference": "path",
+    "block_size": "count", "n_images": "count", "probe_steps": "count", "depth_models": "names", "runs_dir": "path",
+    "results_dir": "path", "published": "path",
     "seed": ("seed", False), "steps": ("steps", True), "batch_size": ("batch_size", True), "device": ("device", False),
     "mode": ("mode", False), "world_seed": ("world_seed", True), "lhp_quantile": ("lhp_quantile", False),
     "fov_deg": ("fov_deg", True), "centering": ("centering", True), "backbone": ("backbone", False),
     "data_dir": ("data_dir", True), "weights": ("weights", True), "cache_dir": ("cache_dir", True),
     "output_dir": ("output_dir", True), "size": ("world_size", False),
 }
+#: where one notebook's parameter means something else than NOTEBOOK_PARAMETERS says
+NOTEBOOK_OVERRIDES: dict[str, dict[str, str | tuple[str, bool]]] = {"reproduce_figures": {"seed": "seed_or_median"}}
 
 
 def validate_parameters(namespace: dict[str, Any], notebook: str) -> None:
@@ -98,7 +102,7 @@ def validate_parameters(namespace: dict[str, Any], notebook: str) -> None:
     not 2 steps or a traceback; an unknown ``preset`` is reported. Raises :class:`depthg.config.ConfigError`
     naming the parameter. ``overwrite="own"`` becomes ``ReplaceOwn("notebook <notebook>")``: a rerun replaces
     only a run this notebook made (:func:`depthg.train.train`)."""
-    for name, kind in NOTEBOOK_PARAMETERS.items():
+    for name, kind in {**NOTEBOOK_PARAMETERS, **NOTEBOOK_OVERRIDES.get(notebook, {})}.items():
         if name in namespace:
             namespace[name] = _checked(name, namespace[name], kind, notebook)
 
@@ -113,6 +117,10 @@ def _checked(name: str, value: Any, kind: str | tuple[str, bool], notebook: str)
             return check_value(key, str(value) if isinstance(value, os.PathLike) else value)
         except ConfigError as err:
             raise ConfigError(f"notebook parameter {name!r}: {err}") from None
+    if kind == "seed_or_median" and value == "median":
+        return value
+    if kind == "seed_or_median":
+        return _checked(name, value, ("seed", False), notebook)
     if kind == "preset":
         try:
             return check_preset(value)
@@ -130,11 +138,14 @@ def _checked(name: str, value: Any, kind: str | tuple[str, bool], notebook: str)
     parsed = load_yaml(value, f"notebook parameter {name!r}") if isinstance(value, str) else value
     if kind == "overwrite" and parsed == "own":
         return ReplaceOwn(f"notebook {notebook}")
-    if kind in ("bool", "overwrite") and isinstance(parsed, bool):
+    if kind == "sliders" and parsed == "auto":
+        return parsed
+    if kind in ("bool", "overwrite", "sliders") and isinstance(parsed, bool):
         return parsed
     if kind == "count" and isinstance(parsed, int) and not isinstance(parsed, bool) and parsed >= 1:
         return parsed
-    expected = {"bool": "true or false", "overwrite": 'true, false or "own"', "count": "an integer >= 1"}[kind]
+    expected = {"bool": "true or false", "overwrite": 'true, false or "own"', "sliders": 'true, false or "auto"',
+                "count": "an integer >= 1"}[kind]
     raise ConfigError(f"notebook parameter {name!r} = {value!r}: expected {expected}")
 
 
@@ -171,11 +182,10 @@ class RunChoice:
 def choose_run(dataset: str, preset: str, data_dir: str | os.PathLike | None, weights: str | None, *,
                mode: str = "paper", seed: int = 0, device: str = "auto", output_dir: str | os.PathLike,
                cache_dir: str | os.PathLike | None = None, smoke: bool = False, steps: int | None = None,
-               batch_size: int | None = None, fallback: bool = True) -> RunChoice:
+               batch_size: int | None = None) -> RunChoice:
     """The real preset on the real dataset when both the dataset folder and the backbone weights are given;
-    the embedded default (``synthetic`` preset) when neither is, with the reasons; with ``fallback=False``, not
-    even that (``config`` is then the real preset as it would run, and ``real`` False). A ``data_dir`` or
-    ``weights`` that is given but missing (a typo) is an error, never a silent fall back to the synthetic world.
+    the embedded default (``synthetic`` preset) when neither is, with the reasons. A ``data_dir`` or ``weights``
+    that is given but missing (a typo) is an error, never a silent fall back to the synthetic world.
 
     Args:
         dataset: the dataset's name for the message ("Cityscapes", "COCO-Stuff-27", "Potsdam-3").
@@ -196,10 +206,6 @@ def choose_run(dataset: str, preset: str, data_dir: str | os.PathLike | None, we
         backbone = dict(backbone="embedded", weights=None) if weights == "embedded" else dict(weights=str(weights))
         cfg = Config.preset(preset, mode=mode, data_dir=str(data_dir), **common, **backbone)
         headline = f"RUNNING the {preset!r} preset ({mode} mode) on {shown_path(data_dir)} with weights {weights}"
-    elif not fallback:
-        cfg = Config.preset(preset, mode=mode, **common)
-        headline = (f"NOT running the {dataset} preset: " + "; ".join(reasons) + ".\n"
-                    "-> nothing is trained here (the synthetic training is in notebooks/train_cityscapes.ipynb).")
     else:
         headline = (f"NOT running the {dataset} preset: " + "; ".join(reasons) + ".\n"
                     "-> running the embedded default instead: the synthetic world with the `synthetic` preset.")
