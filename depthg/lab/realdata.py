@@ -158,6 +158,30 @@ def _per_step(cfg: Config, cpu: dict[str, Any], gpu: dict[str, Any]) -> dict[str
     return out
 
 
+def _area(hw: Any, run: RealRun) -> float:
+    """The dataset's typical image area over the measured one (1 when the dataset's is not known)."""
+    return (run.image_hw[0] * run.image_hw[1]) / (hw[0] * hw[1]) if run.image_hw else 1.0
+
+
+def _preparation(run: RealRun, results: Path, gpu: dict[str, Any]) -> tuple[float, float, str]:
+    """Seconds per training image of the five-crop + kNN preparation on this CPU and on the GPU machine, and how
+    they were obtained: prepare.json (this 2-core CPU, both stages on every core) and gpu.json (its CPU side)."""
+    measured = gpu["cityscapes_run"]
+    gpu_rate = measured["prepare_s"] / measured["n_train_images"] * _area(measured["world_size"], run)
+    how = f"GPU machine: gpu.json's preparation of {measured['world_size'][0]}x{measured['world_size'][1]} images"
+    cpu_rate = gpu_rate
+    if (results / "prepare.json").is_file():
+        bench = _load(results, "prepare.json")
+        world, stages = bench["world"], bench["stages"]
+        cpu_rate = (stages["five_crop"]["parallel_s"] + stages["knn"]["parallel_s"]) / world["n_train_images"]
+        cpu_rate *= _area(world["world_size"], run)
+        how += f"; CPU: prepare.json ({world['world_size'][0]}x{world['world_size'][1]} images on this CPU's cores)"
+    else:
+        how += " (also taken for the CPU: prepare.json is missing)"
+    scaled = f", scaled by image area to {run.image_hw[0]}x{run.image_hw[1]}" if run.image_hw else ""
+    return cpu_rate, gpu_rate, f"rates per image projected from {how}{scaled}"
+
+
 def plan(key: str, n_train: int | None = None, n_val: int | None = None, preset: str | None = None,
          results_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """The preparation and training plan of a real run with projected times on this CPU and on one GPU.
@@ -176,18 +200,13 @@ def plan(key: str, n_train: int | None = None, n_val: int | None = None, preset:
         n_train, n_val = (run.sizes[0], run.sizes[1]) if run.sizes else (1000, 1000)
     crops = n_train * (5 if cfg.five_crop else 1)
     step = _per_step(cfg, cpu, gpu)
-    run_info = gpu["cityscapes_run"]
-    measured_hw = run_info["world_size"]
-    area = (run.image_hw[0] * run.image_hw[1]) / (measured_hw[0] * measured_hw[1]) if run.image_hw else 1.0
-    prep_per_image = run_info["prepare_s"] / run_info["n_train_images"] * area
-    gpu_eval = run_info["eval"]["validation_s_per_image"]
+    cpu_prep, gpu_prep, prep_how = _preparation(run, results, gpu)
+    gpu_eval = gpu["cityscapes_run"]["eval"]["validation_s_per_image"]
     cpu_eval = step["cpu_crop"][0] * (cfg.eval_res / cfg.res) ** 2
     validations = cfg.steps // cfg.eval_every if cfg.eval_every else 0
     rows = [
         ("depth estimation of the training images", None, None, "not measured (ZoeDepth is not installed here)"),
-        (f"five-crop + kNN of {n_train:,} images", prep_per_image * n_train, prep_per_image * n_train,
-         f"projected from gpu.json's preparation of {measured_hw[0]}x{measured_hw[1]} images (16 CPU cores)"
-         + (f", scaled by image area to {run.image_hw[0]}x{run.image_hw[1]}" if run.image_hw else "")),
+        (f"five-crop + kNN of {n_train:,} images", cpu_prep * n_train, gpu_prep * n_train, prep_how),
         (f"{cfg.steps:,} iterations, features recomputed (the preset)", cfg.steps * step["cpu_recompute"][0],
          cfg.steps * step["gpu_recompute"][0], f"CPU {step['cpu_recompute'][1]}; GPU {step['gpu_recompute'][1]}"),
         (f"or: feature cache of {crops:,} crops + {cfg.steps:,} iterations from it",
@@ -205,8 +224,8 @@ def plan(key: str, n_train: int | None = None, n_val: int | None = None, preset:
              "(this repository's development machine); GPU: one " + gpu["device_name"] + " (gpu.json).",
              "Totals: preparation + recomputing iterations + validations + final evaluation; depth estimation "
              "and the dense CRF are not included (not measured).",
-             "The preparation is projected linearly from 16 images; its kNN search over all crop pairs grows faster "
-             "than linearly, so on the full dataset it takes longer than shown, and on 2 cores longer than on 16."]
+             "The preparation is projected linearly from a few dozen images; its kNN search over all crop pairs grows "
+             "faster than linearly, so on the full dataset it takes longer than shown."]
     return {"config": cfg.name, "n_train": n_train, "n_val": n_val, "sizes_from": sizes_from, "rows": table,
             "totals": totals, "notes": notes}
 
