@@ -143,3 +143,14 @@ def test_summary_pools_worlds_world_major_and_holm_adjusts_the_secondary_compari
     assert math.isclose(family[ps[1][1]]["holm_p"], max(min(1.0, 2 * ps[0][0]), ps[1][0]))
     table = markdown_table(summary, "c")
     assert "| world 1 | world 2 |" in table and "| stego − kmeans |" in table
+
+
+def test_an_ablation_folder_takes_other_worlds_but_not_another_configuration(tmp_path):
+    from depthg.lab.ablation import AblationError, ablation_configuration, claim_ablation_folder
+
+    # each world's runs go to out_dir/world<w>, so an ablation of other worlds may share the folder
+    claim_ablation_folder(tmp_path, ablation_configuration(world_seeds=[101, 202, 303]))
+    claim_ablation_folder(tmp_path, ablation_configuration(world_seeds=[101]))
+    claim_ablation_folder(tmp_path, ablation_configuration())
+    with pytest.raises(AblationError, match=r"another configuration \(steps: 300 there, 5 now\)"):
+        claim_ablation_folder(tmp_path, ablation_configuration(steps=5, world_seeds=[101]))

@@ -50,7 +50,24 @@ def test_median_seed_is_the_lower_median_over_every_world():
     assert pick["mean"] == pytest.approx((1.08 - 0.33 - 0.19 + 0.7 - 1.6 + 0.0) / 6)
     committed = results.load_reports(ROOT / "benchmarks/results/miniature_reproduction.json")
     real = results.median_seed(committed)
-    assert real["min"] <= real["delta"] <= real["max"] and real["n"] == len(committed[0][1]["seeds"])
+    stego = committed[0][1]["summary"]["stego"]
+    assert real["min"] <= real["delta"] <= real["max"] and real["n"] == len(stego.get("runs", stego["seeds"]))
+
+
+def test_median_seed_of_a_report_over_several_worlds_names_its_world_and_changes():
+    # ablate --world-seed 101 202: values world-major, runs as [world, seed]
+    deltas = {(101, 0): 0.5, (101, 1): -0.2, (202, 0): 0.1, (202, 1): 0.9}
+    runs = [list(k) for k in deltas]
+    base = [10.0, 11.0, 12.0, 13.0]
+    row = lambda vals: {"seeds": [0, 1], "runs": runs, "cluster_miou": {"mean": 0.0, "values": vals}}
+    report = {"command": "python -m depthg ablate --world-seed 101 202 --out-dir runs/t cache_dir=/x world_n_val=200 "
+                         "eval_every=0", "seeds": [0, 1], "protocol": {"test_world_seeds": [101, 202]},
+              "summary": {"stego": row(base), "depthg": row([b + d for b, d in zip(base, deltas.values())])}}
+    pick = results.median_seed([("", report)])
+    # sorted differences -0.2, 0.1, 0.5, 0.9: the lower median 0.1 is world 202, seed 0
+    assert (pick["world_seed"], pick["seed"], pick["n"]) == (202, 0, 4) and pick["delta"] == pytest.approx(0.1)
+    assert pick["overrides"] == ["world_n_val=200", "eval_every=0"]
+    assert results.world_label(report) == "worlds 101, 202" and results.world_of(report) == 101
 
 
 def test_verdicts_read_the_paired_intervals():
@@ -58,6 +75,12 @@ def test_verdicts_read_the_paired_intervals():
     assert [v for v, _ in results.verdicts(report)["better"]] == ["depthg"]
     text = results.verdict_sentences(report, label="Test world 1")[0]
     assert text.startswith("Test world 1: unsupervised mIoU of STEGO is 11.00 % over 3 seeds")
+    # STEGO's own gap over k-means of the frozen features gets its sentence, Holm-adjusted p included
+    report["summary"]["stego"]["paired_vs_kmeans"] = {"cluster_miou": {"mean": 3.0, "half_width": 1.0,
+                                                                       "ci": [2.0, 4.0], "holm_p": 0.004}}
+    found = results.verdict_sentences(report)
+    assert len(found) == 2 and "+3.00 [+2.00, +4.00] (Holm-adjusted p 0.004)" in found[1]
+    assert "the baseline the depth variants are compared against works here" in found[1]
     assert "`depthg` +0.30 [+0.20, +0.40]" in text and "none is below it" in text
 
 

@@ -311,7 +311,7 @@ def ablation_configuration(base_preset: str = "synthetic", steps: int | None = N
                            world_seeds: Sequence[int] | None = None) -> dict[str, Any]:
     """What every run of one ablation shares: the config of its reference run (``stego``, seed 0) without the
     keys that say where it runs, and its worlds. Two ablations with the same configuration may share a folder
-    (more variants, more seeds); another configuration (other steps, worlds or overrides) may not."""
+    (more variants, seeds or worlds); another configuration (other steps or overrides) may not."""
     cfg = variant_config("stego", 0, base_preset, steps, "ablation", overrides, world_seeds[0] if world_seeds else None)
     out = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_CONFIGURATION}
     out["world_seed"] = list(world_seeds) if world_seeds else cfg.world_seed
@@ -330,7 +330,8 @@ def claim_ablation_folder(out_dir: Path, configuration: dict[str, Any]) -> None:
         stored = json.loads(marker.read_text())["configuration"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise AblationError(f"cannot read {marker} ({type(err).__name__}: {err}); choose another --out-dir") from None
-    differ = sorted(k for k in set(stored) | set(configuration) if stored.get(k) != configuration.get(k))
+    # each world's runs live in their own out_dir/world<w>, so ablations of other worlds may share the folder
+    differ = sorted(k for k in set(stored) | set(configuration) if k != "world_seed" and stored.get(k) != configuration.get(k))
     if differ:
         shown = ", ".join(f"{k}: {stored.get(k)!r} there, {configuration.get(k)!r} now" for k in differ[:4])
         raise AblationError(f"the ablation folder {out_dir} holds runs of another configuration ({shown}); its runs "

@@ -23,7 +23,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -335,21 +335,22 @@ def as_overrides(values: Mapping[str, Any]) -> list[str]:
 
 def figure_runs(variants: Mapping[str, str], seed: int, runs_dir: str | os.PathLike, cache_dir: str | os.PathLike,
                 steps: int | None = None, smoke: bool = False, train_if_missing: bool = True,
-                world_seed: int | None = None) -> dict[str, dict]:
+                world_seed: int | None = None, overrides: Sequence[str] = ()) -> dict[str, dict]:
     """The finished runs of the miniature reproduction that the figures show, {label: results dict + "dir"}.
 
     ``variants`` = {label: ablation variant}, e.g. {"STEGO": "stego", "DepthG": "depthg"}. Each
     run is read from ``runs_dir/ablation/<variant>/seed<seed>/results.json`` (what ``python -m depthg
-    ablate --out-dir runs/ablation`` writes), or ``runs_dir/ablation_world<w>/...`` for ``world_seed`` w;
+    ablate --out-dir runs/ablation`` writes), or ``runs_dir/ablation/world<w>/...`` for ``world_seed`` w;
     missing runs are trained here with :func:`depthg.lab.ablation.run_ablation` (same
     configs, same folders), or, with ``train_if_missing=False``, reported with the command that makes them.
     A folder that holds a run with another config (a smoke run, other steps) is an error, never reused.
     ``world_seed``: the synthetic world the runs were trained on (``ablate --world-seed``; None: the preset's).
+    ``overrides``: the key=value changes the reproduction's command gave every run (e.g. ``world_n_val=200``).
     ``smoke`` shrinks everything to :data:`SMOKE`; without the embedded weights :data:`RANDOM_BACKBONE`
     stands in (said on stdout).
     """
     runs_dir = Path(runs_dir)
-    overrides = [f"cache_dir={cache_dir}"]
+    overrides = [f"cache_dir={cache_dir}", *overrides]
     if smoke:
         overrides += as_overrides({k: v for k, v in SMOKE.items() if k != "steps"})
         steps = SMOKE["steps"]
@@ -357,8 +358,10 @@ def figure_runs(variants: Mapping[str, str], seed: int, runs_dir: str | os.PathL
         print(f"The embedded backbone is not available ({problem}).\n-> runs trained here use a small RANDOM "
               "ViT; their figures show mechanics, not semantics.")
         overrides += as_overrides(RANDOM_BACKBONE)
-    out_dir = runs_dir / ("ablation" if world_seed is None else f"ablation_world{world_seed}")
-    configs = {label: variant_config(v, seed, steps=steps, out_dir=out_dir, overrides=overrides,
+    out_dir = runs_dir / "ablation"
+    # ablate --world-seed w puts a world's runs in out_dir/world<w>
+    run_dir = out_dir if world_seed is None else out_dir / f"world{world_seed}"
+    configs = {label: variant_config(v, seed, steps=steps, out_dir=run_dir, overrides=overrides,
                                      world_seed=world_seed) for label, v in variants.items()}
     paths = {label: Path(cfg.output_dir) / "results.json" for label, cfg in configs.items()}
     missing = [variants[label] for label, p in paths.items() if not p.is_file()]
@@ -379,12 +382,13 @@ def figure_runs(variants: Mapping[str, str], seed: int, runs_dir: str | os.PathL
         world = "" if world_seed is None else f" --world-seed {world_seed}"
         raise FileNotFoundError(f"no runs (or only runs of other weights) at {[str(p) for p in paths.values()]}; make them with: python -m depthg "
                                 f"ablate{world} --seeds {seed} --variants {' '.join(missing)} --out-dir {out_dir} "
+                                f"{' '.join(overrides[1:])} "
                                 "(or set train_if_missing=True)")
     if missing:
         print(f"training {missing} (seed {seed}) with depthg.lab.ablation.run_ablation -- the same runs "
               "`python -m depthg ablate` makes")
         run_ablation(variants=missing, seeds=(seed,), steps=steps, out_dir=out_dir, overrides=overrides,
-                     progress=not smoke, world_seed=world_seed)
+                     progress=not smoke, world_seeds=None if world_seed is None else [world_seed])
     results = {}
     for label, path in paths.items():
         print(f"{label}: reading {shown_path(path)}")

@@ -16,13 +16,14 @@ import json
 import math
 import os
 import re
+import shlex
 import statistics
 from pathlib import Path
 from typing import Any, Iterator
 
 from depthg.utils import DepthGError
 
-__all__ = ["reports_in", "load_reports", "world_of", "median_seed", "verdicts", "verdict_sentences", "PUBLISHED_COLUMNS",
+__all__ = ["reports_in", "load_reports", "world_of", "worlds_of", "world_label", "command_overrides", "median_seed", "verdicts", "verdict_sentences", "PUBLISHED_COLUMNS",
            "read_published", "published_numbers", "ResultsError"]
 
 
@@ -60,10 +61,26 @@ def load_reports(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
+def world_label(report: dict[str, Any]) -> str:
+    """'world 1' or 'worlds 101, 202, 303' (empty when the report does not say)."""
+    worlds = worlds_of(report)
+    return f"world{'s' if len(worlds) > 1 else ''} {', '.join(map(str, worlds))}" if worlds else ""
+
+
 def world_of(report: dict[str, Any]) -> int | None:
-    """The synthetic world seed a report was run on, when it says."""
+    """The synthetic world seed a report was run on, when it says (several worlds: the first; see worlds_of)."""
+    worlds = worlds_of(report)
+    return worlds[0] if worlds else None
+
+
+def worlds_of(report: dict[str, Any]) -> list[int]:
+    """Every synthetic world seed a report was run on, when it says."""
     protocol = report.get("protocol", {})
-    return protocol.get("world_seed", protocol.get("test_world_seed"))
+    worlds = protocol.get("test_world_seeds") or protocol.get("world_seeds")
+    if worlds:
+        return [int(w) for w in worlds]
+    world = protocol.get("world_seed", protocol.get("test_world_seed"))
+    return [] if world is None else [int(world)]
 
 
 def median_seed(reports: list[tuple[str, dict[str, Any]]], variant: str = "depthg", base: str = "stego",
@@ -75,15 +92,28 @@ def median_seed(reports: list[tuple[str, dict[str, Any]]], variant: str = "depth
         summary = report["summary"]
         if variant in summary and base in summary:
             a, b = summary[variant], summary[base]
-            if a["seeds"] == b["seeds"]:
-                for seed, x, y in zip(a["seeds"], a[metric]["values"], b[metric]["values"]):
-                    pairs.append((x - y, world_of(report), int(seed)))
+            # a report over several worlds lists its runs as [world, seed] (values in that order)
+            runs = a.get("runs") or [[world_of(report), s] for s in a["seeds"]]
+            if runs == (b.get("runs") or [[world_of(report), s] for s in b["seeds"]]):
+                for (world, seed), x, y in zip(runs, a[metric]["values"], b[metric]["values"]):
+                    pairs.append((x - y, None if world is None else int(world), int(seed), report))
     if not pairs:
         raise ResultsError(f"no report holds both {variant!r} and {base!r} over the same seeds")
-    diffs = [d for d, _, _ in pairs]
-    delta, world, seed = next(p for p in pairs if p[0] == statistics.median_low(diffs))
-    return {"world_seed": world, "seed": seed, "delta": delta, "mean": statistics.fmean(diffs),
+    diffs = [p[0] for p in pairs]
+    delta, world, seed, report = next(p for p in pairs if p[0] == statistics.median_low(diffs))
+    return {"world_seed": world, "seed": seed, "overrides": command_overrides(report), "delta": delta,
+            "mean": statistics.fmean(diffs),
             "median": statistics.median(diffs), "n": len(pairs), "min": min(diffs), "max": max(diffs)}
+
+
+#: keys of a command's key=value changes that say where a run runs, not what it computes
+_WHERE_KEYS = ("cache_dir", "device", "num_workers", "threads", "output_dir", "data_dir")
+
+
+def command_overrides(report: dict[str, Any]) -> list[str]:
+    """The key=value changes a report's command gave every run (not the ones that only say where it runs)."""
+    tokens = shlex.split(report.get("command", ""))
+    return [t for t in tokens if "=" in t and not t.startswith("-") and t.split("=", 1)[0] not in _WHERE_KEYS]
 
 
 def verdicts(report: dict[str, Any], metric: str = "cluster_miou") -> dict[str, list[tuple[str, dict[str, Any]]]]:
@@ -100,7 +130,8 @@ def verdicts(report: dict[str, Any], metric: str = "cluster_miou") -> dict[str, 
 
 
 def _fmt(variant: str, d: dict[str, Any]) -> str:
-    return f"`{variant}` {d['mean']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]"
+    holm = f" (Holm-adjusted p {d['holm_p']:.3g})" if d.get("holm_p") is not None else ""
+    return f"`{variant}` {d['mean']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]{holm}"
 
 
 def verdict_sentences(report: dict[str, Any], metric: str = "cluster_miou", label: str = "") -> list[str]:
@@ -108,16 +139,28 @@ def verdict_sentences(report: dict[str, Any], metric: str = "cluster_miou", labe
     names = {"cluster_miou": "unsupervised mIoU", "cluster_accuracy": "unsupervised accuracy",
              "linear_miou": "linear-probe mIoU", "linear_accuracy": "linear-probe accuracy"}
     v = verdicts(report, metric)
-    base = report["summary"].get("stego", {}).get(metric, {})
-    n = len(report["seeds"])
+    stego = report["summary"].get("stego", {})
+    base = stego.get(metric, {})
+    worlds = worlds_of(report)
+    n = (f"{len(stego['runs'])} runs ({len(worlds)} worlds × {len(report['seeds'])} seeds)"
+         if len(worlds) > 1 and stego.get("runs") else f"{len(report['seeds'])} seeds")
     where = f"{label}: " if label else ""
-    head = (f"{where}{names.get(metric, metric)} of STEGO is {base['mean']:.2f} % over {n} seeds; "
-            if base else f"{where}{names.get(metric, metric)}, {n} seeds: ")
+    head = (f"{where}{names.get(metric, metric)} of STEGO is {base['mean']:.2f} % over {n}; "
+            if base else f"{where}{names.get(metric, metric)}, {n}: ")
     parts = [f"above it (95 % paired interval above 0): {', '.join(_fmt(*x) for x in v['better'])}" if v["better"] else
              "no variant is above it with 95 % confidence",
              f"below it: {', '.join(_fmt(*x) for x in v['worse'])}" if v["worse"] else "none is below it",
              "not distinguishable from it: " + ", ".join(f"`{name}`" for name, _ in v["unclear"]) if v["unclear"] else ""]
-    return [head + "; ".join(p for p in parts if p) + "."]
+    found = [head + "; ".join(p for p in parts if p) + "."]
+    # STEGO's own effect: the gap over k-means of the frozen features it distils
+    km = stego.get("paired_vs_kmeans", {}).get(metric)
+    if km and not math.isnan(km.get("half_width", math.nan)):
+        lo, hi = km["ci"]
+        found.append(f"{where}STEGO − k-means of the frozen features: {_fmt('stego', km)[len('`stego` '):]} points, "
+                     + ("so the baseline the depth variants are compared against works here." if lo > 0 else
+                        "so STEGO is not shown to beat its own starting point here." if hi >= 0 else
+                        "STEGO is below its own starting point here."))
+    return found
 
 
 #: the columns of every table in docs/published.md, in order
