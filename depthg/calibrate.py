@@ -211,6 +211,18 @@ def propose_shifts(stats: CorrelationStats, quantile: float = NULL_QUANTILE) -> 
     return {SHIFT_KEYS[k]: b for k in PAIRINGS}
 
 
+def pulled_rows(stats: CorrelationStats, shift_sets: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """One row per (set of shifts, pairing): b, the share of pairs pulled and, with labels, the same-class
+    share among the pulled pairs and among all pairs (percent, 1 decimal). ``shift_sets`` = {label: {pairing: b}}."""
+    rows = []
+    for label, shifts in shift_sets.items():
+        for kind, row in stats.pulled(shifts).items():
+            pct = {k: None if row.get(k) is None else round(100 * row[k], 1) for k in ("pulled", "purity", "same_class")}
+            rows.append({"shifts": label, "pairs": kind, "b": row["shift"], "pulled %": pct["pulled"],
+                         "same class among pulled %": pct["purity"], "same class among all %": pct["same_class"]})
+    return rows
+
+
 def calibration_report(cfg: Config, stats: CorrelationStats, quantile: float = NULL_QUANTILE) -> dict[str, Any]:
     """What ``python -m depthg calibrate`` prints: the distributions, the proposal and the share of pairs each
     set of shifts pulls (with label purity where labels exist), for the config's shifts and the proposal."""

@@ -251,6 +251,27 @@ def test_figure_runs_never_reuse_a_run_with_another_config(tmp_path):
         figure_runs({"STEGO": "stego"}, 0, tmp_path, cache, smoke=True, train_if_missing=False)
 
 
+def test_figure_runs_read_one_world_of_an_ablation_folder(tmp_path):
+    from depthg.lab.ablation import backbone_sha256, variant_config
+    from depthg.lab.notebook import SMOKE, as_overrides, figure_runs
+
+    cache, table = tmp_path / "cache", tmp_path / "miniature_test"
+    # what `ablate --world-seed 7 --out-dir <table> world_n_val=3` writes for stego, seed 0
+    overrides = [f"cache_dir={cache}", "world_n_val=3"] + as_overrides({k: v for k, v in SMOKE.items() if k != "steps"})
+    wanted = variant_config("stego", 0, steps=SMOKE["steps"], out_dir=table / "world7", overrides=overrides, world_seed=7)
+    assert Path(wanted.output_dir) == table / "world7" / "stego" / "seed0"
+    with pytest.raises(FileNotFoundError, match=r"world7/stego/seed0/results.json.*ablate --world-seed 7 --seeds 0 "
+                                                r"--variants stego --out-dir \S*miniature_test world_n_val=3"):
+        figure_runs({"STEGO": "stego"}, 0, tmp_path, cache, smoke=True, train_if_missing=False, world_seed=7,
+                    overrides=["world_n_val=3"], ablation_dir=table)
+    Path(wanted.output_dir).mkdir(parents=True)
+    (Path(wanted.output_dir) / "results.json").write_text(json.dumps(
+        {"config": wanted.to_dict(), "steps": 4, "ablation_backbone_sha256": backbone_sha256(wanted)}))
+    found = figure_runs({"STEGO": "stego"}, 0, tmp_path, cache, smoke=True, train_if_missing=False, world_seed=7,
+                        overrides=["world_n_val=3"], ablation_dir=table)
+    assert found["STEGO"]["dir"] == table / "world7" / "stego" / "seed0"
+
+
 def comparable_outputs(executed: dict, tmp: Path) -> list[tuple[int, str, str]]:
     """Every output a reader sees, cell by cell: stdout, text, Markdown, HTML and images (by hash), with the
     test's temporary folder replaced; progress bars (stderr) are left out."""

@@ -83,8 +83,8 @@ def at_root(path: str | os.PathLike | None) -> Path | None:
 NOTEBOOK_PARAMETERS: dict[str, str | tuple[str, bool]] = {
     "smoke": "bool", "sliders": "sliders", "train_if_missing": "bool", "overwrite": "overwrite", "preset": "preset",
     "n_examples": "count", "demo_steps": "count", "n_side": "count", "patch": "count", "num_disparities": "count",
-    "block_size": "count", "n_images": "count", "probe_steps": "count", "depth_models": "names", "runs_dir": "path",
-    "results_dir": "path", "published": "path",
+    "block_size": "count", "n_images": "count", "probe_steps": "count", "calibrate_crops": "count", "depth_models": "names", "runs_dir": "path",
+    "results_dir": "path", "published": "path", "ablation_dir": ("output_dir", True),
     "seed": ("seed", False), "steps": ("steps", True), "batch_size": ("batch_size", True), "device": ("device", False),
     "mode": ("mode", False), "world_seed": ("world_seed", True), "lhp_quantile": ("lhp_quantile", False),
     "fov_deg": ("fov_deg", True), "centering": ("centering", True), "backbone": ("backbone", False),
@@ -335,7 +335,8 @@ def as_overrides(values: Mapping[str, Any]) -> list[str]:
 
 def figure_runs(variants: Mapping[str, str], seed: int, runs_dir: str | os.PathLike, cache_dir: str | os.PathLike,
                 steps: int | None = None, smoke: bool = False, train_if_missing: bool = True,
-                world_seed: int | None = None, overrides: Sequence[str] = ()) -> dict[str, dict]:
+                world_seed: int | None = None, overrides: Sequence[str] = (),
+                ablation_dir: str | os.PathLike | None = None) -> dict[str, dict]:
     """The finished runs of the miniature reproduction that the figures show, {label: results dict + "dir"}.
 
     ``variants`` = {label: ablation variant}, e.g. {"STEGO": "stego", "DepthG": "depthg"}. Each
@@ -346,6 +347,8 @@ def figure_runs(variants: Mapping[str, str], seed: int, runs_dir: str | os.PathL
     A folder that holds a run with another config (a smoke run, other steps) is an error, never reused.
     ``world_seed``: the synthetic world the runs were trained on (``ablate --world-seed``; None: the preset's).
     ``overrides``: the key=value changes the reproduction's command gave every run (e.g. ``world_n_val=200``).
+    ``ablation_dir``: the ``--out-dir`` of that ablation instead of ``runs_dir/ablation`` (e.g. the folder the
+    held-out table was run in, so its runs are shown, not trained again).
     ``smoke`` shrinks everything to :data:`SMOKE`; without the embedded weights :data:`RANDOM_BACKBONE`
     stands in (said on stdout).
     """
@@ -358,7 +361,7 @@ def figure_runs(variants: Mapping[str, str], seed: int, runs_dir: str | os.PathL
         print(f"The embedded backbone is not available ({problem}).\n-> runs trained here use a small RANDOM "
               "ViT; their figures show mechanics, not semantics.")
         overrides += as_overrides(RANDOM_BACKBONE)
-    out_dir = runs_dir / "ablation"
+    out_dir = runs_dir / "ablation" if ablation_dir is None else Path(ablation_dir)
     # ablate --world-seed w puts a world's runs in out_dir/world<w>
     run_dir = out_dir if world_seed is None else out_dir / f"world{world_seed}"
     configs = {label: variant_config(v, seed, steps=steps, out_dir=run_dir, overrides=overrides,

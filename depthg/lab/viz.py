@@ -816,6 +816,35 @@ def plot_correlation_query(ax, corr: Any, query: tuple[int, int], title: str | N
     return ax
 
 
+def plot_correlation_distributions(values: Mapping[str, Any], shift_sets: Mapping[str, Mapping[str, float]],
+                                   same_class: Mapping[str, Any] | None = None, bins: int = 60):
+    """One panel per pairing (self, kNN, random): the histogram of the sampled feature correlations F and a
+    vertical line per set of shifts (``shift_sets`` = {label: {pairing: b}}); pairs right of a line are pulled
+    by that shift, pairs left of it pushed (each title: the share pulled, per set). With ``same_class`` (bool per pair) the same-class pairs are drawn
+    as a second, darker histogram. Returns the figure (8.6 in wide)."""
+    kinds = list(values)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(8.6, 3.6), sharey=False)
+    axes = np.atleast_1d(axes)
+    edges = np.linspace(-1.0, 1.0, bins + 1)
+    styles = ["-", "--", ":", "-."]
+    for ax, kind in zip(axes, kinds):
+        v = _as_numpy(values[kind]).ravel()
+        ax.hist(v, bins=edges, color="0.75", label="all pairs")
+        if same_class is not None:
+            ax.hist(v[_as_numpy(same_class[kind]).ravel().astype(bool)], bins=edges, color="C0", alpha=0.8,
+                    label="same class")
+        pulled = []
+        for k, (label, shifts) in enumerate(shift_sets.items()):
+            ax.axvline(shifts[kind], color=f"C{k + 1}", linestyle=styles[k % len(styles)], linewidth=2, label=label)
+            pulled.append(f"{100 * float((v > shifts[kind]).mean()):.0f} %")
+        ax.set_xlabel("feature correlation F")
+        ax.yaxis.set_major_locator(MaxNLocator(3))
+        set_title(ax, f"{kind}: pulled {' / '.join(pulled)}")
+    axes[0].set_ylabel("sampled pairs")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=2)
+    return fig
+
+
 def plot_correlation_matrix(ax, corr: Any, title: str | None = None, vmin: float | None = -1.0,
                             vmax: float | None = 1.0, cmap: str = "RdBu_r", order: Any | None = None,
                             col_order: Any | None = None, colorbar: str = "correlation"):
