@@ -1,9 +1,10 @@
 """The preparation stages of a first run on this CPU: one worker against all cores, measured in one run.
 
-On a synthetic world in the Cityscapes layout (the synthetic preset's settings; 48 + 24 images at twice its
-resolution, so that the parallel stages have work), each stage runs with ``num_workers=0`` (everything in
-this process) and with every core, alternating, twice each, every run into a fresh folder; the fastest run
-of each counts (the least disturbed by other processes on a shared machine), and all outputs are compared:
+On a synthetic world in the Cityscapes layout (the synthetic preset's settings, five-cropped as the
+real-data presets are; 48 + 24 images at twice its resolution, so that the parallel stages have work), each
+stage runs with ``num_workers=0`` (everything in this process) and with every core, alternating, twice each,
+every run into a fresh folder; the fastest run of each counts (the least disturbed by other processes on a
+shared machine), and all outputs are compared:
 
 * ``depth``: ``estimate_depth_for_dataset``, images read and processed by loader workers, PNGs written on
   threads. The network is a tiny random Depth Anything: the workers parallelise the reading, the processor

@@ -35,6 +35,9 @@ def test_reports_are_found_wherever_the_file_holds_them(tmp_path):
     several = {"note": "two test worlds", "worlds": {"1": one, "2": _report(2, [1.0, 2.0, 3.0], extra="kmeans")}}
     found = results.reports_in(several)
     assert [label for label, _ in found] == ["worlds/1", "worlds/2"] and results.world_of(found[1][1]) == 2
+    # a report that carries another one under its own key: both are found
+    nested = {**one, "all_variants": _report(1, [0.2, 0.1], extra="kmeans")}
+    assert [label for label, _ in results.reports_in(nested)] == ["", "all_variants"]
     path = tmp_path / "r.json"
     path.write_text(json.dumps(several))
     assert len(results.load_reports(path)) == 2

@@ -34,8 +34,10 @@ class ResultsError(DepthGError, ValueError):
 def _walk(node: Any, label: str) -> Iterator[tuple[str, dict[str, Any]]]:
     if isinstance(node, dict) and "summary" in node and "seeds" in node:
         yield label, node
-        return
-    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        # a report may carry further reports under its own keys (e.g. the same table over more variants)
+        children = ((k, v) for k, v in node.items() if k not in ("summary", "runs", "protocol", "variants"))
+    else:
+        children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
     for key, child in children:
         if isinstance(child, (dict, list)):
             yield from _walk(child, f"{label}/{key}" if label else str(key))
@@ -43,7 +45,7 @@ def _walk(node: Any, label: str) -> Iterator[tuple[str, dict[str, Any]]]:
 
 def reports_in(data: dict[str, Any] | list[Any]) -> list[tuple[str, dict[str, Any]]]:
     """Every ablation report in ``data`` as (label, report): the file itself when it is one report (label
-    ``""``), else each report nested in it (label: its key path, e.g. ``"worlds/2"``)."""
+    ``""``), and each report nested in it (label: its key path, e.g. ``"worlds/2"``)."""
     return list(_walk(data, ""))
 
 
