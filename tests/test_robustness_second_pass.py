@@ -125,17 +125,31 @@ def test_json_outputs_are_strict_and_absent_classes_are_null(world, tmp_path, mo
 # ------------------------------------------------------------------------------------------------
 # 2. one command per folder
 # ------------------------------------------------------------------------------------------------
-def _cli_process(argv: list[str]) -> subprocess.Popen:
+def _cli_process(argv: list[str], logs: Path) -> subprocess.Popen:
+    """``python -m depthg argv`` in a child process, its stdout and stderr in files under ``logs`` (not pipes:
+    a process it starts cannot hold them open), with faulthandler on, so SIGABRT prints where it is."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHONWARNINGS="ignore")
-    return subprocess.Popen([sys.executable, "-m", "depthg", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env, cwd=ROOT)
+               PYTHONWARNINGS="ignore", PYTHONFAULTHANDLER="1")
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / "stdout", "wb") as out, open(logs / "stderr", "wb") as err:
+        return subprocess.Popen([sys.executable, "-m", "depthg", *argv], stdout=out, stderr=err, env=env, cwd=ROOT)
+
+
+def _finish(proc: subprocess.Popen, logs: Path, timeout: float) -> tuple[bytes, bytes]:
+    """Wait for ``proc``; if it does not end in ``timeout`` s, abort it and fail with its threads' tracebacks."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)  # faulthandler writes every thread's traceback to stderr
+        proc.wait(timeout=30)
+        pytest.fail(f"the process did not end within {timeout} s:\n{(logs / 'stderr').read_bytes().decode()[-6000:]}")
+    return (logs / "stdout").read_bytes(), (logs / "stderr").read_bytes()
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
     start = time.time()
     while not path.exists():
-        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        assert proc.poll() is None, f"the process ended with {proc.returncode} before {path} appeared"
         assert time.time() - start < timeout, f"{path} did not appear"
         time.sleep(0.2)
 
@@ -145,13 +159,14 @@ def test_second_train_into_a_held_folder_is_refused_and_ctrl_c_leaves_one_line(w
     line, exit 130, no temporary file; its folder (config and log, no checkpoint) is then simply rerun."""
     out_dir = tmp_path / "run"
     args = cli_overrides(world, tmp_path)
-    first = _cli_process(["train", "--no-progress", *args, "steps=100000", "checkpoint_every=0"])
+    logs = tmp_path / "first"
+    first = _cli_process(["train", "--no-progress", *args, "steps=100000", "checkpoint_every=0"], logs)
     try:
         _wait_for(out_dir / "log.jsonl", first)
         code, out, err = run_cli(["train", "--no-progress", *args, "seed=1"], monkeypatch, capsys)
         assert code == 2 and "another command is writing into the run folder" in err, err
         first.send_signal(signal.SIGINT)
-        stdout, stderr = first.communicate(timeout=120)
+        stdout, stderr = _finish(first, logs, timeout=120)
     finally:
         if first.poll() is None:
             first.kill()
