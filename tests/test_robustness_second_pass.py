@@ -132,7 +132,16 @@ def _cli_process(argv: list[str], logs: Path) -> subprocess.Popen:
                PYTHONWARNINGS="ignore", PYTHONFAULTHANDLER="1")
     logs.mkdir(parents=True, exist_ok=True)
     with open(logs / "stdout", "wb") as out, open(logs / "stderr", "wb") as err:
-        return subprocess.Popen([sys.executable, "-m", "depthg", *argv], stdout=out, stderr=err, env=env, cwd=ROOT)
+        return subprocess.Popen([sys.executable, "-m", "depthg", *argv], stdout=out, stderr=err, env=env, cwd=ROOT,
+                                preexec_fn=_as_from_a_terminal)
+
+
+def _as_from_a_terminal() -> None:
+    """In the child before it starts: Ctrl-C delivered and handled as in a terminal. A child inherits an ignored
+    or blocked SIGINT (Python then never raises KeyboardInterrupt, as for a background job); something earlier
+    in a long test session can leave the test process so, and its child then trained on after SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _finish(proc: subprocess.Popen, logs: Path, timeout: float) -> tuple[bytes, bytes]:
