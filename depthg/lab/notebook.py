@@ -83,7 +83,8 @@ def at_root(path: str | os.PathLike | None) -> Path | None:
 NOTEBOOK_PARAMETERS: dict[str, str | tuple[str, bool]] = {
     "smoke": "bool", "sliders": "sliders", "train_if_missing": "bool", "overwrite": "overwrite", "preset": "preset",
     "n_examples": "count", "demo_steps": "count", "n_side": "count", "patch": "count", "num_disparities": "count",
-    "block_size": "count", "n_images": "count", "probe_steps": "count", "calibrate_crops": "count", "depth_models": "names", "runs_dir": "path",
+    "block_size": "count", "n_images": "count", "probe_steps": "count", "calibrate_crops": "count",
+    "depth_models": "names", "runs_dir": "path",
     "results_dir": "path", "published": "path", "ablation_dir": ("output_dir", True),
     "seed": ("seed", False), "steps": ("steps", True), "batch_size": ("batch_size", True), "device": ("device", False),
     "mode": ("mode", False), "world_seed": ("world_seed", True), "lhp_quantile": ("lhp_quantile", False),

@@ -23,8 +23,8 @@ from typing import Any, Iterator
 
 from depthg.utils import DepthGError
 
-__all__ = ["reports_in", "load_reports", "world_of", "worlds_of", "world_label", "command_overrides", "median_seed", "verdicts", "verdict_sentences", "PUBLISHED_COLUMNS",
-           "read_published", "published_numbers", "ResultsError"]
+__all__ = ["reports_in", "load_reports", "world_of", "worlds_of", "world_label", "command_overrides", "median_seed",
+           "verdicts", "verdict_sentences", "PUBLISHED_COLUMNS", "read_published", "published_numbers", "ResultsError"]
 
 
 class ResultsError(DepthGError, ValueError):
