@@ -17,7 +17,7 @@ share of the pulled pairs show the same class.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from depthg.precision import amp_context
 from depthg.train_support import feature_source, load_neighbours, setup_place
 
 __all__ = ["PAIRINGS", "SHIFT_KEYS", "NULL_QUANTILE", "CorrelationStats", "measure_correlations", "propose_shifts",
-           "calibration_report", "fps_class_shares"]
+           "pairing_shifts", "pulled_rows", "calibration_report", "fps_class_shares"]
 
 #: the loss's three pairings, in the order of their config keys
 PAIRINGS = ("self", "knn", "random")
@@ -211,13 +211,21 @@ def propose_shifts(stats: CorrelationStats, quantile: float = NULL_QUANTILE) -> 
     return {SHIFT_KEYS[k]: b for k in PAIRINGS}
 
 
+def pairing_shifts(shifts: Config | Mapping[str, float]) -> dict[str, float]:
+    """{pairing: b} of a config's three shifts, or of shifts keyed by config key (what propose_shifts gives)."""
+    return {k: float(shifts[key] if isinstance(shifts, Mapping) else getattr(shifts, key))
+            for k, key in SHIFT_KEYS.items()}
+
+
 def pulled_rows(stats: CorrelationStats, shift_sets: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     """One row per (set of shifts, pairing): b, the share of pairs pulled and, with labels, the same-class
-    share among the pulled pairs and among all pairs (percent, 1 decimal). ``shift_sets`` = {label: {pairing: b}}."""
+    share among the pulled pairs and among all pairs (percent, 1 decimal). ``shift_sets`` = {label: {pairing: b}}
+    (:func:`pairing_shifts`)."""
     rows = []
     for label, shifts in shift_sets.items():
         for kind, row in stats.pulled(shifts).items():
-            pct = {k: None if row.get(k) is None else round(100 * row[k], 1) for k in ("pulled", "purity", "same_class")}
+            pct = {k: None if row.get(k) is None else round(100 * row[k], 1)
+                   for k in ("pulled", "purity", "same_class")}
             rows.append({"shifts": label, "pairs": kind, "b": row["shift"], "pulled %": pct["pulled"],
                          "same class among pulled %": pct["purity"], "same class among all %": pct["same_class"]})
     return rows
@@ -227,14 +235,12 @@ def calibration_report(cfg: Config, stats: CorrelationStats, quantile: float = N
     """What ``python -m depthg calibrate`` prints: the distributions, the proposal and the share of pairs each
     set of shifts pulls (with label purity where labels exist), for the config's shifts and the proposal."""
     proposed = propose_shifts(stats, quantile)
-    current = {k: float(getattr(cfg, SHIFT_KEYS[k])) for k in PAIRINGS}
     return {
         "centering": stats.centering, "n_crops": stats.n_crops, "samples_per_crop": stats.n_side ** 2,
         "distributions": stats.quantiles(),
         "rule": f"every shift = quantile {quantile} of the random-pair F (no labels)",
         "proposed": proposed,
         "overrides": " ".join(f"{k}={v}" for k, v in proposed.items()),
-        "pulled": {"config": stats.pulled(current),
-                   "proposed": stats.pulled({k: proposed[SHIFT_KEYS[k]] for k in PAIRINGS})},
+        "pulled": {"config": stats.pulled(pairing_shifts(cfg)), "proposed": stats.pulled(pairing_shifts(proposed))},
         "labels_used": "only to report purity" if stats.same_class is not None else "none",
     }

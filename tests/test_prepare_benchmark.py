@@ -4,18 +4,15 @@ identical outputs, and the committed measurement was written by the script as it
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 
+from tests.test_gpu_benchmark import _positive
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "prepare.py"
 STAGES = ["depth", "five_crop", "knn", "feature_cache", "final_eval"]
-
-
-def _positive(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
 @pytest.fixture(scope="module")

@@ -85,6 +85,11 @@ def worlds_of(report: dict[str, Any]) -> list[int]:
     return [] if world is None else [int(world)]
 
 
+def _runs(row: dict[str, Any], report: dict[str, Any]) -> list[list[Any]]:
+    """A summary row's runs as [world, seed], in the order of its values (a one-world report lists seeds only)."""
+    return row.get("runs") or [[world_of(report), s] for s in row["seeds"]]
+
+
 def median_seed(reports: list[tuple[str, dict[str, Any]]], variant: str = "depthg", base: str = "stego",
                 metric: str = "cluster_miou") -> dict[str, Any]:
     """The (world, seed) whose paired difference ``variant - base`` in ``metric`` is the lower median over
@@ -94,9 +99,8 @@ def median_seed(reports: list[tuple[str, dict[str, Any]]], variant: str = "depth
         summary = report["summary"]
         if variant in summary and base in summary:
             a, b = summary[variant], summary[base]
-            # a report over several worlds lists its runs as [world, seed] (values in that order)
-            runs = a.get("runs") or [[world_of(report), s] for s in a["seeds"]]
-            if runs == (b.get("runs") or [[world_of(report), s] for s in b["seeds"]]):
+            runs = _runs(a, report)
+            if runs == _runs(b, report):
                 for (world, seed), x, y in zip(runs, a[metric]["values"], b[metric]["values"]):
                     pairs.append((x - y, None if world is None else int(world), int(seed), report))
     if not pairs:
