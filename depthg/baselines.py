@@ -5,7 +5,10 @@ every comparison reports this baseline beside it (docs/method.md §9.3):
 
 * **unsupervised**: spherical k-means (:func:`depthg.method.head.spherical_kmeans`) of the training crops'
   feature vectors, one cluster per cluster-probe centroid, evaluated exactly as a trained head is (same
-  resolution, flip, upsampling and Hungarian matching over the split);
+  resolution, flip, upsampling and Hungarian matching over the split); or, with ``clusterer="probe"``,
+  the trainer's own cluster probe (mini-batch spherical k-means by Adam: its initialisation, learning rate,
+  batches and steps) fitted on the features instead of the head's code, so that ``stego`` minus this row is
+  what the head adds with the clusterer held fixed;
 * **linear**: the trainer's linear probe (same steps, batches, optimiser and learning rate) trained on the
   features instead of the head's code.
 
@@ -29,13 +32,18 @@ from depthg.train import Run, build_run, evaluate_now
 from depthg.train_support import ReplaceOwn, RunFolder, batch_indices, checkpoint_to_resume, setup_place
 from depthg.utils import torch_threads, write_json
 
-__all__ = ["fit_frozen_baseline", "frozen_features", "KMEANS_MAX_POINTS", "BASELINE_DESCRIPTION"]
+__all__ = ["fit_frozen_baseline", "frozen_features", "KMEANS_MAX_POINTS", "BASELINE_DESCRIPTION", "CLUSTERERS"]
 
 #: feature vectors k-means sees at most (a uniform sample without replacement beyond that), so the baseline
 #: stays cheap on real datasets (Cityscapes ViT-B/8: 14,875 crops x 784 cells)
 KMEANS_MAX_POINTS = 200_000
-BASELINE_DESCRIPTION = ("frozen backbone features, no head: spherical k-means (unsupervised columns) and the "
-                        "trainer's linear probe (linear columns)")
+#: how the unsupervised columns cluster the frozen features -> what the results file says of it
+CLUSTERERS = {
+    "kmeans": "spherical k-means",
+    "probe": "the trainer's cluster probe (mini-batch spherical k-means by Adam, the trainer's steps and batches)",
+}
+BASELINE_DESCRIPTION = ("frozen backbone features, no head: {} (unsupervised columns) and the trainer's linear "
+                        "probe (linear columns)")
 
 
 @torch.no_grad()
@@ -57,29 +65,42 @@ def _kmeans_probe(run: Run, generator: torch.Generator) -> ClusterProbe:
     return ClusterProbe.from_centroids(spherical_kmeans(points, k, generator), n_classes=run.n_classes)
 
 
-def _linear_probe(run: Run) -> LinearProbe:
-    """The trainer's linear probe on the frozen features: its initialisation seed, batches, Adam and steps."""
+def _fitted_probes(run: Run, cluster: ClusterProbe | None) -> LinearProbe:
+    """The trainer's linear probe on the frozen features (its initialisation seed, batches, Adam and steps),
+    and on the same batches ``cluster`` (if given) as the trainer fits its cluster probe on the code."""
     cfg = run.cfg
     probe = LinearProbe(run.backbone.embed_dim, run.n_classes, generator=cfg.seed).to(run.place.device)
     opt = torch.optim.Adam(probe.parameters(), lr=cfg.probe_lr)
+    cluster_opt = torch.optim.Adam(cluster.parameters(), lr=cfg.probe_lr) if cluster is not None else None
     for it in range(cfg.steps):
         anchors, _ = batch_indices(it, len(run.source), cfg.batch_size, cfg.seed, run.nns, cfg.num_neighbors)
         batch = run.source.fetch(anchors)
         loss = probe.loss(batch["feats"], batch["label"])
+        if cluster is not None:
+            loss = loss + cluster(batch["feats"], None)[0]  # the two probes share no parameter
         opt.zero_grad(set_to_none=True)
+        if cluster_opt is not None:
+            cluster_opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if cluster_opt is not None:
+            cluster_opt.step()
     return probe
 
 
 def fit_frozen_baseline(cfg: Config, *, progress: bool = True, data: dict[str, Any] | None = None,
-                        overwrite: bool | ReplaceOwn = False) -> dict[str, Any]:
+                        overwrite: bool | ReplaceOwn = False, clusterer: str = "kmeans") -> dict[str, Any]:
     """Fit the frozen-feature baseline of ``cfg``'s run and evaluate it with the run's protocol.
+
+    ``clusterer``: ``"kmeans"`` (spherical k-means, the default) or ``"probe"`` (the trainer's cluster probe,
+    fitted on the features by the trainer's steps and batches; see :data:`CLUSTERERS`).
 
     Writes ``output_dir/{config.yaml, results.json}`` under the run-folder rules of :func:`depthg.train.train`
     (held for the call; another run there refused unless ``overwrite``, and kept until this one is complete)
     and returns the results: ``final.metrics`` as :func:`depthg.train.train` gives them.
     """
+    if clusterer not in CLUSTERERS:
+        raise ValueError(f"clusterer must be one of {sorted(CLUSTERERS)}, got {clusterer!r}")
     with torch_threads(cfg.threads):
         t_start = time.time()
         place = setup_place(cfg, progress)
@@ -90,18 +111,24 @@ def fit_frozen_baseline(cfg: Config, *, progress: bool = True, data: dict[str, A
             checkpoint_to_resume(cfg, place, resume=False, overwrite=overwrite)
             run = build_run(cfg, place, data)
             generator = torch.Generator().manual_seed(cfg.seed)
-            run.model = Segmenter(nn.Identity(), _kmeans_probe(run, generator), _linear_probe(run)).to(place.device)
+            if clusterer == "kmeans":
+                cluster, linear = _kmeans_probe(run, generator), _fitted_probes(run, None)
+            else:  # the trainer's probe and its initialisation (depthg.build.build_models), on the features
+                cluster = ClusterProbe(run.backbone.embed_dim, run.n_classes, extra_clusters=cfg.extra_clusters,
+                                       generator=generator).to(place.device)
+                linear = _fitted_probes(run, cluster)
+            run.model = Segmenter(nn.Identity(), cluster, linear).to(place.device)
             writer = folder.open(cfg, 0, overwrite.owner if isinstance(overwrite, ReplaceOwn) else None)
             if writer is not None:
                 writer.close()
             metrics = evaluate_now(run, flip=cfg.eval_flip, crf=cfg.eval_crf)
             result = {
                 "name": cfg.name, "mode": cfg.mode, "steps": cfg.steps, "wall_time_s": time.time() - t_start,
-                "baseline": BASELINE_DESCRIPTION,
+                "baseline": BASELINE_DESCRIPTION.format(CLUSTERERS[clusterer]), "clusterer": clusterer,
                 "protocol": {"flip": cfg.eval_flip, "crf": cfg.eval_crf, "eval_res": cfg.eval_res,
                              "split": cfg.val_split},
-                "final": {"step": cfg.steps, "note": "k-means of the frozen features; linear probe after the last "
-                          "step", "metrics": metrics},
+                "final": {"step": cfg.steps, "note": f"{CLUSTERERS[clusterer]} of the frozen features; linear probe "
+                          "after the last step", "metrics": metrics},
                 "best_on_val": {"step": None, "selected_by": None, "note": "no model selection", "metrics": None},
                 "paths": {"output_dir": str(place.out_dir), **{k: str(v) for k, v in run.data.items()}},
                 "config": cfg.to_dict(),

@@ -12,6 +12,7 @@ from depthg.lab.ablation import (
     VARIANTS,
     AblationError,
     collect_runs,
+    holm_family,
     load_report,
     made_with_weights,
     markdown_table,
@@ -36,8 +37,8 @@ def test_paired_differences_hand_example():
 
 
 def test_variants_cover_the_protocol():
-    for name in ("kmeans", "stego", "stego_released_depth", "fps_only", "depth_distance", "depth_product",
-                 "depth_centred", "depth_quantile", "depthg", "depthg_s5", "depthg_s11", "released"):
+    for name in ("kmeans", "frozen_probe", "stego", "stego_released_depth", "fps_only", "depth_distance",
+                 "depth_product", "depth_centred", "depth_quantile", "depthg", "depthg_s5", "depthg_s11", "released"):
         assert name in VARIANTS and name in DEFAULT_VARIANTS
     # the paper's Cityscapes setting: random sampling with the released (constant) depth term, paper otherwise
     cs = variant_config("stego_released_depth", 0)
@@ -143,6 +144,24 @@ def test_summary_pools_worlds_world_major_and_holm_adjusts_the_secondary_compari
     assert math.isclose(family[ps[1][1]]["holm_p"], max(min(1.0, 2 * ps[0][0]), ps[1][0]))
     table = markdown_table(summary, "c")
     assert "| world 1 | world 2 |" in table and "| stego − kmeans |" in table
+
+
+def test_the_probe_baseline_splits_stego_minus_kmeans_outside_the_holm_family():
+    values = {"kmeans": [0.0, 1.0, 1.5, 2.0, 2.5, 3.5], "stego": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+              "depthg": [2.0, 3.0, 4.0, 7.0, 8.0, 9.0], "fps_only": [1.5, 1.5, 3.5, 4.5, 4.5, 6.5]}
+    without = summarise(_runs(values, worlds=(1, 2)))
+    summary = summarise(_runs({**values, "frozen_probe": [0.5, 2.0, 2.0, 3.0, 2.5, 5.0]}, worlds=(1, 2)))
+    head = summary["stego"]["paired_vs_frozen_probe"]["cluster_miou"]["values"]
+    clusterer = summary["frozen_probe"]["paired_vs_kmeans"]["cluster_miou"]["values"]
+    gap = summary["stego"]["paired_vs_kmeans"]["cluster_miou"]["values"]
+    # the head's part plus the clusterer's part is STEGO's gap over k-means, run by run
+    assert [a + b for a, b in zip(head, clusterer)] == pytest.approx(gap)
+    assert head == pytest.approx([0.5, 0.0, 1.0, 1.0, 2.5, 1.0])
+    # descriptive: the planned family (and so every Holm-adjusted p) is the same with or without it
+    assert holm_family(summary) == holm_family(without)
+    assert "paired_vs_stego" not in summary["frozen_probe"]
+    rows = {r["variant"]: r for r in report_rows({"summary": summary, "seeds": [0, 1, 2]})}
+    assert rows["frozen_probe"]["versus"] == "kmeans" and rows["frozen_probe"]["holm_p"] == "—"
 
 
 def test_an_ablation_folder_takes_other_worlds_but_not_another_configuration(tmp_path):

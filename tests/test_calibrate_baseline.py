@@ -102,6 +102,43 @@ def test_frozen_baseline_is_kmeans_of_the_features_and_the_trainers_linear_probe
         fit_frozen_baseline(cfg, progress=False)
 
 
+def test_the_probe_baseline_is_the_trainers_cluster_probe_on_the_features(tmp_path, quiet):
+    """With the clusterer held fixed: the probe baseline equals training STEGO's cluster probe with an identity
+    head, i.e. the trainer's probe loop run by hand on the same batches (a brute-force reference)."""
+    from depthg.build import Segmenter
+    from depthg.method.head import ClusterProbe, LinearProbe
+    from depthg.train import build_run, evaluate_now
+    from depthg.train_support import batch_indices, setup_place
+    cfg = _tiny(tmp_path, "steps=4")
+    result = fit_frozen_baseline(cfg, progress=False, clusterer="probe")
+    assert result["clusterer"] == "probe" and "cluster probe" in result["baseline"]
+    kmeans = fit_frozen_baseline(cfg.replace(output_dir=str(tmp_path / "km")), progress=False)
+    # the linear columns do not depend on the clusterer
+    for key in ("miou", "accuracy"):
+        assert kmeans["final"]["metrics"]["linear"][key] == result["final"]["metrics"]["linear"][key]
+    # reference: a fresh probe initialised as depthg.build.build_models does, fitted step by step by hand
+    run = build_run(cfg, setup_place(cfg, False), None)
+    probe = ClusterProbe(run.backbone.embed_dim, run.n_classes, generator=torch.Generator().manual_seed(cfg.seed))
+    start = probe.clusters.detach().clone()
+    opt = torch.optim.Adam(probe.parameters(), lr=cfg.probe_lr)
+    for it in range(cfg.steps):
+        anchors, _ = batch_indices(it, len(run.source), cfg.batch_size, cfg.seed, run.nns, cfg.num_neighbors)
+        feats = F.normalize(run.source.fetch(anchors)["feats"], dim=1)
+        # -mean over cells of the best cosine to a unit centroid, written out
+        cos = torch.einsum("bchw,kc->bkhw", feats, F.normalize(probe.clusters, dim=1))
+        loss = -cos.max(dim=1).values.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not torch.equal(probe.clusters.detach(), start)
+    run.model = Segmenter(torch.nn.Identity(), probe, LinearProbe(run.backbone.embed_dim, run.n_classes))
+    ref = evaluate_now(run, flip=cfg.eval_flip, crf=cfg.eval_crf)
+    assert result["final"]["metrics"]["cluster"]["miou"] == pytest.approx(ref["cluster"]["miou"], abs=1e-9)
+    assert result["final"]["metrics"]["cluster"]["accuracy"] == pytest.approx(ref["cluster"]["accuracy"], abs=1e-9)
+    with pytest.raises(ValueError, match="clusterer"):
+        fit_frozen_baseline(cfg, progress=False, clusterer="gmm")
+
+
 def test_ablate_reports_kmeans_beside_stego_over_two_worlds(tmp_path, quiet):
     report = main(["ablate", "--world-seed", "3", "4", "--dev-world-seed", "2", "--variants", "kmeans", "stego",
                    "--seeds", "0", "1", "--steps", "1", "--out-dir", str(tmp_path / "abl"), "--no-progress",

@@ -85,6 +85,13 @@ def test_verdicts_read_the_paired_intervals():
     assert len(found) == 2 and "+3.00 [+2.00, +4.00] (Holm-adjusted p 0.004)" in found[1]
     assert "the baseline the depth variants are compared against works here" in found[1]
     assert "`depthg` +0.30 [+0.20, +0.40]" in text and "none is below it" in text
+    # with the cluster-probe baseline, the gap is split into the head's part and the clusterer's part
+    report["summary"]["stego"]["paired_vs_frozen_probe"] = {"cluster_miou": {"mean": 1.0, "half_width": 0.5,
+                                                                             "ci": [0.5, 1.5]}}
+    report["summary"]["frozen_probe"] = {"paired_vs_kmeans": {"cluster_miou": {"mean": 2.0, "half_width": 0.25,
+                                                                               "ci": [1.75, 2.25]}}}
+    split = results.verdict_sentences(report)[2]
+    assert "the head adds +1.00 [+0.50, +1.50] points" in split and "the clusterer +2.00 [+1.75, +2.25]" in split
 
 
 def test_published_numbers_come_from_docs_with_their_sources(tmp_path):

@@ -1,8 +1,8 @@
 """The miniature reproduction: does DepthG beat STEGO, and which part does it?
 
 Each variant (``VARIANTS``: the base preset plus the few keys that define it) is run over the same seeds on
-one or several synthetic worlds, beside the frozen-feature baseline ``kmeans`` (:mod:`depthg.baselines`),
-and the final weights' cluster and linear accuracy / mIoU (and category mIoU where the data has categories)
+one or several synthetic worlds, beside the frozen-feature baselines ``kmeans`` and ``frozen_probe``
+(:mod:`depthg.baselines`), and the final weights' cluster and linear accuracy / mIoU (and category mIoU where the data has categories)
 are compared with ``stego`` run by run (:mod:`depthg.lab.stats`: paired by world and seed, pooled over
 worlds, Holm-adjusted p-values for the secondary comparisons). Choices are made on a development world
 and the table is run once on held-out test worlds (``--world-seed T1 T2 T3 --dev-world-seed D``); each
@@ -34,7 +34,7 @@ from depthg.utils import DepthGError, atomic_write, folder_lock, owned_output, p
 
 __all__ = ["VARIANTS", "DEFAULT_VARIANTS", "METRICS", "variant_config", "run_ablation", "summarise",
            "paired_differences", "markdown_table", "backbone_sha256", "load_report", "report_rows",
-           "collect_runs", "FROZEN_VARIANTS", "PRIMARY", "holm_family", "ABLATION_MARKER", "ablation_configuration",
+           "collect_runs", "FROZEN_VARIANTS", "BASELINES", "PRIMARY", "holm_family", "ABLATION_MARKER", "ablation_configuration",
            "claim_ablation_folder"]
 
 _PAPER_SIMILARITIES = tuple(s for s in DEPTH_SIMILARITIES if s != "released")
@@ -43,6 +43,8 @@ _PAPER_SIMILARITIES = tuple(s for s in DEPTH_SIMILARITIES if s != "released")
 VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "kmeans": ("paper", {"use_depth": False, "depth_sampling": "random", "depth_weight": 0.0},
                "frozen features, no head: spherical k-means (unsup.) and a linear probe (linear)"),
+    "frozen_probe": ("paper", {"use_depth": False, "depth_sampling": "random", "depth_weight": 0.0},
+                     "frozen features, no head: the trainer's cluster probe (unsup.) and a linear probe (linear)"),
     "stego": ("paper", {"use_depth": False, "depth_sampling": "random", "depth_weight": 0.0},
               "STEGO: no depth term, random sampling"),
     "stego_released_depth": ("paper", {"depth_sampling": "random", "depth_similarity": "released"},
@@ -69,10 +71,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "released": ("released", {"depth_sampling": "fps"},
                  "DepthG, released mode (constant depth term, released FPS, x3 schedules)"),
 }
-#: variants that train no head: fitted by :func:`depthg.baselines.fit_frozen_baseline`
-FROZEN_VARIANTS = ("kmeans",)
+#: variants that train no head -> their clusterer in :func:`depthg.baselines.fit_frozen_baseline`
+FROZEN_VARIANTS = {"kmeans": "kmeans", "frozen_probe": "probe"}
+#: the reference rows: ``stego`` is compared with each (STEGO's own effect), the variants with ``stego``
+BASELINES = tuple(FROZEN_VARIANTS)
 #: the held-out table (test world).
-DEFAULT_VARIANTS = ("kmeans", "stego", "stego_released_depth", "fps_only", "fps_intrinsics", *(f"depth_{s}" for s in _PAPER_SIMILARITIES), "depthg",
+DEFAULT_VARIANTS = ("kmeans", "frozen_probe", "stego", "stego_released_depth", "fps_only", "fps_intrinsics", *(f"depth_{s}" for s in _PAPER_SIMILARITIES), "depthg",
                     "depthg_s5", "depthg_s11", "released")
 #: (group, metric) pairs read from a run's final evaluation (``category_miou``: where the data has categories).
 METRICS = (("cluster", "miou"), ("cluster", "accuracy"), ("linear", "miou"), ("linear", "accuracy"),
@@ -167,10 +171,12 @@ def _paired(row: dict[str, Any], base: dict[str, Any], keys: list[str]) -> dict[
 
 def summarise(runs: dict[str, list[dict[str, Any]]], primary: str = PRIMARY) -> dict[str, Any]:
     """Per variant: mean ± std over every (world, seed) of the final metrics (``values`` world-major),
-    ``per_world`` the same per world, ``paired_vs_stego`` (and for ``stego``, ``paired_vs_kmeans``) when the
-    (world, seed) runs match: pooled over worlds, per world inside (:mod:`depthg.lab.stats`). The
-    secondary comparisons' unsupervised-mIoU p-values get Holm's adjustment (``holm_p``); ``primary``
-    (``depthg`` - ``stego``) is the one comparison the plan names in advance and is not adjusted."""
+    ``per_world`` the same per world, ``paired_vs_stego`` (for ``stego``: ``paired_vs_kmeans`` and
+    ``paired_vs_frozen_probe``; for ``frozen_probe``: ``paired_vs_kmeans``) when the (world, seed) runs match:
+    pooled over worlds, per world inside (:mod:`depthg.lab.stats`). The secondary comparisons' unsupervised-mIoU
+    p-values (every variant − ``stego``, and ``stego`` − ``kmeans``) get Holm's adjustment (``holm_p``);
+    ``primary`` (``depthg`` - ``stego``) is the one comparison the plan names in advance and is not adjusted;
+    the two comparisons with ``frozen_probe`` are descriptive (they split ``stego`` − ``kmeans``)."""
     out: dict[str, Any] = {}
     for variant, results in runs.items():
         keys = _metric_keys(results)
@@ -184,8 +190,11 @@ def summarise(runs: dict[str, list[dict[str, Any]]], primary: str = PRIMARY) -> 
         row["per_world"] = {w: {key: {**_stats(v := [_value(r, key) for r in rs]), "values": v} for key in keys}
                             for w, rs in worlds.items()}
         out[variant] = row
-    # every variant against STEGO; STEGO against the frozen features (its own effect)
-    comparisons = [(v, "stego") for v in out if v not in ("stego", "kmeans")] + [("stego", "kmeans")]
+    # every variant against STEGO; STEGO against each frozen-feature baseline (its own effect), and the
+    # cluster-probe baseline against k-means (what the clusterer alone changes): the last two split
+    # stego − kmeans into the head's part and the clusterer's part, and are descriptive (not in Holm's family)
+    comparisons = ([(v, "stego") for v in out if v != "stego" and v not in BASELINES]
+                   + [("stego", b) for b in BASELINES] + [("frozen_probe", "kmeans")])
     for variant, base_name in comparisons:
         row, base = out.get(variant), out.get(base_name)
         if row is not None and base is not None and row["runs"] == base["runs"]:
@@ -346,7 +355,7 @@ def _run_task(progress: bool, task: tuple[dict[str, Any], str]) -> dict[str, Any
 
 def _one_run(cfg: Config, variant: str, progress: bool) -> dict[str, Any]:
     """The finished results of ``cfg``'s run: reused when its ``results.json`` holds the same config, steps and
-    backbone weights, else made (a frozen-feature fit for ``kmeans``, training otherwise) and stamped."""
+    backbone weights, else made (a frozen-feature fit for a baseline, training otherwise) and stamped."""
     sha = backbone_sha256(cfg)
     results_path = Path(cfg.output_dir) / "results.json"
     if results_path.is_file():
@@ -355,8 +364,10 @@ def _one_run(cfg: Config, variant: str, progress: bool) -> dict[str, Any]:
         if old.get("config") == cfg.to_dict() and old.get("steps") == cfg.steps and made_with_weights(old, sha):
             return old
     print(f"[ablation] world {cfg.world_seed} {variant} seed {cfg.seed}", file=sys.stderr)
-    make = fit_frozen_baseline if variant in FROZEN_VARIANTS else train
-    make(cfg, progress=progress, overwrite=True)  # a stale or unfinished run is redone
+    if variant in FROZEN_VARIANTS:  # a stale or unfinished run is redone
+        fit_frozen_baseline(cfg, progress=progress, overwrite=True, clusterer=FROZEN_VARIANTS[variant])
+    else:
+        train(cfg, progress=progress, overwrite=True)
     stamped = json.loads(results_path.read_text())  # the weights next to the run, so a later reuse can check them
     stamped["ablation_backbone_sha256"] = sha
     write_json(results_path, stamped)
@@ -446,13 +457,13 @@ def load_report(path: str | Path) -> dict[str, Any]:
 
 def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per variant: description, runs, the metrics and the pooled paired differences to ``stego``
-    (for ``stego`` itself: to ``kmeans``), with their p and Holm-adjusted p.
+    (for ``stego`` and ``frozen_probe``: to ``kmeans``), with their p and Holm-adjusted p.
 
     Whatever variants the report holds are listed (a metric a report lacks shows None).
     """
     rows = []
     for variant, row in report["summary"].items():
-        base = "kmeans" if variant == "stego" else "stego"
+        base = "kmeans" if variant in ("stego", "frozen_probe") else "stego"
         paired = row.get(f"paired_vs_{base}", {})
         miou = paired.get("cluster_miou", {})
         described = report.get("variants", {}).get(variant) or (VARIANTS[variant][2] if variant in VARIANTS else "")

@@ -137,7 +137,7 @@ def verdicts(report: dict[str, Any], metric: str = "cluster_miou") -> dict[str, 
 
 def _fmt(variant: str, d: dict[str, Any]) -> str:
     holm = f" (Holm-adjusted p {d['holm_p']:.3g})" if d.get("holm_p") is not None else ""
-    return f"`{variant}` {d['mean']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]{holm}"
+    return f"`{variant}` {_interval(d)}{holm}"
 
 
 def verdict_sentences(report: dict[str, Any], metric: str = "cluster_miou", label: str = "") -> list[str]:
@@ -166,7 +166,18 @@ def verdict_sentences(report: dict[str, Any], metric: str = "cluster_miou", labe
                      + ("so the baseline the depth variants are compared against works here." if lo > 0 else
                         "so STEGO is not shown to beat its own starting point here." if hi >= 0 else
                         "STEGO is below its own starting point here."))
+    # that gap split run by run: the head with the clusterer held fixed, and the clusterer alone
+    head = stego.get("paired_vs_frozen_probe", {}).get(metric)
+    probe = report["summary"].get("frozen_probe", {}).get("paired_vs_kmeans", {}).get(metric)
+    if head and probe and not math.isnan(head.get("half_width", math.nan)):
+        found.append(f"{where}Of that gap, the head adds {_interval(head)} points with the clusterer held fixed "
+                     f"(STEGO − its cluster probe fitted on the frozen features) and the clusterer "
+                     f"{_interval(probe)} (that probe − k-means; both descriptive).")
     return found
+
+
+def _interval(d: dict[str, Any]) -> str:
+    return f"{d['mean']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]"
 
 
 #: the columns of every table in docs/published.md, in order
