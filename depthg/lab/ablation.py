@@ -2,11 +2,12 @@
 
 Each variant (``VARIANTS``: the base preset plus the few keys that define it) is run over the same seeds on
 one or several synthetic worlds, beside the frozen-feature baselines ``kmeans`` and ``frozen_probe``
-(:mod:`depthg.baselines`), and the final weights' cluster and linear accuracy / mIoU (and category mIoU where the data has categories)
-are compared with ``stego`` run by run (:mod:`depthg.lab.stats`: paired by world and seed, pooled over
-worlds, Holm-adjusted p-values for the secondary comparisons). Choices are made on a development world
-and the table is run once on held-out test worlds (``--world-seed T1 T2 T3 --dev-world-seed D``); each
-world has its own cache folder. A run whose ``results.json`` holds the same config and backbone is reused.
+(:mod:`depthg.baselines`), and the final weights' cluster and linear accuracy / mIoU (and category mIoU where
+the data has categories) are compared with ``stego`` run by run (:mod:`depthg.lab.stats`: paired by world and
+seed, pooled over worlds, Holm-adjusted p-values for the secondary comparisons). Choices are made on a
+development world and the table is run once on held-out test worlds
+(``--world-seed T1 T2 T3 --dev-world-seed D``); each world has its own cache folder. A run whose
+``results.json`` holds the same config and backbone is reused.
 
 An ablation folder holds one configuration (preset, steps, worlds, shared overrides: its marker
 ``.depthg-ablation.json``): another configuration there is refused rather than replacing or mixing runs,
@@ -34,8 +35,8 @@ from depthg.utils import DepthGError, atomic_write, folder_lock, owned_output, p
 
 __all__ = ["VARIANTS", "DEFAULT_VARIANTS", "METRICS", "variant_config", "run_ablation", "summarise",
            "paired_differences", "markdown_table", "backbone_sha256", "load_report", "report_rows",
-           "collect_runs", "FROZEN_VARIANTS", "BASELINES", "PRIMARY", "holm_family", "ABLATION_MARKER", "ablation_configuration",
-           "claim_ablation_folder"]
+           "collect_runs", "FROZEN_VARIANTS", "BASELINES", "PRIMARY", "holm_family", "ABLATION_MARKER",
+           "ablation_configuration", "claim_ablation_folder"]
 
 _PAPER_SIMILARITIES = tuple(s for s in DEPTH_SIMILARITIES if s != "released")
 
@@ -76,8 +77,8 @@ FROZEN_VARIANTS = {"kmeans": "kmeans", "frozen_probe": "probe"}
 #: the reference rows: ``stego`` is compared with each (STEGO's own effect), the variants with ``stego``
 BASELINES = tuple(FROZEN_VARIANTS)
 #: the held-out table (test world).
-DEFAULT_VARIANTS = ("kmeans", "frozen_probe", "stego", "stego_released_depth", "fps_only", "fps_intrinsics", *(f"depth_{s}" for s in _PAPER_SIMILARITIES), "depthg",
-                    "depthg_s5", "depthg_s11", "released")
+DEFAULT_VARIANTS = ("kmeans", "frozen_probe", "stego", "stego_released_depth", "fps_only", "fps_intrinsics",
+                    *(f"depth_{s}" for s in _PAPER_SIMILARITIES), "depthg", "depthg_s5", "depthg_s11", "released")
 #: (group, metric) pairs read from a run's final evaluation (``category_miou``: where the data has categories).
 METRICS = (("cluster", "miou"), ("cluster", "accuracy"), ("linear", "miou"), ("linear", "accuracy"),
            ("cluster", "category_miou"), ("linear", "category_miou"))
