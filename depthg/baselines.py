@@ -70,21 +70,19 @@ def _fitted_probes(run: Run, cluster: ClusterProbe | None) -> LinearProbe:
     and on the same batches ``cluster`` (if given) as the trainer fits its cluster probe on the code."""
     cfg = run.cfg
     probe = LinearProbe(run.backbone.embed_dim, run.n_classes, generator=cfg.seed).to(run.place.device)
-    opt = torch.optim.Adam(probe.parameters(), lr=cfg.probe_lr)
-    cluster_opt = torch.optim.Adam(cluster.parameters(), lr=cfg.probe_lr) if cluster is not None else None
+    # one Adam per probe, as the trainer has
+    opts = [torch.optim.Adam(m.parameters(), lr=cfg.probe_lr) for m in (probe, cluster) if m is not None]
     for it in range(cfg.steps):
         anchors, _ = batch_indices(it, len(run.source), cfg.batch_size, cfg.seed, run.nns, cfg.num_neighbors)
         batch = run.source.fetch(anchors)
         loss = probe.loss(batch["feats"], batch["label"])
         if cluster is not None:
             loss = loss + cluster(batch["feats"], None)[0]  # the two probes share no parameter
-        opt.zero_grad(set_to_none=True)
-        if cluster_opt is not None:
-            cluster_opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        if cluster_opt is not None:
-            cluster_opt.step()
+        for opt in opts:
+            opt.step()
     return probe
 
 

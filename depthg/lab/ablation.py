@@ -35,7 +35,7 @@ from depthg.utils import DepthGError, atomic_write, folder_lock, owned_output, p
 
 __all__ = ["VARIANTS", "DEFAULT_VARIANTS", "METRICS", "variant_config", "run_ablation", "summarise",
            "paired_differences", "markdown_table", "backbone_sha256", "load_report", "report_rows",
-           "collect_runs", "FROZEN_VARIANTS", "BASELINES", "PRIMARY", "holm_family", "ABLATION_MARKER",
+           "collect_runs", "FROZEN_VARIANTS", "PRIMARY", "holm_family", "ABLATION_MARKER",
            "ablation_configuration", "claim_ablation_folder"]
 
 _PAPER_SIMILARITIES = tuple(s for s in DEPTH_SIMILARITIES if s != "released")
@@ -72,10 +72,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "released": ("released", {"depth_sampling": "fps"},
                  "DepthG, released mode (constant depth term, released FPS, x3 schedules)"),
 }
-#: variants that train no head -> their clusterer in :func:`depthg.baselines.fit_frozen_baseline`
+#: variants that train no head -> their clusterer in :func:`depthg.baselines.fit_frozen_baseline`; the
+#: reference rows: ``stego`` is compared with each (STEGO's own effect), the other variants with ``stego``
 FROZEN_VARIANTS = {"kmeans": "kmeans", "frozen_probe": "probe"}
-#: the reference rows: ``stego`` is compared with each (STEGO's own effect), the variants with ``stego``
-BASELINES = tuple(FROZEN_VARIANTS)
 #: the held-out table (test world).
 DEFAULT_VARIANTS = ("kmeans", "frozen_probe", "stego", "stego_released_depth", "fps_only", "fps_intrinsics",
                     *(f"depth_{s}" for s in _PAPER_SIMILARITIES), "depthg", "depthg_s5", "depthg_s11", "released")
@@ -194,8 +193,8 @@ def summarise(runs: dict[str, list[dict[str, Any]]], primary: str = PRIMARY) -> 
     # every variant against STEGO; STEGO against each frozen-feature baseline (its own effect), and the
     # cluster-probe baseline against k-means (what the clusterer alone changes): the last two split
     # stego − kmeans into the head's part and the clusterer's part, and are descriptive (not in Holm's family)
-    comparisons = ([(v, "stego") for v in out if v != "stego" and v not in BASELINES]
-                   + [("stego", b) for b in BASELINES] + [("frozen_probe", "kmeans")])
+    comparisons = ([(v, "stego") for v in out if v != "stego" and v not in FROZEN_VARIANTS]
+                   + [("stego", b) for b in FROZEN_VARIANTS] + [("frozen_probe", "kmeans")])
     for variant, base_name in comparisons:
         row, base = out.get(variant), out.get(base_name)
         if row is not None and base is not None and row["runs"] == base["runs"]:

@@ -820,8 +820,8 @@ def plot_correlation_distributions(values: Mapping[str, Any], shift_sets: Mappin
                                    same_class: Mapping[str, Any] | None = None, bins: int = 60):
     """One panel per pairing (self, kNN, random): the histogram of the sampled feature correlations F and a
     vertical line per set of shifts (``shift_sets`` = {label: {pairing: b}}); pairs right of a line are pulled
-    by that shift, pairs left of it pushed (each title: the share pulled, per set). With ``same_class`` (bool per pair) the same-class pairs are drawn
-    as a second, darker histogram. Returns the figure (8.6 in wide)."""
+    by that shift, pairs left of it pushed (each title: the share pulled, per set). With ``same_class`` (bool
+    per pair) the same-class pairs are drawn as a second, darker histogram. Returns the figure (8.6 in wide)."""
     kinds = list(values)
     fig, axes = plt.subplots(1, len(kinds), figsize=(8.6, 3.6), sharey=False)
     axes = np.atleast_1d(axes)
