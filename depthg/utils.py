@@ -144,7 +144,8 @@ def pool_map(fn: Callable[[Any, _T], _R], items: Iterable[_T], workers: int = 0,
         for x in items:
             yield fn(shared, x)
         return
-    pending: deque[tuple[_T, Future[_R]]] = deque()
+    taken: deque[_T] = deque()  # items drawn from `items` and not yet yielded, in order
+    futures: deque[Future[_R]] = deque()  # their results, one per item that reached the pool
     source = iter(items)
     pool = ProcessPoolExecutor(workers, mp_context=pool_context([fn.__module__]), initializer=_pool_init,
                                initargs=(shared,))
@@ -152,22 +153,26 @@ def pool_map(fn: Callable[[Any, _T], _R], items: Iterable[_T], workers: int = 0,
     try:
         _submit(pool, _pool_ready, None).result(timeout=POOL_START_TIMEOUT_S)
         for x in source:
-            pending.append((x, _submit(pool, fn, x)))
-            while len(pending) >= 2 * workers:
-                yield pending[0][1].result(timeout=timeout_s)
-                pending.popleft()
-        while pending:
-            yield pending[0][1].result(timeout=timeout_s)
-            pending.popleft()
+            # the item is recorded before it is submitted: a pool found broken by this submit still owes it
+            taken.append(x)
+            futures.append(_submit(pool, fn, x))
+            while len(futures) >= 2 * workers:
+                yield futures[0].result(timeout=timeout_s)
+                futures.popleft()
+                taken.popleft()
+        while futures:
+            yield futures[0].result(timeout=timeout_s)
+            futures.popleft()
+            taken.popleft()
         healthy = True
     except (BrokenProcessPool, FutureTimeout) as err:
         why = f"no result within {timeout_s} s" if isinstance(err, FutureTimeout) else f"{type(err).__name__}: {err}"
-        if isinstance(err, FutureTimeout) and not pending:
+        if isinstance(err, FutureTimeout) and not taken:
             why = (f"not started within {POOL_START_TIMEOUT_S:.0f} s; a script that starts worker processes needs an "
                    "`if __name__ == \"__main__\":` guard, as its workers import it")
         note(f"{what}: the pool of {workers} worker processes failed ({why}); finishing in this process")
         _kill_pool(pool)
-        for x, _ in pending:
+        for x in taken:
             yield fn(shared, x)
         for x in source:
             yield fn(shared, x)

@@ -8,11 +8,13 @@ import pickle
 import subprocess
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
 import torch
 
+from depthg import utils
 from depthg.utils import (
     DepthGError,
     UnsafeCheckpointError,
@@ -117,6 +119,26 @@ def test_pool_map_finishes_in_this_process_when_a_worker_dies_or_hangs(capsys):
     assert list(pool_map(_hangs_in_a_worker, range(6), 2, shared=1, timeout_s=3)) == [1 + x for x in range(6)]
     assert time.perf_counter() - t0 < 300  # the hung worker was killed, not waited for
     assert "no result within 3 s" in capsys.readouterr().err
+
+
+def test_pool_map_keeps_the_item_whose_submit_found_the_pool_broken(monkeypatch, capsys):
+    """A worker that dies is noticed either by a pending result or by the next submit; in the second case the
+    item being submitted was already drawn from ``items`` and must still be computed (here, deterministically:
+    the fifth submit of an item raises as a broken pool's submit does)."""
+    real_submit = utils._submit
+    calls = []
+
+    def breaks_on_the_fifth_item(pool, fn, x):
+        if fn is _affine:
+            calls.append(x)
+            if len(calls) == 5:
+                raise BrokenProcessPool("A child process terminated abruptly")
+        return real_submit(pool, fn, x)
+
+    monkeypatch.setattr(utils, "_submit", breaks_on_the_fifth_item)
+    assert list(pool_map(_affine, range(9), 2, shared=(2, 5))) == [2 * x + 5 for x in range(9)]
+    assert calls == [0, 1, 2, 3, 4]  # item 4 went to the pool's submit, which failed; it ran here instead
+    assert "BrokenProcessPool" in capsys.readouterr().err
 
 
 def test_pool_map_ends_after_torch_threads_ran(tmp_path):
