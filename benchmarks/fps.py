@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from depthg.method.released import radians_unprojection  # noqa: E402
 from depthg.method.sampling import farthest_point_sample, numba_available  # noqa: E402
-from depthg.utils import atomic_write  # noqa: E402
+from depthg.utils import atomic_write, command_line  # noqa: E402
 
 
 def released_fps_numpy(points: np.ndarray, n_samples: int) -> np.ndarray:
@@ -149,7 +149,7 @@ def main() -> None:
 
     report = {
         "benchmark": "farthest_point_sample vs released per-image NumPy FPS",
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line("python benchmarks/fps.py"),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if sync else platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),

@@ -64,7 +64,7 @@ from depthg.precision import FULL_PRECISION, Precision, amp_context  # noqa: E40
 from depthg.method.sampling import numba_available  # noqa: E402
 from depthg.build import training_dataset  # noqa: E402
 from depthg.train import train  # noqa: E402
-from depthg.utils import StageClock, atomic_write  # noqa: E402
+from depthg.utils import StageClock, atomic_write, command_line  # noqa: E402
 
 GOAL_S = 30 * 60  # the paper's Cityscapes ViT-B/8 run in under 30 minutes on one H100-class GPU
 CITYSCAPES_TRAIN_IMAGES = 2975
@@ -557,7 +557,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "gpu", "dry_run": args.dry_run,
         "note": ("dry run: tiny shapes on the CPU through the same code; its numbers test the script and "
                  "measure nothing") if args.dry_run else "measured on one GPU; projections are linear in what was measured",
-        "command": "python benchmarks/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("python benchmarks/gpu.py", argv),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),

@@ -59,7 +59,7 @@ from depthg.data.transforms import resize_center_crop  # noqa: E402
 from depthg.depth import build_tiny_random_depth_model, estimate_depth_for_dataset, load_depth_model  # noqa: E402
 from depthg.evaluate import EvalOptions, evaluate_model  # noqa: E402
 from depthg.features import CacheOptions, build_feature_cache  # noqa: E402
-from depthg.utils import atomic_write, pool_map  # noqa: E402
+from depthg.utils import atomic_write, command_line, pool_map  # noqa: E402
 from depthg.world import make_world  # noqa: E402
 
 #: World sizes: the measurement (a few minutes on 2 cores) and the dry run (seconds, same code and keys).
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "prepare", "dry_run": args.dry_run,
         "note": ("dry run: a tiny world through the same code; its numbers test the script and measure nothing"
                  if args.dry_run else "one run on this machine; other processes may share its cores (load average)"),
-        "command": "python benchmarks/prepare.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("python benchmarks/prepare.py", argv),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],

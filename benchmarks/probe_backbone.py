@@ -45,7 +45,7 @@ if str(REPO) not in sys.path:
 
 from depthg import backbone as backbone_mod  # noqa: E402
 from depthg.world.synthetic import GENERATOR_VERSION, make_world  # noqa: E402
-from depthg.utils import atomic_write, sha256_file  # noqa: E402
+from depthg.utils import atomic_write, command_line, sha256_file  # noqa: E402
 
 PATCH = 8
 
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
         results[name] = probe(name, extract(fn, img_tr), extract(fn, img_va), ytr, yva, n_classes, args.k)
     step_file = meta_path.parent / "teacher_backbone_step.json"
     report = {
-        "command": "python benchmarks/probe_backbone.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("python benchmarks/probe_backbone.py", argv),
         "world": {"seed": args.world_seed, "role": args.role, "n_train": args.n_train, "n_val": args.n_val,
                   "size": list(args.size), "generator_version": GENERATOR_VERSION,
                   "n_classes": n_classes, "label_ids": label_ids,

@@ -46,6 +46,7 @@ from depthg.method.losses import LossInputs  # noqa: E402
 from depthg.method.schedules import DepthDecaySchedule  # noqa: E402
 from depthg.train import channel_dropout, dropout_masks  # noqa: E402
 from depthg.train_support import CachedSource  # noqa: E402
+from depthg.utils import command_line  # noqa: E402
 
 
 class RandomCrops(torch.utils.data.Dataset):
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
                             f"speed-up x{row['speedup_cache_vs_recompute']:.1f}")
                 print(msg, flush=True)
     report = {
-        "benchmark": "train_step", "command": "python benchmarks/train_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "benchmark": "train_step", "command": command_line("python benchmarks/train_step.py", argv),
         "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "backbone": name, "embed_dim": backbone.embed_dim, "res": args.res, "preset": args.preset,

@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import pickle
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -34,7 +35,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Iterator, TypeVar
+from typing import IO, Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -56,6 +57,23 @@ class CheckpointReadError(DepthGError, OSError):
 def note(message: str) -> None:
     """One line for the user on stderr (stdout stays clean for the CLI's JSON output)."""
     print(message, file=sys.stderr, flush=True)
+
+
+def command_line(program: str, argv: Sequence[str] | None = None) -> str:
+    """The shell command that reruns ``program`` (e.g. ``"python benchmarks/gpu.py"``) with ``argv`` (default:
+    this process's arguments), for a report: each word quoted for a POSIX shell, and a path under the home
+    folder written ``~/...``, so the report can be pasted back and names no one's machine."""
+    home = str(Path.home())
+    words = []
+    for word in sys.argv[1:] if argv is None else argv:
+        if word == home:
+            words.append("~")
+        elif word.startswith(home + os.sep):
+            # the tilde stays unquoted before the first slash, so the shell still expands it
+            words.append("~/" + shlex.quote(word[len(home) + 1:]))
+        else:
+            words.append(shlex.quote(word))
+    return " ".join([program, *words])
 
 
 _T = TypeVar("_T")

@@ -20,6 +20,7 @@ from depthg.utils import (
     UnsafeCheckpointError,
     atomic_torch_save,
     atomic_write,
+    command_line,
     StageClock,
     StageMark,
     get_device,
@@ -81,6 +82,20 @@ def test_device():
     if not torch.cuda.is_available():
         with pytest.raises(DepthGError, match="CUDA"):
             get_device("cuda")
+
+
+def test_command_line_pastes_back_into_a_shell_as_the_same_words(tmp_path, monkeypatch):
+    """The reference is bash itself: the recorded command, run with HOME set, gives back argv word for word."""
+    home = tmp_path / "home dir"
+    monkeypatch.setenv("HOME", str(home))
+    argv = ["--role", "held-out world: report (no choice)", "--world-dir", str(home / "cache/it's here"),
+            "--out", str(home), "--n", "3", "", "a*b", "x=$HOME", "/abs/path"]
+    line = command_line("printf '%s\\0'", argv)
+    assert str(home) not in line and "~/" in line  # no machine path in the report
+    done = subprocess.run(["bash", "-c", line], capture_output=True, env=dict(os.environ, HOME=str(home)))
+    assert done.returncode == 0 and done.stdout.decode().split("\0")[:-1] == argv
+    monkeypatch.setattr(sys, "argv", ["prog.py", "--k", "two words"])
+    assert command_line("python prog.py") == "python prog.py --k 'two words'"  # default: this process's args
 
 
 # ------------------------------------------------------------------------------------------------
