@@ -151,15 +151,21 @@ def _finish(proc: subprocess.Popen, logs: Path, timeout: float) -> tuple[bytes, 
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGABRT)  # faulthandler writes every thread's traceback to stderr
         proc.wait(timeout=30)
-        pytest.fail(f"the process did not end within {timeout} s:\n{(logs / 'stderr').read_bytes().decode()[-6000:]}")
+        pytest.fail(f"the process did not end within {timeout} s:\n{_tail(logs)}")
     return (logs / "stdout").read_bytes(), (logs / "stderr").read_bytes()
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+def _tail(logs: Path) -> str:
+    """The end of the child's stderr, for a failure message."""
+    return (logs / "stderr").read_bytes().decode(errors="replace")[-6000:]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, logs: Path, timeout: float = 240) -> None:
+    """Wait until ``proc`` (logging under ``logs``) makes ``path``; fail with its stderr if it ends or stalls."""
     start = time.time()
     while not path.exists():
-        assert proc.poll() is None, f"the process ended with {proc.returncode} before {path} appeared"
-        assert time.time() - start < timeout, f"{path} did not appear"
+        assert proc.poll() is None, f"the process ended with {proc.returncode} before {path} appeared:\n{_tail(logs)}"
+        assert time.time() - start < timeout, f"{path} did not appear within {timeout} s:\n{_tail(logs)}"
         time.sleep(0.2)
 
 
@@ -171,7 +177,7 @@ def test_second_train_into_a_held_folder_is_refused_and_ctrl_c_leaves_one_line(w
     logs = tmp_path / "first"
     first = _cli_process(["train", "--no-progress", *args, "steps=100000", "checkpoint_every=0"], logs)
     try:
-        _wait_for(out_dir / "log.jsonl", first)
+        _wait_for(out_dir / "log.jsonl", first, logs)
         code, out, err = run_cli(["train", "--no-progress", *args, "seed=1"], monkeypatch, capsys)
         assert code == 2 and "another command is writing into the run folder" in err, err
         first.send_signal(signal.SIGINT)
