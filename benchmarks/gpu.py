@@ -144,7 +144,7 @@ def run_cuda_tests(timeout_s: int = 300) -> dict[str, Any]:
                 if case.find("failure") is not None or case.find("error") is not None:
                     failed.append(f"{case.get('classname')}::{case.get('name')}")
     lines = [line for line in proc.stdout.strip().splitlines() if line.strip()]
-    return {"command": " ".join(["python", *cmd[1:3], *cmd[3:6], *files]), "files": files,
+    return {"command": command_line("python", [*cmd[1:3], *cmd[3:6], *files]), "files": files,
             "returncode": proc.returncode, "seconds": seconds,
             "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
             "failed": counts["failures"] + counts["errors"], "skipped": counts["skipped"],

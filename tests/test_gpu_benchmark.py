@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shlex
 from pathlib import Path
 
 import pytest
@@ -136,7 +137,9 @@ def _keys(value, prefix=""):
 def test_the_committed_measurement_is_a_gpu_run_of_this_script(report):
     committed = json.loads((REPO / "benchmarks" / "results" / "gpu.json").read_text())
     assert committed["dry_run"] is False and committed["device"].startswith("cuda")
-    assert "NVIDIA" in committed["device_name"] and committed["command"] == "python benchmarks/gpu.py "
+    # the default command, with no arguments (written with a trailing space before commands were shell-quoted)
+    assert "NVIDIA" in committed["device_name"]
+    assert shlex.split(committed["command"]) == ["python", "benchmarks/gpu.py"]
     assert committed["cuda_tests"]["failed"] == 0 and committed["cuda_tests"]["passed"] >= 5
     # written by the script as it is now, but for the stages measured since (unmeasured on a GPU, and said so)
     assert _keys(committed) <= _keys(report)
